@@ -1,0 +1,426 @@
+//! Prefill products C[T, N] = A[T, K] · B[N, K]ᵀ with register-tiled AVX-512 micro-kernels.
+//!
+//! B (a weight, or keys/values in attention) is packed panel by panel — NR = 48 output columns
+//! by KC inputs — dequantizing from its stored format on the fly, so every format shares the
+//! kernels and the budget's row/column segments are just a gather during packing. Two kernels:
+//! f32 FMA (F32/F16 weights and attention: exact f32) and bf16 pairs with vdpbf16ps (BF16 and
+//! quantized weights: activations rounded to bf16, as llama.cpp does). Threads split the panels.
+
+use super::quant::{self, f32_to_bf16};
+use super::{Isa, isa, pool::pool, seg_len};
+use crate::tensor::{DType, Tensor};
+use std::ops::Range;
+
+pub const NR: usize = 48;
+const MR: usize = 8;
+const KC_F32: usize = 256;
+const KC_BF16: usize = 512;
+
+#[derive(Clone, Copy)]
+struct Ptr<T>(*mut T);
+unsafe impl<T> Send for Ptr<T> {}
+unsafe impl<T> Sync for Ptr<T> {}
+impl<T> Ptr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Which kernel a weight format uses in prefill.
+pub fn uses_bf16(dt: DType) -> bool {
+    !matches!(dt, DType::F32 | DType::F16)
+}
+
+/// Y[t, :] = W[rows, cols] · X[t, :] for t in 0..T. X is [T, seg_len(cols)], Y is [T, seg_len(rows)].
+pub fn matmul(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32], y: &mut [f32]) {
+    let k = seg_len(cols);
+    let n = seg_len(rows);
+    let t = x.len() / k.max(1);
+    debug_assert_eq!(x.len(), t * k);
+    debug_assert_eq!(y.len(), t * n);
+    if t == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return;
+    }
+    // Maps a packed output column to its parent row.
+    let row_of = |p: usize| -> usize {
+        let mut off = 0;
+        for s in rows {
+            if p < off + s.len() {
+                return s.start + (p - off);
+            }
+            off += s.len();
+        }
+        unreachable!()
+    };
+    let dt = w.dtype;
+    let pack_f32 = |n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [f32], tmp: &mut Vec<f32>| {
+        for j in 0..nn {
+            gather_row(w, row_of(n0 + j), cols, k0, kc, tmp);
+            for (kk, &v) in tmp[..kc].iter().enumerate() {
+                dst[kk * NR + j] = v;
+            }
+        }
+    };
+    if uses_bf16(dt) && isa() == Isa::Avx512 {
+        let kp = k.next_multiple_of(2);
+        let mut xb = vec![0u16; t * kp];
+        for r in 0..t {
+            for c in 0..k {
+                xb[r * kp + c] = f32_to_bf16(x[r * k + c]);
+            }
+        }
+        let pack = |n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [u16], tmp: &mut Vec<f32>| {
+            // dst layout [kc/2][NR][2]
+            for j in 0..nn {
+                gather_row(w, row_of(n0 + j), cols, k0, kc, tmp);
+                for kk in 0..kc {
+                    dst[(kk / 2) * 2 * NR + 2 * j + (kk & 1)] = f32_to_bf16(tmp[kk]);
+                }
+            }
+        };
+        gemm_bf16(t, n, k, &xb, kp, y, n, &pack);
+    } else {
+        gemm_f32(t, n, k, x, k, y, n, &pack_f32);
+    }
+}
+
+/// Gathers packed input columns [k0, k0+kc) of parent row `r` (over the column segments) as f32.
+fn gather_row(w: &Tensor, r: usize, cols: &[Range<usize>], k0: usize, kc: usize, tmp: &mut Vec<f32>) {
+    tmp.resize(kc.max(tmp.len()), 0.0);
+    let row = w.row(r);
+    let bl = w.dtype.block_len();
+    let mut off = 0; // packed offset of segment start
+    let mut filled = 0;
+    for s in cols {
+        let (a, b) = (off, off + s.len());
+        off = b;
+        let lo = a.max(k0);
+        let hi = b.min(k0 + kc);
+        if lo >= hi {
+            continue;
+        }
+        let c0 = s.start + (lo - a);
+        // Dequantize from the enclosing block boundary.
+        let cb = c0 / bl * bl;
+        let skip = c0 - cb;
+        if skip == 0 {
+            quant::dequant_row(w.dtype, row, c0, &mut tmp[filled..filled + (hi - lo)]);
+        } else {
+            let mut t2 = vec![0f32; skip + hi - lo];
+            quant::dequant_row(w.dtype, row, cb, &mut t2);
+            tmp[filled..filled + (hi - lo)].copy_from_slice(&t2[skip..]);
+        }
+        filled += hi - lo;
+    }
+    debug_assert_eq!(filled, kc);
+}
+
+/// C[m, n] = A[m, k] · B[n, k]ᵀ in f32 (row-major, leading dimensions given). Used by attention
+/// and the SSD scan, where both operands are activations.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            c[i * ldc..i * ldc + n].fill(0.0);
+        }
+        return;
+    }
+    let pack = |n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [f32], _tmp: &mut Vec<f32>| {
+        for j in 0..nn {
+            let src = &b[(n0 + j) * ldb + k0..(n0 + j) * ldb + k0 + kc];
+            for (kk, &v) in src.iter().enumerate() {
+                dst[kk * NR + j] = v;
+            }
+        }
+    };
+    gemm_f32_serial(m, n, k, a, lda, c, ldc, 0..n.div_ceil(NR), &pack);
+}
+
+type PackF32<'a> = dyn Fn(usize, usize, usize, usize, &mut [f32], &mut Vec<f32>) + Sync + 'a;
+type PackBf16<'a> = dyn Fn(usize, usize, usize, usize, &mut [u16], &mut Vec<f32>) + Sync + 'a;
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], lda: usize, c: &mut [f32], ldc: usize, pack: &PackF32) {
+    let panels = n.div_ceil(NR);
+    let cp = Ptr(c.as_mut_ptr());
+    let clen = c.len();
+    pool().for_range(panels, 1, |pr| {
+        let c = unsafe { std::slice::from_raw_parts_mut(cp.get(), clen) };
+        gemm_f32_serial(m, n, k, a, lda, c, ldc, pr, pack);
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    c: &mut [f32],
+    ldc: usize,
+    panels: Range<usize>,
+    pack: &PackF32,
+) {
+    let mut bp = vec![0f32; KC_F32 * NR];
+    let mut tmp = Vec::new();
+    let simd = isa() == Isa::Avx512;
+    for p in panels {
+        let n0 = p * NR;
+        let nn = NR.min(n - n0);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC_F32.min(k - k0);
+            if nn < NR {
+                bp.fill(0.0);
+            }
+            pack(n0, nn, k0, kc, &mut bp, &mut tmp);
+            let mut i = 0;
+            while i < m {
+                let mr = MR.min(m - i);
+                let ap = &a[i * lda + k0..];
+                let cpn = &mut c[i * ldc + n0..];
+                if simd {
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        avx512::kern_f32_dispatch(mr, kc, ap.as_ptr(), lda, bp.as_ptr(), cpn.as_mut_ptr(), ldc, nn, k0 > 0)
+                    };
+                } else {
+                    kern_scalar(mr, kc, nn, |r, kk| ap[r * lda + kk], &bp, cpn, ldc, k0 > 0);
+                }
+                i += mr;
+            }
+            k0 += kc;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn kern_scalar(mr: usize, kc: usize, nn: usize, a: impl Fn(usize, usize) -> f32, bp: &[f32], c: &mut [f32], ldc: usize, acc: bool) {
+    for r in 0..mr {
+        for j in 0..nn {
+            let mut s = if acc { c[r * ldc + j] } else { 0.0 };
+            for kk in 0..kc {
+                s += a(r, kk) * bp[kk * NR + j];
+            }
+            c[r * ldc + j] = s;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_bf16(m: usize, n: usize, k: usize, a: &[u16], lda: usize, c: &mut [f32], ldc: usize, pack: &PackBf16) {
+    let panels = n.div_ceil(NR);
+    let cp = Ptr(c.as_mut_ptr());
+    let clen = c.len();
+    pool().for_range(panels, 1, |pr| {
+        let c = unsafe { std::slice::from_raw_parts_mut(cp.get(), clen) };
+        let mut bp = vec![0u16; KC_BF16 * NR];
+        let mut tmp = Vec::new();
+        for p in pr {
+            let n0 = p * NR;
+            let nn = NR.min(n - n0);
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC_BF16.min(k - k0);
+                let kcp = kc.next_multiple_of(2);
+                if nn < NR || kcp != kc {
+                    bp.fill(0);
+                }
+                pack(n0, nn, k0, kc, &mut bp, &mut tmp);
+                let mut i = 0;
+                while i < m {
+                    let mr = MR.min(m - i);
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        avx512::kern_bf16_dispatch(
+                            mr,
+                            kcp / 2,
+                            a.as_ptr().add(i * lda + k0),
+                            lda,
+                            bp.as_ptr(),
+                            c.as_mut_ptr().add(i * ldc + n0),
+                            ldc,
+                            nn,
+                            k0 > 0,
+                        )
+                    };
+                    i += mr;
+                }
+                k0 += kc;
+            }
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::NR;
+    use std::arch::x86_64::*;
+
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kern_f32_dispatch(
+        mr: usize,
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        nn: usize,
+        acc: bool,
+    ) {
+        unsafe {
+            match mr {
+                8 => kern_f32::<8>(kc, a, lda, b, c, ldc, nn, acc),
+                7 => kern_f32::<7>(kc, a, lda, b, c, ldc, nn, acc),
+                6 => kern_f32::<6>(kc, a, lda, b, c, ldc, nn, acc),
+                5 => kern_f32::<5>(kc, a, lda, b, c, ldc, nn, acc),
+                4 => kern_f32::<4>(kc, a, lda, b, c, ldc, nn, acc),
+                3 => kern_f32::<3>(kc, a, lda, b, c, ldc, nn, acc),
+                2 => kern_f32::<2>(kc, a, lda, b, c, ldc, nn, acc),
+                _ => kern_f32::<1>(kc, a, lda, b, c, ldc, nn, acc),
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store_tile<const M: usize>(acc: &[[__m512; 3]; M], c: *mut f32, ldc: usize, nn: usize, add: bool) {
+        unsafe {
+            for r in 0..M {
+                for v in 0..3 {
+                    let lo = 16 * v;
+                    if lo >= nn {
+                        break;
+                    }
+                    let m: __mmask16 = if nn - lo >= 16 { !0 } else { (1u16 << (nn - lo)) - 1 };
+                    let p = c.add(r * ldc + lo);
+                    let mut x = acc[r][v];
+                    if add {
+                        x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, p));
+                    }
+                    _mm512_mask_storeu_ps(p, m, x);
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kern_f32<const M: usize>(kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, nn: usize, add: bool) {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 3]; M];
+            for kk in 0..kc {
+                let bp = b.add(kk * NR);
+                let b0 = _mm512_loadu_ps(bp);
+                let b1 = _mm512_loadu_ps(bp.add(16));
+                let b2 = _mm512_loadu_ps(bp.add(32));
+                for r in 0..M {
+                    let av = _mm512_set1_ps(*a.add(r * lda + kk));
+                    acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+                    acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+                    acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+                }
+            }
+            store_tile::<M>(&acc, c, ldc, nn, add);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kern_bf16_dispatch(
+        mr: usize,
+        kp: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u16,
+        c: *mut f32,
+        ldc: usize,
+        nn: usize,
+        acc: bool,
+    ) {
+        unsafe {
+            match mr {
+                8 => kern_bf16::<8>(kp, a, lda, b, c, ldc, nn, acc),
+                7 => kern_bf16::<7>(kp, a, lda, b, c, ldc, nn, acc),
+                6 => kern_bf16::<6>(kp, a, lda, b, c, ldc, nn, acc),
+                5 => kern_bf16::<5>(kp, a, lda, b, c, ldc, nn, acc),
+                4 => kern_bf16::<4>(kp, a, lda, b, c, ldc, nn, acc),
+                3 => kern_bf16::<3>(kp, a, lda, b, c, ldc, nn, acc),
+                2 => kern_bf16::<2>(kp, a, lda, b, c, ldc, nn, acc),
+                _ => kern_bf16::<1>(kp, a, lda, b, c, ldc, nn, acc),
+            }
+        }
+    }
+
+    /// kp = number of k pairs; A rows are bf16 with pairs adjacent; B packed [kp][NR][2].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kern_bf16<const M: usize>(kp: usize, a: *const u16, lda: usize, b: *const u16, c: *mut f32, ldc: usize, nn: usize, add: bool) {
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 3]; M];
+            for kk in 0..kp {
+                let bp = b.add(kk * 2 * NR);
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(32) as *const _));
+                let b2: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(64) as *const _));
+                for r in 0..M {
+                    let pair = std::ptr::read_unaligned(a.add(r * lda + 2 * kk) as *const i32);
+                    let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+                    acc[r][2] = _mm512_dpbf16_ps(acc[r][2], av, b2);
+                }
+            }
+            store_tile::<M>(&acc, c, ldc, nn, add);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Tensor;
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matmul_matches_reference_on_segments() {
+        let (n, k, t) = (100, 70, 11);
+        let wv = rnd(n * k, 1);
+        let w = Tensor::from_f32("w", vec![n, k], &wv);
+        let rows = [3..20, 40..97];
+        let cols = [0..10, 30..70];
+        let (kk, nn) = (seg_len(&cols), seg_len(&rows));
+        let x = rnd(t * kk, 2);
+        let mut y = vec![0f32; t * nn];
+        matmul(&w, &rows, &cols, &x, &mut y);
+        let rl: Vec<usize> = rows.iter().flat_map(|r| r.clone()).collect();
+        let cl: Vec<usize> = cols.iter().flat_map(|r| r.clone()).collect();
+        for ti in 0..t {
+            for (j, &r) in rl.iter().enumerate() {
+                let want: f32 = cl.iter().enumerate().map(|(i, &c)| wv[r * k + c] * x[ti * kk + i]).sum();
+                assert!((y[ti * nn + j] - want).abs() < 1e-4, "t{ti} r{r}: {} vs {want}", y[ti * nn + j]);
+            }
+            let mut yv = vec![0f32; nn];
+            crate::kernels::gemv::matvec(&w, &rows, &cols, &x[ti * kk..(ti + 1) * kk], &mut yv);
+            for j in 0..nn {
+                assert!((yv[j] - y[ti * nn + j]).abs() < 1e-4);
+            }
+        }
+    }
+}

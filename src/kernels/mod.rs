@@ -1,0 +1,48 @@
+//! CPU kernels: thread pool, block formats, matrix-vector (decode) and matrix-matrix (prefill)
+//! products over *segments* of a weight (the budget's active rows and columns), and small ops.
+
+pub mod gemm;
+pub mod gemv;
+pub mod ops;
+pub mod pool;
+pub mod quant;
+
+use std::ops::Range;
+use std::sync::OnceLock;
+
+/// Instruction set used by the hot kernels, detected once at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 F/BW/VL with BF16 dot products and VNNI.
+    Avx512,
+    /// Portable code (the compiler may still vectorize it).
+    Scalar,
+}
+
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var_os("ELASTICA_NO_SIMD").is_some() {
+            return Isa::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bf16")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("f16c")
+                && is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx512;
+            }
+        }
+        Isa::Scalar
+    })
+}
+
+/// Total length of a list of index ranges.
+pub fn seg_len(segs: &[Range<usize>]) -> usize {
+    segs.iter().map(|r| r.len()).sum()
+}

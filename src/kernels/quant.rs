@@ -1,0 +1,158 @@
+//! Block formats (GGUF/ggml layouts) and their scalar reference dequantization, plus the
+//! per-token q8 quantization of activations used by the integer dot products.
+
+use crate::tensor::DType;
+use half::{bf16, f16};
+
+#[inline]
+pub fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+#[inline]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+/// Round-to-nearest-even f32 -> bf16 (what vcvtneps2bf16 does; NaN kept quiet).
+#[inline]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    bf16::from_f32(x).to_bits()
+}
+
+fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+/// Dequantizes one block (`block_len` values) into `out`.
+pub fn dequant_block(dtype: DType, b: &[u8], out: &mut [f32]) {
+    match dtype {
+        DType::F32 => out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        DType::F16 => out[0] = f16_at(b, 0),
+        DType::BF16 => out[0] = bf16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+        DType::Q8_0 => {
+            let d = f16_at(b, 0);
+            for i in 0..32 {
+                out[i] = d * (b[2 + i] as i8) as f32;
+            }
+        }
+        DType::Q4_0 => {
+            let d = f16_at(b, 0);
+            for i in 0..16 {
+                out[i] = d * ((b[2 + i] & 0xF) as i32 - 8) as f32;
+                out[i + 16] = d * ((b[2 + i] >> 4) as i32 - 8) as f32;
+            }
+        }
+        DType::Q4_1 => {
+            let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+            for i in 0..16 {
+                out[i] = d * (b[4 + i] & 0xF) as f32 + m;
+                out[i + 16] = d * (b[4 + i] >> 4) as f32 + m;
+            }
+        }
+        DType::Q4K => {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let scales = &b[4..16];
+            let qs = &b[16..144];
+            for j in 0..4 {
+                let (s1, m1) = k4_scale_min(2 * j, scales);
+                let (s2, m2) = k4_scale_min(2 * j + 1, scales);
+                let q = &qs[32 * j..32 * j + 32];
+                for l in 0..32 {
+                    out[64 * j + l] = d * s1 as f32 * (q[l] & 0xF) as f32 - dmin * m1 as f32;
+                    out[64 * j + 32 + l] = d * s2 as f32 * (q[l] >> 4) as f32 - dmin * m2 as f32;
+                }
+            }
+        }
+        DType::Q6K => {
+            let (ql, qh) = (&b[0..128], &b[128..192]);
+            let sc = &b[192..208];
+            let d = f16_at(b, 208);
+            for n in 0..2 {
+                let (ql, qh, sc, y) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..], &mut out[128 * n..]);
+                for l in 0..32 {
+                    let is = l / 16;
+                    let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                    let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                    let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                    let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                    y[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+                    y[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+                    y[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+                    y[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Dequantizes `out.len()` values of a row starting at column `col0` (a multiple of the block length).
+pub fn dequant_row(dtype: DType, row: &[u8], col0: usize, out: &mut [f32]) {
+    match dtype {
+        DType::F32 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                let p = 4 * (col0 + i);
+                *o = f32::from_le_bytes([row[p], row[p + 1], row[p + 2], row[p + 3]]);
+            }
+        }
+        DType::BF16 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                let p = 2 * (col0 + i);
+                *o = bf16_to_f32(u16::from_le_bytes([row[p], row[p + 1]]));
+            }
+        }
+        DType::F16 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = f16_at(row, 2 * (col0 + i));
+            }
+        }
+        _ => {
+            let (bl, bb) = (dtype.block_len(), dtype.block_bytes());
+            debug_assert_eq!(col0 % bl, 0);
+            let mut tmp = [0f32; 256];
+            let mut i = 0;
+            while i < out.len() {
+                let blk = (col0 + i) / bl;
+                dequant_block(dtype, &row[blk * bb..(blk + 1) * bb], &mut tmp[..bl]);
+                let n = bl.min(out.len() - i);
+                out[i..i + n].copy_from_slice(&tmp[..n]);
+                i += n;
+            }
+        }
+    }
+}
+
+/// Activations quantized to int8 in blocks of 32 (ggml's q8_1 idea): x ≈ d_b · q.
+/// `sum[b]` is Σ q over block b, used for the offsets of Q4_0/Q4_1 and the sign trick of Q8_0.
+#[derive(Default)]
+pub struct Q8Act {
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    pub sum: Vec<i32>,
+}
+
+impl Q8Act {
+    pub fn quantize(&mut self, x: &[f32]) {
+        let nb = x.len() / 32;
+        debug_assert_eq!(x.len() % 32, 0);
+        self.q.resize(x.len(), 0);
+        self.d.resize(nb, 0.0);
+        self.sum.resize(nb, 0);
+        for b in 0..nb {
+            let xs = &x[32 * b..32 * b + 32];
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut s = 0i32;
+            for (i, &v) in xs.iter().enumerate() {
+                let q = (v * id).round() as i32;
+                self.q[32 * b + i] = q as i8;
+                s += q;
+            }
+            self.d[b] = d;
+            self.sum[b] = s;
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Causal GQA attention with an optional rotary embedding (Llama) or none (Nemotron-H, spec §2.4).
+//! Budget: the first `heads / kv_heads` query heads of every KV group; K/V heads are never cut,
+//! so the KV cache has the same layout under every budget and a sequence can switch budgets.
+
+use super::{Scratch, SyncPtr, add_bias, buf, linear};
+use crate::budget::LayerBudget;
+use crate::kernels::gemm::gemm_nt;
+use crate::kernels::ops::{dot, softmax};
+use crate::kernels::pool::{pool, split};
+
+pub struct Rope {
+    /// Inverse frequencies, head_dim/2 of them.
+    pub inv_freq: Vec<f32>,
+    /// Pairs (2i, 2i+1) as GGUF's permuted q/k use, instead of HF's (i, i + d/2).
+    pub interleaved: bool,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f32, interleaved: bool) -> Rope {
+        let inv_freq = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+        Rope { inv_freq, interleaved }
+    }
+    /// Rotates one head vector in place for position `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let half = x.len() / 2;
+        for i in 0..half {
+            let (sin, cos) = (pos as f32 * self.inv_freq[i]).sin_cos();
+            let (a, b) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            let (x0, x1) = (x[a], x[b]);
+            x[a] = x0 * cos - x1 * sin;
+            x[b] = x1 * cos + x0 * sin;
+        }
+    }
+}
+
+pub struct Attention {
+    pub q: crate::tensor::Tensor,
+    pub k: crate::tensor::Tensor,
+    pub v: crate::tensor::Tensor,
+    pub o: crate::tensor::Tensor,
+    pub q_bias: Option<Vec<f32>>,
+    pub k_bias: Option<Vec<f32>>,
+    pub v_bias: Option<Vec<f32>>,
+    pub o_bias: Option<Vec<f32>>,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope: Option<Rope>,
+}
+
+/// K and V of one attention layer, [kv_heads][capacity][head_dim] each.
+pub struct KvCache {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub cap: usize,
+}
+
+impl KvCache {
+    pub fn new(kv_heads: usize, head_dim: usize, cap: usize) -> KvCache {
+        KvCache { k: vec![0.0; kv_heads * cap * head_dim], v: vec![0.0; kv_heads * cap * head_dim], cap }
+    }
+}
+
+impl Attention {
+    /// out[T, hidden] = Attn(x[T, hidden]) for tokens at positions pos0..pos0+T.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(&self, lb: &LayerBudget, hidden: usize, x: &[f32], out: &mut [f32], kv: &mut KvCache, pos0: usize, s: &mut Scratch) {
+        let t = x.len() / hidden;
+        let d = self.head_dim;
+        let nq = lb.heads;
+        let kvd = self.kv_heads * d;
+        let hid = [0..hidden];
+        let kvr = [0..kvd];
+        let q = buf(&mut s.a, t * nq * d);
+        linear(&self.q, &lb.q_rows, &hid, x, q);
+        add_bias(&self.q_bias, &lb.q_rows, q);
+        let kb = buf(&mut s.b, t * kvd);
+        linear(&self.k, &kvr, &hid, x, kb);
+        add_bias(&self.k_bias, &kvr, kb);
+        let vb = buf(&mut s.c, t * kvd);
+        linear(&self.v, &kvr, &hid, x, vb);
+        add_bias(&self.v_bias, &kvr, vb);
+        if let Some(r) = &self.rope {
+            for ti in 0..t {
+                for h in 0..nq {
+                    r.apply(&mut q[(ti * nq + h) * d..(ti * nq + h + 1) * d], pos0 + ti);
+                }
+                for h in 0..self.kv_heads {
+                    r.apply(&mut kb[ti * kvd + h * d..ti * kvd + (h + 1) * d], pos0 + ti);
+                }
+            }
+        }
+        for ti in 0..t {
+            for h in 0..self.kv_heads {
+                let dst = (h * kv.cap + pos0 + ti) * d;
+                kv.k[dst..dst + d].copy_from_slice(&kb[ti * kvd + h * d..ti * kvd + (h + 1) * d]);
+                kv.v[dst..dst + d].copy_from_slice(&vb[ti * kvd + h * d..ti * kvd + (h + 1) * d]);
+            }
+        }
+        let len = pos0 + t;
+        let per_group = nq / self.kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let att = buf(&mut s.d, t * nq * d);
+        let threads = pool().threads();
+        let q = &*q;
+        let kvr = &*kv;
+        let attp = SyncPtr(att.as_mut_ptr());
+        if t == 1 {
+            let sc = buf(&mut s.e, nq * len);
+            let scp = SyncPtr(sc.as_mut_ptr());
+            let work = |h: usize| {
+                let g = h / per_group;
+                let qh = &q[h * d..(h + 1) * d];
+                let sc = unsafe { scp.slice(h * len, len) };
+                let kbase = g * kvr.cap * d;
+                for (j, sv) in sc.iter_mut().enumerate() {
+                    *sv = dot(qh, &kvr.k[kbase + j * d..kbase + (j + 1) * d]) * scale;
+                }
+                softmax(sc);
+                let o = unsafe { attp.slice(h * d, d) };
+                o.fill(0.0);
+                for (j, &p) in sc.iter().enumerate() {
+                    let vr = &kvr.v[kbase + j * d..kbase + (j + 1) * d];
+                    for (ov, vv) in o.iter_mut().zip(vr) {
+                        *ov += p * vv;
+                    }
+                }
+            };
+            if len * nq * d < 1 << 15 {
+                (0..nq).for_each(work);
+            } else {
+                pool().run(|tid| split(nq, threads, tid, 1).for_each(work));
+            }
+        } else {
+            // V transposed per KV head, [kv][d][len], for the P·V product.
+            let vt = buf(&mut s.e, self.kv_heads * d * len + threads * t * len);
+            let (vt, scores) = vt.split_at_mut(self.kv_heads * d * len);
+            for g in 0..self.kv_heads {
+                for j in 0..len {
+                    for c in 0..d {
+                        vt[(g * d + c) * len + j] = kvr.v[(g * kvr.cap + j) * d + c];
+                    }
+                }
+            }
+            let vt = &*vt;
+            let scp = SyncPtr(scores.as_mut_ptr());
+            pool().run(|tid| {
+                let sc = unsafe { scp.slice(tid * t * len, t * len) };
+                for h in split(nq, threads, tid, 1) {
+                    let g = h / per_group;
+                    let kbase = g * kvr.cap * d;
+                    gemm_nt(t, len, d, &q[h * d..], nq * d, &kvr.k[kbase..], d, sc, len);
+                    for ti in 0..t {
+                        let row = &mut sc[ti * len..(ti + 1) * len];
+                        let valid = pos0 + ti + 1;
+                        for v in row[..valid].iter_mut() {
+                            *v *= scale;
+                        }
+                        softmax(&mut row[..valid]);
+                        row[valid..].fill(0.0);
+                    }
+                    // O_h[T, d] = P[T, len] · V[len, d]
+                    let o = unsafe { attp.slice(h * d, (t - 1) * nq * d + d) };
+                    gemm_nt(t, d, len, sc, len, &vt[g * d * len..], len, o, nq * d);
+                }
+            });
+        }
+        linear(&self.o, &hid, &lb.q_rows, att, out);
+        add_bias(&self.o_bias, &hid, out);
+    }
+}

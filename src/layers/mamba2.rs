@@ -1,0 +1,295 @@
+//! Mamba-2 mixer (spec §2.3): in_proj → causal depthwise conv + SiLU on xBC → Δ = softplus(dt +
+//! dt_bias) → selective scan with scalar A per head (SSD chunked scan for prefill, the recurrence
+//! for decode; state in f32) → gated grouped RMSNorm (gate before norm) → out_proj.
+//! Budget: the first `mamba_heads / groups` heads of every group and the first `mamba_head_dim`
+//! channels of every head; B/C are never cut and the norm keeps its G groups.
+
+use super::{Scratch, SyncPtr, buf, linear};
+use crate::budget::LayerBudget;
+use crate::kernels::gemm::gemm_nt;
+use crate::kernels::ops::{silu, softplus};
+use crate::kernels::pool::{pool, split};
+use crate::tensor::Tensor;
+
+pub struct Mamba2 {
+    pub in_proj: Tensor,
+    pub out_proj: Tensor,
+    /// [conv_dim][K]
+    pub conv_w: Vec<f32>,
+    pub conv_b: Vec<f32>,
+    pub dt_bias: Vec<f32>,
+    /// A = −exp(A_log), per head.
+    pub a: Vec<f32>,
+    pub d: Vec<f32>,
+    /// Gated-norm weight, [d_inner].
+    pub norm: Vec<f32>,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub groups: usize,
+    pub state: usize,
+    pub conv_k: usize,
+    /// SSD chunk length for prefill (`chunk_size`); any value gives the same result in exact
+    /// arithmetic (spec §2.3.7).
+    pub chunk: usize,
+    pub dt_min: f32,
+    pub dt_max: f32,
+    pub eps: f32,
+}
+
+/// Recurrent state of one Mamba layer in the parent's layout: conv window [conv_dim][K-1]
+/// (oldest first) and SSM state [heads][head_dim][state], f32.
+#[derive(Clone)]
+pub struct MambaState {
+    pub conv: Vec<f32>,
+    pub ssm: Vec<f32>,
+}
+
+impl Mamba2 {
+    pub fn d_inner(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    pub fn conv_dim(&self) -> usize {
+        self.d_inner() + 2 * self.groups * self.state
+    }
+    pub fn new_state(&self) -> MambaState {
+        MambaState {
+            conv: vec![0.0; self.conv_dim() * (self.conv_k - 1)],
+            ssm: vec![0.0; self.heads * self.head_dim * self.state],
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(&self, lb: &LayerBudget, hidden: usize, x: &[f32], out: &mut [f32], st: &mut MambaState, s: &mut Scratch) {
+        let t = x.len() / hidden;
+        let na = lb.mamba_heads;
+        let pa = lb.mamba_head_dim;
+        let (g, n, k) = (self.groups, self.state, self.conv_k);
+        let gn = g * n;
+        let ni = na * pa; // active inner channels
+        let width = 2 * ni + 2 * gn + na;
+        let zx = buf(&mut s.a, t * width);
+        linear(&self.in_proj, &lb.in_rows, &[0..hidden], x, zx);
+
+        // Causal conv over the active xBC channels, window from the state (spec §2.3.2).
+        let cw = ni + gn * 2;
+        let di = self.d_inner();
+        let parent = |c: usize| -> usize {
+            if c < ni {
+                let mut off = 0;
+                for r in &lb.inner {
+                    if c < off + r.len() {
+                        return r.start + c - off;
+                    }
+                    off += r.len();
+                }
+                unreachable!()
+            } else {
+                di + c - ni
+            }
+        };
+        let xbc = buf(&mut s.b, t * cw);
+        let mut c = 0;
+        while c < cw {
+            // Walk contiguous parent runs to avoid a lookup per channel.
+            let pc0 = parent(c);
+            let mut run = 1;
+            while c + run < cw && parent(c + run) == pc0 + run && (c + run != ni) {
+                run += 1;
+            }
+            for j in 0..run {
+                let pc = pc0 + j;
+                let w = &self.conv_w[pc * k..(pc + 1) * k];
+                let win = &mut st.conv[pc * (k - 1)..(pc + 1) * (k - 1)];
+                for ti in 0..t {
+                    let xin = zx[ti * width + ni + c + j];
+                    let mut v = self.conv_b[pc] + w[k - 1] * xin;
+                    for q in 0..k - 1 {
+                        v += w[q] * win[q];
+                    }
+                    win.copy_within(1.., 0);
+                    win[k - 2] = xin;
+                    xbc[ti * cw + c + j] = silu(v);
+                }
+            }
+            c += run;
+        }
+
+        // Δ per token and active head.
+        let dt = buf(&mut s.c, t * na);
+        let mut hh = 0;
+        for r in &lb.mheads {
+            for h in r.clone() {
+                for ti in 0..t {
+                    let v = softplus(zx[ti * width + 2 * ni + 2 * gn + hh] + self.dt_bias[h]);
+                    dt[ti * na + hh] = v.clamp(self.dt_min, self.dt_max);
+                }
+                hh += 1;
+            }
+        }
+
+        let y = buf(&mut s.d, t * ni);
+        let heads_per_group = self.heads / g;
+        let (xbc, dt) = (&*xbc, &*dt);
+        let yp = SyncPtr(y.as_mut_ptr());
+        let sp = SyncPtr(st.ssm.as_mut_ptr());
+        let head_list = |i: usize| -> usize {
+            let mut off = 0;
+            for r in &lb.mheads {
+                if i < off + r.len() {
+                    return r.start + i - off;
+                }
+                off += r.len();
+            }
+            unreachable!()
+        };
+        let hstride = self.head_dim * n;
+        let work = |hh: usize| {
+            let h = head_list(hh);
+            let grp = h / heads_per_group;
+            let ssm = unsafe { sp.slice(h * hstride, hstride) };
+            let io = HeadIo { xbc, cw, dt, na, hh, xoff: hh * pa, boff: ni + grp * n, coff: ni + gn + grp * n, pa, n, t };
+            if t == 1 {
+                self.step(h, &io, ssm, unsafe { yp.slice(hh * pa, pa) });
+            } else {
+                self.scan(h, &io, ssm, yp);
+            }
+        };
+        let threads = pool().threads();
+        if t * na * pa * n < 1 << 14 {
+            (0..na).for_each(work);
+        } else {
+            pool().run(|tid| split(na, threads, tid, 1).for_each(work));
+        }
+
+        // Gated RMSNorm, gate before norm, G groups over the active channels (spec §2.3.8).
+        let gs = ni / g;
+        for ti in 0..t {
+            let yr = &mut y[ti * ni..(ti + 1) * ni];
+            let zr = &zx[ti * width..ti * width + ni];
+            for (yv, zv) in yr.iter_mut().zip(zr) {
+                *yv *= silu(*zv);
+            }
+            for gi in 0..g {
+                let grp = &mut yr[gi * gs..(gi + 1) * gs];
+                let ms = grp.iter().map(|v| v * v).sum::<f32>() / gs as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                grp.iter_mut().for_each(|v| *v *= r);
+            }
+            let mut c = 0;
+            for seg in &lb.inner {
+                for (yv, wv) in yr[c..c + seg.len()].iter_mut().zip(&self.norm[seg.clone()]) {
+                    *yv *= wv;
+                }
+                c += seg.len();
+            }
+        }
+        linear(&self.out_proj, &[0..hidden], &lb.inner, y, out);
+    }
+
+    /// One recurrence step (decode): S ← S·exp(ΔA) + Δ·x⊗B; y = S·C + D·x.
+    fn step(&self, h: usize, io: &HeadIo, ssm: &mut [f32], y: &mut [f32]) {
+        let n = io.n;
+        let dtv = io.dt[io.hh];
+        let da = (dtv * self.a[h]).exp();
+        let xs = &io.xbc[io.xoff..io.xoff + io.pa];
+        let b = &io.xbc[io.boff..io.boff + n];
+        let c = &io.xbc[io.coff..io.coff + n];
+        for p in 0..io.pa {
+            let row = &mut ssm[p * n..(p + 1) * n];
+            let xv = dtv * xs[p];
+            let mut acc = 0f32;
+            for j in 0..n {
+                row[j] = row[j] * da + xv * b[j];
+                acc += row[j] * c[j];
+            }
+            y[p] = acc + self.d[h] * xs[p];
+        }
+    }
+
+    /// SSD chunked scan over T tokens for one head (spec §2.3.7), writing y for this head.
+    fn scan(&self, h: usize, io: &HeadIo, ssm: &mut [f32], yp: SyncPtr<f32>) {
+        let (n, pa, t) = (io.n, io.pa, io.t);
+        let ni = io.na * pa;
+        let a = self.a[h];
+        let q = self.chunk.clamp(1, 256).min(t);
+        // Per-chunk buffers (prefill only).
+        let mut bm = vec![0f32; q * n]; // B rows [q][n]
+        let mut cm = vec![0f32; q * n]; // C rows [q][n]
+        let mut xt = vec![0f32; pa * q]; // xᵀ [pa][q]
+        let mut xwt = vec![0f32; pa * q]; // (x·Δ·decay-to-end)ᵀ
+        let mut bt = vec![0f32; n * q]; // Bᵀ [n][q]
+        let mut cb = vec![0f32; q * q];
+        let mut yd = vec![0f32; q * pa];
+        let mut yo = vec![0f32; q * pa];
+        let mut snew = vec![0f32; pa * n];
+        let mut cs = vec![0f32; q];
+        let mut c0 = 0;
+        while c0 < t {
+            let l = q.min(t - c0);
+            let mut acc = 0f32;
+            for u in 0..l {
+                let tt = c0 + u;
+                acc += io.dt[tt * io.na + io.hh] * a;
+                cs[u] = acc;
+                let row = &io.xbc[tt * io.cw..(tt + 1) * io.cw];
+                bm[u * n..(u + 1) * n].copy_from_slice(&row[io.boff..io.boff + n]);
+                cm[u * n..(u + 1) * n].copy_from_slice(&row[io.coff..io.coff + n]);
+                for j in 0..n {
+                    bt[j * q + u] = row[io.boff + j];
+                }
+                for p in 0..pa {
+                    xt[p * q + u] = row[io.xoff + p];
+                }
+            }
+            let last = cs[l - 1];
+            for u in 0..l {
+                let w = io.dt[(c0 + u) * io.na + io.hh] * (last - cs[u]).exp();
+                for p in 0..pa {
+                    xwt[p * q + u] = xt[p * q + u] * w;
+                }
+            }
+            // CB[t][u] = C_t·B_u, then the causal decay-weighted mask M.
+            gemm_nt(l, l, n, &cm, n, &bm, n, &mut cb, q);
+            for ti in 0..l {
+                for u in 0..l {
+                    cb[ti * q + u] = if u <= ti { cb[ti * q + u] * (cs[ti] - cs[u]).exp() * io.dt[(c0 + u) * io.na + io.hh] } else { 0.0 };
+                }
+            }
+            // Y_diag = M·X ; Y_off = (C·Sᵀ) scaled by exp(cs_t).
+            gemm_nt(l, pa, l, &cb, q, &xt, q, &mut yd, pa);
+            gemm_nt(l, pa, n, &cm, n, ssm, n, &mut yo, pa);
+            for ti in 0..l {
+                let e = cs[ti].exp();
+                let tt = c0 + ti;
+                let y = unsafe { yp.slice(tt * ni + io.hh * pa, pa) };
+                for p in 0..pa {
+                    y[p] = yd[ti * pa + p] + e * yo[ti * pa + p] + self.d[h] * xt[p * q + ti];
+                }
+            }
+            // S ← exp(cs_last)·S + Σ_u exp(cs_last − cs_u)·Δ_u·x_u ⊗ B_u
+            gemm_nt(pa, n, l, &xwt, q, &bt, q, &mut snew, n);
+            let e = last.exp();
+            for p in 0..pa {
+                for j in 0..n {
+                    ssm[p * n + j] = e * ssm[p * n + j] + snew[p * n + j];
+                }
+            }
+            c0 += l;
+        }
+    }
+}
+
+/// Where one head's inputs live in the packed per-token rows.
+struct HeadIo<'a> {
+    xbc: &'a [f32],
+    cw: usize,
+    dt: &'a [f32],
+    na: usize,
+    hh: usize,
+    xoff: usize,
+    boff: usize,
+    coff: usize,
+    pa: usize,
+    n: usize,
+    t: usize,
+}

@@ -1,0 +1,52 @@
+//! Dense MLP: Nemotron-H's relu² (up → relu² → down, spec §2.5) and Llama's SwiGLU
+//! (down(silu(gate) ⊙ up)). Budget: the first `ffn` intermediate channels.
+
+use super::{Scratch, add_bias, buf, linear};
+use crate::kernels::ops::{relu2, silu};
+use crate::tensor::Tensor;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Relu2,
+    SwiGlu,
+}
+
+pub struct Mlp {
+    pub up: Tensor,
+    pub gate: Option<Tensor>,
+    pub down: Tensor,
+    pub act: Act,
+    pub up_bias: Option<Vec<f32>>,
+    pub gate_bias: Option<Vec<f32>>,
+    pub down_bias: Option<Vec<f32>>,
+}
+
+impl Mlp {
+    pub fn width(&self) -> usize {
+        self.up.rows()
+    }
+
+    /// out[T, hidden] = MLP(x[T, hidden]) using the first `ffn` channels.
+    pub fn forward(&self, ffn: usize, hidden: usize, x: &[f32], out: &mut [f32], s: &mut Scratch) {
+        let t = x.len() / hidden;
+        let rows = [0..ffn];
+        let hid = [0..hidden];
+        let u = buf(&mut s.d, t * ffn);
+        linear(&self.up, &rows, &hid, x, u);
+        add_bias(&self.up_bias, &rows, u);
+        match (&self.gate, self.act) {
+            (Some(g), _) => {
+                let gv = buf(&mut s.e, t * ffn);
+                linear(g, &rows, &hid, x, gv);
+                add_bias(&self.gate_bias, &rows, gv);
+                for (uv, gv) in u.iter_mut().zip(gv.iter()) {
+                    *uv *= silu(*gv);
+                }
+            }
+            (None, Act::Relu2) => u.iter_mut().for_each(|v| *v = relu2(*v)),
+            (None, Act::SwiGlu) => unreachable!("SwiGLU needs a gate"),
+        }
+        linear(&self.down, &hid, &rows, u, out);
+        add_bias(&self.down_bias, &hid, out);
+    }
+}

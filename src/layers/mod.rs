@@ -1,0 +1,67 @@
+//! Layer types: the four mixers of a hybrid block list (attention, Mamba-2, MLP, MoE). Each
+//! runs on T tokens of active hidden width under one [`LayerBudget`](crate::budget::LayerBudget).
+
+pub mod attention;
+pub mod mamba2;
+pub mod mlp;
+pub mod moe;
+
+use crate::kernels::{gemm, gemv};
+use crate::tensor::Tensor;
+use std::ops::Range;
+
+/// y[T, rows] = x[T, cols] · W[rows, cols]ᵀ: one token uses the decode product, more use the GEMM.
+pub fn linear(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32], y: &mut [f32]) {
+    let k: usize = cols.iter().map(|r| r.len()).sum();
+    if x.len() == k {
+        gemv::matvec(w, rows, cols, x, y);
+    } else {
+        gemm::matmul(w, rows, cols, x, y);
+    }
+}
+
+/// Adds a bias (given for the parent's rows) to each of the T rows of `y`, over the row segments.
+pub fn add_bias(bias: &Option<Vec<f32>>, rows: &[Range<usize>], y: &mut [f32]) {
+    let Some(b) = bias else { return };
+    let n: usize = rows.iter().map(|r| r.len()).sum();
+    for row in y.chunks_mut(n) {
+        let mut k = 0;
+        for r in rows {
+            for (o, bv) in row[k..k + r.len()].iter_mut().zip(&b[r.clone()]) {
+                *o += bv;
+            }
+            k += r.len();
+        }
+    }
+}
+
+/// Grow-only scratch buffers, owned by the sequence's cache, so decode allocates nothing.
+#[derive(Default)]
+pub struct Scratch {
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub c: Vec<f32>,
+    pub d: Vec<f32>,
+    pub e: Vec<f32>,
+    pub idx: Vec<usize>,
+}
+
+/// `&mut v[..n]`, growing `v` if needed.
+pub fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(pub *mut T);
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    /// # Safety
+    /// Callers write disjoint parts from different threads.
+    pub unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(off), len) }
+    }
+}

@@ -1,0 +1,383 @@
+//! The shared model: a list of pre-norm residual blocks (spec §2.2), each with one mixer, over an
+//! embedding and an LM head. Llama layers become two blocks (attention, gated MLP); Nemotron-H
+//! layers are one block each. Architecture files in `models/` only map checkpoints onto this.
+//! Every forward takes a [`Budget`] and reads prefixes of the one loaded copy of the weights.
+
+use crate::budget::{Budget, BudgetSpec, LayerKind, Shape};
+use crate::error::{Error, Result};
+use crate::kernels::ops::rmsnorm;
+use crate::kernels::quant::dequant_row;
+use crate::layers::attention::{Attention, KvCache};
+use crate::layers::mamba2::{Mamba2, MambaState};
+use crate::layers::mlp::Mlp;
+use crate::layers::moe::Moe;
+use crate::layers::{Scratch, buf, linear};
+use crate::manifest::Manifest;
+use crate::tensor::Tensor;
+use std::ops::Range;
+use std::path::PathBuf;
+
+pub enum Mixer {
+    Attention(Attention),
+    Mamba(Mamba2),
+    Mlp(Mlp),
+    Moe(Moe),
+}
+
+pub struct Block {
+    /// The layer (depth unit) this block belongs to; budgets and skips are per layer.
+    pub layer: usize,
+    pub norm: Vec<f32>,
+    pub mixer: Mixer,
+    /// Index of this block's state in the cache (attention or Mamba numbering).
+    pub slot: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Hf,
+    Gguf,
+}
+
+/// Everything besides weights that a checkpoint carries.
+pub struct Meta {
+    pub path: PathBuf,
+    pub format: Format,
+    /// `llama`, `nemotron_h` or `nemotron_h_moe`.
+    pub arch: String,
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+    pub context: usize,
+    pub manifest: Option<Manifest>,
+    /// GGUF metadata (tokenizer arrays live here), if the model came from a GGUF file.
+    pub gguf: Option<std::collections::BTreeMap<String, crate::formats::gguf::Value>>,
+}
+
+pub struct Model {
+    pub meta: Meta,
+    pub shape: Shape,
+    pub vocab: usize,
+    pub embed: Tensor,
+    /// None when tied to the embedding.
+    pub lm_head: Option<Tensor>,
+    pub norm_f: Vec<f32>,
+    pub eps: f32,
+    pub blocks: Vec<Block>,
+}
+
+/// Which positions of a forward call need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+    /// Positions `i >= n` of this call.
+    From(usize),
+}
+
+/// Largest number of tokens run through the blocks at once (llama.cpp's n_ubatch).
+pub const UBATCH: usize = 512;
+
+#[derive(Default)]
+struct Work {
+    h: Vec<f32>,
+    xn: Vec<f32>,
+    y: Vec<f32>,
+    sel: Vec<f32>,
+    logits: Vec<f32>,
+    s: Scratch,
+}
+
+/// The state of one sequence: position, KV caches, Mamba states (all in the parent's layout, so
+/// the sequence can continue under any budget) and the scratch space of its forward passes.
+pub struct Cache {
+    pub pos: usize,
+    cap: usize,
+    kv: Vec<KvCache>,
+    mamba: Vec<MambaState>,
+    ws: Work,
+}
+
+/// Saved recurrent state for rolling a sequence back (speculative decoding): attention needs only
+/// the position, Mamba layers need their states.
+#[derive(Clone)]
+pub struct Snapshot {
+    pos: usize,
+    mamba: Vec<MambaState>,
+}
+
+impl Cache {
+    pub fn new(model: &Model, cap: usize) -> Cache {
+        let mut kv = vec![];
+        let mut mamba = vec![];
+        let mut max_heads = 1;
+        for b in &model.blocks {
+            match &b.mixer {
+                Mixer::Attention(a) => {
+                    kv.push(KvCache::new(a.kv_heads, a.head_dim, cap));
+                    max_heads = max_heads.max(a.heads);
+                }
+                Mixer::Mamba(m) => mamba.push(m.new_state()),
+                _ => {}
+            }
+        }
+        let mut ws = Work::default();
+        // Pre-size what grows with the position so decode never reallocates.
+        ws.s.e.reserve(max_heads * cap + 4 * model.shape.experts.max(1) + 1024);
+        Cache { pos: 0, cap, kv, mamba, ws }
+    }
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+    /// Back to an empty sequence.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        for m in &mut self.mamba {
+            m.conv.fill(0.0);
+            m.ssm.fill(0.0);
+        }
+    }
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot { pos: self.pos, mamba: self.mamba.clone() }
+    }
+    pub fn restore(&mut self, s: &Snapshot) {
+        self.pos = s.pos;
+        for (m, sm) in self.mamba.iter_mut().zip(&s.mamba) {
+            m.conv.copy_from_slice(&sm.conv);
+            m.ssm.copy_from_slice(&sm.ssm);
+        }
+    }
+}
+
+impl Model {
+    pub fn arch(&self) -> &str {
+        &self.meta.arch
+    }
+
+    /// Resolves a budget: `full`, a manifest name, or an explicit spec (`hidden=384,ffn=1024`).
+    pub fn budget(&self, s: &str) -> Result<Budget> {
+        let s = s.trim();
+        let spec: BudgetSpec = if !s.contains('=') && !s.is_empty() && s != "full" {
+            let m = self.meta.manifest.as_ref().ok_or_else(|| {
+                Error::Budget(format!("{s:?} is not an explicit budget (key=value,...) and the model has no elastic manifest"))
+            })?;
+            let nb = m.budgets.iter().find(|b| b.name == s).ok_or_else(|| {
+                let names: Vec<&str> = m.budgets.iter().map(|b| b.name.as_str()).collect();
+                Error::Budget(format!("no budget named {s:?} in the manifest (it has: {})", names.join(", ")))
+            })?;
+            nb.spec.parse()?
+        } else {
+            s.parse()?
+        };
+        let b = spec.resolve(&self.shape)?;
+        self.check_alignment(&b)?;
+        Ok(b)
+    }
+
+    pub fn full_budget(&self) -> Budget {
+        Budget::full(&self.shape)
+    }
+
+    /// Quantized blocks cannot be split: every cut input dimension must fall on a block boundary.
+    fn check_alignment(&self, b: &Budget) -> Result<()> {
+        let check = |t: &Tensor, cols: &[Range<usize>], axis: &str| -> Result<()> {
+            let bl = t.dtype.block_len();
+            if bl == 1 {
+                return Ok(());
+            }
+            for c in cols {
+                if c.start % bl != 0 || c.end % bl != 0 {
+                    return Err(Error::Budget(format!(
+                        "{axis}: tensor {} is {} with blocks of {bl} values, so the kept inputs must be whole blocks (got {}..{})",
+                        t.name, t.dtype, c.start, c.end
+                    )));
+                }
+            }
+            Ok(())
+        };
+        let hid = [0..b.hidden];
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        check(head, &hid, "hidden")?;
+        for blk in &self.blocks {
+            let lb = b.layer(blk.layer);
+            match &blk.mixer {
+                Mixer::Attention(a) => {
+                    check(&a.q, &hid, "hidden")?;
+                    check(&a.k, &hid, "hidden")?;
+                    check(&a.v, &hid, "hidden")?;
+                    check(&a.o, &lb.q_rows, "heads")?;
+                }
+                Mixer::Mamba(m) => {
+                    check(&m.in_proj, &hid, "hidden")?;
+                    check(&m.out_proj, &lb.inner, "mamba_heads/mamba_head_dim")?;
+                }
+                Mixer::Mlp(m) => {
+                    check(&m.up, &hid, "hidden")?;
+                    check(&m.down, &[0..lb.ffn], "ffn")?;
+                }
+                Mixer::Moe(m) => {
+                    for (u, d) in m.up.iter().zip(&m.down) {
+                        check(u, &hid, "hidden")?;
+                        check(d, &[0..lb.moe_ffn], "moe_ffn")?;
+                    }
+                    if let Some(s) = &m.shared {
+                        check(&s.up, &hid, "hidden")?;
+                        check(&s.down, &[0..lb.shared_ffn], "shared_ffn")?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// (total, active-per-token) parameter counts of a budget.
+    pub fn params(&self, b: &Budget) -> (u64, u64) {
+        let h = b.hidden as u64;
+        let v = self.vocab as u64;
+        let mut total = v * h + h; // embedding + final norm
+        if self.lm_head.is_some() {
+            total += v * h;
+        }
+        let mut active = total;
+        for blk in &self.blocks {
+            let lb = b.layer(blk.layer);
+            if !lb.keep {
+                continue;
+            }
+            let mut t = h; // block norm
+            let mut a_extra = 0u64; // routed experts counted only for active
+            match &blk.mixer {
+                Mixer::Attention(a) => {
+                    let q = (lb.heads * a.head_dim) as u64;
+                    let kv = (a.kv_heads * a.head_dim) as u64;
+                    t += 2 * q * h + 2 * kv * h;
+                    t += a.q_bias.as_ref().map_or(0, |_| q) + a.k_bias.as_ref().map_or(0, |_| 2 * kv);
+                    t += a.o_bias.as_ref().map_or(0, |_| h);
+                }
+                Mixer::Mamba(m) => {
+                    let ni = (lb.mamba_heads * lb.mamba_head_dim) as u64;
+                    let na = lb.mamba_heads as u64;
+                    let gn = (m.groups * m.state) as u64;
+                    let cw = ni + 2 * gn;
+                    t += (2 * ni + 2 * gn + na) * h + cw * m.conv_k as u64 + cw + 3 * na + ni + h * ni;
+                }
+                Mixer::Mlp(m) => {
+                    let f = lb.ffn as u64;
+                    t += if m.gate.is_some() { 3 } else { 2 } * f * h;
+                }
+                Mixer::Moe(m) => {
+                    let e = lb.experts as u64;
+                    let f = lb.moe_ffn as u64;
+                    t += e * h + e; // router + bias
+                    if m.shared.is_some() {
+                        t += 2 * lb.shared_ffn as u64 * h;
+                    }
+                    let k = m.topk.min(lb.experts) as u64;
+                    a_extra = k * 2 * f * h;
+                    t += e * 2 * f * h;
+                    total += t;
+                    active += t - e * 2 * f * h + a_extra;
+                    continue;
+                }
+            }
+            total += t;
+            active += t;
+        }
+        (total, active)
+    }
+
+    /// Runs `tokens` at positions cache.pos.. under `budget`, advancing the cache. Returns the
+    /// logits of the requested positions, [n][vocab], valid until the next call.
+    pub fn forward<'c>(&self, tokens: &[u32], budget: &Budget, cache: &'c mut Cache, want: Logits) -> Result<&'c [f32]> {
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(Error::Input(format!("token id {bad} is outside the vocabulary (size {})", self.vocab)));
+        }
+        if cache.pos + tokens.len() > cache.cap {
+            return Err(Error::Input(format!(
+                "{} tokens at position {} exceed the context of {} tokens",
+                tokens.len(),
+                cache.pos,
+                cache.cap
+            )));
+        }
+        let hd = budget.hidden;
+        let v = self.vocab;
+        let n_out = match want {
+            Logits::None => 0,
+            Logits::Last => tokens.len().min(1),
+            Logits::All => tokens.len(),
+            Logits::From(n) => tokens.len().saturating_sub(n),
+        };
+        let mut ws = std::mem::take(&mut cache.ws);
+        buf(&mut ws.logits, n_out * v);
+        let mut produced = 0;
+        let mut start = 0;
+        while start < tokens.len() {
+            let chunk = &tokens[start..(start + UBATCH).min(tokens.len())];
+            let t = chunk.len();
+            let h = buf(&mut ws.h, t * hd);
+            for (i, &tok) in chunk.iter().enumerate() {
+                dequant_row(self.embed.dtype, self.embed.row(tok as usize), 0, &mut h[i * hd..(i + 1) * hd]);
+            }
+            for blk in &self.blocks {
+                let lb = budget.layer(blk.layer);
+                if !lb.keep {
+                    continue;
+                }
+                let xn = buf(&mut ws.xn, t * hd);
+                for i in 0..t {
+                    rmsnorm(&h[i * hd..(i + 1) * hd], &blk.norm[..hd], self.eps, &mut xn[i * hd..(i + 1) * hd]);
+                }
+                let y = buf(&mut ws.y, t * hd);
+                match &blk.mixer {
+                    Mixer::Attention(a) => a.forward(lb, hd, xn, y, &mut cache.kv[blk.slot], cache.pos, &mut ws.s),
+                    Mixer::Mamba(m) => m.forward(lb, hd, xn, y, &mut cache.mamba[blk.slot], &mut ws.s),
+                    Mixer::Mlp(m) => m.forward(lb.ffn, hd, xn, y, &mut ws.s),
+                    Mixer::Moe(m) => m.forward(lb, hd, xn, y, &mut ws.s),
+                }
+                for (hv, yv) in h.iter_mut().zip(y.iter()) {
+                    *hv += yv;
+                }
+            }
+            cache.pos += t;
+            // Logits for the wanted positions of this chunk.
+            let rows: Range<usize> = match want {
+                Logits::None => 0..0,
+                Logits::Last => {
+                    if start + t == tokens.len() {
+                        t - 1..t
+                    } else {
+                        0..0
+                    }
+                }
+                Logits::All => 0..t,
+                Logits::From(n) => n.saturating_sub(start).min(t)..t,
+            };
+            if !rows.is_empty() {
+                let m = rows.len();
+                let sel = buf(&mut ws.sel, m * hd);
+                for (j, i) in rows.clone().enumerate() {
+                    rmsnorm(&h[i * hd..(i + 1) * hd], &self.norm_f[..hd], self.eps, &mut sel[j * hd..(j + 1) * hd]);
+                }
+                let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+                let out = &mut ws.logits[produced * v..(produced + m) * v];
+                linear(head, &[0..v], &[0..hd], sel, out);
+                produced += m;
+            }
+            start += t;
+        }
+        cache.ws = ws;
+        Ok(&cache.ws.logits[..n_out * v])
+    }
+
+    pub fn kind_pattern(&self) -> String {
+        self.shape.layers.iter().map(|k| k.pattern_char()).collect()
+    }
+
+    /// Layer kinds, for callers that need them.
+    pub fn layer_kinds(&self) -> &[LayerKind] {
+        &self.shape.layers
+    }
+}

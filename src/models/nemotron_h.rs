@@ -1,0 +1,497 @@
+//! Nemotron-H hybrids (spec §1–§3): one block per pattern character — `M` Mamba-2, `*` attention
+//! (no RoPE), `-` relu² MLP, `E` sigmoid-routed MoE with a shared expert. HF checkpoints in the
+//! hub layout (`backbone.*`, one tensor per expert) or the newest transformers layout (`model.*`,
+//! stacked experts); GGUF `nemotron_h` / `nemotron_h_moe` as llama.cpp's converter writes them.
+
+use super::{Cfg, matrix, opt_vec_f32, parse_float, vec_f32};
+use crate::budget::{LayerKind, Shape};
+use crate::error::{Error, Result};
+use crate::formats::TensorMap;
+use crate::formats::gguf::Gguf;
+use crate::layers::attention::Attention;
+use crate::layers::mamba2::Mamba2;
+use crate::layers::mlp::{Act, Mlp};
+use crate::layers::moe::{MAX_TOPK, Moe};
+use crate::model::{Block, Meta, Mixer, Model};
+use crate::tensor::Tensor;
+
+#[derive(Debug)]
+struct Dims {
+    vocab: usize,
+    hidden: usize,
+    kinds: Vec<LayerKind>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    ffn: usize,
+    mamba_heads: usize,
+    mamba_head_dim: usize,
+    groups: usize,
+    state: usize,
+    conv_k: usize,
+    chunk: usize,
+    dt_min: f32,
+    dt_max: f32,
+    experts: usize,
+    topk: usize,
+    moe_ffn: usize,
+    shared_ffn: usize,
+    n_group: usize,
+    topk_group: usize,
+    norm_topk: bool,
+    scale: f32,
+    eps: f32,
+}
+
+impl Dims {
+    fn shape(&self) -> Shape {
+        Shape {
+            hidden: self.hidden,
+            layers: self.kinds.clone(),
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            ffn: self.ffn,
+            moe_ffn: self.moe_ffn,
+            experts: self.experts,
+            experts_per_tok: self.topk,
+            expert_groups: self.n_group.max(1),
+            shared_ffn: self.shared_ffn,
+            mamba_heads: self.mamba_heads,
+            mamba_head_dim: self.mamba_head_dim,
+            mamba_groups: self.groups,
+            ssm_state: self.state,
+        }
+    }
+    fn validate(&self, src: &str) -> Result<()> {
+        let has = |k: LayerKind| self.kinds.contains(&k);
+        let bad = |f: &str, m: String| Err(Error::config(format!("{src} {f}"), m));
+        if has(LayerKind::Attention) && (self.kv_heads == 0 || self.heads % self.kv_heads != 0) {
+            return bad("num_key_value_heads", format!("{} query heads do not split into {} KV groups", self.heads, self.kv_heads));
+        }
+        if has(LayerKind::Mamba) && (self.groups == 0 || self.mamba_heads % self.groups != 0) {
+            return bad("n_groups", format!("{} Mamba heads do not split into {} groups", self.mamba_heads, self.groups));
+        }
+        if has(LayerKind::Mamba) && self.conv_k < 2 {
+            return bad("conv_kernel", format!("{} (must be at least 2)", self.conv_k));
+        }
+        if has(LayerKind::Moe) {
+            if self.topk == 0 || self.topk > self.experts || self.topk > MAX_TOPK {
+                return bad("num_experts_per_tok", format!("{} with {} experts", self.topk, self.experts));
+            }
+            if self.n_group == 0 || self.experts % self.n_group != 0 || self.n_group > 64 || self.topk_group > self.n_group {
+                return bad("n_group", format!("{} groups (topk_group {}) for {} experts", self.n_group, self.topk_group, self.experts));
+            }
+        }
+        if self.hidden == 0 || self.vocab == 0 || self.kinds.is_empty() {
+            return bad("hidden_size", "hidden size, vocabulary and layer count must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+fn kind_from_char(c: char) -> Option<LayerKind> {
+    Some(match c {
+        'M' => LayerKind::Mamba,
+        '*' => LayerKind::Attention,
+        '-' => LayerKind::Mlp,
+        'E' => LayerKind::Moe,
+        _ => return None,
+    })
+}
+
+fn kind_from_name(s: &str) -> Option<LayerKind> {
+    Some(match s {
+        "mamba" | "linear_attention" | "mamba2" => LayerKind::Mamba,
+        "attention" | "full_attention" => LayerKind::Attention,
+        "mlp" => LayerKind::Mlp,
+        "moe" => LayerKind::Moe,
+        _ => return None,
+    })
+}
+
+pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
+    let kinds: Vec<LayerKind> = if let Some(p) = cfg.get(&["hybrid_override_pattern"]) {
+        let s = p.as_str().ok_or_else(|| cfg.err("hybrid_override_pattern", "is not a string"))?;
+        s.chars()
+            .map(|c| kind_from_char(c).ok_or_else(|| cfg.err("hybrid_override_pattern", format!("unknown layer character {c:?} (M, *, -, E)"))))
+            .collect::<Result<_>>()?
+    } else if let Some(l) = cfg.get(&["layers_block_type"]) {
+        let a = l.as_array().ok_or_else(|| cfg.err("layers_block_type", "is not a list"))?;
+        a.iter()
+            .map(|x| {
+                x.as_str().and_then(kind_from_name).ok_or_else(|| {
+                    cfg.err("layers_block_type", format!("unknown layer type {x} (mamba/attention/mlp/moe or linear_attention/full_attention/mlp/moe)"))
+                })
+            })
+            .collect::<Result<_>>()?
+    } else {
+        return Err(cfg.err("hybrid_override_pattern", "missing (neither hybrid_override_pattern nor layers_block_type is given)"));
+    };
+    if let Some(n) = cfg.get(&["num_hidden_layers"]) {
+        if n.as_u64() != Some(kinds.len() as u64) {
+            return Err(cfg.err("num_hidden_layers", format!("{n} does not match the {} layers of the pattern", kinds.len())));
+        }
+    }
+    let hidden = cfg.usize(&["hidden_size"])?;
+    let has = |k| kinds.contains(&k);
+    let heads = if has(LayerKind::Attention) { cfg.usize(&["num_attention_heads"])? } else { cfg.usize_or(&["num_attention_heads"], 0)? };
+    let (dt_min, dt_max) = match cfg.get(&["time_step_limit", "mamba_dt_limit"]) {
+        None => (0.0, f64::INFINITY),
+        Some(x) => {
+            let a = x.as_array().filter(|a| a.len() == 2).ok_or_else(|| cfg.err("time_step_limit", format!("{x} is not a pair")))?;
+            let lo = parse_float(&a[0]).ok_or_else(|| cfg.err("time_step_limit", format!("{} is not a number", a[0])))?;
+            let hi = parse_float(&a[1]).ok_or_else(|| cfg.err("time_step_limit", format!("{} is not a number", a[1])))?;
+            (lo, hi)
+        }
+    };
+    for (k, want) in [("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")] {
+        let v = cfg.str_or(&[k], want)?;
+        if v != want {
+            return Err(cfg.err(k, format!("{v:?} is not supported (only {want:?})")));
+        }
+    }
+    if cfg.get(&["moe_latent_size"]).is_some() {
+        return Err(cfg.err("moe_latent_size", "latent MoE (Nemotron 3 Super) is not supported yet"));
+    }
+    let moe = has(LayerKind::Moe);
+    let d = Dims {
+        vocab: cfg.usize(&["vocab_size"])?,
+        hidden,
+        heads,
+        kv_heads: cfg.usize_or(&["num_key_value_heads"], heads)?,
+        head_dim: cfg.usize_or(&["head_dim", "attention_head_dim"], if heads > 0 { hidden / heads } else { 0 })?,
+        ffn: if has(LayerKind::Mlp) { cfg.usize(&["intermediate_size"])? } else { 0 },
+        mamba_heads: if has(LayerKind::Mamba) { cfg.usize(&["mamba_num_heads"])? } else { 0 },
+        mamba_head_dim: if has(LayerKind::Mamba) { cfg.usize(&["mamba_head_dim"])? } else { 0 },
+        groups: cfg.usize_or(&["n_groups", "mamba_n_groups"], 1)?,
+        state: if has(LayerKind::Mamba) { cfg.usize(&["ssm_state_size", "mamba_d_state"])? } else { 0 },
+        conv_k: cfg.usize_or(&["conv_kernel", "mamba_d_conv"], 4)?,
+        chunk: cfg.usize_or(&["chunk_size", "mamba_chunk_size"], 128)?,
+        dt_min: dt_min as f32,
+        dt_max: dt_max as f32,
+        experts: if moe { cfg.usize(&["n_routed_experts", "num_local_experts", "num_experts"])? } else { 0 },
+        topk: if moe { cfg.usize(&["num_experts_per_tok"])? } else { 0 },
+        moe_ffn: if moe { cfg.usize(&["moe_intermediate_size"])? } else { 0 },
+        shared_ffn: if moe && cfg.usize_or(&["n_shared_experts"], 1)? > 0 { cfg.usize_or(&["moe_shared_expert_intermediate_size"], 0)? } else { 0 },
+        n_group: cfg.usize_or(&["n_group"], 1)?,
+        topk_group: cfg.usize_or(&["topk_group"], 1)?,
+        norm_topk: cfg.bool_or(&["norm_topk_prob"], true)?,
+        scale: cfg.f64_or(&["routed_scaling_factor"], 1.0)? as f32,
+        eps: cfg.f64_or(&["layer_norm_epsilon", "rms_norm_eps", "norm_eps"], 1e-5)? as f32,
+        kinds,
+    };
+    d.validate(&cfg.path.display().to_string())?;
+    let pre = if t.has("backbone.norm_f.weight") || t.has("backbone.embeddings.weight") || t.has("backbone.embedding.weight") { "backbone" } else { "model" };
+    let embed = t.get_any(&[&format!("{pre}.embeddings.weight"), &format!("{pre}.embedding.weight"), &format!("{pre}.embed_tokens.weight")])?.clone();
+    embed.expect_shape(&[d.vocab, d.hidden])?;
+    let tied = cfg.bool_or(&["tie_word_embeddings"], false)?;
+    let lm_head = if tied { None } else { Some(matrix(t, "lm_head.weight", d.vocab, d.hidden)?) };
+    let names = |i: usize, s: &str| format!("{pre}.layers.{i}.{s}");
+    let mut blocks = vec![];
+    let (mut na, mut nm) = (0, 0);
+    for (i, &k) in d.kinds.iter().enumerate() {
+        let norm = vec_f32(t, &names(i, "norm.weight"), d.hidden)?;
+        let m = |s: &str| names(i, &format!("mixer.{s}"));
+        let (mixer, slot) = match k {
+            LayerKind::Mamba => {
+                let di = d.mamba_heads * d.mamba_head_dim;
+                let cd = di + 2 * d.groups * d.state;
+                let conv = t.get(&m("conv1d.weight"))?;
+                if conv.numel() != cd * d.conv_k {
+                    return Err(Error::Tensor { name: conv.name.clone(), msg: format!("shape {:?}, the config implies [{cd}, 1, {}]", conv.shape, d.conv_k) });
+                }
+                let a_log = vec_f32(t, &m("A_log"), d.mamba_heads)?;
+                nm += 1;
+                (
+                    Mixer::Mamba(Mamba2 {
+                        in_proj: matrix(t, &m("in_proj.weight"), 2 * di + 2 * d.groups * d.state + d.mamba_heads, d.hidden)?,
+                        out_proj: matrix(t, &m("out_proj.weight"), d.hidden, di)?,
+                        conv_w: conv.to_f32(),
+                        conv_b: opt_vec_f32(t, &m("conv1d.bias"), cd)?.unwrap_or_else(|| vec![0.0; cd]),
+                        dt_bias: vec_f32(t, &m("dt_bias"), d.mamba_heads)?,
+                        a: a_log.iter().map(|v| -v.exp()).collect(),
+                        d: vec_f32(t, &m("D"), d.mamba_heads)?,
+                        norm: vec_f32(t, &m("norm.weight"), di)?,
+                        heads: d.mamba_heads,
+                        head_dim: d.mamba_head_dim,
+                        groups: d.groups,
+                        state: d.state,
+                        conv_k: d.conv_k,
+                        chunk: d.chunk,
+                        dt_min: d.dt_min,
+                        dt_max: d.dt_max,
+                        eps: d.eps,
+                    }),
+                    nm - 1,
+                )
+            }
+            LayerKind::Attention => {
+                let (qd, kvd) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+                na += 1;
+                (
+                    Mixer::Attention(Attention {
+                        q: matrix(t, &m("q_proj.weight"), qd, d.hidden)?,
+                        k: matrix(t, &m("k_proj.weight"), kvd, d.hidden)?,
+                        v: matrix(t, &m("v_proj.weight"), kvd, d.hidden)?,
+                        o: matrix(t, &m("o_proj.weight"), d.hidden, qd)?,
+                        q_bias: opt_vec_f32(t, &m("q_proj.bias"), qd)?,
+                        k_bias: opt_vec_f32(t, &m("k_proj.bias"), kvd)?,
+                        v_bias: opt_vec_f32(t, &m("v_proj.bias"), kvd)?,
+                        o_bias: opt_vec_f32(t, &m("o_proj.bias"), d.hidden)?,
+                        heads: d.heads,
+                        kv_heads: d.kv_heads,
+                        head_dim: d.head_dim,
+                        rope: None,
+                    }),
+                    na - 1,
+                )
+            }
+            LayerKind::Mlp => (Mixer::Mlp(relu2_mlp(t, &m("up_proj"), &m("down_proj"), d.ffn, d.hidden)?), 0),
+            LayerKind::Moe => {
+                let (mut up, mut down) = (vec![], vec![]);
+                let stacked_up = [m("experts.up_proj"), m("experts.up_proj.weight")];
+                if let Ok(su) = t.get_any(&[&stacked_up[0], &stacked_up[1]]) {
+                    su.expect_shape(&[d.experts, d.moe_ffn, d.hidden])?;
+                    let sd = t.get_any(&[&m("experts.down_proj"), &m("experts.down_proj.weight")])?;
+                    sd.expect_shape(&[d.experts, d.hidden, d.moe_ffn])?;
+                    for e in 0..d.experts {
+                        up.push(su.index(e));
+                        down.push(sd.index(e));
+                    }
+                } else {
+                    for e in 0..d.experts {
+                        up.push(matrix(t, &m(&format!("experts.{e}.up_proj.weight")), d.moe_ffn, d.hidden)?);
+                        down.push(matrix(t, &m(&format!("experts.{e}.down_proj.weight")), d.hidden, d.moe_ffn)?);
+                    }
+                }
+                let shared = if d.shared_ffn > 0 {
+                    Some(relu2_mlp(t, &m("shared_experts.up_proj"), &m("shared_experts.down_proj"), d.shared_ffn, d.hidden)?)
+                } else {
+                    None
+                };
+                let router = t.get(&m("gate.weight"))?;
+                router.expect_shape(&[d.experts, d.hidden])?;
+                (
+                    Mixer::Moe(Moe {
+                        router: router.to_f32(),
+                        bias: opt_vec_f32(t, &m("gate.e_score_correction_bias"), d.experts)?.unwrap_or_else(|| vec![0.0; d.experts]),
+                        up,
+                        down,
+                        shared,
+                        experts: d.experts,
+                        hidden: d.hidden,
+                        topk: d.topk,
+                        n_group: d.n_group,
+                        topk_group: d.topk_group,
+                        norm_topk: d.norm_topk,
+                        scale: d.scale,
+                    }),
+                    0,
+                )
+            }
+            LayerKind::Transformer => unreachable!(),
+        };
+        blocks.push(Block { layer: i, norm, mixer, slot });
+    }
+    meta.arch = if moe { "nemotron_h_moe".into() } else { "nemotron_h".into() };
+    Ok(Model {
+        meta,
+        shape: d.shape(),
+        vocab: d.vocab,
+        embed,
+        lm_head,
+        norm_f: vec_f32(t, &format!("{pre}.norm_f.weight"), d.hidden)?,
+        eps: d.eps,
+        blocks,
+    })
+}
+
+fn relu2_mlp(t: &TensorMap, up: &str, down: &str, ffn: usize, hidden: usize) -> Result<Mlp> {
+    Ok(Mlp {
+        up: matrix(t, &format!("{up}.weight"), ffn, hidden)?,
+        gate: None,
+        down: matrix(t, &format!("{down}.weight"), hidden, ffn)?,
+        act: Act::Relu2,
+        up_bias: opt_vec_f32(t, &format!("{up}.bias"), ffn)?,
+        gate_bias: None,
+        down_bias: opt_vec_f32(t, &format!("{down}.bias"), hidden)?,
+    })
+}
+
+pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
+    let arch = meta.arch.clone();
+    let key = |k: &str| format!("{arch}.{k}");
+    let u = |k: &str| g.u64(&key(k)).map(|v| v as usize);
+    let uo = |k: &str, d: usize| g.get(&key(k)).and_then(|v| v.as_u64()).map_or(d, |v| v as usize);
+    let t = &g.tensors;
+    let n_layers = u("block_count")?;
+    let hidden = u("embedding_length")?;
+    // Layer kinds from the tensors present (cross-checked by the shapes below).
+    let mut kinds = vec![];
+    for i in 0..n_layers {
+        let has = |s: &str| t.has(&format!("blk.{i}.{s}"));
+        kinds.push(if has("ssm_in.weight") {
+            LayerKind::Mamba
+        } else if has("attn_q.weight") {
+            LayerKind::Attention
+        } else if has("ffn_up_exps.weight") {
+            LayerKind::Moe
+        } else if has("ffn_up.weight") {
+            LayerKind::Mlp
+        } else {
+            return Err(Error::format(&g.path, format!("layer {i} has none of ssm_in, attn_q, ffn_up, ffn_up_exps")));
+        });
+    }
+    let has = |k| kinds.contains(&k);
+    let heads_arr = g.per_layer(&key("attention.head_count"), n_layers).unwrap_or_else(|_| vec![0; n_layers]);
+    let kv_arr = g.per_layer(&key("attention.head_count_kv"), n_layers).unwrap_or_else(|_| vec![0; n_layers]);
+    let ff_arr = g.per_layer(&key("feed_forward_length"), n_layers).unwrap_or_else(|_| vec![0; n_layers]);
+    let first = |k: LayerKind, a: &[u64]| kinds.iter().zip(a).find(|(x, _)| **x == k).map_or(0, |(_, v)| *v as usize);
+    let heads = first(LayerKind::Attention, &heads_arr).max(if has(LayerKind::Attention) { 0 } else { 0 });
+    let inner = uo("ssm.inner_size", 0);
+    let mheads = uo("ssm.time_step_rank", 0);
+    let experts = uo("expert_count", 0);
+    let d = Dims {
+        vocab: t.get("token_embd.weight")?.shape[0],
+        hidden,
+        heads: if heads > 0 { heads } else { heads_arr.iter().copied().max().unwrap_or(0) as usize },
+        kv_heads: first(LayerKind::Attention, &kv_arr),
+        head_dim: uo("attention.key_length", 0),
+        ffn: first(LayerKind::Mlp, &ff_arr),
+        mamba_heads: mheads,
+        mamba_head_dim: if mheads > 0 { inner / mheads } else { 0 },
+        groups: uo("ssm.group_count", 1),
+        state: uo("ssm.state_size", 0),
+        conv_k: uo("ssm.conv_kernel", 4),
+        chunk: 128,
+        dt_min: 0.0,
+        dt_max: f32::INFINITY,
+        experts,
+        topk: uo("expert_used_count", 0),
+        moe_ffn: uo("expert_feed_forward_length", 0),
+        shared_ffn: if uo("expert_shared_count", 1) > 0 { uo("expert_shared_feed_forward_length", 0) } else { 0 },
+        n_group: uo("expert_group_count", 1).max(1),
+        topk_group: uo("expert_group_used_count", 1).max(1),
+        norm_topk: g.get(&key("expert_weights_norm")).and_then(|v| v.as_bool()).unwrap_or(true),
+        scale: g.get(&key("expert_weights_scale")).and_then(|v| v.as_f64()).unwrap_or(1.0) as f32,
+        eps: g.get(&key("attention.layer_norm_rms_epsilon")).or(g.get(&key("attention.layer_norm_epsilon"))).and_then(|v| v.as_f64()).unwrap_or(1e-5) as f32,
+        kinds,
+    };
+    d.validate(&format!("{} metadata", g.path.display()))?;
+    let embed = matrix(t, "token_embd.weight", d.vocab, d.hidden)?;
+    let lm_head = if t.has("output.weight") { Some(matrix(t, "output.weight", d.vocab, d.hidden)?) } else { None };
+    let mut blocks = vec![];
+    let (mut na, mut nm) = (0, 0);
+    for (i, &k) in d.kinds.iter().enumerate() {
+        let b = |s: &str| format!("blk.{i}.{s}");
+        let norm = vec_f32(t, &b("attn_norm.weight"), d.hidden)?;
+        let (mixer, slot) = match k {
+            LayerKind::Mamba => {
+                let di = d.mamba_heads * d.mamba_head_dim;
+                let cd = di + 2 * d.groups * d.state;
+                nm += 1;
+                (
+                    Mixer::Mamba(Mamba2 {
+                        in_proj: matrix(t, &b("ssm_in.weight"), 2 * di + 2 * d.groups * d.state + d.mamba_heads, d.hidden)?,
+                        out_proj: matrix(t, &b("ssm_out.weight"), d.hidden, di)?,
+                        conv_w: vec_f32(t, &b("ssm_conv1d.weight"), cd * d.conv_k)?,
+                        conv_b: opt_vec_f32(t, &b("ssm_conv1d.bias"), cd)?.unwrap_or_else(|| vec![0.0; cd]),
+                        dt_bias: vec_f32(t, &b("ssm_dt.bias"), d.mamba_heads)?,
+                        // GGUF stores A = −exp(A_log) directly.
+                        a: vec_f32(t, &b("ssm_a"), d.mamba_heads)?,
+                        d: vec_f32(t, &b("ssm_d"), d.mamba_heads)?,
+                        norm: vec_f32(t, &b("ssm_norm.weight"), di)?,
+                        heads: d.mamba_heads,
+                        head_dim: d.mamba_head_dim,
+                        groups: d.groups,
+                        state: d.state,
+                        conv_k: d.conv_k,
+                        chunk: d.chunk,
+                        dt_min: d.dt_min,
+                        dt_max: d.dt_max,
+                        eps: d.eps,
+                    }),
+                    nm - 1,
+                )
+            }
+            LayerKind::Attention => {
+                let (qd, kvd) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+                na += 1;
+                (
+                    Mixer::Attention(Attention {
+                        q: matrix(t, &b("attn_q.weight"), qd, d.hidden)?,
+                        k: matrix(t, &b("attn_k.weight"), kvd, d.hidden)?,
+                        v: matrix(t, &b("attn_v.weight"), kvd, d.hidden)?,
+                        o: matrix(t, &b("attn_output.weight"), d.hidden, qd)?,
+                        q_bias: None,
+                        k_bias: None,
+                        v_bias: None,
+                        o_bias: None,
+                        heads: d.heads,
+                        kv_heads: d.kv_heads,
+                        head_dim: d.head_dim,
+                        rope: None,
+                    }),
+                    na - 1,
+                )
+            }
+            LayerKind::Mlp => (
+                Mixer::Mlp(Mlp {
+                    up: matrix(t, &b("ffn_up.weight"), d.ffn, d.hidden)?,
+                    gate: None,
+                    down: matrix(t, &b("ffn_down.weight"), d.hidden, d.ffn)?,
+                    act: Act::Relu2,
+                    up_bias: None,
+                    gate_bias: None,
+                    down_bias: None,
+                }),
+                0,
+            ),
+            LayerKind::Moe => {
+                let su = t.get(&b("ffn_up_exps.weight"))?;
+                su.expect_shape(&[d.experts, d.moe_ffn, d.hidden])?;
+                let sd = t.get(&b("ffn_down_exps.weight"))?;
+                sd.expect_shape(&[d.experts, d.hidden, d.moe_ffn])?;
+                let shared = if d.shared_ffn > 0 && t.has(&b("ffn_up_shexp.weight")) {
+                    Some(Mlp {
+                        up: matrix(t, &b("ffn_up_shexp.weight"), d.shared_ffn, d.hidden)?,
+                        gate: None,
+                        down: matrix(t, &b("ffn_down_shexp.weight"), d.hidden, d.shared_ffn)?,
+                        act: Act::Relu2,
+                        up_bias: None,
+                        gate_bias: None,
+                        down_bias: None,
+                    })
+                } else {
+                    None
+                };
+                let router = matrix(t, &b("ffn_gate_inp.weight"), d.experts, d.hidden)?;
+                (
+                    Mixer::Moe(Moe {
+                        router: router.to_f32(),
+                        bias: opt_vec_f32(t, &b("exp_probs_b.bias"), d.experts)?.unwrap_or_else(|| vec![0.0; d.experts]),
+                        up: (0..d.experts).map(|e| su.index(e)).collect(),
+                        down: (0..d.experts).map(|e| sd.index(e)).collect(),
+                        shared,
+                        experts: d.experts,
+                        hidden: d.hidden,
+                        topk: d.topk,
+                        n_group: d.n_group,
+                        topk_group: d.topk_group,
+                        norm_topk: d.norm_topk,
+                        scale: d.scale,
+                    }),
+                    0,
+                )
+            }
+            LayerKind::Transformer => unreachable!(),
+        };
+        blocks.push(Block { layer: i, norm, mixer, slot });
+    }
+    let shape = d.shape();
+    Ok(Model { meta, shape, vocab: d.vocab, embed, lm_head, norm_f: vec_f32(t, "output_norm.weight", d.hidden)?, eps: d.eps, blocks })
+}
+
+#[allow(dead_code)]
+fn _unused(_: &Tensor) {}

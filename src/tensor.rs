@@ -1,0 +1,187 @@
+//! Tensors as typed views of bytes: memory-mapped from a checkpoint, or owned when a loader had
+//! to transform them (small tensors only). Shapes are in torch order, outermost first.
+
+use crate::error::{Error, Result};
+use memmap2::Mmap;
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q4K,
+    Q6K,
+}
+
+impl DType {
+    /// Elements per quantization block (1 for plain floats).
+    pub fn block_len(self) -> usize {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
+            DType::Q4K | DType::Q6K => 256,
+        }
+    }
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 => 34,
+            DType::Q4_0 => 18,
+            DType::Q4_1 => 20,
+            DType::Q4K => 144,
+            DType::Q6K => 210,
+        }
+    }
+    /// Bytes of a row of `cols` elements, or None if `cols` is not a whole number of blocks.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        if cols % self.block_len() != 0 {
+            return None;
+        }
+        (cols / self.block_len()).checked_mul(self.block_bytes())
+    }
+    pub fn is_quantized(self) -> bool {
+        self.block_len() > 1
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            DType::Q8_0 => "Q8_0",
+            DType::Q4_0 => "Q4_0",
+            DType::Q4_1 => "Q4_1",
+            DType::Q4K => "Q4_K",
+            DType::Q6K => "Q6_K",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Backing bytes of a tensor.
+#[derive(Clone)]
+pub enum Buf {
+    Mapped { map: Arc<Mmap>, off: usize, len: usize },
+    Owned(Arc<Vec<u8>>),
+}
+
+impl Buf {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Buf::Mapped { map, off, len } => &map[*off..*off + *len],
+            Buf::Owned(v) => v,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub buf: Buf,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {:?}", self.name, self.dtype, self.shape)
+    }
+}
+
+impl Tensor {
+    /// Builds a tensor after checking that the byte length matches dtype and shape.
+    pub fn new(name: &str, dtype: DType, shape: Vec<usize>, buf: Buf) -> Result<Tensor> {
+        let cols = *shape.last().unwrap_or(&1);
+        let rows: usize = shape.iter().rev().skip(1).try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| {
+            Error::Tensor { name: name.into(), msg: format!("shape {shape:?} overflows") }
+        })?;
+        let rb = dtype.row_bytes(cols).ok_or_else(|| Error::Tensor {
+            name: name.into(),
+            msg: format!("innermost dimension {cols} is not a multiple of the {dtype} block size {}", dtype.block_len()),
+        })?;
+        let want = rb.checked_mul(rows);
+        let have = buf.bytes().len();
+        if want != Some(have) {
+            return Err(Error::Tensor {
+                name: name.into(),
+                msg: format!("{dtype} {shape:?} needs {} bytes but the file holds {have}", want.map_or("too many".into(), |w| w.to_string())),
+            });
+        }
+        Ok(Tensor { name: name.into(), dtype, shape, buf })
+    }
+
+    pub fn from_f32(name: &str, shape: Vec<usize>, data: &[f32]) -> Tensor {
+        let mut v = Vec::with_capacity(data.len() * 4);
+        for x in data {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        Tensor::new(name, DType::F32, shape, Buf::Owned(Arc::new(v))).expect("consistent f32 tensor")
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.buf.bytes()
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn rows(&self) -> usize {
+        self.shape.iter().rev().skip(1).product()
+    }
+    pub fn cols(&self) -> usize {
+        *self.shape.last().unwrap_or(&1)
+    }
+    pub fn row_bytes(&self) -> usize {
+        self.dtype.row_bytes(self.cols()).unwrap()
+    }
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.bytes()[r * rb..(r + 1) * rb]
+    }
+
+    /// Checks the shape against what the model config implies.
+    pub fn expect_shape(&self, want: &[usize]) -> Result<()> {
+        if self.shape != want {
+            return Err(Error::Tensor {
+                name: self.name.clone(),
+                msg: format!("shape {:?} does not match the config, which implies {:?}", self.shape, want),
+            });
+        }
+        Ok(())
+    }
+
+    /// All elements as f32 (for small tensors: norms, biases, per-head scalars).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        let cols = self.cols();
+        for r in 0..self.rows() {
+            crate::kernels::quant::dequant_row(self.dtype, self.row(r), 0, &mut out[r * cols..(r + 1) * cols]);
+        }
+        out
+    }
+
+    /// Row `r` of the outermost dimension as a tensor of one dimension less (a view, no copy).
+    pub fn index(&self, r: usize) -> Tensor {
+        let inner: usize = self.shape[1..].iter().product();
+        let bytes = self.dtype.row_bytes(self.cols()).unwrap() * (inner / self.cols());
+        let buf = match &self.buf {
+            Buf::Mapped { map, off, .. } => Buf::Mapped { map: map.clone(), off: off + r * bytes, len: bytes },
+            Buf::Owned(v) => Buf::Owned(Arc::new(v[r * bytes..(r + 1) * bytes].to_vec())),
+        };
+        Tensor { name: format!("{}[{r}]", self.name), dtype: self.dtype, shape: self.shape[1..].to_vec(), buf }
+    }
+
+    /// Same bytes, another shape with the same row length structure (e.g. squeeze [C,1,K] to [C,K]).
+    pub fn reshape(&self, shape: Vec<usize>) -> Result<Tensor> {
+        Tensor::new(&self.name, self.dtype, shape, self.buf.clone())
+    }
+}
