@@ -7,8 +7,11 @@
 //! (architecture mappings) → `generate` (tokenizer, chat, sampling) → `cli`.
 
 pub mod budget;
+pub mod cli;
 pub mod error;
+pub mod eval;
 pub mod formats;
+pub mod generate;
 pub mod kernels;
 pub mod layers;
 pub mod manifest;

@@ -247,7 +247,6 @@ impl Model {
                 continue;
             }
             let mut t = h; // block norm
-            let mut a_extra = 0u64; // routed experts counted only for active
             match &blk.mixer {
                 Mixer::Attention(a) => {
                     let q = (lb.heads * a.head_dim) as u64;
@@ -275,10 +274,8 @@ impl Model {
                         t += 2 * lb.shared_ffn as u64 * h;
                     }
                     let k = m.topk.min(lb.experts) as u64;
-                    a_extra = k * 2 * f * h;
-                    t += e * 2 * f * h;
-                    total += t;
-                    active += t - e * 2 * f * h + a_extra;
+                    total += t + e * 2 * f * h;
+                    active += t + k * 2 * f * h;
                     continue;
                 }
             }
@@ -370,6 +367,69 @@ impl Model {
         }
         cache.ws = ws;
         Ok(&cache.ws.logits[..n_out * v])
+    }
+
+    /// The large tensors (embedding, head, every projection and expert), for summaries.
+    pub fn matrices(&self) -> Vec<&Tensor> {
+        let mut v = vec![&self.embed];
+        if let Some(h) = &self.lm_head {
+            v.push(h);
+        }
+        for b in &self.blocks {
+            match &b.mixer {
+                Mixer::Attention(a) => v.extend([&a.q, &a.k, &a.v, &a.o]),
+                Mixer::Mamba(m) => v.extend([&m.in_proj, &m.out_proj]),
+                Mixer::Mlp(m) => {
+                    v.extend([&m.up, &m.down]);
+                    v.extend(m.gate.iter());
+                }
+                Mixer::Moe(m) => {
+                    v.extend(m.up.iter().chain(m.down.iter()));
+                    if let Some(s) = &m.shared {
+                        v.extend([&s.up, &s.down]);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// Weight bytes one decode step reads under a budget (the memory roofline): every active
+    /// row's active columns, the routed experts of one token, one embedding row.
+    pub fn bytes_per_token(&self, b: &Budget) -> u64 {
+        let cut = |t: &Tensor, rows: usize, cols: usize| -> u64 {
+            let bl = t.dtype.block_len();
+            (rows * cols.div_ceil(bl) * t.dtype.block_bytes()) as u64
+        };
+        let h = b.hidden;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut n = cut(&self.embed, 1, h) + cut(head, self.vocab, h);
+        for blk in &self.blocks {
+            let lb = b.layer(blk.layer);
+            if !lb.keep {
+                continue;
+            }
+            n += match &blk.mixer {
+                Mixer::Attention(a) => {
+                    let q = lb.heads * a.head_dim;
+                    let kv = a.kv_heads * a.head_dim;
+                    cut(&a.q, q, h) + cut(&a.k, kv, h) + cut(&a.v, kv, h) + cut(&a.o, h, q)
+                }
+                Mixer::Mamba(m) => {
+                    let ni = lb.mamba_heads * lb.mamba_head_dim;
+                    cut(&m.in_proj, 2 * ni + 2 * m.groups * m.state + lb.mamba_heads, h) + cut(&m.out_proj, h, ni)
+                }
+                Mixer::Mlp(m) => {
+                    cut(&m.up, lb.ffn, h) + cut(&m.down, h, lb.ffn) + m.gate.as_ref().map_or(0, |g| cut(g, lb.ffn, h))
+                }
+                Mixer::Moe(m) => {
+                    let k = m.topk.min(lb.experts) as u64;
+                    let e = k * (cut(&m.up[0], lb.moe_ffn, h) + cut(&m.down[0], h, lb.moe_ffn));
+                    e + (lb.experts * h * 4) as u64 + m.shared.as_ref().map_or(0, |s| cut(&s.up, lb.shared_ffn, h) + cut(&s.down, h, lb.shared_ffn))
+                }
+            };
+        }
+        n
     }
 
     pub fn kind_pattern(&self) -> String {

@@ -18,7 +18,7 @@ struct ActScratch {
     q8: Q8Act,
     /// Per block of 32: d_x·Σq (Q4 offsets) and 128·d_x·Σq (Q8_0 sign trick).
     xsum: Vec<f32>,
-    row: Vec<f32>,
+
 }
 
 thread_local! {
@@ -72,7 +72,6 @@ pub fn matvec(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
         } else {
             pool().for_range(n, align, run);
         }
-        let _ = &s.row;
     });
 }
 
@@ -92,7 +91,8 @@ pub fn to_bf16(x: &[f32], out: &mut [u16]) {
     }
 }
 
-/// Computes the packed active rows `r` (indices into the flattened row segments).
+/// Computes the packed active rows `r` (indices into the flattened row segments): each run of
+/// consecutive parent rows goes to one kernel call that walks R rows at a time.
 #[allow(clippy::too_many_arguments)]
 fn rows_dot(
     w: &Tensor,
@@ -104,6 +104,8 @@ fn rows_dot(
     isa: Isa,
     rowbuf: &mut Vec<f32>,
 ) {
+    let stride = w.row_bytes();
+    let bytes = w.bytes();
     let mut k = 0usize; // packed index of the current segment start
     for seg in rows {
         let (s0, s1) = (k, k + seg.len());
@@ -113,57 +115,62 @@ fn rows_dot(
         if a >= b {
             continue;
         }
-        for p in a..b {
-            let row = w.row(seg.start + (p - s0));
-            y[p - r.start] = dot(w.dtype, row, cols, act, isa, rowbuf);
+        let first = seg.start + (a - s0);
+        let out = &mut y[a - r.start..b - r.start];
+        let row = |i: usize| &bytes[(first + i) * stride..(first + i + 1) * stride];
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512 {
+            let base = bytes[first * stride..].as_ptr();
+            let n = b - a;
+            // Safety: rows first..first+n lie inside the tensor and `cols` inside its width.
+            unsafe {
+                match (act, w.dtype) {
+                    (Act::Bf16(x), _) => avx512::rows_bf16(base, stride, n, cols, x, out),
+                    (Act::Q8 { q, d, xsum }, DType::Q8_0) => avx512::rows_q8_0(base, stride, n, cols, q, d, xsum, out),
+                    (Act::Q8 { q, d, xsum }, DType::Q4_1) => avx512::rows_q4::<true>(base, stride, n, cols, q, d, xsum, out),
+                    (Act::Q8 { q, d, xsum }, _) => avx512::rows_q4::<false>(base, stride, n, cols, q, d, xsum, out),
+                    (Act::F32(x), DType::F32) => out.iter_mut().enumerate().for_each(|(i, o)| *o = avx512::dot_f32(row(i), cols, x)),
+                    (Act::F32(x), DType::F16) => out.iter_mut().enumerate().for_each(|(i, o)| *o = avx512::dot_f16(row(i), cols, x)),
+                    (Act::F32(x), dt) => out.iter_mut().enumerate().for_each(|(i, o)| *o = dot_generic(dt, row(i), cols, x, rowbuf)),
+                }
+            }
+            continue;
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = match act {
+                Act::Q8 { q, d, xsum } => scalar_dot_q(w.dtype, row(i), cols, q, d, xsum),
+                Act::Bf16(x) => scalar_dot_bf16(row(i), cols, x),
+                Act::F32(x) => dot_generic(w.dtype, row(i), cols, x, rowbuf),
+            };
         }
     }
 }
 
-#[inline]
-fn dot(dt: DType, row: &[u8], cols: &[Range<usize>], act: &Act, isa: Isa, rowbuf: &mut Vec<f32>) -> f32 {
-    match (act, isa) {
-        #[cfg(target_arch = "x86_64")]
-        (Act::Bf16(x), Isa::Avx512) => unsafe { avx512::dot_bf16(row, cols, x) },
-        #[cfg(target_arch = "x86_64")]
-        (Act::Q8 { q, d, xsum }, Isa::Avx512) => unsafe {
-            match dt {
-                DType::Q8_0 => avx512::dot_q8_0(row, cols, q, d, xsum),
-                DType::Q4_1 => avx512::dot_q4::<true>(row, cols, q, d, xsum),
-                _ => avx512::dot_q4::<false>(row, cols, q, d, xsum),
-            }
-        },
-        #[cfg(target_arch = "x86_64")]
-        (Act::F32(x), Isa::Avx512) if dt == DType::F32 => unsafe { avx512::dot_f32(row, cols, x) },
-        #[cfg(target_arch = "x86_64")]
-        (Act::F32(x), Isa::Avx512) if dt == DType::F16 => unsafe { avx512::dot_f16(row, cols, x) },
-        (Act::Q8 { q, d, xsum }, _) => scalar_dot_q(dt, row, cols, q, d, xsum),
-        (Act::Bf16(x), _) => {
-            let mut s = 0f32;
-            let mut k = 0;
-            for c in cols {
-                for j in c.clone() {
-                    let wv = quant::bf16_to_f32(u16::from_le_bytes([row[2 * j], row[2 * j + 1]]));
-                    s += wv * quant::bf16_to_f32(x[k]);
-                    k += 1;
-                }
-            }
-            s
-        }
-        (Act::F32(x), _) => {
-            let mut s = 0f32;
-            let mut k = 0;
-            for c in cols {
-                rowbuf.resize(c.len(), 0.0);
-                quant::dequant_row(dt, row, c.start, rowbuf);
-                for (wv, xv) in rowbuf.iter().zip(&x[k..k + c.len()]) {
-                    s += wv * xv;
-                }
-                k += c.len();
-            }
-            s
+fn scalar_dot_bf16(row: &[u8], cols: &[Range<usize>], x: &[u16]) -> f32 {
+    let mut s = 0f32;
+    let mut k = 0;
+    for c in cols {
+        for j in c.clone() {
+            let wv = quant::bf16_to_f32(u16::from_le_bytes([row[2 * j], row[2 * j + 1]]));
+            s += wv * quant::bf16_to_f32(x[k]);
+            k += 1;
         }
     }
+    s
+}
+
+fn dot_generic(dt: DType, row: &[u8], cols: &[Range<usize>], x: &[f32], rowbuf: &mut Vec<f32>) -> f32 {
+    let mut s = 0f32;
+    let mut k = 0;
+    for c in cols {
+        rowbuf.resize(c.len(), 0.0);
+        quant::dequant_row(dt, row, c.start, rowbuf);
+        for (wv, xv) in rowbuf.iter().zip(&x[k..k + c.len()]) {
+            s += wv * xv;
+        }
+        k += c.len();
+    }
+    s
 }
 
 /// Integer dot of a Q8_0/Q4_0/Q4_1 row with q8 activations: the reference for the SIMD paths.
@@ -202,6 +209,7 @@ fn scalar_dot_q(dt: DType, row: &[u8], cols: &[Range<usize>], q: &[i8], d: &[f32
     s
 }
 
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -212,36 +220,142 @@ mod avx512 {
         unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b as *const u16) as i32))) }
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni,f16c,fma")]
-    pub unsafe fn dot_bf16(row: &[u8], cols: &[Range<usize>], x: &[u16]) -> f32 {
+    /// Rows ahead to prefetch: rows are short (a few hundred bytes), too short for the hardware
+    /// prefetcher to ramp up on each.
+    const PF: usize = 8;
+
+    /// Runs `group::<4>` over the rows, then `group::<1>` on the rest.
+    macro_rules! by_four {
+        ($n:expr, $y:expr, |$r:ident, $R:ident| $body:expr) => {{
+            let mut $r = 0;
+            while $r + 4 <= $n {
+                const $R: usize = 4;
+                let o: [f32; 4] = $body;
+                $y[$r..$r + 4].copy_from_slice(&o);
+                $r += 4;
+            }
+            while $r < $n {
+                const $R: usize = 1;
+                let o: [f32; 1] = $body;
+                $y[$r] = o[0];
+                $r += 1;
+            }
+        }};
+    }
+
+    /// BF16 rows · bf16 x (vdpbf16ps), four rows at a time sharing the activation loads.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
+    pub unsafe fn rows_bf16(base: *const u8, stride: usize, n: usize, cols: &[Range<usize>], x: &[u16], y: &mut [f32]) {
+        unsafe { by_four!(n, y, |r, R| bf16_group::<R>(base.add(r * stride), stride, cols, x)) }
+    }
+
+    #[inline(always)]
+    unsafe fn bf16_group<const R: usize>(base: *const u8, stride: usize, cols: &[Range<usize>], x: &[u16]) -> [f32; R] {
         unsafe {
-            let mut acc0 = _mm512_setzero_ps();
-            let mut acc1 = _mm512_setzero_ps();
+            let mut acc = [_mm512_setzero_ps(); R];
             let mut k = 0usize;
             for c in cols {
-                let w = row.as_ptr().add(2 * c.start) as *const u16;
                 let xp = x.as_ptr().add(k);
                 let n = c.len();
                 let mut i = 0;
-                while i + 64 <= n {
-                    let w0 = _mm512_loadu_si512(w.add(i) as *const _);
-                    let x0 = _mm512_loadu_si512(xp.add(i) as *const _);
-                    let w1 = _mm512_loadu_si512(w.add(i + 32) as *const _);
-                    let x1 = _mm512_loadu_si512(xp.add(i + 32) as *const _);
-                    acc0 = _mm512_dpbf16_ps(acc0, std::mem::transmute(w0), std::mem::transmute(x0));
-                    acc1 = _mm512_dpbf16_ps(acc1, std::mem::transmute(w1), std::mem::transmute(x1));
-                    i += 64;
-                }
                 while i < n {
                     let m: __mmask32 = if n - i >= 32 { !0 } else { (1u32 << (n - i)) - 1 };
-                    let w0 = _mm512_maskz_loadu_epi16(m, w.add(i) as *const _);
-                    let x0 = _mm512_maskz_loadu_epi16(m, xp.add(i) as *const _);
-                    acc0 = _mm512_dpbf16_ps(acc0, std::mem::transmute(w0), std::mem::transmute(x0));
+                    let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(m, xp.add(i) as *const _));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let wp = base.add(r * stride + 2 * (c.start + i));
+                        _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
+                        let wv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(m, wp as *const _));
+                        *a = _mm512_dpbf16_ps(*a, wv, xv);
+                    }
                     i += 32;
                 }
                 k += n;
             }
-            _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
+            acc.map(|a| _mm512_reduce_add_ps(a))
+        }
+    }
+
+    /// Q8_0 rows · q8 x. Weights are made unsigned by flipping the sign bit (w+128), so
+    /// Σ w·x = dpbusd(w+128, x) − 128·Σx; the second term is `xsum` (pre-scaled by d_x).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows_q8_0(base: *const u8, stride: usize, n: usize, cols: &[Range<usize>], q: &[i8], d: &[f32], xsum: &[f32], y: &mut [f32]) {
+        unsafe { by_four!(n, y, |r, R| q8_group::<R>(base.add(r * stride), stride, cols, q, d, xsum)) }
+    }
+
+    #[inline(always)]
+    unsafe fn q8_group<const R: usize>(base: *const u8, stride: usize, cols: &[Range<usize>], q: &[i8], d: &[f32], xsum: &[f32]) -> [f32; R] {
+        unsafe {
+            let flip = _mm256_set1_epi8(-128);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut corr = [0f32; R];
+            let mut k = 0usize;
+            for c in cols {
+                let b0 = c.start / 32;
+                for b in 0..c.len() / 32 {
+                    let xv = _mm256_loadu_si256(q.as_ptr().add(32 * k) as *const _);
+                    let (dk, xs) = (*d.get_unchecked(k), *xsum.get_unchecked(k));
+                    for r in 0..R {
+                        let p = base.add(r * stride + (b0 + b) * 34);
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride) as *const i8);
+                        let dw = f16s(p);
+                        let w = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const _), flip);
+                        let i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * dk), acc[r]);
+                        corr[r] += dw * xs;
+                    }
+                    k += 1;
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = hsum256(acc[r]) - corr[r];
+            }
+            out
+        }
+    }
+
+    /// Q4_0 / Q4_1 rows · q8 x: nibbles are already unsigned; the offset (−8·d or m) times Σx
+    /// comes from `xsum`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows_q4<const Q41: bool>(base: *const u8, stride: usize, n: usize, cols: &[Range<usize>], q: &[i8], d: &[f32], xsum: &[f32], y: &mut [f32]) {
+        unsafe { by_four!(n, y, |r, R| q4_group::<R, Q41>(base.add(r * stride), stride, cols, q, d, xsum)) }
+    }
+
+    #[inline(always)]
+    unsafe fn q4_group<const R: usize, const Q41: bool>(base: *const u8, stride: usize, cols: &[Range<usize>], q: &[i8], d: &[f32], xsum: &[f32]) -> [f32; R] {
+        unsafe {
+            let bb = if Q41 { 20 } else { 18 };
+            let off = if Q41 { 4 } else { 2 };
+            let lo = _mm_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut corr = [0f32; R];
+            let mut k = 0usize;
+            for c in cols {
+                let b0 = c.start / 32;
+                for b in 0..c.len() / 32 {
+                    let xv = _mm256_loadu_si256(q.as_ptr().add(32 * k) as *const _);
+                    let (dk, xs) = (*d.get_unchecked(k), *xsum.get_unchecked(k));
+                    for r in 0..R {
+                        let p = base.add(r * stride + (b0 + b) * bb);
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride) as *const i8);
+                        let dw = f16s(p);
+                        let m = if Q41 { f16s(p.add(2)) } else { -8.0 * dw };
+                        let bytes = _mm_loadu_si128(p.add(off) as *const _);
+                        let w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), lo), _mm_and_si128(bytes, lo));
+                        let i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * dk), acc[r]);
+                        corr[r] += m * xs;
+                    }
+                    k += 1;
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = hsum256(acc[r]) + corr[r];
+            }
+            out
         }
     }
 
@@ -265,7 +379,6 @@ mod avx512 {
             _mm512_reduce_add_ps(acc)
         }
     }
-
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
     pub unsafe fn dot_f16(row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
         unsafe {
@@ -285,62 +398,6 @@ mod avx512 {
                 k += n;
             }
             _mm512_reduce_add_ps(acc)
-        }
-    }
-
-    /// Q8_0 · q8: weights are made unsigned by flipping the sign bit (w+128), so
-    /// Σ w·x = dpbusd(w+128, x) − 128·Σx; the second term is `xsum` (pre-scaled by d_x).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    pub unsafe fn dot_q8_0(row: &[u8], cols: &[Range<usize>], q: &[i8], d: &[f32], xsum: &[f32]) -> f32 {
-        unsafe {
-            let flip = _mm256_set1_epi8(-128);
-            let mut acc = _mm256_setzero_ps();
-            let mut corr = 0f32;
-            let mut k = 0usize;
-            for c in cols {
-                let mut p = row.as_ptr().add(c.start / 32 * 34);
-                for _ in 0..c.len() / 32 {
-                    let dw = f16s(p);
-                    let w = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const _), flip);
-                    let xv = _mm256_loadu_si256(q.as_ptr().add(32 * k) as *const _);
-                    let i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * d[k]), acc);
-                    corr += dw * xsum[k];
-                    p = p.add(34);
-                    k += 1;
-                }
-            }
-            hsum256(acc) - corr
-        }
-    }
-
-    /// Q4_0 / Q4_1 · q8: nibbles are already unsigned; the offset (−8·d or m) times Σx is added
-    /// from `xsum`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    pub unsafe fn dot_q4<const Q41: bool>(row: &[u8], cols: &[Range<usize>], q: &[i8], d: &[f32], xsum: &[f32]) -> f32 {
-        unsafe {
-            let bb = if Q41 { 20 } else { 18 };
-            let off = if Q41 { 4 } else { 2 };
-            let lo = _mm_set1_epi8(0x0F);
-            let mut acc = _mm256_setzero_ps();
-            let mut corr = 0f32;
-            let mut k = 0usize;
-            for c in cols {
-                let mut p = row.as_ptr().add(c.start / 32 * bb);
-                for _ in 0..c.len() / 32 {
-                    let dw = f16s(p);
-                    let m = if Q41 { f16s(p.add(2)) } else { -8.0 * dw };
-                    let b = _mm_loadu_si128(p.add(off) as *const _);
-                    let w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), lo), _mm_and_si128(b, lo));
-                    let xv = _mm256_loadu_si256(q.as_ptr().add(32 * k) as *const _);
-                    let i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * d[k]), acc);
-                    corr += m * xsum[k];
-                    p = p.add(bb);
-                    k += 1;
-                }
-            }
-            hsum256(acc) + corr
         }
     }
 

@@ -8,7 +8,7 @@ pub mod llama;
 pub mod nemotron_h;
 
 use crate::error::{Error, Result};
-use crate::formats::gguf::{Gguf, Value};
+use crate::formats::gguf::Gguf;
 use crate::formats::{TensorMap, safetensors};
 use crate::manifest::Manifest;
 use crate::model::{Format, Meta, Model};
@@ -256,6 +256,3 @@ pub(crate) fn gguf_meta_u(g: &Gguf, key: &str) -> Result<usize> {
     g.u64(key).map(|v| v as usize)
 }
 
-pub(crate) fn gguf_value<'a>(g: &'a Gguf, key: &str) -> Option<&'a Value> {
-    g.get(key)
-}

@@ -1,0 +1,48 @@
+use super::ModelArgs;
+use crate::Result;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Prompt tokens for the prefill test (pp).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    n_prompt: usize,
+    /// Generated tokens for the decode test (tg).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Repetitions (after one warm-up); medians are reported.
+    #[arg(short = 'r', long, default_value_t = 5)]
+    reps: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let (m, b) = super::load(&a.m)?;
+    let r = crate::eval::bench(&m, &b, a.n_prompt, a.n_gen, a.reps.max(1), 42)?;
+    let threads = crate::kernels::pool::pool().threads();
+    let bytes = m.bytes_per_token(&b);
+    let (pt, pa) = m.params(&b);
+    if a.json {
+        let mut v = serde_json::to_value(&r).unwrap();
+        v["model"] = a.m.model.display().to_string().into();
+        v["budget"] = b.spec(&m.shape).into();
+        v["threads"] = threads.into();
+        v["isa"] = format!("{:?}", crate::kernels::isa()).into();
+        v["bytes_per_token"] = bytes.into();
+        v["params_total"] = pt.into();
+        v["params_active"] = pa.into();
+        println!("{v}");
+    } else {
+        println!("model   {}  [{}]", a.m.model.display(), b.spec(&m.shape));
+        println!("threads {threads}  isa {:?}  weights read per token {:.1} MiB", crate::kernels::isa(), bytes as f64 / (1 << 20) as f64);
+        if a.n_prompt > 0 {
+            println!("pp{:<5} {:8.1} tok/s", a.n_prompt, r.pp);
+        }
+        if a.n_gen > 0 {
+            println!("tg{:<5} {:8.1} tok/s  ({:.1} GB/s of weights)", a.n_gen, r.tg, r.tg * bytes as f64 / 1e9);
+        }
+    }
+    Ok(())
+}
