@@ -450,7 +450,7 @@ mod tests {
             ("heads=3", "group structure"),
             ("mamba_heads=3", "group structure"),
             ("experts=3", "group structure"),
-            ("experts=1", "fewer than"),
+            ("experts=1", "group structure"),
             ("ffn.9=10", "does not exist"),
             ("bogus=3", "unknown axis"),
             ("hidden=x", "not a positive integer"),
@@ -461,5 +461,8 @@ mod tests {
             let e = spec.parse::<BudgetSpec>().and_then(|p| p.resolve(&s)).unwrap_err().to_string();
             assert!(e.contains(needle), "{spec}: {e}");
         }
+        let s1 = Shape { expert_groups: 1, ..shape() };
+        let e = "experts=1".parse::<BudgetSpec>().unwrap().resolve(&s1).unwrap_err().to_string();
+        assert!(e.contains("fewer than"), "{e}");
     }
 }
