@@ -13,7 +13,10 @@ pub enum DType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -22,8 +25,8 @@ impl DType {
     pub fn block_len(self) -> usize {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 32,
-            DType::Q4K | DType::Q6K => 256,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => 32,
+            DType::Q4K | DType::Q5K | DType::Q6K => 256,
         }
     }
     /// Bytes per block.
@@ -34,7 +37,10 @@ impl DType {
             DType::Q8_0 => 34,
             DType::Q4_0 => 18,
             DType::Q4_1 => 20,
+            DType::Q5_0 => 22,
+            DType::Q5_1 => 24,
             DType::Q4K => 144,
+            DType::Q5K => 176,
             DType::Q6K => 210,
         }
     }
@@ -56,7 +62,10 @@ impl DType {
             DType::Q8_0 => "Q8_0",
             DType::Q4_0 => "Q4_0",
             DType::Q4_1 => "Q4_1",
+            DType::Q5_0 => "Q5_0",
+            DType::Q5_1 => "Q5_1",
             DType::Q4K => "Q4_K",
+            DType::Q5K => "Q5_K",
             DType::Q6K => "Q6_K",
         }
     }

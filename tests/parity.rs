@@ -69,3 +69,31 @@ fn prefill_then_decode_equals_full_forward() {
         }
     }
 }
+
+/// Block dequantization against gguf-py (llama.cpp's reference implementation of the formats).
+#[test]
+fn block_formats_match_gguf_py() {
+    use elastica::tensor::DType;
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("quant_blocks.json")).unwrap()).unwrap();
+    for (name, dt) in [
+        ("Q4_0", DType::Q4_0),
+        ("Q4_1", DType::Q4_1),
+        ("Q5_0", DType::Q5_0),
+        ("Q5_1", DType::Q5_1),
+        ("Q8_0", DType::Q8_0),
+        ("Q4_K", DType::Q4K),
+        ("Q5_K", DType::Q5K),
+        ("Q6_K", DType::Q6K),
+    ] {
+        let e = &v[name];
+        let hex = e["hex"].as_str().unwrap();
+        let bytes: Vec<u8> = (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+        let want: Vec<f32> = e["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        assert_eq!(dt.block_bytes() as u64, e["block_bytes"].as_u64().unwrap());
+        let mut got = vec![0f32; want.len()];
+        elastica::kernels::quant::dequant_row(dt, &bytes, 0, &mut got);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{name}[{i}]: {a} vs {b}");
+        }
+    }
+}

@@ -56,7 +56,7 @@ pub fn matvec(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
                 }
                 Act::Q8 { q: &s.q8.q, d: &s.q8.d, xsum: &s.xsum }
             }
-            DType::Q4K | DType::Q6K => Act::F32(x),
+            DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q5K | DType::Q6K => Act::F32(x),
         };
         let n = y.len();
         let yp = SendPtr(y.as_mut_ptr());
@@ -64,8 +64,7 @@ pub fn matvec(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
         let run = |r: Range<usize>| {
             // Safety: threads write disjoint ranges of y.
             let y = unsafe { std::slice::from_raw_parts_mut(yp.get().add(r.start), r.len()) };
-            let mut rowbuf = Vec::new();
-            rows_dot(w, rows, r, cols, &act, y, isa, &mut rowbuf);
+            rows_dot(w, rows, r, cols, &act, y, isa);
         };
         if n * w.row_bytes() < 64 * 1024 {
             run(0..n);
@@ -102,7 +101,6 @@ fn rows_dot(
     act: &Act,
     y: &mut [f32],
     isa: Isa,
-    rowbuf: &mut Vec<f32>,
 ) {
     let stride = w.row_bytes();
     let bytes = w.bytes();
@@ -131,7 +129,7 @@ fn rows_dot(
                     (Act::Q8 { q, d, xsum }, _) => avx512::rows_q4::<false>(base, stride, n, cols, q, d, xsum, out),
                     (Act::F32(x), DType::F32) => out.iter_mut().enumerate().for_each(|(i, o)| *o = avx512::dot_f32(row(i), cols, x)),
                     (Act::F32(x), DType::F16) => out.iter_mut().enumerate().for_each(|(i, o)| *o = avx512::dot_f16(row(i), cols, x)),
-                    (Act::F32(x), dt) => out.iter_mut().enumerate().for_each(|(i, o)| *o = dot_generic(dt, row(i), cols, x, rowbuf)),
+                    (Act::F32(x), dt) => out.iter_mut().enumerate().for_each(|(i, o)| *o = dot_generic(dt, row(i), cols, x)),
                 }
             }
             continue;
@@ -140,7 +138,7 @@ fn rows_dot(
             *o = match act {
                 Act::Q8 { q, d, xsum } => scalar_dot_q(w.dtype, row(i), cols, q, d, xsum),
                 Act::Bf16(x) => scalar_dot_bf16(row(i), cols, x),
-                Act::F32(x) => dot_generic(w.dtype, row(i), cols, x, rowbuf),
+                Act::F32(x) => dot_generic(w.dtype, row(i), cols, x),
             };
         }
     }
@@ -159,16 +157,22 @@ fn scalar_dot_bf16(row: &[u8], cols: &[Range<usize>], x: &[u16]) -> f32 {
     s
 }
 
-fn dot_generic(dt: DType, row: &[u8], cols: &[Range<usize>], x: &[f32], rowbuf: &mut Vec<f32>) -> f32 {
+fn dot_generic(dt: DType, row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
+    // Dequantize through a stack buffer, one super-block (256 values) at a time.
+    let mut buf = [0f32; 256];
     let mut s = 0f32;
     let mut k = 0;
     for c in cols {
-        rowbuf.resize(c.len(), 0.0);
-        quant::dequant_row(dt, row, c.start, rowbuf);
-        for (wv, xv) in rowbuf.iter().zip(&x[k..k + c.len()]) {
-            s += wv * xv;
+        let mut j = c.start;
+        while j < c.end {
+            let n = (c.end - j).min(256);
+            quant::dequant_row(dt, row, j, &mut buf[..n]);
+            for (wv, xv) in buf[..n].iter().zip(&x[k..k + n]) {
+                s += wv * xv;
+            }
+            k += n;
+            j += n;
         }
-        k += c.len();
     }
     s
 }

@@ -52,6 +52,40 @@ pub fn dequant_block(dtype: DType, b: &[u8], out: &mut [f32]) {
                 out[i + 16] = d * (b[4 + i] >> 4) as f32 + m;
             }
         }
+        DType::Q5_0 | DType::Q5_1 => {
+            let q51 = dtype == DType::Q5_1;
+            let d = f16_at(b, 0);
+            let (m, o) = if q51 { (f16_at(b, 2), 4) } else { (0.0, 2) };
+            let qh = u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+            let qs = &b[o + 4..o + 20];
+            let off = if q51 { 0 } else { 16 };
+            for j in 0..16 {
+                let h0 = ((qh >> j) << 4) & 0x10;
+                let h1 = (qh >> (j + 12)) & 0x10;
+                let x0 = ((qs[j] as u32 & 0x0F) | h0) as i32 - off;
+                let x1 = ((qs[j] as u32 >> 4) | h1) as i32 - off;
+                out[j] = d * x0 as f32 + m;
+                out[j + 16] = d * x1 as f32 + m;
+            }
+        }
+        DType::Q5K => {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let scales = &b[4..16];
+            let qh = &b[16..48];
+            let ql = &b[48..176];
+            for j in 0..4 {
+                let (s1, m1) = k4_scale_min(2 * j, scales);
+                let (s2, m2) = k4_scale_min(2 * j + 1, scales);
+                let (u1, u2) = (1u8 << (2 * j), 2u8 << (2 * j));
+                let q = &ql[32 * j..32 * j + 32];
+                for l in 0..32 {
+                    let hi1 = if qh[l] & u1 != 0 { 16.0 } else { 0.0 };
+                    let hi2 = if qh[l] & u2 != 0 { 16.0 } else { 0.0 };
+                    out[64 * j + l] = d * s1 as f32 * ((q[l] & 0xF) as f32 + hi1) - dmin * m1 as f32;
+                    out[64 * j + 32 + l] = d * s2 as f32 * ((q[l] >> 4) as f32 + hi2) - dmin * m2 as f32;
+                }
+            }
+        }
         DType::Q4K => {
             let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
             let scales = &b[4..16];
