@@ -263,3 +263,24 @@ fn bad_runtime_input() {
     fails(&["perplexity", m, "-f", s(&t.join("short.txt")), "--ctx", "64"], &["needs at least 128"]);
     fails(&["-t", "0", "info", m], &["--threads"]);
 }
+
+#[test]
+fn bad_manifests() {
+    let d = copy_fixture("nemotron_h_dense", "manifest");
+    let full = "hidden=64,ffn=96,heads=4,mamba_heads=8,mamba_head_dim=16";
+    let write = |v: serde_json::Value| std::fs::write(d.join("elastic.json"), v.to_string()).unwrap();
+    let m = d.to_str().unwrap();
+    let b = |budgets: serde_json::Value| serde_json::json!({"format": "elastica.manifest/1", "parent": full, "budgets": budgets});
+    write(b(serde_json::json!([{"name": "a", "spec": "hidden=32"}, {"name": "b", "spec": "hidden=48"}])));
+    fails(&["info", m], &["manifest budget \"b\"", "not nested"]);
+    write(b(serde_json::json!([{"name": "a", "spec": "hidden=32"}])));
+    fails(&["logits", m, "--tokens", "1", "--budget", "zzz"], &["no budget named \"zzz\"", "a"]);
+    write(b(serde_json::json!([{"name": "a", "spec": "hidden=640"}])));
+    fails(&["info", m], &["manifest budget \"a\"", "exceeds"]);
+    write(serde_json::json!({"format": "elastica.manifest/1", "parent": "hidden=128", "budgets": []}));
+    fails(&["info", m], &["manifest.parent"]);
+    write(serde_json::json!({"format": "other/1", "parent": full, "budgets": []}));
+    fails(&["info", m], &["elastic.json", "format"]);
+    std::fs::write(d.join("elastic.json"), "{").unwrap();
+    fails(&["info", m], &["elastic.json", "invalid JSON"]);
+}

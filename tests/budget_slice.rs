@@ -234,6 +234,8 @@ fn check(name: &str, specs: &[&str], slicer: fn(&Path, &Path, &str)) {
         let view = logits_all(&parent, &r.tokens, spec);
         let phys = logits_all(&sliced, &r.tokens, "full");
         let d = rel_diff(&view, &phys);
+        // Parameter counts of the view equal those of the physical slice.
+        assert_eq!(parent.params(&parent.budget(spec).unwrap()), sliced.params(&sliced.full_budget()), "{name} [{spec}] params");
         println!("{name} [{spec}]: view vs slice {d:.2e}");
         assert!(d < 1e-5, "{name} [{spec}]: budget view differs from the sliced model by {d}");
         // And the budget is not a no-op.
@@ -293,4 +295,61 @@ fn budget_switch_mid_sequence() {
         let d = a.iter().zip(tail).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(d > 1e-4, "{name}: switching budgets had no effect");
     }
+}
+
+/// Manifests in all three places (config.json "elastic", elastic.json side file, GGUF side file),
+/// named budgets usable everywhere, and `info --json` listing them with parameter counts.
+#[test]
+fn manifest_budgets() {
+    use std::process::Command;
+    let src = fixture("nemotron_h_dense");
+    let parent = load(&src);
+    let full = parent.full_budget().spec(&parent.shape);
+    let manifest = serde_json::json!({
+        "format": "elastica.manifest/1",
+        "parent": full,
+        "budgets": [
+            {"name": "full", "spec": full},
+            {"name": "mid", "spec": "hidden=48,ffn=64,heads=2,mamba_heads=6", "target": "params:0.7"},
+            {"name": "small", "spec": "hidden=32,ffn=48,heads=2,mamba_heads=4,mamba_head_dim=8"}
+        ]
+    });
+    let tmp = std::env::temp_dir().join(format!("elastica-manifest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, tmp.join(p.file_name().unwrap())).unwrap();
+    }
+    let r = reference("nemotron_h_dense");
+    let check = |dir: &Path, model: &Path| {
+        let m = load(model);
+        assert_eq!(logits_all(&m, &r.tokens, "small"), logits_all(&m, &r.tokens, "hidden=32,ffn=48,heads=2,mamba_heads=4,mamba_head_dim=8"));
+        let out = Command::new(env!("CARGO_BIN_EXE_elastica")).args(["info", model.to_str().unwrap(), "--json"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let b = v["budgets"].as_array().unwrap();
+        assert_eq!(b.len(), 3);
+        assert_eq!(b[1]["name"], "mid");
+        let spec = b[1]["spec"].as_str().unwrap();
+        let mb = m.budget(spec).unwrap();
+        assert_eq!(b[1]["params_total"].as_u64().unwrap(), m.params(&mb).0);
+        assert_eq!(b[1]["params_active"].as_u64().unwrap(), m.params(&mb).1);
+        assert_eq!(v["parent"]["params_total"], b[0]["params_total"]);
+        assert!(b[2]["params_total"].as_u64() < b[1]["params_total"].as_u64());
+        let _ = dir;
+    };
+    // 1. config.json "elastic"
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["elastic"] = manifest.clone();
+    std::fs::write(tmp.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    check(&tmp, &tmp);
+    // 2. elastic.json beside config.json
+    std::fs::copy(src.join("config.json"), tmp.join("config.json")).unwrap();
+    std::fs::write(tmp.join("elastic.json"), manifest.to_string()).unwrap();
+    check(&tmp, &tmp);
+    // 3. MODEL.gguf.elastic.json beside a GGUF
+    std::fs::write(tmp.join("model-f32.gguf.elastic.json"), manifest.to_string()).unwrap();
+    check(&tmp, &tmp.join("model-f32.gguf"));
+    std::fs::remove_dir_all(&tmp).ok();
 }
