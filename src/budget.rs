@@ -74,7 +74,16 @@ pub struct Axes {
     pub mamba_head_dim: Option<usize>,
 }
 
-pub const AXES: [&str; 8] = ["hidden", "ffn", "moe_ffn", "experts", "shared_ffn", "heads", "mamba_heads", "mamba_head_dim"];
+pub const AXES: [&str; 8] = [
+    "hidden",
+    "ffn",
+    "moe_ffn",
+    "experts",
+    "shared_ffn",
+    "heads",
+    "mamba_heads",
+    "mamba_head_dim",
+];
 
 impl Axes {
     fn slot(&mut self, axis: &str) -> Option<&mut Option<usize>> {
@@ -123,24 +132,32 @@ impl std::str::FromStr for BudgetSpec {
         }
         for part in s.split(',') {
             let part = part.trim();
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| Error::Budget(format!("{part:?} is not key=value (e.g. hidden=384)")))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| {
+                Error::Budget(format!("{part:?} is not key=value (e.g. hidden=384)"))
+            })?;
             let (k, v) = (k.trim(), v.trim());
             if k == "skip" {
                 for l in v.split('+').filter(|x| !x.is_empty()) {
-                    let l: usize = l.parse().map_err(|_| Error::Budget(format!("skip: {l:?} is not a layer index")))?;
+                    let l: usize = l
+                        .parse()
+                        .map_err(|_| Error::Budget(format!("skip: {l:?} is not a layer index")))?;
                     spec.skip.insert(l);
                 }
                 continue;
             }
-            let n: usize = v.parse().map_err(|_| Error::Budget(format!("{k}: {v:?} is not a positive integer")))?;
+            let n: usize = v
+                .parse()
+                .map_err(|_| Error::Budget(format!("{k}: {v:?} is not a positive integer")))?;
             if n == 0 {
-                return Err(Error::Budget(format!("{k}=0: sizes must be positive (drop layers with skip=)")));
+                return Err(Error::Budget(format!(
+                    "{k}=0: sizes must be positive (drop layers with skip=)"
+                )));
             }
             let (axis, layer) = match k.split_once('.') {
                 Some((a, l)) => {
-                    let l: usize = l.parse().map_err(|_| Error::Budget(format!("{k}: {l:?} is not a layer index")))?;
+                    let l: usize = l
+                        .parse()
+                        .map_err(|_| Error::Budget(format!("{k}: {l:?} is not a layer index")))?;
                     (a, Some(l))
                 }
                 None => (k, None),
@@ -156,9 +173,12 @@ impl std::str::FromStr for BudgetSpec {
                 Some(l) => spec.per_layer.entry(l).or_default(),
                 None => &mut spec.global,
             };
-            *target
-                .slot(axis)
-                .ok_or_else(|| Error::Budget(format!("unknown axis {axis:?} (known: {}, skip)", AXES.join(", "))))? = Some(n);
+            *target.slot(axis).ok_or_else(|| {
+                Error::Budget(format!(
+                    "unknown axis {axis:?} (known: {}, skip)",
+                    AXES.join(", ")
+                ))
+            })? = Some(n);
         }
         Ok(spec)
     }
@@ -196,7 +216,9 @@ pub struct LayerBudget {
 
 impl Budget {
     pub fn full(shape: &Shape) -> Budget {
-        BudgetSpec::default().resolve(shape).expect("the parent is a valid budget")
+        BudgetSpec::default()
+            .resolve(shape)
+            .expect("the parent is a valid budget")
     }
     pub fn layer(&self, i: usize) -> &LayerBudget {
         &self.layers[i]
@@ -205,14 +227,44 @@ impl Budget {
     /// values are the most common per-layer value; other layers get `AXIS.LAYER=N`.
     pub fn spec(&self, shape: &Shape) -> String {
         let mut parts = vec![format!("hidden={}", self.hidden)];
-        let axes: [(&str, fn(&LayerBudget) -> usize, fn(LayerKind) -> bool, usize); 7] = [
+        let axes: [(
+            &str,
+            fn(&LayerBudget) -> usize,
+            fn(LayerKind) -> bool,
+            usize,
+        ); 7] = [
             ("ffn", |l| l.ffn, LayerKind::has_mlp, shape.ffn),
-            ("moe_ffn", |l| l.moe_ffn, |k| k == LayerKind::Moe, shape.moe_ffn),
-            ("experts", |l| l.experts, |k| k == LayerKind::Moe, shape.experts),
-            ("shared_ffn", |l| l.shared_ffn, |k| k == LayerKind::Moe, shape.shared_ffn),
+            (
+                "moe_ffn",
+                |l| l.moe_ffn,
+                |k| k == LayerKind::Moe,
+                shape.moe_ffn,
+            ),
+            (
+                "experts",
+                |l| l.experts,
+                |k| k == LayerKind::Moe,
+                shape.experts,
+            ),
+            (
+                "shared_ffn",
+                |l| l.shared_ffn,
+                |k| k == LayerKind::Moe,
+                shape.shared_ffn,
+            ),
             ("heads", |l| l.heads, LayerKind::has_attention, shape.heads),
-            ("mamba_heads", |l| l.mamba_heads, |k| k == LayerKind::Mamba, shape.mamba_heads),
-            ("mamba_head_dim", |l| l.mamba_head_dim, |k| k == LayerKind::Mamba, shape.mamba_head_dim),
+            (
+                "mamba_heads",
+                |l| l.mamba_heads,
+                |k| k == LayerKind::Mamba,
+                shape.mamba_heads,
+            ),
+            (
+                "mamba_head_dim",
+                |l| l.mamba_head_dim,
+                |k| k == LayerKind::Mamba,
+                shape.mamba_head_dim,
+            ),
         ];
         for (name, get, applies, parent) in axes {
             let vals: Vec<(usize, usize)> = shape
@@ -230,7 +282,11 @@ impl Budget {
                 *counts.entry(*v).or_default() += 1;
             }
             // Most common value; ties go to the larger.
-            let global = counts.iter().max_by_key(|(v, c)| (**c, **v)).map(|(v, _)| *v).unwrap();
+            let global = counts
+                .iter()
+                .max_by_key(|(v, c)| (**c, **v))
+                .map(|(v, _)| *v)
+                .unwrap();
             parts.push(format!("{name}={global}"));
             for (i, v) in vals {
                 if v != global {
@@ -238,7 +294,13 @@ impl Budget {
                 }
             }
         }
-        let skip: Vec<String> = self.layers.iter().enumerate().filter(|(_, l)| !l.keep).map(|(i, _)| i.to_string()).collect();
+        let skip: Vec<String> = self
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.keep)
+            .map(|(i, _)| i.to_string())
+            .collect();
         if !skip.is_empty() {
             parts.push(format!("skip={}", skip.join("+")));
         }
@@ -267,7 +329,9 @@ impl Budget {
 fn check(name: &str, layer: Option<usize>, v: usize, parent: usize) -> Result<()> {
     if v > parent {
         let at = layer.map_or(String::new(), |l| format!(" in layer {l}"));
-        return Err(Error::Budget(format!("{name}={v}{at} exceeds the parent's {parent}")));
+        return Err(Error::Budget(format!(
+            "{name}={v}{at} exceeds the parent's {parent}"
+        )));
     }
     Ok(())
 }
@@ -288,7 +352,9 @@ impl BudgetSpec {
         check("hidden", None, hidden, shape.hidden)?;
         for &l in self.per_layer.keys().chain(self.skip.iter()) {
             if l >= n {
-                return Err(Error::Budget(format!("layer {l} does not exist (the model has {n} layers)")));
+                return Err(Error::Budget(format!(
+                    "layer {l} does not exist (the model has {n} layers)"
+                )));
             }
         }
         if self.skip.len() == n {
@@ -296,8 +362,17 @@ impl BudgetSpec {
         }
         let mut layers = Vec::with_capacity(n);
         for (i, kind) in shape.layers.iter().enumerate() {
-            let a = self.per_layer.get(&i).copied().unwrap_or_default().over(self.global);
-            let lay = if self.per_layer.contains_key(&i) { Some(i) } else { None };
+            let a = self
+                .per_layer
+                .get(&i)
+                .copied()
+                .unwrap_or_default()
+                .over(self.global);
+            let lay = if self.per_layer.contains_key(&i) {
+                Some(i)
+            } else {
+                None
+            };
             let ffn = a.ffn.unwrap_or(shape.ffn);
             let moe_ffn = a.moe_ffn.unwrap_or(shape.moe_ffn);
             let experts = a.experts.unwrap_or(shape.experts);
@@ -315,14 +390,21 @@ impl BudgetSpec {
                 let per = shape.heads / shape.kv_heads;
                 let keep = heads / shape.kv_heads;
                 let d = shape.head_dim;
-                q_rows = (0..shape.kv_heads).map(|g| g * per * d..(g * per + keep) * d).collect();
+                q_rows = (0..shape.kv_heads)
+                    .map(|g| g * per * d..(g * per + keep) * d)
+                    .collect();
                 merge(&mut q_rows);
             }
             let (mut inner, mut mheads) = (vec![], vec![]);
             if *kind == LayerKind::Mamba {
                 check("mamba_heads", lay, mamba_heads, shape.mamba_heads)?;
                 check("mamba_head_dim", lay, mamba_head_dim, shape.mamba_head_dim)?;
-                check_group("mamba_heads", mamba_heads, shape.mamba_groups, "Mamba groups")?;
+                check_group(
+                    "mamba_heads",
+                    mamba_heads,
+                    shape.mamba_groups,
+                    "Mamba groups",
+                )?;
                 let per = shape.mamba_heads / shape.mamba_groups;
                 let keep = mamba_heads / shape.mamba_groups;
                 let p = shape.mamba_head_dim;
@@ -342,7 +424,11 @@ impl BudgetSpec {
                 in_rows.extend(inner.iter().cloned());
                 in_rows.extend(inner.iter().map(|s| s.start + di..s.end + di));
                 in_rows.push(2 * di..2 * di + 2 * gn);
-                in_rows.extend(mheads.iter().map(|s| s.start + 2 * di + 2 * gn..s.end + 2 * di + 2 * gn));
+                in_rows.extend(
+                    mheads
+                        .iter()
+                        .map(|s| s.start + 2 * di + 2 * gn..s.end + 2 * di + 2 * gn),
+                );
                 merge(&mut in_rows);
             }
             let mut expert_ids = vec![];
@@ -368,10 +454,22 @@ impl BudgetSpec {
                 ffn: if kind.has_mlp() { ffn } else { 0 },
                 moe_ffn: if *kind == LayerKind::Moe { moe_ffn } else { 0 },
                 experts: if *kind == LayerKind::Moe { experts } else { 0 },
-                shared_ffn: if *kind == LayerKind::Moe { shared_ffn } else { 0 },
+                shared_ffn: if *kind == LayerKind::Moe {
+                    shared_ffn
+                } else {
+                    0
+                },
                 heads: if kind.has_attention() { heads } else { 0 },
-                mamba_heads: if *kind == LayerKind::Mamba { mamba_heads } else { 0 },
-                mamba_head_dim: if *kind == LayerKind::Mamba { mamba_head_dim } else { 0 },
+                mamba_heads: if *kind == LayerKind::Mamba {
+                    mamba_heads
+                } else {
+                    0
+                },
+                mamba_head_dim: if *kind == LayerKind::Mamba {
+                    mamba_head_dim
+                } else {
+                    0
+                },
                 q_rows,
                 inner,
                 mheads,
@@ -379,7 +477,10 @@ impl BudgetSpec {
                 expert_ids,
             });
         }
-        Ok(Budget { hidden, layers: layers.into() })
+        Ok(Budget {
+            hidden,
+            layers: layers.into(),
+        })
     }
 }
 
@@ -405,7 +506,12 @@ mod tests {
     fn shape() -> Shape {
         Shape {
             hidden: 64,
-            layers: vec![LayerKind::Mamba, LayerKind::Attention, LayerKind::Mlp, LayerKind::Moe],
+            layers: vec![
+                LayerKind::Mamba,
+                LayerKind::Attention,
+                LayerKind::Mlp,
+                LayerKind::Moe,
+            ],
             heads: 4,
             kv_heads: 2,
             head_dim: 16,
@@ -425,7 +531,10 @@ mod tests {
     #[test]
     fn parses_and_roundtrips() {
         let s = shape();
-        let spec: BudgetSpec = "hidden=32,ffn=48,heads=2,mamba_heads=4,mamba_head_dim=8,experts=4,ffn.2=64,skip=1".parse().unwrap();
+        let spec: BudgetSpec =
+            "hidden=32,ffn=48,heads=2,mamba_heads=4,mamba_head_dim=8,experts=4,ffn.2=64,skip=1"
+                .parse()
+                .unwrap();
         let b = spec.resolve(&s).unwrap();
         assert_eq!(b.layer(2).ffn, 64);
         assert!(!b.layer(1).keep);
@@ -458,11 +567,23 @@ mod tests {
             ("skip=0+1+2+3", "every layer"),
             ("hidden", "key=value"),
         ] {
-            let e = spec.parse::<BudgetSpec>().and_then(|p| p.resolve(&s)).unwrap_err().to_string();
+            let e = spec
+                .parse::<BudgetSpec>()
+                .and_then(|p| p.resolve(&s))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(needle), "{spec}: {e}");
         }
-        let s1 = Shape { expert_groups: 1, ..shape() };
-        let e = "experts=1".parse::<BudgetSpec>().unwrap().resolve(&s1).unwrap_err().to_string();
+        let s1 = Shape {
+            expert_groups: 1,
+            ..shape()
+        };
+        let e = "experts=1"
+            .parse::<BudgetSpec>()
+            .unwrap()
+            .resolve(&s1)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("fewer than"), "{e}");
     }
 }

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: {msg}", path.display())]
     Format { path: PathBuf, msg: String },
     #[error("tensor {name}: {msg}")]
@@ -24,12 +27,21 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
-        Error::Format { path: path.into(), msg: msg.into() }
+        Error::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
     pub fn config(field: impl Into<String>, msg: impl Into<String>) -> Error {
-        Error::Config { field: field.into(), msg: msg.into() }
+        Error::Config {
+            field: field.into(),
+            msg: msg.into(),
+        }
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -20,7 +20,15 @@ pub struct Perplexity {
 }
 
 /// `tokens` is the whole tokenized text (with BOS prepended if the model adds one).
-pub fn perplexity(model: &Model, budget: &Budget, tokens: &[u32], ctx: usize, bos: Option<u32>, max_chunks: Option<usize>, mut progress: impl FnMut(usize, usize, f64)) -> Result<Perplexity> {
+pub fn perplexity(
+    model: &Model,
+    budget: &Budget,
+    tokens: &[u32],
+    ctx: usize,
+    bos: Option<u32>,
+    max_chunks: Option<usize>,
+    mut progress: impl FnMut(usize, usize, f64),
+) -> Result<Perplexity> {
     if ctx < 2 {
         return Err(Error::Input(format!("--ctx {ctx} is too small")));
     }
@@ -59,8 +67,19 @@ pub fn perplexity(model: &Model, budget: &Budget, tokens: &[u32], ctx: usize, bo
     let mean = nll / count as f64;
     let ppl = mean.exp();
     let var = nll2 / count as f64 - mean * mean;
-    let stderr = if var > 0.0 && count > 1 { (var / (count - 1) as f64).sqrt() * ppl } else { 0.0 };
-    Ok(Perplexity { ppl, stderr, tokens: count, chunks: n_chunk, ctx, seconds: t0.elapsed().as_secs_f64() })
+    let stderr = if var > 0.0 && count > 1 {
+        (var / (count - 1) as f64).sqrt() * ppl
+    } else {
+        0.0
+    };
+    Ok(Perplexity {
+        ppl,
+        stderr,
+        tokens: count,
+        chunks: n_chunk,
+        ctx,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -83,12 +102,23 @@ pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     let n = s.len();
-    if n % 2 == 1 { s[n / 2] } else { 0.5 * (s[n / 2 - 1] + s[n / 2]) }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
 }
 
 /// llama-bench style: random tokens; pp = one forward of `n_prompt` tokens on an empty cache;
 /// tg = `n_gen` single-token forwards from an empty cache; a warm-up run of each, then `reps`.
-pub fn bench(model: &Model, budget: &Budget, n_prompt: usize, n_gen: usize, reps: usize, seed: u64) -> Result<Bench> {
+pub fn bench(
+    model: &Model,
+    budget: &Budget,
+    n_prompt: usize,
+    n_gen: usize,
+    reps: usize,
+    seed: u64,
+) -> Result<Bench> {
     let mut cache = Cache::new(model, n_prompt.max(n_gen).max(1));
     let mut s = seed.wrapping_add(1);
     let mut rnd = || {
@@ -120,5 +150,13 @@ pub fn bench(model: &Model, budget: &Budget, n_prompt: usize, n_gen: usize, reps
             }
         }
     }
-    Ok(Bench { pp: median(&pp), tg: median(&tg), pp_samples: pp, tg_samples: tg, n_prompt, n_gen, repetitions: reps })
+    Ok(Bench {
+        pp: median(&pp),
+        tg: median(&tg),
+        pp_samples: pp,
+        tg_samples: tg,
+        n_prompt,
+        n_gen,
+        repetitions: reps,
+    })
 }

@@ -41,10 +41,17 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn from_json(v: &serde_json::Value, origin: &str) -> Result<Manifest> {
-        let m: Manifest = serde_json::from_value(v.clone())
-            .map_err(|e| Error::config(format!("{origin} manifest"), format!("invalid elastic manifest: {e}")))?;
+        let m: Manifest = serde_json::from_value(v.clone()).map_err(|e| {
+            Error::config(
+                format!("{origin} manifest"),
+                format!("invalid elastic manifest: {e}"),
+            )
+        })?;
         if m.format != FORMAT {
-            return Err(Error::config(format!("{origin} manifest.format"), format!("{:?} is not {FORMAT:?}", m.format)));
+            return Err(Error::config(
+                format!("{origin} manifest.format"),
+                format!("{:?} is not {FORMAT:?}", m.format),
+            ));
         }
         Ok(m)
     }
@@ -53,32 +60,48 @@ impl Manifest {
     pub fn validate(&self, shape: &Shape) -> Result<()> {
         let full = Budget::full(shape);
         let parent: BudgetSpec = self.parent.parse()?;
-        let pb = parent.resolve(shape).map_err(|e| Error::config("manifest.parent", format!("made for another model: {e}")))?;
+        let pb = parent.resolve(shape).map_err(|e| {
+            Error::config("manifest.parent", format!("made for another model: {e}"))
+        })?;
         if pb.hidden != full.hidden || pb.layers != full.layers {
             return Err(Error::config(
                 "manifest.parent",
-                format!("made for a model of shape {:?}, this one is {:?}", self.parent, full.spec(shape)),
+                format!(
+                    "made for a model of shape {:?}, this one is {:?}",
+                    self.parent,
+                    full.spec(shape)
+                ),
             ));
         }
         let mut prev: Option<(String, Budget)> = None;
         let mut names = std::collections::BTreeSet::new();
         for nb in &self.budgets {
             if !names.insert(nb.name.clone()) {
-                return Err(Error::config("manifest.budgets", format!("name {:?} appears twice", nb.name)));
+                return Err(Error::config(
+                    "manifest.budgets",
+                    format!("name {:?} appears twice", nb.name),
+                ));
             }
             if nb.name.contains('=') || nb.name.contains(',') || nb.name.is_empty() {
-                return Err(Error::config("manifest.budgets", format!("name {:?} must be non-empty without '=' or ','", nb.name)));
+                return Err(Error::config(
+                    "manifest.budgets",
+                    format!("name {:?} must be non-empty without '=' or ','", nb.name),
+                ));
             }
             let b = nb
                 .spec
                 .parse::<BudgetSpec>()
                 .and_then(|s| s.resolve(shape))
-                .map_err(|e| Error::config(format!("manifest budget {:?}", nb.name), e.to_string()))?;
+                .map_err(|e| {
+                    Error::config(format!("manifest budget {:?}", nb.name), e.to_string())
+                })?;
             if let Some((pn, pbud)) = &prev {
                 if !b.nested_in(pbud) {
                     return Err(Error::config(
                         format!("manifest budget {:?}", nb.name),
-                        format!("is not nested in the larger budget {pn:?} (every axis must be at most its size)"),
+                        format!(
+                            "is not nested in the larger budget {pn:?} (every axis must be at most its size)"
+                        ),
                     ));
                 }
             }
@@ -88,7 +111,10 @@ impl Manifest {
             let mut seen = vec![false; shape.layers.len()];
             for &l in order {
                 if l >= seen.len() || std::mem::replace(&mut seen[l], true) {
-                    return Err(Error::config("manifest.layer_order", "must be a permutation of the layer indices"));
+                    return Err(Error::config(
+                        "manifest.layer_order",
+                        "must be a permutation of the layer indices",
+                    ));
                 }
             }
         }

@@ -125,8 +125,15 @@ impl Cache {
         }
         let mut ws = Work::default();
         // Pre-size what grows with the position so decode never reallocates.
-        ws.s.e.reserve(max_heads * cap + 4 * model.shape.experts.max(1) + 1024);
-        Cache { pos: 0, cap, kv, mamba, ws }
+        ws.s.e
+            .reserve(max_heads * cap + 4 * model.shape.experts.max(1) + 1024);
+        Cache {
+            pos: 0,
+            cap,
+            kv,
+            mamba,
+            ws,
+        }
     }
     pub fn capacity(&self) -> usize {
         self.cap
@@ -140,7 +147,10 @@ impl Cache {
         }
     }
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot { pos: self.pos, mamba: self.mamba.clone() }
+        Snapshot {
+            pos: self.pos,
+            mamba: self.mamba.clone(),
+        }
     }
     pub fn restore(&mut self, s: &Snapshot) {
         self.pos = s.pos;
@@ -165,7 +175,10 @@ impl Model {
             })?;
             let nb = m.budgets.iter().find(|b| b.name == s).ok_or_else(|| {
                 let names: Vec<&str> = m.budgets.iter().map(|b| b.name.as_str()).collect();
-                Error::Budget(format!("no budget named {s:?} in the manifest (it has: {})", names.join(", ")))
+                Error::Budget(format!(
+                    "no budget named {s:?} in the manifest (it has: {})",
+                    names.join(", ")
+                ))
             })?;
             nb.spec.parse()?
         } else {
@@ -252,7 +265,8 @@ impl Model {
                     let q = (lb.heads * a.head_dim) as u64;
                     let kv = (a.kv_heads * a.head_dim) as u64;
                     t += 2 * q * h + 2 * kv * h;
-                    t += a.q_bias.as_ref().map_or(0, |_| q) + a.k_bias.as_ref().map_or(0, |_| 2 * kv);
+                    t += a.q_bias.as_ref().map_or(0, |_| q)
+                        + a.k_bias.as_ref().map_or(0, |_| 2 * kv);
                     t += a.o_bias.as_ref().map_or(0, |_| h);
                 }
                 Mixer::Mamba(m) => {
@@ -260,7 +274,12 @@ impl Model {
                     let na = lb.mamba_heads as u64;
                     let gn = (m.groups * m.state) as u64;
                     let cw = ni + 2 * gn;
-                    t += (2 * ni + 2 * gn + na) * h + cw * m.conv_k as u64 + cw + 3 * na + ni + h * ni;
+                    t += (2 * ni + 2 * gn + na) * h
+                        + cw * m.conv_k as u64
+                        + cw
+                        + 3 * na
+                        + ni
+                        + h * ni;
                 }
                 Mixer::Mlp(m) => {
                     let f = lb.ffn as u64;
@@ -287,9 +306,18 @@ impl Model {
 
     /// Runs `tokens` at positions cache.pos.. under `budget`, advancing the cache. Returns the
     /// logits of the requested positions, [n][vocab], valid until the next call.
-    pub fn forward<'c>(&self, tokens: &[u32], budget: &Budget, cache: &'c mut Cache, want: Logits) -> Result<&'c [f32]> {
+    pub fn forward<'c>(
+        &self,
+        tokens: &[u32],
+        budget: &Budget,
+        cache: &'c mut Cache,
+        want: Logits,
+    ) -> Result<&'c [f32]> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
-            return Err(Error::Input(format!("token id {bad} is outside the vocabulary (size {})", self.vocab)));
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.vocab
+            )));
         }
         if cache.pos + tokens.len() > cache.cap {
             return Err(Error::Input(format!(
@@ -316,7 +344,12 @@ impl Model {
             let t = chunk.len();
             let h = buf(&mut ws.h, t * hd);
             for (i, &tok) in chunk.iter().enumerate() {
-                dequant_row(self.embed.dtype, self.embed.row(tok as usize), 0, &mut h[i * hd..(i + 1) * hd]);
+                dequant_row(
+                    self.embed.dtype,
+                    self.embed.row(tok as usize),
+                    0,
+                    &mut h[i * hd..(i + 1) * hd],
+                );
             }
             for blk in &self.blocks {
                 let lb = budget.layer(blk.layer);
@@ -325,12 +358,21 @@ impl Model {
                 }
                 let xn = buf(&mut ws.xn, t * hd);
                 for i in 0..t {
-                    rmsnorm(&h[i * hd..(i + 1) * hd], &blk.norm[..hd], self.eps, &mut xn[i * hd..(i + 1) * hd]);
+                    rmsnorm(
+                        &h[i * hd..(i + 1) * hd],
+                        &blk.norm[..hd],
+                        self.eps,
+                        &mut xn[i * hd..(i + 1) * hd],
+                    );
                 }
                 let y = buf(&mut ws.y, t * hd);
                 match &blk.mixer {
-                    Mixer::Attention(a) => a.forward(lb, hd, xn, y, &mut cache.kv[blk.slot], cache.pos, &mut ws.s),
-                    Mixer::Mamba(m) => m.forward(lb, hd, xn, y, &mut cache.mamba[blk.slot], &mut ws.s),
+                    Mixer::Attention(a) => {
+                        a.forward(lb, hd, xn, y, &mut cache.kv[blk.slot], cache.pos, &mut ws.s)
+                    }
+                    Mixer::Mamba(m) => {
+                        m.forward(lb, hd, xn, y, &mut cache.mamba[blk.slot], &mut ws.s)
+                    }
                     Mixer::Mlp(m) => m.forward(lb.ffn, hd, xn, y, &mut ws.s),
                     Mixer::Moe(m) => m.forward(lb, hd, xn, y, &mut ws.s),
                 }
@@ -356,7 +398,12 @@ impl Model {
                 let m = rows.len();
                 let sel = buf(&mut ws.sel, m * hd);
                 for (j, i) in rows.clone().enumerate() {
-                    rmsnorm(&h[i * hd..(i + 1) * hd], &self.norm_f[..hd], self.eps, &mut sel[j * hd..(j + 1) * hd]);
+                    rmsnorm(
+                        &h[i * hd..(i + 1) * hd],
+                        &self.norm_f[..hd],
+                        self.eps,
+                        &mut sel[j * hd..(j + 1) * hd],
+                    );
                 }
                 let head = self.lm_head.as_ref().unwrap_or(&self.embed);
                 let out = &mut ws.logits[produced * v..(produced + m) * v];
@@ -417,15 +464,24 @@ impl Model {
                 }
                 Mixer::Mamba(m) => {
                     let ni = lb.mamba_heads * lb.mamba_head_dim;
-                    cut(&m.in_proj, 2 * ni + 2 * m.groups * m.state + lb.mamba_heads, h) + cut(&m.out_proj, h, ni)
+                    cut(
+                        &m.in_proj,
+                        2 * ni + 2 * m.groups * m.state + lb.mamba_heads,
+                        h,
+                    ) + cut(&m.out_proj, h, ni)
                 }
                 Mixer::Mlp(m) => {
-                    cut(&m.up, lb.ffn, h) + cut(&m.down, h, lb.ffn) + m.gate.as_ref().map_or(0, |g| cut(g, lb.ffn, h))
+                    cut(&m.up, lb.ffn, h)
+                        + cut(&m.down, h, lb.ffn)
+                        + m.gate.as_ref().map_or(0, |g| cut(g, lb.ffn, h))
                 }
                 Mixer::Moe(m) => {
                     let k = m.topk.min(lb.experts) as u64;
                     let e = k * (cut(&m.up[0], lb.moe_ffn, h) + cut(&m.down[0], h, lb.moe_ffn));
-                    e + (lb.experts * h * 4) as u64 + m.shared.as_ref().map_or(0, |s| cut(&s.up, lb.shared_ffn, h) + cut(&s.down, h, lb.shared_ffn))
+                    e + (lb.experts * h * 4) as u64
+                        + m.shared.as_ref().map_or(0, |s| {
+                            cut(&s.up, lb.shared_ffn, h) + cut(&s.down, h, lb.shared_ffn)
+                        })
                 }
             };
         }

@@ -80,7 +80,11 @@ impl std::fmt::Display for DType {
 /// Backing bytes of a tensor.
 #[derive(Clone)]
 pub enum Buf {
-    Mapped { map: Arc<Mmap>, off: usize, len: usize },
+    Mapped {
+        map: Arc<Mmap>,
+        off: usize,
+        len: usize,
+    },
     Owned(Arc<Vec<u8>>),
 }
 
@@ -111,22 +115,39 @@ impl Tensor {
     /// Builds a tensor after checking that the byte length matches dtype and shape.
     pub fn new(name: &str, dtype: DType, shape: Vec<usize>, buf: Buf) -> Result<Tensor> {
         let cols = *shape.last().unwrap_or(&1);
-        let rows: usize = shape.iter().rev().skip(1).try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| {
-            Error::Tensor { name: name.into(), msg: format!("shape {shape:?} overflows") }
-        })?;
+        let rows: usize = shape
+            .iter()
+            .rev()
+            .skip(1)
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::Tensor {
+                name: name.into(),
+                msg: format!("shape {shape:?} overflows"),
+            })?;
         let rb = dtype.row_bytes(cols).ok_or_else(|| Error::Tensor {
             name: name.into(),
-            msg: format!("innermost dimension {cols} is not a multiple of the {dtype} block size {}", dtype.block_len()),
+            msg: format!(
+                "innermost dimension {cols} is not a multiple of the {dtype} block size {}",
+                dtype.block_len()
+            ),
         })?;
         let want = rb.checked_mul(rows);
         let have = buf.bytes().len();
         if want != Some(have) {
             return Err(Error::Tensor {
                 name: name.into(),
-                msg: format!("{dtype} {shape:?} needs {} bytes but the file holds {have}", want.map_or("too many".into(), |w| w.to_string())),
+                msg: format!(
+                    "{dtype} {shape:?} needs {} bytes but the file holds {have}",
+                    want.map_or("too many".into(), |w| w.to_string())
+                ),
             });
         }
-        Ok(Tensor { name: name.into(), dtype, shape, buf })
+        Ok(Tensor {
+            name: name.into(),
+            dtype,
+            shape,
+            buf,
+        })
     }
 
     pub fn from_f32(name: &str, shape: Vec<usize>, data: &[f32]) -> Tensor {
@@ -134,7 +155,8 @@ impl Tensor {
         for x in data {
             v.extend_from_slice(&x.to_le_bytes());
         }
-        Tensor::new(name, DType::F32, shape, Buf::Owned(Arc::new(v))).expect("consistent f32 tensor")
+        Tensor::new(name, DType::F32, shape, Buf::Owned(Arc::new(v)))
+            .expect("consistent f32 tensor")
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -162,7 +184,10 @@ impl Tensor {
         if self.shape != want {
             return Err(Error::Tensor {
                 name: self.name.clone(),
-                msg: format!("shape {:?} does not match the config, which implies {:?}", self.shape, want),
+                msg: format!(
+                    "shape {:?} does not match the config, which implies {:?}",
+                    self.shape, want
+                ),
             });
         }
         Ok(())
@@ -173,7 +198,12 @@ impl Tensor {
         let mut out = vec![0f32; self.numel()];
         let cols = self.cols();
         for r in 0..self.rows() {
-            crate::kernels::quant::dequant_row(self.dtype, self.row(r), 0, &mut out[r * cols..(r + 1) * cols]);
+            crate::kernels::quant::dequant_row(
+                self.dtype,
+                self.row(r),
+                0,
+                &mut out[r * cols..(r + 1) * cols],
+            );
         }
         out
     }
@@ -183,10 +213,19 @@ impl Tensor {
         let inner: usize = self.shape[1..].iter().product();
         let bytes = self.dtype.row_bytes(self.cols()).unwrap() * (inner / self.cols());
         let buf = match &self.buf {
-            Buf::Mapped { map, off, .. } => Buf::Mapped { map: map.clone(), off: off + r * bytes, len: bytes },
+            Buf::Mapped { map, off, .. } => Buf::Mapped {
+                map: map.clone(),
+                off: off + r * bytes,
+                len: bytes,
+            },
             Buf::Owned(v) => Buf::Owned(Arc::new(v[r * bytes..(r + 1) * bytes].to_vec())),
         };
-        Tensor { name: format!("{}[{r}]", self.name), dtype: self.dtype, shape: self.shape[1..].to_vec(), buf }
+        Tensor {
+            name: format!("{}[{r}]", self.name),
+            dtype: self.dtype,
+            shape: self.shape[1..].to_vec(),
+            buf,
+        }
     }
 
     /// Same bytes, another shape with the same row length structure (e.g. squeeze [C,1,K] to [C,K]).

@@ -24,11 +24,17 @@ fn copy_fixture(name: &str, tag: &str) -> PathBuf {
 
 /// Runs elastica and asserts a clean failure whose message contains every `needles` entry.
 fn fails(args: &[&str], needles: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_elastica")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args(args)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} succeeded; stderr: {err}");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    assert!(err.starts_with("error: "), "{args:?}: unexpected stderr {err}");
+    assert!(
+        err.starts_with("error: "),
+        "{args:?}: unexpected stderr {err}"
+    );
     for n in needles {
         assert!(err.contains(n), "{args:?}: {n:?} not in {err:?}");
     }
@@ -53,7 +59,10 @@ fn corrupt_safetensors() {
     let orig = std::fs::read(&st).unwrap();
     // Truncated data.
     std::fs::write(&st, &orig[..orig.len() / 2]).unwrap();
-    fails(&["info", s(&d)], &["model.safetensors", "invalid safetensors"]);
+    fails(
+        &["info", s(&d)],
+        &["model.safetensors", "invalid safetensors"],
+    );
     // Header length past the end of the file (and a forged huge length).
     let mut v = orig.clone();
     v[..8].copy_from_slice(&(orig.len() as u64 * 4).to_le_bytes());
@@ -66,10 +75,24 @@ fn corrupt_safetensors() {
     std::fs::write(&st, safetensors(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#, 24)).unwrap();
     fails(&["info", s(&d)], &["model.safetensors"]);
     // Offsets out of range.
-    std::fs::write(&st, safetensors(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,1600]}}"#, 16)).unwrap();
+    std::fs::write(
+        &st,
+        safetensors(
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,1600]}}"#,
+            16,
+        ),
+    )
+    .unwrap();
     fails(&["info", s(&d)], &["model.safetensors"]);
     // dtype/shape that do not match the byte length.
-    std::fs::write(&st, safetensors(r#"{"a":{"dtype":"F32","shape":[5],"data_offsets":[0,16]}}"#, 16)).unwrap();
+    std::fs::write(
+        &st,
+        safetensors(
+            r#"{"a":{"dtype":"F32","shape":[5],"data_offsets":[0,16]}}"#,
+            16,
+        ),
+    )
+    .unwrap();
     fails(&["info", s(&d)], &["model.safetensors"]);
     // Not JSON at all.
     std::fs::write(&st, safetensors("{nope", 0)).unwrap();
@@ -82,30 +105,61 @@ fn missing_tensor_and_shape_mismatch() {
     let d = copy_fixture("llama_tiny", "missing");
     let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let keep: Vec<(String, safetensors::tensor::TensorView)> =
-        st.tensors().into_iter().filter(|(n, _)| n != "model.layers.1.post_attention_layernorm.weight").collect();
+    let keep: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "model.layers.1.post_attention_layernorm.weight")
+        .collect();
     safetensors::serialize_to_file(keep, None, &d.join("model.safetensors.new")).unwrap();
     std::fs::rename(d.join("model.safetensors.new"), d.join("model.safetensors")).unwrap();
-    fails(&["info", s(&d)], &["model.layers.1.post_attention_layernorm.weight", "missing"]);
+    fails(
+        &["info", s(&d)],
+        &["model.layers.1.post_attention_layernorm.weight", "missing"],
+    );
 
     // Shape mismatch with config.json.
     let d = copy_fixture("nemotron_h_dense", "shape");
-    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"intermediate_size\": 96", "\"intermediate_size\": 128");
+    let cfg = std::fs::read_to_string(d.join("config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 96", "\"intermediate_size\": 128");
     std::fs::write(d.join("config.json"), cfg).unwrap();
-    fails(&["info", s(&d)], &["up_proj.weight", "does not match the config"]);
+    fails(
+        &["info", s(&d)],
+        &["up_proj.weight", "does not match the config"],
+    );
 }
 
 #[test]
 fn bad_config() {
     let d = copy_fixture("nemotron_h_dense", "cfg");
     let orig = std::fs::read_to_string(d.join("config.json")).unwrap();
-    std::fs::write(d.join("config.json"), orig.replace("\"nemotron_h\"", "\"gpt_neox\"").replace("NemotronHForCausalLM", "GPTNeoXForCausalLM")).unwrap();
-    fails(&["info", s(&d)], &["config.json", "unknown architecture", "gpt_neox"]);
-    std::fs::write(d.join("config.json"), orig.replace("\"M*-M-*M-\"", "\"M*-M-*MX\"")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        orig.replace("\"nemotron_h\"", "\"gpt_neox\"")
+            .replace("NemotronHForCausalLM", "GPTNeoXForCausalLM"),
+    )
+    .unwrap();
+    fails(
+        &["info", s(&d)],
+        &["config.json", "unknown architecture", "gpt_neox"],
+    );
+    std::fs::write(
+        d.join("config.json"),
+        orig.replace("\"M*-M-*M-\"", "\"M*-M-*MX\""),
+    )
+    .unwrap();
     fails(&["info", s(&d)], &["hybrid_override_pattern", "'X'"]);
-    std::fs::write(d.join("config.json"), orig.replace("\"num_hidden_layers\": 8", "\"num_hidden_layers\": 9")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        orig.replace("\"num_hidden_layers\": 8", "\"num_hidden_layers\": 9"),
+    )
+    .unwrap();
     fails(&["info", s(&d)], &["num_hidden_layers"]);
-    std::fs::write(d.join("config.json"), orig.replace("\"n_groups\": 2", "\"n_groups\": 3")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        orig.replace("\"n_groups\": 2", "\"n_groups\": 3"),
+    )
+    .unwrap();
     fails(&["info", s(&d)], &["n_groups"]);
     std::fs::write(d.join("config.json"), "{ not json").unwrap();
     fails(&["info", s(&d)], &["config.json", "invalid JSON"]);
@@ -125,7 +179,13 @@ struct G {
 
 impl G {
     fn new() -> G {
-        G { kv: vec![], n_kv: 0, infos: vec![], n_t: 0, data: vec![] }
+        G {
+            kv: vec![],
+            n_kv: 0,
+            infos: vec![],
+            n_t: 0,
+            data: vec![],
+        }
     }
     fn str_bytes(s: &str) -> Vec<u8> {
         let mut v = (s.len() as u64).to_le_bytes().to_vec();
@@ -154,7 +214,8 @@ impl G {
         }
         self.infos.extend(ty.to_le_bytes());
         self.infos.extend((self.data.len() as u64).to_le_bytes());
-        self.data.extend(std::iter::repeat_n(0u8, bytes.next_multiple_of(32)));
+        self.data
+            .extend(std::iter::repeat_n(0u8, bytes.next_multiple_of(32)));
         self.n_t += 1;
         self
     }
@@ -185,20 +246,34 @@ fn corrupt_gguf() {
     fails(&["info", ps], &["m.gguf", "bad magic"]);
     std::fs::write(&p, b"GG").unwrap();
     fails(&["info", ps], &["m.gguf", "not a GGUF"]);
-    let ok = G::new().kv_str("general.architecture", "llama").tensor("token_embd.weight", &[64, 256], 0, 64 * 256 * 4);
+    let ok = G::new().kv_str("general.architecture", "llama").tensor(
+        "token_embd.weight",
+        &[64, 256],
+        0,
+        64 * 256 * 4,
+    );
     // Counts past the end of the file.
     std::fs::write(&p, ok.bytes(1 << 40, 1)).unwrap();
     fails(&["info", ps], &["m.gguf", "tensor count"]);
     std::fs::write(&p, ok.bytes(1, u64::MAX / 2)).unwrap();
     fails(&["info", ps], &["m.gguf", "metadata count"]);
     // Unknown tensor type.
-    G::new().kv_str("general.architecture", "llama").tensor("token_embd.weight", &[64, 256], 99, 1024).write(&p);
-    fails(&["info", ps], &["m.gguf", "token_embd.weight", "unsupported ggml type 99"]);
+    G::new()
+        .kv_str("general.architecture", "llama")
+        .tensor("token_embd.weight", &[64, 256], 99, 1024)
+        .write(&p);
+    fails(
+        &["info", ps],
+        &["m.gguf", "token_embd.weight", "unsupported ggml type 99"],
+    );
     // Tensor data past the end.
     let mut b = ok.bytes(1, 1);
     b.truncate(b.len() - 100);
     std::fs::write(&p, b).unwrap();
-    fails(&["info", ps], &["m.gguf", "token_embd.weight", "past the end"]);
+    fails(
+        &["info", ps],
+        &["m.gguf", "token_embd.weight", "past the end"],
+    );
     // Unknown value type and a forged string length.
     let mut g = G::new().kv_str("general.architecture", "llama");
     g.kv.extend(G::str_bytes("x"));
@@ -212,7 +287,10 @@ fn corrupt_gguf() {
     g.write(&p);
     fails(&["info", ps], &["m.gguf"]);
     // Unknown architecture, then a known one with missing tensors / metadata.
-    G::new().kv_str("general.architecture", "falcon").tensor("token_embd.weight", &[64, 256], 0, 64 * 256 * 4).write(&p);
+    G::new()
+        .kv_str("general.architecture", "falcon")
+        .tensor("token_embd.weight", &[64, 256], 0, 64 * 256 * 4)
+        .write(&p);
     fails(&["info", ps], &["m.gguf", "unknown architecture", "falcon"]);
     ok.write(&p);
     fails(&["info", ps], &["m.gguf", "llama.embedding_length"]);
@@ -231,36 +309,79 @@ fn corrupt_gguf() {
 fn bad_budgets() {
     let d = fixture("nemotron_h_dense");
     let m = s(&d);
-    fails(&["logits", m, "--tokens", "1,2", "--budget", "hidden=65"], &["hidden=65", "exceeds the parent's 64"]);
-    fails(&["logits", m, "--tokens", "1,2", "--budget", "heads=3"], &["heads=3", "group structure"]);
-    fails(&["logits", m, "--tokens", "1,2", "--budget", "mamba_heads=5"], &["mamba_heads=5", "group structure"]);
-    fails(&["logits", m, "--tokens", "1,2", "--budget", "colour=3"], &["unknown axis"]);
-    fails(&["logits", m, "--tokens", "1,2", "--budget", "small"], &["no elastic manifest"]);
+    fails(
+        &["logits", m, "--tokens", "1,2", "--budget", "hidden=65"],
+        &["hidden=65", "exceeds the parent's 64"],
+    );
+    fails(
+        &["logits", m, "--tokens", "1,2", "--budget", "heads=3"],
+        &["heads=3", "group structure"],
+    );
+    fails(
+        &["logits", m, "--tokens", "1,2", "--budget", "mamba_heads=5"],
+        &["mamba_heads=5", "group structure"],
+    );
+    fails(
+        &["logits", m, "--tokens", "1,2", "--budget", "colour=3"],
+        &["unknown axis"],
+    );
+    fails(
+        &["logits", m, "--tokens", "1,2", "--budget", "small"],
+        &["no elastic manifest"],
+    );
     let e = fixture("nemotron_h_moe");
-    fails(&["logits", s(&e), "--tokens", "1,2", "--budget", "experts=3"], &["experts=3", "group structure"]);
+    fails(
+        &["logits", s(&e), "--tokens", "1,2", "--budget", "experts=3"],
+        &["experts=3", "group structure"],
+    );
 }
 
 #[test]
 fn bad_runtime_input() {
     let d = fixture("llama_tiny");
     let m = s(&d);
-    fails(&["logits", m, "--tokens", "1,999"], &["999", "outside the vocabulary"]);
+    fails(
+        &["logits", m, "--tokens", "1,999"],
+        &["999", "outside the vocabulary"],
+    );
     fails(&["logits", m, "--tokens", "1,x"], &["--tokens", "\"x\""]);
     let long = "a".repeat(100);
-    fails(&["run", m, "-p", &long, "--ctx", "16"], &["prompt has 100 tokens", "context of 16"]);
+    fails(
+        &["run", m, "-p", &long, "--ctx", "16"],
+        &["prompt has 100 tokens", "context of 16"],
+    );
     // Missing tokenizer: `run` needs one, `logits --tokens` does not.
     let c = copy_fixture("llama_tiny", "tok");
     std::fs::remove_file(c.join("tokenizer.json")).unwrap();
     fails(&["run", s(&c), "-p", "hi"], &["tokenizer.json", "missing"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_elastica")).args(["logits", s(&c), "--tokens", "1,2,3", "--json"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args(["logits", s(&c), "--tokens", "1,2,3", "--json"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     // Perplexity: missing file, non-UTF-8 text, text too short.
     let t = tmpdir("ppl");
-    fails(&["perplexity", m, "-f", s(&t.join("none.txt"))], &["none.txt"]);
+    fails(
+        &["perplexity", m, "-f", s(&t.join("none.txt"))],
+        &["none.txt"],
+    );
     std::fs::write(t.join("bin.txt"), [0xffu8, 0xfe, 0x41]).unwrap();
-    fails(&["perplexity", m, "-f", s(&t.join("bin.txt"))], &["bin.txt", "UTF-8"]);
+    fails(
+        &["perplexity", m, "-f", s(&t.join("bin.txt"))],
+        &["bin.txt", "UTF-8"],
+    );
     std::fs::write(t.join("short.txt"), "tiny").unwrap();
-    fails(&["perplexity", m, "-f", s(&t.join("short.txt")), "--ctx", "64"], &["needs at least 128"]);
+    fails(
+        &[
+            "perplexity",
+            m,
+            "-f",
+            s(&t.join("short.txt")),
+            "--ctx",
+            "64",
+        ],
+        &["needs at least 128"],
+    );
     fails(&["-t", "0", "info", m], &["--threads"]);
 }
 
@@ -268,16 +389,24 @@ fn bad_runtime_input() {
 fn bad_manifests() {
     let d = copy_fixture("nemotron_h_dense", "manifest");
     let full = "hidden=64,ffn=96,heads=4,mamba_heads=8,mamba_head_dim=16";
-    let write = |v: serde_json::Value| std::fs::write(d.join("elastic.json"), v.to_string()).unwrap();
+    let write =
+        |v: serde_json::Value| std::fs::write(d.join("elastic.json"), v.to_string()).unwrap();
     let m = d.to_str().unwrap();
     let b = |budgets: serde_json::Value| serde_json::json!({"format": "elastica.manifest/1", "parent": full, "budgets": budgets});
-    write(b(serde_json::json!([{"name": "a", "spec": "hidden=32"}, {"name": "b", "spec": "hidden=48"}])));
+    write(b(
+        serde_json::json!([{"name": "a", "spec": "hidden=32"}, {"name": "b", "spec": "hidden=48"}]),
+    ));
     fails(&["info", m], &["manifest budget \"b\"", "not nested"]);
     write(b(serde_json::json!([{"name": "a", "spec": "hidden=32"}])));
-    fails(&["logits", m, "--tokens", "1", "--budget", "zzz"], &["no budget named \"zzz\"", "a"]);
+    fails(
+        &["logits", m, "--tokens", "1", "--budget", "zzz"],
+        &["no budget named \"zzz\"", "a"],
+    );
     write(b(serde_json::json!([{"name": "a", "spec": "hidden=640"}])));
     fails(&["info", m], &["manifest budget \"a\"", "exceeds"]);
-    write(serde_json::json!({"format": "elastica.manifest/1", "parent": "hidden=128", "budgets": []}));
+    write(
+        serde_json::json!({"format": "elastica.manifest/1", "parent": "hidden=128", "budgets": []}),
+    );
     fails(&["info", m], &["manifest.parent"]);
     write(serde_json::json!({"format": "other/1", "parent": full, "budgets": []}));
     fails(&["info", m], &["elastic.json", "format"]);

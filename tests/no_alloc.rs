@@ -35,8 +35,12 @@ fn decode_allocates_nothing() {
     for name in ["nemotron_h_dense", "nemotron_h_moe", "llama_tiny"] {
         models.push((name.to_string(), load(&fixture(name))));
     }
-    models.push(("nemotron_h_moe gguf".into(), load(&fixture("nemotron_h_moe").join("model-f32.gguf"))));
-    let smol = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    models.push((
+        "nemotron_h_moe gguf".into(),
+        load(&fixture("nemotron_h_moe").join("model-f32.gguf")),
+    ));
+    let smol = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if smol.exists() {
         models.push(("smollm2 q4_1".into(), load(&smol)));
     }
@@ -44,8 +48,14 @@ fn decode_allocates_nothing() {
         let full = m.full_budget();
         let small = m.budget(&format!("hidden={}", m.shape.hidden / 2)).unwrap();
         let mut cache = Cache::new(m, 200);
-        let mut s = Sampler::new(SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.9, seed: 1 });
-        m.forward(&[1, 2, 3, 4, 5, 6, 7, 8], &full, &mut cache, Logits::Last).unwrap();
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.9,
+            seed: 1,
+        });
+        m.forward(&[1, 2, 3, 4, 5, 6, 7, 8], &full, &mut cache, Logits::Last)
+            .unwrap();
         let mut tok = 9u32;
         // Warm-up: first decode steps may size buffers.
         for b in [&full, &small, &full] {

@@ -54,18 +54,32 @@ fn prefill_then_decode_equals_full_forward() {
         let b = m.full_budget();
         for split in [1, 5, 13] {
             let mut c = Cache::new(&m, 64);
-            let mut got: Vec<Vec<f32>> = m.forward(&r.tokens[..split], &b, &mut c, Logits::All).unwrap().chunks(m.vocab).map(|x| x.to_vec()).collect();
+            let mut got: Vec<Vec<f32>> = m
+                .forward(&r.tokens[..split], &b, &mut c, Logits::All)
+                .unwrap()
+                .chunks(m.vocab)
+                .map(|x| x.to_vec())
+                .collect();
             let mut i = split;
             while i < r.tokens.len() {
                 // one token, then a chunk of three, alternating
-                let n = if (i - split) % 4 == 0 { 1 } else { 3.min(r.tokens.len() - i) };
-                let out = m.forward(&r.tokens[i..i + n], &b, &mut c, Logits::All).unwrap();
+                let n = if (i - split) % 4 == 0 {
+                    1
+                } else {
+                    3.min(r.tokens.len() - i)
+                };
+                let out = m
+                    .forward(&r.tokens[i..i + n], &b, &mut c, Logits::All)
+                    .unwrap();
                 got.extend(out.chunks(m.vocab).map(|x| x.to_vec()));
                 i += n;
             }
             let d = rel_diff(&got, &full);
             println!("{name} split {split}: {d:.2e}");
-            assert!(d < 1e-5, "{name}: prefill {split} then decode differs by {d}");
+            assert!(
+                d < 1e-5,
+                "{name}: prefill {split} then decode differs by {d}"
+            );
         }
     }
 }
@@ -74,7 +88,9 @@ fn prefill_then_decode_equals_full_forward() {
 #[test]
 fn block_formats_match_gguf_py() {
     use elastica::tensor::DType;
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("quant_blocks.json")).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("quant_blocks.json")).unwrap())
+            .unwrap();
     for (name, dt) in [
         ("Q4_0", DType::Q4_0),
         ("Q4_1", DType::Q4_1),
@@ -87,13 +103,23 @@ fn block_formats_match_gguf_py() {
     ] {
         let e = &v[name];
         let hex = e["hex"].as_str().unwrap();
-        let bytes: Vec<u8> = (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
-        let want: Vec<f32> = e["values"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let bytes: Vec<u8> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let want: Vec<f32> = e["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
         assert_eq!(dt.block_bytes() as u64, e["block_bytes"].as_u64().unwrap());
         let mut got = vec![0f32; want.len()];
         elastica::kernels::quant::dequant_row(dt, &bytes, 0, &mut got);
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{name}[{i}]: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-6 * b.abs().max(1e-3),
+                "{name}[{i}]: {a} vs {b}"
+            );
         }
     }
 }

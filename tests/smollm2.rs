@@ -14,7 +14,10 @@ fn root() -> PathBuf {
 }
 
 fn reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(root().join("tests/fixtures/smollm2_reference.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/smollm2_reference.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 /// Loads the model, fetching it with the project script if absent; fails loudly if it cannot.
@@ -42,8 +45,15 @@ fn tokenization_matches_llama_cpp() {
     let r = reference();
     let tok = Tokenizer::for_model(model()).unwrap();
     let ids = tok.encode(&text(), true).unwrap();
-    let joined = ids.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
-    let h: String = Sha256::digest(joined.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    let joined = ids
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let h: String = Sha256::digest(joined.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     assert_eq!(ids.len() as u64, r["llama_cpp"]["tokens"].as_u64().unwrap());
     assert_eq!(h, r["llama_cpp"]["tokens_sha256"].as_str().unwrap());
     assert_eq!(tok.decode(&ids).unwrap(), text());
@@ -56,11 +66,19 @@ fn perplexity_within_two_percent_of_llama_cpp() {
     let tok = Tokenizer::for_model(m).unwrap();
     let ids = tok.encode(&text(), true).unwrap();
     let ctx = r["ctx"].as_u64().unwrap() as usize;
-    let p = elastica::eval::perplexity(m, &m.full_budget(), &ids, ctx, None, None, |_, _, _| {}).unwrap();
+    let p = elastica::eval::perplexity(m, &m.full_budget(), &ids, ctx, None, None, |_, _, _| {})
+        .unwrap();
     let want = r["llama_cpp"]["ppl"].as_f64().unwrap();
-    println!("elastica ppl {:.4} (+/- {:.4}) over {} chunks; llama.cpp {want}", p.ppl, p.stderr, p.chunks);
+    println!(
+        "elastica ppl {:.4} (+/- {:.4}) over {} chunks; llama.cpp {want}",
+        p.ppl, p.stderr, p.chunks
+    );
     assert_eq!(p.chunks as u64, r["llama_cpp"]["chunks"].as_u64().unwrap());
-    assert!((p.ppl - want).abs() / want < 0.02, "perplexity {} vs llama.cpp {want}", p.ppl);
+    assert!(
+        (p.ppl - want).abs() / want < 0.02,
+        "perplexity {} vs llama.cpp {want}",
+        p.ppl
+    );
 }
 
 #[test]
@@ -68,7 +86,12 @@ fn greedy_generation_and_decode_consistency() {
     let m = model();
     let tok = Tokenizer::for_model(m).unwrap();
     let b = m.full_budget();
-    let cfg = elastica::generate::GenConfig { max_tokens: 8, sampler: Default::default(), stop: vec![], ignore_eos: false };
+    let cfg = elastica::generate::GenConfig {
+        max_tokens: 8,
+        sampler: Default::default(),
+        stop: vec![],
+        ignore_eos: false,
+    };
     let mut c = Cache::new(m, 256);
     let prompt = tok.encode("The capital of France is", true).unwrap();
     let g = elastica::generate::generate(m, &tok, &b, &mut c, &prompt, &cfg, |_| {}).unwrap();
@@ -80,7 +103,10 @@ fn greedy_generation_and_decode_consistency() {
     let ids = tok.encode(&text()[..400], true).unwrap();
     let n = ids.len().min(48);
     let mut c = Cache::new(m, 64);
-    let full: Vec<f32> = m.forward(&ids[..n], &b, &mut c, Logits::All).unwrap().to_vec();
+    let full: Vec<f32> = m
+        .forward(&ids[..n], &b, &mut c, Logits::All)
+        .unwrap()
+        .to_vec();
     let mut c = Cache::new(m, 64);
     m.forward(&ids[..n / 2], &b, &mut c, Logits::None).unwrap();
     let v = m.vocab;
@@ -88,13 +114,29 @@ fn greedy_generation_and_decode_consistency() {
     for i in n / 2..n {
         let row = m.forward(&ids[i..i + 1], &b, &mut c, Logits::Last).unwrap();
         let refrow = &full[i * v..(i + 1) * v];
-        let range = refrow.iter().fold(f32::MIN, |a, &x| a.max(x)) - refrow.iter().fold(f32::MAX, |a, &x| a.min(x));
-        let d = row.iter().zip(refrow).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let range = refrow.iter().fold(f32::MIN, |a, &x| a.max(x))
+            - refrow.iter().fold(f32::MAX, |a, &x| a.min(x));
+        let d = row
+            .iter()
+            .zip(refrow)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         worst = worst.max(d / range);
-        mean += row.iter().zip(refrow).map(|(a, b)| (a - b).abs()).sum::<f32>() / v as f32 / range / (n - n / 2) as f32;
-        agree += (elastica::generate::sampler::argmax(row) == elastica::generate::sampler::argmax(refrow)) as usize;
+        mean += row
+            .iter()
+            .zip(refrow)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / v as f32
+            / range
+            / (n - n / 2) as f32;
+        agree += (elastica::generate::sampler::argmax(row)
+            == elastica::generate::sampler::argmax(refrow)) as usize;
     }
-    println!("decode vs prefill: worst {worst:.4}, mean {mean:.5} of the logit range, argmax agrees {agree}/{}", n - n / 2);
+    println!(
+        "decode vs prefill: worst {worst:.4}, mean {mean:.5} of the logit range, argmax agrees {agree}/{}",
+        n - n / 2
+    );
     assert!(worst < 0.05 && mean < 0.01);
     assert!(agree * 10 >= (n - n / 2) * 9);
 }
@@ -112,4 +154,61 @@ fn half_width_budget_runs() {
     // Q4_1 blocks hold 32 values: a hidden size that splits them is refused.
     let e = m.budget("hidden=300").unwrap_err().to_string();
     assert!(e.contains("blocks of 32"), "{e}");
+}
+
+#[test]
+fn stop_strings_and_streaming() {
+    let m = model();
+    let tok = Tokenizer::for_model(m).unwrap();
+    let b = m.full_budget();
+    let prompt = tok.encode("The capital of France is", true).unwrap();
+    let generate = |stop: Vec<String>| {
+        let cfg = elastica::generate::GenConfig {
+            max_tokens: 30,
+            sampler: Default::default(),
+            stop,
+            ignore_eos: true,
+        };
+        let mut c = Cache::new(m, 256);
+        let mut streamed = String::new();
+        let g = elastica::generate::generate(m, &tok, &b, &mut c, &prompt, &cfg, |t| {
+            streamed.push_str(t)
+        })
+        .unwrap();
+        (g, streamed)
+    };
+    let (free, streamed) = generate(vec![]);
+    assert_eq!(free.text, streamed);
+    // Stop on a string that appears mid-way: text ends right before it, and it is never streamed.
+    let at = free.text.len() / 2;
+    let at = (at..free.text.len())
+        .find(|&i| free.text.is_char_boundary(i) && free.text.is_char_boundary(i + 3))
+        .unwrap();
+    let stop = free.text[at..at + 3].to_string();
+    let first = free.text.find(&stop).unwrap();
+    let (g, streamed) = generate(vec!["never-appears".into(), stop.clone()]);
+    assert_eq!(g.stop_reason, elastica::generate::StopReason::StopString);
+    assert_eq!(g.text, free.text[..first]);
+    assert_eq!(streamed, g.text);
+}
+
+#[test]
+fn chat_template_from_gguf() {
+    use elastica::generate::chat::{Message, render};
+    let m = model();
+    let tpl = m.meta.chat_template.as_deref().unwrap();
+    let msgs = [Message {
+        role: "user".into(),
+        content: "Hi there".into(),
+    }];
+    let s = render(tpl, &msgs, true, "", "").unwrap();
+    assert_eq!(
+        s,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    );
+    // Special tokens in the rendered prompt map to their ids.
+    let tok = Tokenizer::for_model(m).unwrap();
+    let ids = tok.encode(&s, true).unwrap();
+    assert_eq!(ids[0], tok.token_to_id("<|im_start|>").unwrap());
+    assert!(tok.eos.contains(&tok.token_to_id("<|im_end|>").unwrap()));
 }

@@ -36,12 +36,21 @@ pub fn run(a: Args) -> Result<()> {
         println!("{v}");
     } else {
         println!("model   {}  [{}]", a.m.model.display(), b.spec(&m.shape));
-        println!("threads {threads}  isa {:?}  weights read per token {:.1} MiB", crate::kernels::isa(), bytes as f64 / (1 << 20) as f64);
+        println!(
+            "threads {threads}  isa {:?}  weights read per token {:.1} MiB",
+            crate::kernels::isa(),
+            bytes as f64 / (1 << 20) as f64
+        );
         if a.n_prompt > 0 {
             println!("pp{:<5} {:8.1} tok/s", a.n_prompt, r.pp);
         }
         if a.n_gen > 0 {
-            println!("tg{:<5} {:8.1} tok/s  ({:.1} GB/s of weights)", a.n_gen, r.tg, r.tg * bytes as f64 / 1e9);
+            println!(
+                "tg{:<5} {:8.1} tok/s  ({:.1} GB/s of weights)",
+                a.n_gen,
+                r.tg,
+                r.tg * bytes as f64 / 1e9
+            );
         }
     }
     Ok(())

@@ -46,23 +46,51 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         return Ok(());
     }
     println!("model        {}", path.display());
-    println!("architecture {} ({})", m.arch(), v["format"].as_str().unwrap());
+    println!(
+        "architecture {} ({})",
+        m.arch(),
+        v["format"].as_str().unwrap()
+    );
     println!("layers       {} [{}]", s.layers.len(), m.kind_pattern());
-    println!("hidden       {}   vocab {}   context {}", s.hidden, m.vocab, m.meta.context);
+    println!(
+        "hidden       {}   vocab {}   context {}",
+        s.hidden, m.vocab, m.meta.context
+    );
     if s.heads > 0 {
-        println!("attention    {} query heads / {} KV heads x {}", s.heads, s.kv_heads, s.head_dim);
+        println!(
+            "attention    {} query heads / {} KV heads x {}",
+            s.heads, s.kv_heads, s.head_dim
+        );
     }
     if s.ffn > 0 {
         println!("ffn          {}", s.ffn);
     }
     if s.mamba_heads > 0 {
-        println!("mamba        {} heads x {}, {} groups, state {}", s.mamba_heads, s.mamba_head_dim, s.mamba_groups, s.ssm_state);
+        println!(
+            "mamba        {} heads x {}, {} groups, state {}",
+            s.mamba_heads, s.mamba_head_dim, s.mamba_groups, s.ssm_state
+        );
     }
     if s.experts > 0 {
-        println!("moe          {} experts (top {}, {} groups) x {}, shared {}", s.experts, s.experts_per_tok, s.expert_groups, s.moe_ffn, s.shared_ffn);
+        println!(
+            "moe          {} experts (top {}, {} groups) x {}, shared {}",
+            s.experts, s.experts_per_tok, s.expert_groups, s.moe_ffn, s.shared_ffn
+        );
     }
-    println!("dtypes       {}", dtypes.iter().map(|(k, v)| format!("{k}:{v}")).collect::<Vec<_>>().join(" "));
-    println!("parent       {:.2}M params, {:.2}M active  [{}]", pt as f64 / 1e6, pa as f64 / 1e6, full.spec(s));
+    println!(
+        "dtypes       {}",
+        dtypes
+            .iter()
+            .map(|(k, v)| format!("{k}:{v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "parent       {:.2}M params, {:.2}M active  [{}]",
+        pt as f64 / 1e6,
+        pa as f64 / 1e6,
+        full.spec(s)
+    );
     for b in &budgets {
         println!(
             "budget {:<8} {:.2}M params, {:.2}M active  [{}]",

@@ -22,7 +22,11 @@ pub fn run(a: Args) -> Result<()> {
     let tokens: Vec<u32> = match (&a.tokens, &a.prompt) {
         (Some(t), _) => t
             .split(',')
-            .map(|x| x.trim().parse::<u32>().map_err(|_| Error::Input(format!("--tokens: {x:?} is not a token id"))))
+            .map(|x| {
+                x.trim()
+                    .parse::<u32>()
+                    .map_err(|_| Error::Input(format!("--tokens: {x:?} is not a token id")))
+            })
             .collect::<Result<_>>()?,
         (None, Some(p)) => Tokenizer::for_model(&m)?.encode(p, true)?,
         (None, None) => return Err(Error::Input("give --tokens 1,2,3 or --prompt TEXT".into())),
@@ -35,7 +39,12 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         use std::io::Write;
         let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-        write!(out, "{{\"tokens\":{},\"logits\":[", serde_json::to_string(&tokens).unwrap()).ok();
+        write!(
+            out,
+            "{{\"tokens\":{},\"logits\":[",
+            serde_json::to_string(&tokens).unwrap()
+        )
+        .ok();
         for (i, row) in logits.chunks(m.vocab).enumerate() {
             if i > 0 {
                 write!(out, ",").ok();
@@ -45,7 +54,12 @@ pub fn run(a: Args) -> Result<()> {
                 if j > 0 {
                     write!(out, ",").ok();
                 }
-                if v.is_finite() { write!(out, "{v}") } else { write!(out, "null") }.ok();
+                if v.is_finite() {
+                    write!(out, "{v}")
+                } else {
+                    write!(out, "null")
+                }
+                .ok();
             }
             write!(out, "]").ok();
         }
@@ -55,7 +69,10 @@ pub fn run(a: Args) -> Result<()> {
     for (i, row) in logits.chunks(m.vocab).enumerate() {
         let mut idx: Vec<usize> = (0..row.len()).collect();
         idx.sort_by(|&x, &y| row[y].total_cmp(&row[x]));
-        let top: Vec<String> = idx[..5.min(idx.len())].iter().map(|&j| format!("{j}:{:.3}", row[j])).collect();
+        let top: Vec<String> = idx[..5.min(idx.len())]
+            .iter()
+            .map(|&j| format!("{j}:{:.3}", row[j]))
+            .collect();
         println!("pos {i:4} token {:6}  top {}", tokens[i], top.join(" "));
     }
     Ok(())

@@ -12,7 +12,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "elastica", version, about = "One checkpoint, many models: nested-budget inference for Nemotron-H and Llama")]
+#[command(
+    name = "elastica",
+    version,
+    about = "One checkpoint, many models: nested-budget inference for Nemotron-H and Llama"
+)]
 struct Cli {
     /// Worker threads for the kernels (default: all cores).
     #[arg(short = 't', long, global = true)]

@@ -23,12 +23,22 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let (m, b) = super::load(&a.m)?;
     let bytes = std::fs::read(&a.file).map_err(|e| Error::io(&a.file, e))?;
-    let text = String::from_utf8(bytes).map_err(|e| Error::format(&a.file, format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::format(
+            &a.file,
+            format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+        )
+    })?;
     let tok = Tokenizer::for_model(&m)?;
     let tokens = tok.encode(&text, true)?;
     let bos = if tok.add_bos { tok.bos } else { None };
     let pb = indicatif::ProgressBar::new(0);
-    pb.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} chunks {msg} [{elapsed_precise}<{eta_precise}]").unwrap());
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} chunks {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap(),
+    );
     let r = crate::eval::perplexity(&m, &b, &tokens, a.ctx, bos, a.chunks, |done, total, ppl| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);

@@ -48,18 +48,39 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let (m, b) = super::load(&a.m)?;
     if !(0.0..=1.0).contains(&a.top_p) || a.temp < 0.0 || !a.temp.is_finite() {
-        return Err(Error::Input("--temp must be >= 0 and --top-p within [0, 1]".into()));
+        return Err(Error::Input(
+            "--temp must be >= 0 and --top-p within [0, 1]".into(),
+        ));
     }
     let tok = Tokenizer::for_model(&m)?;
     let text = if a.chat {
-        let tpl = m.meta.chat_template.as_deref().ok_or_else(|| Error::Input("--chat: the model has no chat template".into()))?;
+        let tpl = m
+            .meta
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| Error::Input("--chat: the model has no chat template".into()))?;
         let mut msgs = vec![];
         if let Some(s) = &a.system {
-            msgs.push(Message { role: "system".into(), content: s.clone() });
+            msgs.push(Message {
+                role: "system".into(),
+                content: s.clone(),
+            });
         }
-        msgs.push(Message { role: "user".into(), content: a.prompt.clone() });
-        let bos = m.meta.bos.and_then(|b| tok.inner.id_to_token(b)).unwrap_or_default();
-        let eos = m.meta.eos.first().and_then(|&e| tok.inner.id_to_token(e)).unwrap_or_default();
+        msgs.push(Message {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
+        let bos = m
+            .meta
+            .bos
+            .and_then(|b| tok.inner.id_to_token(b))
+            .unwrap_or_default();
+        let eos = m
+            .meta
+            .eos
+            .first()
+            .and_then(|&e| tok.inner.id_to_token(e))
+            .unwrap_or_default();
         render(tpl, &msgs, true, &bos, &eos)?
     } else {
         a.prompt.clone()
@@ -69,7 +90,12 @@ pub fn run(a: Args) -> Result<()> {
     let mut cache = Cache::new(&m, ctx);
     let cfg = GenConfig {
         max_tokens: a.n,
-        sampler: SamplerConfig { temperature: a.temp, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        sampler: SamplerConfig {
+            temperature: a.temp,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
     };

@@ -88,7 +88,14 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn err(&self, what: &str) -> Error {
-        Error::format(self.path, format!("truncated or corrupt GGUF: {what} at byte {} runs past the end ({} bytes)", self.pos, self.b.len()))
+        Error::format(
+            self.path,
+            format!(
+                "truncated or corrupt GGUF: {what} at byte {} runs past the end ({} bytes)",
+                self.pos,
+                self.b.len()
+            ),
+        )
     }
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         if n > self.b.len() - self.pos {
@@ -110,10 +117,16 @@ impl<'a> Cursor<'a> {
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.u64(what)?;
         if n > self.remaining() as u64 {
-            return Err(Error::format(self.path, format!("corrupt GGUF: {what} claims a string of {n} bytes, past the end of the file")));
+            return Err(Error::format(
+                self.path,
+                format!(
+                    "corrupt GGUF: {what} claims a string of {n} bytes, past the end of the file"
+                ),
+            ));
         }
         let s = self.take(n as usize, what)?;
-        String::from_utf8(s.to_vec()).map_err(|_| Error::format(self.path, format!("corrupt GGUF: {what} is not UTF-8")))
+        String::from_utf8(s.to_vec())
+            .map_err(|_| Error::format(self.path, format!("corrupt GGUF: {what} is not UTF-8")))
     }
     fn value(&mut self, ty: u32, what: &str, depth: usize) -> Result<Value> {
         Ok(match ty {
@@ -128,7 +141,10 @@ impl<'a> Cursor<'a> {
             8 => Value::Str(self.string(what)?),
             9 => {
                 if depth > 2 {
-                    return Err(Error::format(self.path, format!("corrupt GGUF: {what} nests arrays too deeply")));
+                    return Err(Error::format(
+                        self.path,
+                        format!("corrupt GGUF: {what} nests arrays too deeply"),
+                    ));
                 }
                 let ety = self.u32(what)?;
                 let n = self.u64(what)?;
@@ -138,10 +154,22 @@ impl<'a> Cursor<'a> {
                     4..=6 => 4,
                     8 | 10..=12 => 8,
                     9 => 12,
-                    _ => return Err(Error::format(self.path, format!("corrupt GGUF: {what} has unknown array element type {ety}"))),
+                    _ => {
+                        return Err(Error::format(
+                            self.path,
+                            format!("corrupt GGUF: {what} has unknown array element type {ety}"),
+                        ));
+                    }
                 };
-                if n.checked_mul(min).is_none_or(|b| b > self.remaining() as u64) {
-                    return Err(Error::format(self.path, format!("corrupt GGUF: {what} claims {n} array elements, past the end of the file")));
+                if n.checked_mul(min)
+                    .is_none_or(|b| b > self.remaining() as u64)
+                {
+                    return Err(Error::format(
+                        self.path,
+                        format!(
+                            "corrupt GGUF: {what} claims {n} array elements, past the end of the file"
+                        ),
+                    ));
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -152,7 +180,12 @@ impl<'a> Cursor<'a> {
             10 => Value::U64(self.u64(what)?),
             11 => Value::I64(self.u64(what)? as i64),
             12 => Value::F64(f64::from_bits(self.u64(what)?)),
-            _ => return Err(Error::format(self.path, format!("corrupt GGUF: {what} has unknown value type {ty}"))),
+            _ => {
+                return Err(Error::format(
+                    self.path,
+                    format!("corrupt GGUF: {what} has unknown value type {ty}"),
+                ));
+            }
         })
     }
 }
@@ -193,23 +226,47 @@ pub fn ggml_type_id(d: DType) -> u32 {
 impl Gguf {
     pub fn open(path: &Path) -> Result<Gguf> {
         let map = mmap(path)?;
-        let mut c = Cursor { b: &map[..], pos: 0, path };
-        let magic = c.take(4, "magic").map_err(|_| Error::format(path, "not a GGUF file (too short for the magic)"))?;
+        let mut c = Cursor {
+            b: &map[..],
+            pos: 0,
+            path,
+        };
+        let magic = c
+            .take(4, "magic")
+            .map_err(|_| Error::format(path, "not a GGUF file (too short for the magic)"))?;
         if magic != b"GGUF" {
-            return Err(Error::format(path, format!("not a GGUF file (bad magic {:02x?})", magic)));
+            return Err(Error::format(
+                path,
+                format!("not a GGUF file (bad magic {:02x?})", magic),
+            ));
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(Error::format(path, format!("unsupported GGUF version {version} (2 and 3 are supported)")));
+            return Err(Error::format(
+                path,
+                format!("unsupported GGUF version {version} (2 and 3 are supported)"),
+            ));
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
         // Each key-value pair takes at least 8+4+1 bytes, each tensor info at least 8+4+8+4+8.
-        if n_kv.checked_mul(13).is_none_or(|b| b > c.remaining() as u64) {
-            return Err(Error::format(path, format!("corrupt GGUF: metadata count {n_kv} is past the end of the file")));
+        if n_kv
+            .checked_mul(13)
+            .is_none_or(|b| b > c.remaining() as u64)
+        {
+            return Err(Error::format(
+                path,
+                format!("corrupt GGUF: metadata count {n_kv} is past the end of the file"),
+            ));
         }
-        if n_tensors.checked_mul(32).is_none_or(|b| b > c.remaining() as u64) {
-            return Err(Error::format(path, format!("corrupt GGUF: tensor count {n_tensors} is past the end of the file")));
+        if n_tensors
+            .checked_mul(32)
+            .is_none_or(|b| b > c.remaining() as u64)
+        {
+            return Err(Error::format(
+                path,
+                format!("corrupt GGUF: tensor count {n_tensors} is past the end of the file"),
+            ));
         }
         let mut meta = BTreeMap::new();
         for i in 0..n_kv {
@@ -229,25 +286,40 @@ impl Gguf {
             let name = c.string(&format!("tensor name #{i}"))?;
             let nd = c.u32(&format!("dims of {name}"))?;
             if nd == 0 || nd > 4 {
-                return Err(Error::format(path, format!("tensor {name}: {nd} dimensions (1 to 4 are valid)")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor {name}: {nd} dimensions (1 to 4 are valid)"),
+                ));
             }
             let mut dims = Vec::new();
             for _ in 0..nd {
                 let d = c.u64(&format!("dims of {name}"))?;
                 if d == 0 || d > (1 << 40) {
-                    return Err(Error::format(path, format!("tensor {name}: invalid dimension {d}")));
+                    return Err(Error::format(
+                        path,
+                        format!("tensor {name}: invalid dimension {d}"),
+                    ));
                 }
                 dims.push(d as usize);
             }
             let t = c.u32(&format!("type of {name}"))?;
-            let ty = ggml_type(t).ok_or_else(|| Error::format(path, format!("tensor {name}: unsupported ggml type {t}")))?;
+            let ty = ggml_type(t).ok_or_else(|| {
+                Error::format(path, format!("tensor {name}: unsupported ggml type {t}"))
+            })?;
             let off = c.u64(&format!("offset of {name}"))?;
-            infos.push(Info { name, dims, ty, off });
+            infos.push(Info {
+                name,
+                dims,
+                ty,
+                off,
+            });
         }
         let align = match meta.get("general.alignment") {
-            Some(v) => v.as_u64().filter(|a| a.is_power_of_two() && *a <= 1 << 20).ok_or_else(|| {
-                Error::format(path, "general.alignment is not a power of two")
-            })? as usize,
+            Some(v) => v
+                .as_u64()
+                .filter(|a| a.is_power_of_two() && *a <= 1 << 20)
+                .ok_or_else(|| Error::format(path, "general.alignment is not a power of two"))?
+                as usize,
             None => 32,
         };
         let data_start = c.pos.next_multiple_of(align);
@@ -259,73 +331,145 @@ impl Gguf {
             // GGUF dims are innermost first; torch order is the reverse.
             let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
             let cols = shape[shape.len() - 1];
-            let rows = shape[..shape.len() - 1].iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-            let len = info.ty.row_bytes(cols).and_then(|rb| rows.and_then(|r| rb.checked_mul(r))).ok_or_else(|| {
-                Error::format(path, format!("tensor {}: shape {:?} does not fit {} blocks", info.name, shape, info.ty))
-            })?;
+            let rows = shape[..shape.len() - 1]
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d));
+            let len = info
+                .ty
+                .row_bytes(cols)
+                .and_then(|rb| rows.and_then(|r| rb.checked_mul(r)))
+                .ok_or_else(|| {
+                    Error::format(
+                        path,
+                        format!(
+                            "tensor {}: shape {:?} does not fit {} blocks",
+                            info.name, shape, info.ty
+                        ),
+                    )
+                })?;
             let off = (data_start as u64).checked_add(info.off);
             let end = off.and_then(|o| o.checked_add(len as u64));
             match (off, end) {
-                (Some(o), Some(e)) if e <= file_len as u64 => spans.push((o as usize, e as usize, info.name.clone())),
+                (Some(o), Some(e)) if e <= file_len as u64 => {
+                    spans.push((o as usize, e as usize, info.name.clone()))
+                }
                 _ => {
-                    return Err(Error::format(path, format!(
-                        "tensor {}: data at offset {} + {} bytes runs past the end of the file ({} bytes)",
-                        info.name, info.off, len, file_len
-                    )));
+                    return Err(Error::format(
+                        path,
+                        format!(
+                            "tensor {}: data at offset {} + {} bytes runs past the end of the file ({} bytes)",
+                            info.name, info.off, len, file_len
+                        ),
+                    ));
                 }
             }
             if info.off % align as u64 != 0 {
-                return Err(Error::format(path, format!("tensor {}: offset {} is not aligned to {align}", info.name, info.off)));
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor {}: offset {} is not aligned to {align}",
+                        info.name, info.off
+                    ),
+                ));
             }
             let t = Tensor::new(
                 &info.name,
                 info.ty,
                 shape,
-                Buf::Mapped { map: map.clone(), off: (data_start as u64 + info.off) as usize, len },
+                Buf::Mapped {
+                    map: map.clone(),
+                    off: (data_start as u64 + info.off) as usize,
+                    len,
+                },
             )
             .map_err(|e| Error::format(path, e.to_string()))?;
             if tensors.insert(info.name.clone(), t).is_some() {
-                return Err(Error::format(path, format!("tensor {} appears twice", info.name)));
+                return Err(Error::format(
+                    path,
+                    format!("tensor {} appears twice", info.name),
+                ));
             }
             order.push(info.name);
         }
         spans.sort();
         for w in spans.windows(2) {
             if w[1].0 < w[0].1 {
-                return Err(Error::format(path, format!("tensors {} and {} overlap", w[0].2, w[1].2)));
+                return Err(Error::format(
+                    path,
+                    format!("tensors {} and {} overlap", w[0].2, w[1].2),
+                ));
             }
         }
-        Ok(Gguf { path: path.to_path_buf(), version, meta, tensors: TensorMap { source: path.to_path_buf(), tensors }, order })
+        Ok(Gguf {
+            path: path.to_path_buf(),
+            version,
+            meta,
+            tensors: TensorMap {
+                source: path.to_path_buf(),
+                tensors,
+            },
+            order,
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.meta.get(key)
     }
     pub fn u64(&self, key: &str) -> Result<u64> {
-        self.meta.get(key).and_then(|v| v.as_u64()).ok_or_else(|| Error::format(&self.path, format!("metadata {key} is missing or not an integer")))
+        self.meta.get(key).and_then(|v| v.as_u64()).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!("metadata {key} is missing or not an integer"),
+            )
+        })
     }
     pub fn f64(&self, key: &str) -> Result<f64> {
-        self.meta.get(key).and_then(|v| v.as_f64()).ok_or_else(|| Error::format(&self.path, format!("metadata {key} is missing or not a number")))
+        self.meta.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!("metadata {key} is missing or not a number"),
+            )
+        })
     }
     pub fn str(&self, key: &str) -> Result<&str> {
-        self.meta.get(key).and_then(|v| v.as_str()).ok_or_else(|| Error::format(&self.path, format!("metadata {key} is missing or not a string")))
+        self.meta.get(key).and_then(|v| v.as_str()).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!("metadata {key} is missing or not a string"),
+            )
+        })
     }
     /// An integer that may be given per layer as an array (llama.cpp's per-layer hparams).
     pub fn per_layer(&self, key: &str, n_layers: usize) -> Result<Vec<u64>> {
         match self.meta.get(key) {
             Some(Value::Array(a)) => {
                 if a.len() != n_layers {
-                    return Err(Error::format(&self.path, format!("metadata {key} has {} entries for {n_layers} layers", a.len())));
+                    return Err(Error::format(
+                        &self.path,
+                        format!(
+                            "metadata {key} has {} entries for {n_layers} layers",
+                            a.len()
+                        ),
+                    ));
                 }
                 a.iter()
-                    .map(|v| v.as_u64().ok_or_else(|| Error::format(&self.path, format!("metadata {key} holds a non-integer"))))
+                    .map(|v| {
+                        v.as_u64().ok_or_else(|| {
+                            Error::format(&self.path, format!("metadata {key} holds a non-integer"))
+                        })
+                    })
                     .collect()
             }
             Some(v) => {
-                let x = v.as_u64().ok_or_else(|| Error::format(&self.path, format!("metadata {key} is not an integer")))?;
+                let x = v.as_u64().ok_or_else(|| {
+                    Error::format(&self.path, format!("metadata {key} is not an integer"))
+                })?;
                 Ok(vec![x; n_layers])
             }
-            None => Err(Error::format(&self.path, format!("metadata {key} is missing"))),
+            None => Err(Error::format(
+                &self.path,
+                format!("metadata {key} is missing"),
+            )),
         }
     }
 }

@@ -30,7 +30,10 @@ pub fn load_file(path: &Path, out: &mut BTreeMap<String, Tensor>) -> Result<()> 
             safetensors::Dtype::F16 => DType::F16,
             safetensors::Dtype::BF16 => DType::BF16,
             other => {
-                return Err(Error::format(path, format!("tensor {name}: unsupported dtype {other:?}")));
+                return Err(Error::format(
+                    path,
+                    format!("tensor {name}: unsupported dtype {other:?}"),
+                ));
             }
         };
         let data = view.data();
@@ -39,8 +42,17 @@ pub fn load_file(path: &Path, out: &mut BTreeMap<String, Tensor>) -> Result<()> 
         if shape.is_empty() {
             shape.push(1);
         }
-        let t = Tensor::new(&name, dtype, shape, Buf::Mapped { map: map.clone(), off, len: data.len() })
-            .map_err(|e| Error::format(path, e.to_string()))?;
+        let t = Tensor::new(
+            &name,
+            dtype,
+            shape,
+            Buf::Mapped {
+                map: map.clone(),
+                off,
+                len: data.len(),
+            },
+        )
+        .map_err(|e| Error::format(path, e.to_string()))?;
         out.insert(name, t);
     }
     Ok(())
@@ -53,12 +65,15 @@ pub fn load_dir(dir: &Path) -> Result<TensorMap> {
     let index = dir.join("model.safetensors.index.json");
     if single.exists() {
         load_file(&single, &mut tensors)?;
-        return Ok(TensorMap { source: single, tensors });
+        return Ok(TensorMap {
+            source: single,
+            tensors,
+        });
     }
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(&index, format!("invalid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&index, format!("invalid JSON: {e}")))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -68,20 +83,32 @@ pub fn load_dir(dir: &Path) -> Result<TensorMap> {
         files.dedup();
         for f in files {
             if f.contains('/') || f.contains("..") {
-                return Err(Error::format(&index, format!("shard name {f:?} points outside the folder")));
+                return Err(Error::format(
+                    &index,
+                    format!("shard name {f:?} points outside the folder"),
+                ));
             }
             load_file(&dir.join(f), &mut tensors)?;
         }
         for name in map.keys() {
             if !tensors.contains_key(name) {
-                return Err(Error::format(&index, format!("tensor {name} is listed but missing from its shard")));
+                return Err(Error::format(
+                    &index,
+                    format!("tensor {name} is listed but missing from its shard"),
+                ));
             }
         }
-        return Ok(TensorMap { source: index, tensors });
+        return Ok(TensorMap {
+            source: index,
+            tensors,
+        });
     }
     // Any *.safetensors in the folder.
     let mut found = vec![];
-    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?.flatten() {
+    for e in std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+    {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "safetensors") {
             found.push(p);
@@ -89,10 +116,16 @@ pub fn load_dir(dir: &Path) -> Result<TensorMap> {
     }
     found.sort();
     if found.is_empty() {
-        return Err(Error::format(dir, "no model.safetensors, model.safetensors.index.json or *.safetensors found"));
+        return Err(Error::format(
+            dir,
+            "no model.safetensors, model.safetensors.index.json or *.safetensors found",
+        ));
     }
     for p in &found {
         load_file(p, &mut tensors)?;
     }
-    Ok(TensorMap { source: dir.to_path_buf(), tensors })
+    Ok(TensorMap {
+        source: dir.to_path_buf(),
+        tensors,
+    })
 }

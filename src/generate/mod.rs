@@ -80,13 +80,24 @@ pub fn generate(
             break;
         }
         out.push(next);
-        if let Some(delta) = stream.step(next).map_err(|e| Error::Tokenizer(e.to_string()))? {
+        if let Some(delta) = stream
+            .step(next)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+        {
             text.push_str(&delta);
         }
         if max_stop > 0 {
             let from = emitted.saturating_sub(max_stop);
-            let from = (0..=from).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
-            if let Some((at, _)) = cfg.stop.iter().filter_map(|s| text[from..].find(s.as_str()).map(|i| (from + i, s))).min_by_key(|x| x.0) {
+            let from = (0..=from)
+                .rev()
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0);
+            if let Some((at, _)) = cfg
+                .stop
+                .iter()
+                .filter_map(|s| text[from..].find(s.as_str()).map(|i| (from + i, s)))
+                .min_by_key(|x| x.0)
+            {
                 if at > emitted {
                     on_text(&text[emitted..at]);
                 }
@@ -98,7 +109,9 @@ pub fn generate(
             let mut safe = text.len();
             for s in &cfg.stop {
                 for l in (1..s.len().min(text.len() + 1)).rev() {
-                    if text.is_char_boundary(text.len() - l) && s.as_bytes().starts_with(&text.as_bytes()[text.len() - l..]) {
+                    if text.is_char_boundary(text.len() - l)
+                        && s.as_bytes().starts_with(&text.as_bytes()[text.len() - l..])
+                    {
                         safe = safe.min(text.len() - l);
                         break;
                     }

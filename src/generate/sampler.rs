@@ -14,7 +14,12 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplerConfig {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -28,7 +33,12 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Sampler {
         let rng = cfg.seed ^ 0x9E37_79B9_7F4A_7C15;
-        Sampler { cfg, rng, idx: vec![], prob: vec![] }
+        Sampler {
+            cfg,
+            rng,
+            idx: vec![],
+            prob: vec![],
+        }
     }
 
     /// splitmix64 → uniform in [0, 1).
@@ -49,12 +59,19 @@ impl Sampler {
         let inv_t = 1.0 / self.cfg.temperature;
         self.idx.clear();
         self.idx.extend(0..n as u32);
-        let k = if self.cfg.top_k > 0 { self.cfg.top_k.min(n) } else { n };
+        let k = if self.cfg.top_k > 0 {
+            self.cfg.top_k.min(n)
+        } else {
+            n
+        };
         if k < n {
-            self.idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+            self.idx.select_nth_unstable_by(k - 1, |&a, &b| {
+                logits[b as usize].total_cmp(&logits[a as usize])
+            });
             self.idx.truncate(k);
         }
-        self.idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        self.idx
+            .sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         let m = logits[self.idx[0] as usize];
         self.prob.clear();
         let mut sum = 0f32;
@@ -104,14 +121,30 @@ mod tests {
     fn greedy_and_seeded() {
         let l = [0.1, 3.0, 2.9, -1.0];
         assert_eq!(Sampler::new(SamplerConfig::default()).sample(&l), 1);
-        let cfg = SamplerConfig { temperature: 1.0, top_k: 2, top_p: 1.0, seed: 7 };
-        let a: Vec<u32> = { let mut s = Sampler::new(cfg.clone()); (0..50).map(|_| s.sample(&l)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(cfg); (0..50).map(|_| s.sample(&l)).collect() };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 2,
+            top_p: 1.0,
+            seed: 7,
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(cfg.clone());
+            (0..50).map(|_| s.sample(&l)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(cfg);
+            (0..50).map(|_| s.sample(&l)).collect()
+        };
         assert_eq!(a, b);
         assert!(a.iter().all(|&t| t == 1 || t == 2));
         assert!(a.contains(&1) && a.contains(&2));
         // top_p small keeps only the best
-        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.1, seed: 1 });
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.1,
+            seed: 1,
+        });
         assert!((0..20).all(|_| s.sample(&l) == 1));
     }
 }

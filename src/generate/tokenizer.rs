@@ -28,29 +28,52 @@ impl Tokenizer {
             Format::Hf => {
                 let p = m.meta.path.join("tokenizer.json");
                 if !p.exists() {
-                    return Err(Error::Tokenizer(format!("{} is missing (needed to turn text into tokens)", p.display())));
+                    return Err(Error::Tokenizer(format!(
+                        "{} is missing (needed to turn text into tokens)",
+                        p.display()
+                    )));
                 }
-                tokenizers::Tokenizer::from_file(&p).map_err(|e| Error::Tokenizer(format!("{}: {e}", p.display())))?
+                tokenizers::Tokenizer::from_file(&p)
+                    .map_err(|e| Error::Tokenizer(format!("{}: {e}", p.display())))?
             }
             Format::Gguf => {
-                let meta = m.meta.gguf.as_ref().ok_or_else(|| Error::Tokenizer("GGUF metadata not kept".into()))?;
-                from_gguf(meta).map_err(|e| Error::Tokenizer(format!("{}: {e}", m.meta.path.display())))?
+                let meta = m
+                    .meta
+                    .gguf
+                    .as_ref()
+                    .ok_or_else(|| Error::Tokenizer("GGUF metadata not kept".into()))?;
+                from_gguf(meta)
+                    .map_err(|e| Error::Tokenizer(format!("{}: {e}", m.meta.path.display())))?
             }
         };
         // End-of-turn tokens llama.cpp also treats as end of generation.
-        for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+        for t in [
+            "<|im_end|>",
+            "<|endoftext|>",
+            "<|eot_id|>",
+            "<|end|>",
+            "<end_of_turn>",
+        ] {
             if let Some(id) = inner.token_to_id(t) {
                 if !eos.contains(&id) {
                     eos.push(id);
                 }
             }
         }
-        Ok(Tokenizer { inner, bos: m.meta.bos, add_bos: m.meta.add_bos, eos })
+        Ok(Tokenizer {
+            inner,
+            bos: m.meta.bos,
+            add_bos: m.meta.add_bos,
+            eos,
+        })
     }
 
     /// Text to ids; `special` adds BOS when the model asks for it.
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if special && self.add_bos {
             if let Some(b) = self.bos {
@@ -62,7 +85,9 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     pub fn token_to_id(&self, t: &str) -> Option<u32> {
@@ -71,13 +96,20 @@ impl Tokenizer {
 }
 
 fn arr<'a>(meta: &'a BTreeMap<String, Value>, k: &str) -> std::result::Result<&'a [Value], String> {
-    meta.get(k).and_then(|v| v.as_array()).ok_or_else(|| format!("metadata {k} is missing"))
+    meta.get(k)
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| format!("metadata {k} is missing"))
 }
 
 fn from_gguf(meta: &BTreeMap<String, Value>) -> std::result::Result<tokenizers::Tokenizer, String> {
-    let model = meta.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("");
+    let model = meta
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     if model != "gpt2" {
-        return Err(format!("tokenizer.ggml.model {model:?} is not supported (only byte-level BPE, \"gpt2\")"));
+        return Err(format!(
+            "tokenizer.ggml.model {model:?} is not supported (only byte-level BPE, \"gpt2\")"
+        ));
     }
     let tokens = arr(meta, "tokenizer.ggml.tokens")?;
     let merges = arr(meta, "tokenizer.ggml.merges").unwrap_or(&[]);
@@ -85,7 +117,9 @@ fn from_gguf(meta: &BTreeMap<String, Value>) -> std::result::Result<tokenizers::
     let mut vocab = tokenizers::models::bpe::Vocab::default();
     let mut specials = vec![];
     for (i, t) in tokens.iter().enumerate() {
-        let s = t.as_str().ok_or("tokenizer.ggml.tokens holds a non-string")?;
+        let s = t
+            .as_str()
+            .ok_or("tokenizer.ggml.tokens holds a non-string")?;
         vocab.insert(s.to_string(), i as u32);
         // 3 = control, 4 = user-defined: matched as whole tokens in text.
         if let Some(ty) = types.get(i).and_then(|v| v.as_u64()) {
@@ -96,16 +130,27 @@ fn from_gguf(meta: &BTreeMap<String, Value>) -> std::result::Result<tokenizers::
     }
     let mut mv = Vec::with_capacity(merges.len());
     for m in merges {
-        let s = m.as_str().ok_or("tokenizer.ggml.merges holds a non-string")?;
-        let (a, b) = s.split_once(' ').ok_or_else(|| format!("merge {s:?} is not two tokens"))?;
+        let s = m
+            .as_str()
+            .ok_or("tokenizer.ggml.merges holds a non-string")?;
+        let (a, b) = s
+            .split_once(' ')
+            .ok_or_else(|| format!("merge {s:?} is not two tokens"))?;
         mv.push((a.to_string(), b.to_string()));
     }
-    let bpe = BPE::builder().vocab_and_merges(vocab, mv).build().map_err(|e| format!("BPE: {e}"))?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, mv)
+        .build()
+        .map_err(|e| format!("BPE: {e}"))?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
-    let pre = meta.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
+    let pre = meta
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
     tok.with_pre_tokenizer(Some(pre_tokenizer(pre)?));
     tok.with_decoder(Some(ByteLevelDecoder::default()));
-    tok.add_special_tokens(specials).map_err(|e| format!("special tokens: {e}"))?;
+    tok.add_special_tokens(specials)
+        .map_err(|e| format!("special tokens: {e}"))?;
     Ok(tok)
 }
 
@@ -114,23 +159,41 @@ fn pre_tokenizer(pre: &str) -> std::result::Result<PreTokenizerWrapper, String> 
     let byte_level = |regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, regex));
     let split = |re: &str| -> std::result::Result<PreTokenizerWrapper, String> {
         Ok(PreTokenizerWrapper::Split(
-            Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false).map_err(|e| e.to_string())?,
+            Split::new(
+                SplitPattern::Regex(re.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| e.to_string())?,
         ))
     };
     Ok(match pre {
         "default" | "gpt2" | "gpt-2" | "" => byte_level(true),
         // Single digits, then the GPT-2 regex.
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
-            PreTokenizerWrapper::Sequence(Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level(true)]))
+            PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                PreTokenizerWrapper::Digits(Digits::new(true)),
+                byte_level(true),
+            ]))
         }
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
-            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")?,
-            byte_level(false),
-        ])),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => {
+            PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                split(
+                    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+                )?,
+                byte_level(false),
+            ]))
+        }
         "qwen2" | "deepseek-r1-qwen" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
-            split(r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")?,
+            split(
+                r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            )?,
             byte_level(false),
         ])),
-        other => return Err(format!("pre-tokenizer {other:?} is not supported yet (known: gpt2, smollm, llama-bpe, qwen2)")),
+        other => {
+            return Err(format!(
+                "pre-tokenizer {other:?} is not supported yet (known: gpt2, smollm, llama-bpe, qwen2)"
+            ));
+        }
     })
 }

@@ -29,9 +29,13 @@ impl<T> Ptr<T> {
 /// Which kernel a weight format uses in prefill. `ELASTICA_EXACT=1` keeps every format on the
 /// f32 kernel (weights dequantized exactly, activations unrounded) at about half the speed.
 pub fn uses_bf16(dt: DType) -> bool {
+    !exact() && !matches!(dt, DType::F32 | DType::F16)
+}
+
+/// `ELASTICA_EXACT=1`: f32 activations everywhere (decode and prefill), for reference runs.
+pub fn exact() -> bool {
     static EXACT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let exact = *EXACT.get_or_init(|| std::env::var_os("ELASTICA_EXACT").is_some_and(|v| v != "0"));
-    !exact && !matches!(dt, DType::F32 | DType::F16)
+    *EXACT.get_or_init(|| std::env::var_os("ELASTICA_EXACT").is_some_and(|v| v != "0"))
 }
 
 /// Y[t, :] = W[rows, cols] · X[t, :] for t in 0..T. X is [T, seg_len(cols)], Y is [T, seg_len(rows)].
@@ -60,39 +64,98 @@ pub fn matmul(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
         unreachable!()
     };
     let dt = w.dtype;
-    let pack_f32 = |n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [f32], tmp: &mut Vec<f32>| {
-        for j in 0..nn {
-            gather_row(w, row_of(n0 + j), cols, k0, kc, tmp);
-            for (kk, &v) in tmp[..kc].iter().enumerate() {
-                dst[kk * NR + j] = v;
+    let pack_f32 =
+        |n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [f32], tmp: &mut Vec<f32>| {
+            for j in 0..nn {
+                gather_row(w, row_of(n0 + j), cols, k0, kc, tmp);
+                for (kk, &v) in tmp[..kc].iter().enumerate() {
+                    dst[kk * NR + j] = v;
+                }
             }
-        }
-    };
+        };
     if uses_bf16(dt) && isa() == Isa::Avx512 {
         let kp = k.next_multiple_of(2);
         let mut xb = vec![0u16; t * kp];
         for r in 0..t {
-            for c in 0..k {
-                xb[r * kp + c] = f32_to_bf16(x[r * k + c]);
-            }
+            to_bf16(&x[r * k..(r + 1) * k], &mut xb[r * kp..r * kp + k]);
         }
-        let pack = |n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [u16], tmp: &mut Vec<f32>| {
-            // dst layout [kc/2][NR][2]
-            for j in 0..nn {
-                gather_row(w, row_of(n0 + j), cols, k0, kc, tmp);
-                for kk in 0..kc {
-                    dst[(kk / 2) * 2 * NR + 2 * j + (kk & 1)] = f32_to_bf16(tmp[kk]);
+        let pack =
+            |n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [u16], tmp: &mut Vec<f32>| {
+                // dst layout [kc/2][NR][2]: one u32 (a bf16 pair along k) per output column.
+                let mut row = [0u16; KC_BF16 + 2];
+                for j in 0..nn {
+                    gather_row_bf16(w, row_of(n0 + j), cols, k0, kc, tmp, &mut row);
+                    if kc % 2 == 1 {
+                        row[kc] = 0;
+                    }
+                    for p in 0..kc.div_ceil(2) {
+                        dst[p * 2 * NR + 2 * j] = row[2 * p];
+                        dst[p * 2 * NR + 2 * j + 1] = row[2 * p + 1];
+                    }
                 }
-            }
-        };
+            };
         gemm_bf16(t, n, k, &xb, kp, y, n, &pack);
     } else {
         gemm_f32(t, n, k, x, k, y, n, &pack_f32);
     }
 }
 
+/// f32 → bf16 (round to nearest even), vectorized where AVX-512 BF16 is available.
+pub fn to_bf16(x: &[f32], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        unsafe { avx512::to_bf16(x, out) };
+        return;
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f32_to_bf16(v);
+    }
+}
+
+/// Like [`gather_row`], as bf16: BF16 weights are copied, other formats dequantized and rounded.
+fn gather_row_bf16(
+    w: &Tensor,
+    r: usize,
+    cols: &[Range<usize>],
+    k0: usize,
+    kc: usize,
+    tmp: &mut Vec<f32>,
+    out: &mut [u16],
+) {
+    if w.dtype == DType::BF16 {
+        let row = w.row(r);
+        let mut off = 0;
+        let mut filled = 0;
+        for s in cols {
+            let (a, b) = (off, off + s.len());
+            off = b;
+            let lo = a.max(k0);
+            let hi = b.min(k0 + kc);
+            if lo >= hi {
+                continue;
+            }
+            let c0 = s.start + (lo - a);
+            for (i, o) in out[filled..filled + hi - lo].iter_mut().enumerate() {
+                let p = 2 * (c0 + i);
+                *o = u16::from_le_bytes([row[p], row[p + 1]]);
+            }
+            filled += hi - lo;
+        }
+        return;
+    }
+    gather_row(w, r, cols, k0, kc, tmp);
+    to_bf16(&tmp[..kc], &mut out[..kc]);
+}
+
 /// Gathers packed input columns [k0, k0+kc) of parent row `r` (over the column segments) as f32.
-fn gather_row(w: &Tensor, r: usize, cols: &[Range<usize>], k0: usize, kc: usize, tmp: &mut Vec<f32>) {
+fn gather_row(
+    w: &Tensor,
+    r: usize,
+    cols: &[Range<usize>],
+    k0: usize,
+    kc: usize,
+    tmp: &mut Vec<f32>,
+) {
     tmp.resize(kc.max(tmp.len()), 0.0);
     let row = w.row(r);
     let bl = w.dtype.block_len();
@@ -125,7 +188,17 @@ fn gather_row(w: &Tensor, r: usize, cols: &[Range<usize>], k0: usize, kc: usize,
 /// C[m, n] = A[m, k] · B[n, k]ᵀ in f32 (row-major, leading dimensions given). Used by attention
 /// and the SSD scan, where both operands are activations.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_nt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize) {
+pub fn gemm_nt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -135,14 +208,15 @@ pub fn gemm_nt(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], l
         }
         return;
     }
-    let pack = |n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [f32], _tmp: &mut Vec<f32>| {
-        for j in 0..nn {
-            let src = &b[(n0 + j) * ldb + k0..(n0 + j) * ldb + k0 + kc];
-            for (kk, &v) in src.iter().enumerate() {
-                dst[kk * NR + j] = v;
+    let pack =
+        |n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [f32], _tmp: &mut Vec<f32>| {
+            for j in 0..nn {
+                let src = &b[(n0 + j) * ldb + k0..(n0 + j) * ldb + k0 + kc];
+                for (kk, &v) in src.iter().enumerate() {
+                    dst[kk * NR + j] = v;
+                }
             }
-        }
-    };
+        };
     gemm_f32_serial(m, n, k, a, lda, c, ldc, 0..n.div_ceil(NR), &pack);
 }
 
@@ -150,7 +224,16 @@ type PackF32<'a> = dyn Fn(usize, usize, usize, usize, &mut [f32], &mut Vec<f32>)
 type PackBf16<'a> = dyn Fn(usize, usize, usize, usize, &mut [u16], &mut Vec<f32>) + Sync + 'a;
 
 #[allow(clippy::too_many_arguments)]
-fn gemm_f32(m: usize, n: usize, k: usize, a: &[f32], lda: usize, c: &mut [f32], ldc: usize, pack: &PackF32) {
+fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    c: &mut [f32],
+    ldc: usize,
+    pack: &PackF32,
+) {
     let panels = n.div_ceil(NR);
     let cp = Ptr(c.as_mut_ptr());
     let clen = c.len();
@@ -193,7 +276,17 @@ fn gemm_f32_serial(
                 if simd {
                     #[cfg(target_arch = "x86_64")]
                     unsafe {
-                        avx512::kern_f32_dispatch(mr, kc, ap.as_ptr(), lda, bp.as_ptr(), cpn.as_mut_ptr(), ldc, nn, k0 > 0)
+                        avx512::kern_f32_dispatch(
+                            mr,
+                            kc,
+                            ap.as_ptr(),
+                            lda,
+                            bp.as_ptr(),
+                            cpn.as_mut_ptr(),
+                            ldc,
+                            nn,
+                            k0 > 0,
+                        )
                     };
                 } else {
                     kern_scalar(mr, kc, nn, |r, kk| ap[r * lda + kk], &bp, cpn, ldc, k0 > 0);
@@ -206,7 +299,16 @@ fn gemm_f32_serial(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn kern_scalar(mr: usize, kc: usize, nn: usize, a: impl Fn(usize, usize) -> f32, bp: &[f32], c: &mut [f32], ldc: usize, acc: bool) {
+fn kern_scalar(
+    mr: usize,
+    kc: usize,
+    nn: usize,
+    a: impl Fn(usize, usize) -> f32,
+    bp: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    acc: bool,
+) {
     for r in 0..mr {
         for j in 0..nn {
             let mut s = if acc { c[r * ldc + j] } else { 0.0 };
@@ -219,7 +321,16 @@ fn kern_scalar(mr: usize, kc: usize, nn: usize, a: impl Fn(usize, usize) -> f32,
 }
 
 #[allow(clippy::too_many_arguments)]
-fn gemm_bf16(m: usize, n: usize, k: usize, a: &[u16], lda: usize, c: &mut [f32], ldc: usize, pack: &PackBf16) {
+fn gemm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[u16],
+    lda: usize,
+    c: &mut [f32],
+    ldc: usize,
+    pack: &PackBf16,
+) {
     let panels = n.div_ceil(NR);
     let cp = Ptr(c.as_mut_ptr());
     let clen = c.len();
@@ -268,6 +379,28 @@ mod avx512 {
     use super::NR;
     use std::arch::x86_64::*;
 
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn to_bf16(x: &[f32], out: &mut [u16]) {
+        unsafe {
+            let n = x.len().min(out.len());
+            let mut i = 0;
+            while i < n {
+                let m: __mmask16 = if n - i >= 16 {
+                    !0
+                } else {
+                    (1u16 << (n - i)) - 1
+                };
+                let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x.as_ptr().add(i)));
+                _mm256_mask_storeu_epi16(
+                    out.as_mut_ptr().add(i) as *mut i16,
+                    m,
+                    std::mem::transmute::<__m256bh, __m256i>(v),
+                );
+                i += 16;
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn kern_f32_dispatch(
         mr: usize,
@@ -295,7 +428,13 @@ mod avx512 {
     }
 
     #[inline(always)]
-    unsafe fn store_tile<const M: usize>(acc: &[[__m512; 3]; M], c: *mut f32, ldc: usize, nn: usize, add: bool) {
+    unsafe fn store_tile<const M: usize>(
+        acc: &[[__m512; 3]; M],
+        c: *mut f32,
+        ldc: usize,
+        nn: usize,
+        add: bool,
+    ) {
         unsafe {
             for r in 0..M {
                 for v in 0..3 {
@@ -303,7 +442,11 @@ mod avx512 {
                     if lo >= nn {
                         break;
                     }
-                    let m: __mmask16 = if nn - lo >= 16 { !0 } else { (1u16 << (nn - lo)) - 1 };
+                    let m: __mmask16 = if nn - lo >= 16 {
+                        !0
+                    } else {
+                        (1u16 << (nn - lo)) - 1
+                    };
                     let p = c.add(r * ldc + lo);
                     let mut x = acc[r][v];
                     if add {
@@ -317,7 +460,16 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kern_f32<const M: usize>(kc: usize, a: *const f32, lda: usize, b: *const f32, c: *mut f32, ldc: usize, nn: usize, add: bool) {
+    unsafe fn kern_f32<const M: usize>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        nn: usize,
+        add: bool,
+    ) {
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 3]; M];
             for kk in 0..kc {
@@ -365,7 +517,16 @@ mod avx512 {
     /// kp = number of k pairs; A rows are bf16 with pairs adjacent; B packed [kp][NR][2].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn kern_bf16<const M: usize>(kp: usize, a: *const u16, lda: usize, b: *const u16, c: *mut f32, ldc: usize, nn: usize, add: bool) {
+    unsafe fn kern_bf16<const M: usize>(
+        kp: usize,
+        a: *const u16,
+        lda: usize,
+        b: *const u16,
+        c: *mut f32,
+        ldc: usize,
+        nn: usize,
+        add: bool,
+    ) {
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 3]; M];
             for kk in 0..kp {
@@ -395,7 +556,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect()
@@ -416,8 +579,16 @@ mod tests {
         let cl: Vec<usize> = cols.iter().flat_map(|r| r.clone()).collect();
         for ti in 0..t {
             for (j, &r) in rl.iter().enumerate() {
-                let want: f32 = cl.iter().enumerate().map(|(i, &c)| wv[r * k + c] * x[ti * kk + i]).sum();
-                assert!((y[ti * nn + j] - want).abs() < 1e-4, "t{ti} r{r}: {} vs {want}", y[ti * nn + j]);
+                let want: f32 = cl
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &c)| wv[r * k + c] * x[ti * kk + i])
+                    .sum();
+                assert!(
+                    (y[ti * nn + j] - want).abs() < 1e-4,
+                    "t{ti} r{r}: {} vs {want}",
+                    y[ti * nn + j]
+                );
             }
             let mut yv = vec![0f32; nn];
             crate::kernels::gemv::matvec(&w, &rows, &cols, &x[ti * kk..(ti + 1) * kk], &mut yv);

@@ -18,7 +18,6 @@ struct ActScratch {
     q8: Q8Act,
     /// Per block of 32: d_x·Σq (Q4 offsets) and 128·d_x·Σq (Q8_0 sign trick).
     xsum: Vec<f32>,
-
 }
 
 thread_local! {
@@ -29,7 +28,11 @@ thread_local! {
 enum Act<'a> {
     F32(&'a [f32]),
     Bf16(&'a [u16]),
-    Q8 { q: &'a [i8], d: &'a [f32], xsum: &'a [f32] },
+    Q8 {
+        q: &'a [i8],
+        d: &'a [f32],
+        xsum: &'a [f32],
+    },
 }
 
 /// y = W[rows, cols] x. `w` is [out, in]; `x.len() == seg_len(cols)`, `y.len() == seg_len(rows)`.
@@ -41,6 +44,7 @@ pub fn matvec(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
         let mut s = s.borrow_mut();
         let s = &mut *s;
         let act = match w.dtype {
+            _ if super::gemm::exact() => Act::F32(x),
             DType::F32 | DType::F16 => Act::F32(x),
             DType::BF16 => {
                 s.bf.resize(x.len(), 0);
@@ -54,7 +58,11 @@ pub fn matvec(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
                 for b in 0..s.q8.d.len() {
                     s.xsum[b] = c * s.q8.d[b] * s.q8.sum[b] as f32;
                 }
-                Act::Q8 { q: &s.q8.q, d: &s.q8.d, xsum: &s.xsum }
+                Act::Q8 {
+                    q: &s.q8.q,
+                    d: &s.q8.d,
+                    xsum: &s.xsum,
+                }
             }
             DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q5K | DType::Q6K => Act::F32(x),
         };
@@ -124,12 +132,31 @@ fn rows_dot(
             unsafe {
                 match (act, w.dtype) {
                     (Act::Bf16(x), _) => avx512::rows_bf16(base, stride, n, cols, x, out),
-                    (Act::Q8 { q, d, xsum }, DType::Q8_0) => avx512::rows_q8_0(base, stride, n, cols, q, d, xsum, out),
-                    (Act::Q8 { q, d, xsum }, DType::Q4_1) => avx512::rows_q4::<true>(base, stride, n, cols, q, d, xsum, out),
-                    (Act::Q8 { q, d, xsum }, _) => avx512::rows_q4::<false>(base, stride, n, cols, q, d, xsum, out),
-                    (Act::F32(x), DType::F32) => out.iter_mut().enumerate().for_each(|(i, o)| *o = avx512::dot_f32(row(i), cols, x)),
-                    (Act::F32(x), DType::F16) => out.iter_mut().enumerate().for_each(|(i, o)| *o = avx512::dot_f16(row(i), cols, x)),
-                    (Act::F32(x), dt) => out.iter_mut().enumerate().for_each(|(i, o)| *o = dot_generic(dt, row(i), cols, x)),
+                    (Act::Q8 { q, d, xsum }, DType::Q8_0) => {
+                        avx512::rows_q8_0(base, stride, n, cols, q, d, xsum, out)
+                    }
+                    (Act::Q8 { q, d, xsum }, DType::Q4_1) => {
+                        avx512::rows_q4::<true>(base, stride, n, cols, q, d, xsum, out)
+                    }
+                    (Act::Q8 { q, d, xsum }, _) => {
+                        avx512::rows_q4::<false>(base, stride, n, cols, q, d, xsum, out)
+                    }
+                    (Act::F32(x), DType::F32) => out
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, o)| *o = avx512::dot_f32(row(i), cols, x)),
+                    (Act::F32(x), DType::F16) => out
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, o)| *o = avx512::dot_f16(row(i), cols, x)),
+                    (Act::F32(x), DType::BF16) => out
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, o)| *o = avx512::dot_bf16_f32(row(i), cols, x)),
+                    (Act::F32(x), dt) => out
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, o)| *o = dot_generic(dt, row(i), cols, x)),
                 }
             }
             continue;
@@ -178,7 +205,14 @@ fn dot_generic(dt: DType, row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
 }
 
 /// Integer dot of a Q8_0/Q4_0/Q4_1 row with q8 activations: the reference for the SIMD paths.
-fn scalar_dot_q(dt: DType, row: &[u8], cols: &[Range<usize>], q: &[i8], d: &[f32], xsum: &[f32]) -> f32 {
+fn scalar_dot_q(
+    dt: DType,
+    row: &[u8],
+    cols: &[Range<usize>],
+    q: &[i8],
+    d: &[f32],
+    xsum: &[f32],
+) -> f32 {
     let bb = dt.block_bytes();
     let mut s = 0f32;
     let mut k = 0; // packed activation block
@@ -203,7 +237,11 @@ fn scalar_dot_q(dt: DType, row: &[u8], cols: &[Range<usize>], q: &[i8], d: &[f32
                         acc += (b[off + i] >> 4) as i32 * xq[i + 16] as i32;
                     }
                     s += dw * d[k] * acc as f32;
-                    let m = if dt == DType::Q4_1 { quant::f16_at(b, 2) } else { -8.0 * dw };
+                    let m = if dt == DType::Q4_1 {
+                        quant::f16_at(b, 2)
+                    } else {
+                        -8.0 * dw
+                    };
                     s += m * xsum[k];
                 }
             }
@@ -213,7 +251,6 @@ fn scalar_dot_q(dt: DType, row: &[u8], cols: &[Range<usize>], q: &[i8], d: &[f32
     s
 }
 
-
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -221,7 +258,11 @@ mod avx512 {
 
     #[inline(always)]
     unsafe fn f16s(b: *const u8) -> f32 {
-        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(b as *const u16) as i32))) }
+        unsafe {
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                std::ptr::read_unaligned(b as *const u16) as i32,
+            )))
+        }
     }
 
     /// Rows ahead to prefetch: rows are short (a few hundred bytes), too short for the hardware
@@ -249,12 +290,31 @@ mod avx512 {
 
     /// BF16 rows · bf16 x (vdpbf16ps), four rows at a time sharing the activation loads.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-    pub unsafe fn rows_bf16(base: *const u8, stride: usize, n: usize, cols: &[Range<usize>], x: &[u16], y: &mut [f32]) {
-        unsafe { by_four!(n, y, |r, R| bf16_group::<R>(base.add(r * stride), stride, cols, x)) }
+    pub unsafe fn rows_bf16(
+        base: *const u8,
+        stride: usize,
+        n: usize,
+        cols: &[Range<usize>],
+        x: &[u16],
+        y: &mut [f32],
+    ) {
+        unsafe {
+            by_four!(n, y, |r, R| bf16_group::<R>(
+                base.add(r * stride),
+                stride,
+                cols,
+                x
+            ))
+        }
     }
 
     #[inline(always)]
-    unsafe fn bf16_group<const R: usize>(base: *const u8, stride: usize, cols: &[Range<usize>], x: &[u16]) -> [f32; R] {
+    unsafe fn bf16_group<const R: usize>(
+        base: *const u8,
+        stride: usize,
+        cols: &[Range<usize>],
+        x: &[u16],
+    ) -> [f32; R] {
         unsafe {
             let mut acc = [_mm512_setzero_ps(); R];
             let mut k = 0usize;
@@ -263,12 +323,18 @@ mod avx512 {
                 let n = c.len();
                 let mut i = 0;
                 while i < n {
-                    let m: __mmask32 = if n - i >= 32 { !0 } else { (1u32 << (n - i)) - 1 };
-                    let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(m, xp.add(i) as *const _));
+                    let m: __mmask32 = if n - i >= 32 {
+                        !0
+                    } else {
+                        (1u32 << (n - i)) - 1
+                    };
+                    let xv: __m512bh =
+                        std::mem::transmute(_mm512_maskz_loadu_epi16(m, xp.add(i) as *const _));
                     for (r, a) in acc.iter_mut().enumerate() {
                         let wp = base.add(r * stride + 2 * (c.start + i));
                         _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
-                        let wv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(m, wp as *const _));
+                        let wv: __m512bh =
+                            std::mem::transmute(_mm512_maskz_loadu_epi16(m, wp as *const _));
                         *a = _mm512_dpbf16_ps(*a, wv, xv);
                     }
                     i += 32;
@@ -283,12 +349,37 @@ mod avx512 {
     /// Σ w·x = dpbusd(w+128, x) − 128·Σx; the second term is `xsum` (pre-scaled by d_x).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn rows_q8_0(base: *const u8, stride: usize, n: usize, cols: &[Range<usize>], q: &[i8], d: &[f32], xsum: &[f32], y: &mut [f32]) {
-        unsafe { by_four!(n, y, |r, R| q8_group::<R>(base.add(r * stride), stride, cols, q, d, xsum)) }
+    pub unsafe fn rows_q8_0(
+        base: *const u8,
+        stride: usize,
+        n: usize,
+        cols: &[Range<usize>],
+        q: &[i8],
+        d: &[f32],
+        xsum: &[f32],
+        y: &mut [f32],
+    ) {
+        unsafe {
+            by_four!(n, y, |r, R| q8_group::<R>(
+                base.add(r * stride),
+                stride,
+                cols,
+                q,
+                d,
+                xsum
+            ))
+        }
     }
 
     #[inline(always)]
-    unsafe fn q8_group<const R: usize>(base: *const u8, stride: usize, cols: &[Range<usize>], q: &[i8], d: &[f32], xsum: &[f32]) -> [f32; R] {
+    unsafe fn q8_group<const R: usize>(
+        base: *const u8,
+        stride: usize,
+        cols: &[Range<usize>],
+        q: &[i8],
+        d: &[f32],
+        xsum: &[f32],
+    ) -> [f32; R] {
         unsafe {
             let flip = _mm256_set1_epi8(-128);
             let mut acc = [_mm256_setzero_ps(); R];
@@ -305,7 +396,8 @@ mod avx512 {
                         let dw = f16s(p);
                         let w = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const _), flip);
                         let i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * dk), acc[r]);
+                        acc[r] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * dk), acc[r]);
                         corr[r] += dw * xs;
                     }
                     k += 1;
@@ -323,12 +415,37 @@ mod avx512 {
     /// comes from `xsum`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn rows_q4<const Q41: bool>(base: *const u8, stride: usize, n: usize, cols: &[Range<usize>], q: &[i8], d: &[f32], xsum: &[f32], y: &mut [f32]) {
-        unsafe { by_four!(n, y, |r, R| q4_group::<R, Q41>(base.add(r * stride), stride, cols, q, d, xsum)) }
+    pub unsafe fn rows_q4<const Q41: bool>(
+        base: *const u8,
+        stride: usize,
+        n: usize,
+        cols: &[Range<usize>],
+        q: &[i8],
+        d: &[f32],
+        xsum: &[f32],
+        y: &mut [f32],
+    ) {
+        unsafe {
+            by_four!(n, y, |r, R| q4_group::<R, Q41>(
+                base.add(r * stride),
+                stride,
+                cols,
+                q,
+                d,
+                xsum
+            ))
+        }
     }
 
     #[inline(always)]
-    unsafe fn q4_group<const R: usize, const Q41: bool>(base: *const u8, stride: usize, cols: &[Range<usize>], q: &[i8], d: &[f32], xsum: &[f32]) -> [f32; R] {
+    unsafe fn q4_group<const R: usize, const Q41: bool>(
+        base: *const u8,
+        stride: usize,
+        cols: &[Range<usize>],
+        q: &[i8],
+        d: &[f32],
+        xsum: &[f32],
+    ) -> [f32; R] {
         unsafe {
             let bb = if Q41 { 20 } else { 18 };
             let off = if Q41 { 4 } else { 2 };
@@ -347,9 +464,13 @@ mod avx512 {
                         let dw = f16s(p);
                         let m = if Q41 { f16s(p.add(2)) } else { -8.0 * dw };
                         let bytes = _mm_loadu_si128(p.add(off) as *const _);
-                        let w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), lo), _mm_and_si128(bytes, lo));
+                        let w = _mm256_set_m128i(
+                            _mm_and_si128(_mm_srli_epi16(bytes, 4), lo),
+                            _mm_and_si128(bytes, lo),
+                        );
                         let i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * dk), acc[r]);
+                        acc[r] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * dk), acc[r]);
                         corr[r] += m * xs;
                     }
                     k += 1;
@@ -374,8 +495,16 @@ mod avx512 {
                 let n = c.len();
                 let mut i = 0;
                 while i < n {
-                    let m: __mmask16 = if n - i >= 16 { !0 } else { (1u16 << (n - i)) - 1 };
-                    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w.add(i)), _mm512_maskz_loadu_ps(m, xp.add(i)), acc);
+                    let m: __mmask16 = if n - i >= 16 {
+                        !0
+                    } else {
+                        (1u16 << (n - i)) - 1
+                    };
+                    acc = _mm512_fmadd_ps(
+                        _mm512_maskz_loadu_ps(m, w.add(i)),
+                        _mm512_maskz_loadu_ps(m, xp.add(i)),
+                        acc,
+                    );
                     i += 16;
                 }
                 k += n;
@@ -383,6 +512,34 @@ mod avx512 {
             _mm512_reduce_add_ps(acc)
         }
     }
+    /// BF16 weights against f32 activations (exact mode): widen bf16 to f32 by a shift.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    pub unsafe fn dot_bf16_f32(row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
+        unsafe {
+            let mut acc = _mm512_setzero_ps();
+            let mut k = 0usize;
+            for c in cols {
+                let w = row.as_ptr().add(2 * c.start) as *const u16;
+                let xp = x.as_ptr().add(k);
+                let n = c.len();
+                let mut i = 0;
+                while i < n {
+                    let m: __mmask16 = if n - i >= 16 {
+                        !0
+                    } else {
+                        (1u16 << (n - i)) - 1
+                    };
+                    let wh = _mm256_maskz_loadu_epi16(m, w.add(i) as *const _);
+                    let wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(wh), 16));
+                    acc = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, xp.add(i)), acc);
+                    i += 16;
+                }
+                k += n;
+            }
+            _mm512_reduce_add_ps(acc)
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
     pub unsafe fn dot_f16(row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
         unsafe {
@@ -394,9 +551,17 @@ mod avx512 {
                 let n = c.len();
                 let mut i = 0;
                 while i < n {
-                    let m: __mmask16 = if n - i >= 16 { !0 } else { (1u16 << (n - i)) - 1 };
+                    let m: __mmask16 = if n - i >= 16 {
+                        !0
+                    } else {
+                        (1u16 << (n - i)) - 1
+                    };
                     let wh = _mm256_maskz_loadu_epi16(m, w.add(i) as *const _);
-                    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(wh), _mm512_maskz_loadu_ps(m, xp.add(i)), acc);
+                    acc = _mm512_fmadd_ps(
+                        _mm512_cvtph_ps(wh),
+                        _mm512_maskz_loadu_ps(m, xp.add(i)),
+                        acc,
+                    );
                     i += 16;
                 }
                 k += n;

@@ -56,7 +56,12 @@ impl Pool {
                     .expect("spawn worker thread")
             })
             .collect();
-        Pool { n, shared, busy: AtomicBool::new(false), handles }
+        Pool {
+            n,
+            shared,
+            busy: AtomicBool::new(false),
+            handles,
+        }
     }
 
     pub fn threads(&self) -> usize {
@@ -180,7 +185,13 @@ pub fn init(threads: usize) -> &'static Pool {
 
 /// The global pool (all cores by default).
 pub fn pool() -> &'static Pool {
-    POOL.get_or_init(|| Pool::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)))
+    POOL.get_or_init(|| {
+        Pool::new(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        )
+    })
 }
 
 #[cfg(test)]

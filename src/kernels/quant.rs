@@ -22,7 +22,10 @@ fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
     }
 }
 
@@ -81,8 +84,10 @@ pub fn dequant_block(dtype: DType, b: &[u8], out: &mut [f32]) {
                 for l in 0..32 {
                     let hi1 = if qh[l] & u1 != 0 { 16.0 } else { 0.0 };
                     let hi2 = if qh[l] & u2 != 0 { 16.0 } else { 0.0 };
-                    out[64 * j + l] = d * s1 as f32 * ((q[l] & 0xF) as f32 + hi1) - dmin * m1 as f32;
-                    out[64 * j + 32 + l] = d * s2 as f32 * ((q[l] >> 4) as f32 + hi2) - dmin * m2 as f32;
+                    out[64 * j + l] =
+                        d * s1 as f32 * ((q[l] & 0xF) as f32 + hi1) - dmin * m1 as f32;
+                    out[64 * j + 32 + l] =
+                        d * s2 as f32 * ((q[l] >> 4) as f32 + hi2) - dmin * m2 as f32;
                 }
             }
         }
@@ -105,7 +110,12 @@ pub fn dequant_block(dtype: DType, b: &[u8], out: &mut [f32]) {
             let sc = &b[192..208];
             let d = f16_at(b, 208);
             for n in 0..2 {
-                let (ql, qh, sc, y) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..], &mut out[128 * n..]);
+                let (ql, qh, sc, y) = (
+                    &ql[64 * n..],
+                    &qh[32 * n..],
+                    &sc[8 * n..],
+                    &mut out[128 * n..],
+                );
                 for l in 0..32 {
                     let is = l / 16;
                     let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;

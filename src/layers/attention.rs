@@ -17,15 +17,24 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f32, interleaved: bool) -> Rope {
-        let inv_freq = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
-        Rope { inv_freq, interleaved }
+        let inv_freq = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        Rope {
+            inv_freq,
+            interleaved,
+        }
     }
     /// Rotates one head vector in place for position `pos`.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let half = x.len() / 2;
         for i in 0..half {
             let (sin, cos) = (pos as f32 * self.inv_freq[i]).sin_cos();
-            let (a, b) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+            let (a, b) = if self.interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            };
             let (x0, x1) = (x[a], x[b]);
             x[a] = x0 * cos - x1 * sin;
             x[b] = x1 * cos + x0 * sin;
@@ -57,14 +66,27 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(kv_heads: usize, head_dim: usize, cap: usize) -> KvCache {
-        KvCache { k: vec![0.0; kv_heads * cap * head_dim], v: vec![0.0; kv_heads * cap * head_dim], cap }
+        KvCache {
+            k: vec![0.0; kv_heads * cap * head_dim],
+            v: vec![0.0; kv_heads * cap * head_dim],
+            cap,
+        }
     }
 }
 
 impl Attention {
     /// out[T, hidden] = Attn(x[T, hidden]) for tokens at positions pos0..pos0+T.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&self, lb: &LayerBudget, hidden: usize, x: &[f32], out: &mut [f32], kv: &mut KvCache, pos0: usize, s: &mut Scratch) {
+    pub fn forward(
+        &self,
+        lb: &LayerBudget,
+        hidden: usize,
+        x: &[f32],
+        out: &mut [f32],
+        kv: &mut KvCache,
+        pos0: usize,
+        s: &mut Scratch,
+    ) {
         let t = x.len() / hidden;
         let d = self.head_dim;
         let nq = lb.heads;

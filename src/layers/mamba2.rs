@@ -59,7 +59,15 @@ impl Mamba2 {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(&self, lb: &LayerBudget, hidden: usize, x: &[f32], out: &mut [f32], st: &mut MambaState, s: &mut Scratch) {
+    pub fn forward(
+        &self,
+        lb: &LayerBudget,
+        hidden: usize,
+        x: &[f32],
+        out: &mut [f32],
+        st: &mut MambaState,
+        s: &mut Scratch,
+    ) {
         let t = x.len() / hidden;
         let na = lb.mamba_heads;
         let pa = lb.mamba_head_dim;
@@ -147,7 +155,19 @@ impl Mamba2 {
             let h = head_list(hh);
             let grp = h / heads_per_group;
             let ssm = unsafe { sp.slice(h * hstride, hstride) };
-            let io = HeadIo { xbc, cw, dt, na, hh, xoff: hh * pa, boff: ni + grp * n, coff: ni + gn + grp * n, pa, n, t };
+            let io = HeadIo {
+                xbc,
+                cw,
+                dt,
+                na,
+                hh,
+                xoff: hh * pa,
+                boff: ni + grp * n,
+                coff: ni + gn + grp * n,
+                pa,
+                n,
+                t,
+            };
             if t == 1 {
                 self.step(h, &io, ssm, unsafe { yp.slice(hh * pa, pa) });
             } else {
@@ -252,7 +272,11 @@ impl Mamba2 {
             gemm_nt(l, l, n, &cm, n, &bm, n, &mut cb, q);
             for ti in 0..l {
                 for u in 0..l {
-                    cb[ti * q + u] = if u <= ti { cb[ti * q + u] * (cs[ti] - cs[u]).exp() * io.dt[(c0 + u) * io.na + io.hh] } else { 0.0 };
+                    cb[ti * q + u] = if u <= ti {
+                        cb[ti * q + u] * (cs[ti] - cs[u]).exp() * io.dt[(c0 + u) * io.na + io.hh]
+                    } else {
+                        0.0
+                    };
                 }
             }
             // Y_diag = M·X ; Y_off = (C·Sᵀ) scaled by exp(cs_t).

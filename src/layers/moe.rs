@@ -30,7 +30,16 @@ pub const MAX_TOPK: usize = 64;
 
 impl Moe {
     /// Routes one token: fills `ids`/`w` (length topk) and returns the count.
-    fn route(&self, lb: &LayerBudget, hidden: usize, x: &[f32], ids: &mut [usize; MAX_TOPK], w: &mut [f32; MAX_TOPK], sc: &mut [f32], choice: &mut [f32]) -> usize {
+    fn route(
+        &self,
+        lb: &LayerBudget,
+        hidden: usize,
+        x: &[f32],
+        ids: &mut [usize; MAX_TOPK],
+        w: &mut [f32; MAX_TOPK],
+        sc: &mut [f32],
+        choice: &mut [f32],
+    ) -> usize {
         // Scores for every parent expert; inactive ones are masked out of the choice.
         choice.fill(f32::NEG_INFINITY);
         for r in &lb.expert_ids {
@@ -107,7 +116,14 @@ impl Moe {
         got
     }
 
-    pub fn forward(&self, lb: &LayerBudget, hidden: usize, x: &[f32], out: &mut [f32], s: &mut Scratch) {
+    pub fn forward(
+        &self,
+        lb: &LayerBudget,
+        hidden: usize,
+        x: &[f32],
+        out: &mut [f32],
+        s: &mut Scratch,
+    ) {
         let t = x.len() / hidden;
         let ffn = lb.moe_ffn;
         let e = self.experts;
@@ -120,7 +136,15 @@ impl Moe {
         let (sc, choice) = rs.split_at_mut(e);
         let sel = rest;
         for ti in 0..t {
-            let got = self.route(lb, hidden, &x[ti * hidden..(ti + 1) * hidden], &mut ids, &mut w, sc, choice);
+            let got = self.route(
+                lb,
+                hidden,
+                &x[ti * hidden..(ti + 1) * hidden],
+                &mut ids,
+                &mut w,
+                sc,
+                choice,
+            );
             for j in 0..k {
                 sel[ti * 2 * k + 2 * j] = if j < got { ids[j] as f32 } else { -1.0 };
                 sel[ti * 2 * k + 2 * j + 1] = if j < got { w[j] } else { 0.0 };
@@ -162,7 +186,8 @@ impl Moe {
                 let m = list.len();
                 let xs = buf(&mut s.b, m * hidden);
                 for (r, (ti, _)) in list.iter().enumerate() {
-                    xs[r * hidden..(r + 1) * hidden].copy_from_slice(&x[ti * hidden..(ti + 1) * hidden]);
+                    xs[r * hidden..(r + 1) * hidden]
+                        .copy_from_slice(&x[ti * hidden..(ti + 1) * hidden]);
                 }
                 let h = buf(&mut s.c, m * ffn);
                 linear(&self.up[id], &[0..ffn], &[0..hidden], xs, h);
@@ -170,7 +195,10 @@ impl Moe {
                 let y = buf(&mut s.d, m * hidden);
                 linear(&self.down[id], &[0..hidden], &[0..ffn], h, y);
                 for (r, (ti, wj)) in list.iter().enumerate() {
-                    for (o, v) in out[ti * hidden..(ti + 1) * hidden].iter_mut().zip(&y[r * hidden..(r + 1) * hidden]) {
+                    for (o, v) in out[ti * hidden..(ti + 1) * hidden]
+                        .iter_mut()
+                        .zip(&y[r * hidden..(r + 1) * hidden])
+                    {
                         *o += wj * v;
                     }
                 }

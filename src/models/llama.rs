@@ -45,13 +45,25 @@ fn shape(d: &Dims) -> Shape {
 
 fn check_dims(d: &Dims, src: &str) -> Result<()> {
     if d.heads == 0 || d.kv_heads == 0 || d.heads % d.kv_heads != 0 {
-        return Err(Error::config(format!("{src} heads"), format!("{} query heads do not split into {} KV groups", d.heads, d.kv_heads)));
+        return Err(Error::config(
+            format!("{src} heads"),
+            format!(
+                "{} query heads do not split into {} KV groups",
+                d.heads, d.kv_heads
+            ),
+        ));
     }
     if d.head_dim % 2 != 0 {
-        return Err(Error::config(format!("{src} head_dim"), "RoPE needs an even head size"));
+        return Err(Error::config(
+            format!("{src} head_dim"),
+            "RoPE needs an even head size",
+        ));
     }
     if d.layers == 0 || d.hidden == 0 || d.vocab == 0 {
-        return Err(Error::config(src, "hidden size, layer count and vocabulary must be positive"));
+        return Err(Error::config(
+            src,
+            "hidden size, layer count and vocabulary must be positive",
+        ));
     }
     Ok(())
 }
@@ -105,12 +117,25 @@ fn n(pat: &str, i: usize) -> String {
     pat.replace("{}", &i.to_string())
 }
 
-fn build(d: &Dims, t: &TensorMap, names: &Names, tied: Option<bool>, interleaved: bool, meta: Meta) -> Result<Model> {
+fn build(
+    d: &Dims,
+    t: &TensorMap,
+    names: &Names,
+    tied: Option<bool>,
+    interleaved: bool,
+    meta: Meta,
+) -> Result<Model> {
     let embed = matrix(t, names.embed, d.vocab, d.hidden)?;
     let lm_head = match tied {
         Some(true) => None,
         Some(false) => Some(matrix(t, names.head, d.vocab, d.hidden)?),
-        None => if t.has(names.head) { Some(matrix(t, names.head, d.vocab, d.hidden)?) } else { None },
+        None => {
+            if t.has(names.head) {
+                Some(matrix(t, names.head, d.vocab, d.hidden)?)
+            } else {
+                None
+            }
+        }
     };
     let (qd, kvd) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
     let mut blocks = Vec::with_capacity(2 * d.layers);
@@ -175,15 +200,27 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, meta: Meta) -> Result<Model> {
         head_dim: cfg.usize_or(&["head_dim"], if heads > 0 { hidden / heads } else { 0 })?,
         ffn: cfg.usize(&["intermediate_size"])?,
         eps: cfg.f64_or(&["rms_norm_eps"], 1e-6)? as f32,
-        theta: match cfg.get(&["rope_parameters"]).and_then(|r| r.get("rope_theta")) {
-            Some(x) => super::parse_float(x).ok_or_else(|| cfg.err("rope_parameters.rope_theta", "is not a number"))? as f32,
+        theta: match cfg
+            .get(&["rope_parameters"])
+            .and_then(|r| r.get("rope_theta"))
+        {
+            Some(x) => super::parse_float(x)
+                .ok_or_else(|| cfg.err("rope_parameters.rope_theta", "is not a number"))?
+                as f32,
             None => cfg.f64_or(&["rope_theta"], 10000.0)? as f32,
         },
     };
     if let Some(rs) = cfg.get(&["rope_scaling", "rope_parameters"]) {
-        let ty = rs.get("rope_type").or(rs.get("type")).and_then(|x| x.as_str()).unwrap_or("");
+        let ty = rs
+            .get("rope_type")
+            .or(rs.get("type"))
+            .and_then(|x| x.as_str())
+            .unwrap_or("");
         if ty != "default" {
-            return Err(cfg.err("rope_scaling", format!("rope scaling {ty:?} is not supported yet")));
+            return Err(cfg.err(
+                "rope_scaling",
+                format!("rope scaling {ty:?} is not supported yet"),
+            ));
         }
     }
     check_dims(&d, &cfg.path.display().to_string())?;
@@ -205,12 +242,20 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
         kv_heads: u("attention.head_count_kv").unwrap_or(heads),
         head_dim: u("attention.key_length").unwrap_or(if heads > 0 { hidden / heads } else { 0 }),
         ffn: u("feed_forward_length")?,
-        eps: g.f64(&format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32,
+        eps: g
+            .f64(&format!("{a}.attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5) as f32,
         theta: g.f64(&format!("{a}.rope.freq_base")).unwrap_or(10000.0) as f32,
     };
-    if let Some(ty) = g.get(&format!("{a}.rope.scaling.type")).and_then(|v| v.as_str()) {
+    if let Some(ty) = g
+        .get(&format!("{a}.rope.scaling.type"))
+        .and_then(|v| v.as_str())
+    {
         if ty != "none" {
-            return Err(Error::format(&g.path, format!("rope scaling {ty:?} is not supported yet")));
+            return Err(Error::format(
+                &g.path,
+                format!("rope scaling {ty:?} is not supported yet"),
+            ));
         }
     }
     check_dims(&d, &format!("{} metadata", g.path.display()))?;

@@ -18,9 +18,16 @@ use std::path::{Path, PathBuf};
 /// Loads a model from an HF checkpoint folder or a .gguf file.
 pub fn load(path: &Path) -> Result<Model> {
     if !path.exists() {
-        return Err(Error::Input(format!("{}: no such file or folder", path.display())));
+        return Err(Error::Input(format!(
+            "{}: no such file or folder",
+            path.display()
+        )));
     }
-    let model = if path.is_dir() { load_hf(path)? } else { load_gguf(path)? };
+    let model = if path.is_dir() {
+        load_hf(path)?
+    } else {
+        load_gguf(path)?
+    };
     if let Some(m) = &model.meta.manifest {
         m.validate(&model.shape)?;
     }
@@ -30,11 +37,19 @@ pub fn load(path: &Path) -> Result<Model> {
 fn load_hf(dir: &Path) -> Result<Model> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let v: Json = serde_json::from_str(&text).map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
-    let cfg = Cfg { v: &v, path: &cfg_path };
+    let v: Json = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
+    let cfg = Cfg {
+        v: &v,
+        path: &cfg_path,
+    };
     let tensors = safetensors::load_dir(dir)?;
     let model_type = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("");
-    let archs: Vec<&str> = v.get("architectures").and_then(|a| a.as_array()).map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+    let archs: Vec<&str> = v
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
     let mut meta = hf_meta(dir, &v)?;
     let model = match model_type {
         "llama" | "mistral" => {
@@ -46,7 +61,9 @@ fn load_hf(dir: &Path) -> Result<Model> {
             meta.arch = "llama".into();
             llama::from_hf(&cfg, &tensors, meta)?
         }
-        _ if archs.iter().any(|a| *a == "NemotronHForCausalLM") => nemotron_h::from_hf(&cfg, &tensors, meta)?,
+        _ if archs.iter().any(|a| *a == "NemotronHForCausalLM") => {
+            nemotron_h::from_hf(&cfg, &tensors, meta)?
+        }
         other => {
             return Err(Error::config(
                 format!("{}: model_type", cfg_path.display()),
@@ -62,14 +79,25 @@ fn load_gguf(path: &Path) -> Result<Model> {
     let arch = g.str("general.architecture")?.to_string();
     let manifest = match g.get("elastica.manifest").and_then(|v| v.as_str()) {
         Some(s) => {
-            let j: Json = serde_json::from_str(s).map_err(|e| Error::format(path, format!("elastica.manifest is not JSON: {e}")))?;
-            Some(Manifest::from_json(&j, &format!("{} (elastica.manifest)", path.display()))?)
+            let j: Json = serde_json::from_str(s)
+                .map_err(|e| Error::format(path, format!("elastica.manifest is not JSON: {e}")))?;
+            Some(Manifest::from_json(
+                &j,
+                &format!("{} (elastica.manifest)", path.display()),
+            )?)
         }
         None => side_manifest(&PathBuf::from(format!("{}.elastic.json", path.display())))?,
     };
-    let eos: Vec<u32> = g.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()).map(|e| vec![e as u32]).unwrap_or_default();
+    let eos: Vec<u32> = g
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(|v| v.as_u64())
+        .map(|e| vec![e as u32])
+        .unwrap_or_default();
     let mut eos = eos;
-    if let Some(e) = g.get("tokenizer.ggml.eot_token_id").and_then(|v| v.as_u64()) {
+    if let Some(e) = g
+        .get("tokenizer.ggml.eot_token_id")
+        .and_then(|v| v.as_u64())
+    {
         if !eos.contains(&(e as u32)) {
             eos.push(e as u32);
         }
@@ -78,11 +106,23 @@ fn load_gguf(path: &Path) -> Result<Model> {
         path: path.to_path_buf(),
         format: Format::Gguf,
         arch: arch.clone(),
-        bos: g.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32),
+        bos: g
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u32),
         eos,
-        add_bos: g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
-        chat_template: g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(String::from),
-        context: g.get(&format!("{arch}.context_length")).and_then(|v| v.as_u64()).unwrap_or(4096) as usize,
+        add_bos: g
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
+        chat_template: g
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(String::from),
+        context: g
+            .get(&format!("{arch}.context_length"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(4096) as usize,
         manifest,
         gguf: None,
     };
@@ -90,7 +130,12 @@ fn load_gguf(path: &Path) -> Result<Model> {
         "llama" => llama::from_gguf(&g, meta)?,
         "nemotron_h" | "nemotron_h_moe" => nemotron_h::from_gguf(&g, meta)?,
         other => {
-            return Err(Error::format(path, format!("unknown architecture {other:?} in general.architecture (supported: llama, nemotron_h, nemotron_h_moe)")));
+            return Err(Error::format(
+                path,
+                format!(
+                    "unknown architecture {other:?} in general.architecture (supported: llama, nemotron_h, nemotron_h_moe)"
+                ),
+            ));
         }
     };
     let Gguf { meta, .. } = g;
@@ -103,7 +148,8 @@ fn side_manifest(p: &Path) -> Result<Option<Manifest>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-    let j: Json = serde_json::from_str(&text).map_err(|e| Error::format(p, format!("invalid JSON: {e}")))?;
+    let j: Json =
+        serde_json::from_str(&text).map_err(|e| Error::format(p, format!("invalid JSON: {e}")))?;
     Ok(Some(Manifest::from_json(&j, &p.display().to_string())?))
 }
 
@@ -112,13 +158,19 @@ fn read_json(p: &Path) -> Result<Option<Json>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| Error::format(p, format!("invalid JSON: {e}")))
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::format(p, format!("invalid JSON: {e}")))
 }
 
 fn ids(v: Option<&Json>) -> Vec<u32> {
     match v {
         Some(Json::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Json::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(Json::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -153,9 +205,16 @@ fn hf_meta(dir: &Path, cfg: &Json) -> Result<Meta> {
             _ => None,
         };
     }
-    let add_bos = tok_cfg.as_ref().and_then(|t| t.get("add_bos_token")).and_then(|b| b.as_bool()).unwrap_or(false);
+    let add_bos = tok_cfg
+        .as_ref()
+        .and_then(|t| t.get("add_bos_token"))
+        .and_then(|b| b.as_bool())
+        .unwrap_or(false);
     let manifest = match cfg.get("elastic") {
-        Some(m) => Some(Manifest::from_json(m, &format!("{} (\"elastic\")", dir.join("config.json").display()))?),
+        Some(m) => Some(Manifest::from_json(
+            m,
+            &format!("{} (\"elastic\")", dir.join("config.json").display()),
+        )?),
         None => side_manifest(&dir.join("elastic.json"))?,
     };
     Ok(Meta {
@@ -166,7 +225,10 @@ fn hf_meta(dir: &Path, cfg: &Json) -> Result<Meta> {
         eos,
         add_bos,
         chat_template,
-        context: cfg.get("max_position_embeddings").and_then(|x| x.as_u64()).unwrap_or(4096) as usize,
+        context: cfg
+            .get("max_position_embeddings")
+            .and_then(|x| x.as_u64())
+            .unwrap_or(4096) as usize,
         manifest,
         gguf: None,
     })
@@ -184,33 +246,48 @@ impl Cfg<'_> {
     }
     /// The first present of several spellings.
     pub fn get(&self, keys: &[&str]) -> Option<&Json> {
-        keys.iter().find_map(|k| self.v.get(*k).filter(|x| !x.is_null()))
+        keys.iter()
+            .find_map(|k| self.v.get(*k).filter(|x| !x.is_null()))
     }
     pub fn usize(&self, keys: &[&str]) -> Result<usize> {
         match self.get(keys) {
-            Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| Error::config(self.field(keys[0]), format!("{x} is not a non-negative integer"))),
+            Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
+                Error::config(
+                    self.field(keys[0]),
+                    format!("{x} is not a non-negative integer"),
+                )
+            }),
             None => Err(Error::config(self.field(keys[0]), "missing")),
         }
     }
     pub fn usize_or(&self, keys: &[&str], d: usize) -> Result<usize> {
-        if self.get(keys).is_none() { Ok(d) } else { self.usize(keys) }
+        if self.get(keys).is_none() {
+            Ok(d)
+        } else {
+            self.usize(keys)
+        }
     }
     pub fn f64_or(&self, keys: &[&str], d: f64) -> Result<f64> {
         match self.get(keys) {
             None => Ok(d),
-            Some(x) => parse_float(x).ok_or_else(|| Error::config(self.field(keys[0]), format!("{x} is not a number"))),
+            Some(x) => parse_float(x)
+                .ok_or_else(|| Error::config(self.field(keys[0]), format!("{x} is not a number"))),
         }
     }
     pub fn bool_or(&self, keys: &[&str], d: bool) -> Result<bool> {
         match self.get(keys) {
             None => Ok(d),
-            Some(x) => x.as_bool().ok_or_else(|| Error::config(self.field(keys[0]), format!("{x} is not true/false"))),
+            Some(x) => x.as_bool().ok_or_else(|| {
+                Error::config(self.field(keys[0]), format!("{x} is not true/false"))
+            }),
         }
     }
     pub fn str_or<'b>(&'b self, keys: &[&str], d: &'b str) -> Result<&'b str> {
         match self.get(keys) {
             None => Ok(d),
-            Some(x) => x.as_str().ok_or_else(|| Error::config(self.field(keys[0]), format!("{x} is not a string"))),
+            Some(x) => x
+                .as_str()
+                .ok_or_else(|| Error::config(self.field(keys[0]), format!("{x} is not a string"))),
         }
     }
     pub fn err(&self, k: &str, msg: impl Into<String>) -> Error {
@@ -237,16 +314,28 @@ pub fn parse_float(x: &Json) -> Option<f64> {
 pub(crate) fn vec_f32(t: &TensorMap, name: &str, len: usize) -> Result<Vec<f32>> {
     let x = t.get(name)?;
     if x.numel() != len {
-        return Err(Error::Tensor { name: name.into(), msg: format!("has {} values, the config implies {len}", x.numel()) });
+        return Err(Error::Tensor {
+            name: name.into(),
+            msg: format!("has {} values, the config implies {len}", x.numel()),
+        });
     }
     Ok(x.to_f32())
 }
 
 pub(crate) fn opt_vec_f32(t: &TensorMap, name: &str, len: usize) -> Result<Option<Vec<f32>>> {
-    if t.has(name) { vec_f32(t, name, len).map(Some) } else { Ok(None) }
+    if t.has(name) {
+        vec_f32(t, name, len).map(Some)
+    } else {
+        Ok(None)
+    }
 }
 
-pub(crate) fn matrix(t: &TensorMap, name: &str, rows: usize, cols: usize) -> Result<crate::tensor::Tensor> {
+pub(crate) fn matrix(
+    t: &TensorMap,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<crate::tensor::Tensor> {
     let x = t.get(name)?;
     x.expect_shape(&[rows, cols])?;
     Ok(x.clone())
@@ -255,4 +344,3 @@ pub(crate) fn matrix(t: &TensorMap, name: &str, rows: usize, cols: usize) -> Res
 pub(crate) fn gguf_meta_u(g: &Gguf, key: &str) -> Result<usize> {
     g.u64(key).map(|v| v as usize)
 }
-

@@ -67,24 +67,55 @@ impl Dims {
         let has = |k: LayerKind| self.kinds.contains(&k);
         let bad = |f: &str, m: String| Err(Error::config(format!("{src} {f}"), m));
         if has(LayerKind::Attention) && (self.kv_heads == 0 || self.heads % self.kv_heads != 0) {
-            return bad("num_key_value_heads", format!("{} query heads do not split into {} KV groups", self.heads, self.kv_heads));
+            return bad(
+                "num_key_value_heads",
+                format!(
+                    "{} query heads do not split into {} KV groups",
+                    self.heads, self.kv_heads
+                ),
+            );
         }
         if has(LayerKind::Mamba) && (self.groups == 0 || self.mamba_heads % self.groups != 0) {
-            return bad("n_groups", format!("{} Mamba heads do not split into {} groups", self.mamba_heads, self.groups));
+            return bad(
+                "n_groups",
+                format!(
+                    "{} Mamba heads do not split into {} groups",
+                    self.mamba_heads, self.groups
+                ),
+            );
         }
         if has(LayerKind::Mamba) && self.conv_k < 2 {
-            return bad("conv_kernel", format!("{} (must be at least 2)", self.conv_k));
+            return bad(
+                "conv_kernel",
+                format!("{} (must be at least 2)", self.conv_k),
+            );
         }
         if has(LayerKind::Moe) {
             if self.topk == 0 || self.topk > self.experts || self.topk > MAX_TOPK {
-                return bad("num_experts_per_tok", format!("{} with {} experts", self.topk, self.experts));
+                return bad(
+                    "num_experts_per_tok",
+                    format!("{} with {} experts", self.topk, self.experts),
+                );
             }
-            if self.n_group == 0 || self.experts % self.n_group != 0 || self.n_group > 64 || self.topk_group > self.n_group {
-                return bad("n_group", format!("{} groups (topk_group {}) for {} experts", self.n_group, self.topk_group, self.experts));
+            if self.n_group == 0
+                || self.experts % self.n_group != 0
+                || self.n_group > 64
+                || self.topk_group > self.n_group
+            {
+                return bad(
+                    "n_group",
+                    format!(
+                        "{} groups (topk_group {}) for {} experts",
+                        self.n_group, self.topk_group, self.experts
+                    ),
+                );
             }
         }
         if self.hidden == 0 || self.vocab == 0 || self.kinds.is_empty() {
-            return bad("hidden_size", "hidden size, vocabulary and layer count must be positive".into());
+            return bad(
+                "hidden_size",
+                "hidden size, vocabulary and layer count must be positive".into(),
+            );
         }
         Ok(())
     }
@@ -112,12 +143,23 @@ fn kind_from_name(s: &str) -> Option<LayerKind> {
 
 pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
     let kinds: Vec<LayerKind> = if let Some(p) = cfg.get(&["hybrid_override_pattern"]) {
-        let s = p.as_str().ok_or_else(|| cfg.err("hybrid_override_pattern", "is not a string"))?;
+        let s = p
+            .as_str()
+            .ok_or_else(|| cfg.err("hybrid_override_pattern", "is not a string"))?;
         s.chars()
-            .map(|c| kind_from_char(c).ok_or_else(|| cfg.err("hybrid_override_pattern", format!("unknown layer character {c:?} (M, *, -, E)"))))
+            .map(|c| {
+                kind_from_char(c).ok_or_else(|| {
+                    cfg.err(
+                        "hybrid_override_pattern",
+                        format!("unknown layer character {c:?} (M, *, -, E)"),
+                    )
+                })
+            })
             .collect::<Result<_>>()?
     } else if let Some(l) = cfg.get(&["layers_block_type"]) {
-        let a = l.as_array().ok_or_else(|| cfg.err("layers_block_type", "is not a list"))?;
+        let a = l
+            .as_array()
+            .ok_or_else(|| cfg.err("layers_block_type", "is not a list"))?;
         a.iter()
             .map(|x| {
                 x.as_str().and_then(kind_from_name).ok_or_else(|| {
@@ -126,22 +168,40 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
             })
             .collect::<Result<_>>()?
     } else {
-        return Err(cfg.err("hybrid_override_pattern", "missing (neither hybrid_override_pattern nor layers_block_type is given)"));
+        return Err(cfg.err(
+            "hybrid_override_pattern",
+            "missing (neither hybrid_override_pattern nor layers_block_type is given)",
+        ));
     };
     if let Some(n) = cfg.get(&["num_hidden_layers"]) {
         if n.as_u64() != Some(kinds.len() as u64) {
-            return Err(cfg.err("num_hidden_layers", format!("{n} does not match the {} layers of the pattern", kinds.len())));
+            return Err(cfg.err(
+                "num_hidden_layers",
+                format!(
+                    "{n} does not match the {} layers of the pattern",
+                    kinds.len()
+                ),
+            ));
         }
     }
     let hidden = cfg.usize(&["hidden_size"])?;
     let has = |k| kinds.contains(&k);
-    let heads = if has(LayerKind::Attention) { cfg.usize(&["num_attention_heads"])? } else { cfg.usize_or(&["num_attention_heads"], 0)? };
+    let heads = if has(LayerKind::Attention) {
+        cfg.usize(&["num_attention_heads"])?
+    } else {
+        cfg.usize_or(&["num_attention_heads"], 0)?
+    };
     let (dt_min, dt_max) = match cfg.get(&["time_step_limit", "mamba_dt_limit"]) {
         None => (0.0, f64::INFINITY),
         Some(x) => {
-            let a = x.as_array().filter(|a| a.len() == 2).ok_or_else(|| cfg.err("time_step_limit", format!("{x} is not a pair")))?;
-            let lo = parse_float(&a[0]).ok_or_else(|| cfg.err("time_step_limit", format!("{} is not a number", a[0])))?;
-            let hi = parse_float(&a[1]).ok_or_else(|| cfg.err("time_step_limit", format!("{} is not a number", a[1])))?;
+            let a = x
+                .as_array()
+                .filter(|a| a.len() == 2)
+                .ok_or_else(|| cfg.err("time_step_limit", format!("{x} is not a pair")))?;
+            let lo = parse_float(&a[0])
+                .ok_or_else(|| cfg.err("time_step_limit", format!("{} is not a number", a[0])))?;
+            let hi = parse_float(&a[1])
+                .ok_or_else(|| cfg.err("time_step_limit", format!("{} is not a number", a[1])))?;
             (lo, hi)
         }
     };
@@ -152,7 +212,10 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
         }
     }
     if cfg.get(&["moe_latent_size"]).is_some() {
-        return Err(cfg.err("moe_latent_size", "latent MoE (Nemotron 3 Super) is not supported yet"));
+        return Err(cfg.err(
+            "moe_latent_size",
+            "latent MoE (Nemotron 3 Super) is not supported yet",
+        ));
     }
     let moe = has(LayerKind::Moe);
     let d = Dims {
@@ -160,20 +223,55 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
         hidden,
         heads,
         kv_heads: cfg.usize_or(&["num_key_value_heads"], heads)?,
-        head_dim: cfg.usize_or(&["head_dim", "attention_head_dim"], if heads > 0 { hidden / heads } else { 0 })?,
-        ffn: if has(LayerKind::Mlp) { cfg.usize(&["intermediate_size"])? } else { 0 },
-        mamba_heads: if has(LayerKind::Mamba) { cfg.usize(&["mamba_num_heads"])? } else { 0 },
-        mamba_head_dim: if has(LayerKind::Mamba) { cfg.usize(&["mamba_head_dim"])? } else { 0 },
+        head_dim: cfg.usize_or(
+            &["head_dim", "attention_head_dim"],
+            if heads > 0 { hidden / heads } else { 0 },
+        )?,
+        ffn: if has(LayerKind::Mlp) {
+            cfg.usize(&["intermediate_size"])?
+        } else {
+            0
+        },
+        mamba_heads: if has(LayerKind::Mamba) {
+            cfg.usize(&["mamba_num_heads"])?
+        } else {
+            0
+        },
+        mamba_head_dim: if has(LayerKind::Mamba) {
+            cfg.usize(&["mamba_head_dim"])?
+        } else {
+            0
+        },
         groups: cfg.usize_or(&["n_groups", "mamba_n_groups"], 1)?,
-        state: if has(LayerKind::Mamba) { cfg.usize(&["ssm_state_size", "mamba_d_state"])? } else { 0 },
+        state: if has(LayerKind::Mamba) {
+            cfg.usize(&["ssm_state_size", "mamba_d_state"])?
+        } else {
+            0
+        },
         conv_k: cfg.usize_or(&["conv_kernel", "mamba_d_conv"], 4)?,
         chunk: cfg.usize_or(&["chunk_size", "mamba_chunk_size"], 128)?,
         dt_min: dt_min as f32,
         dt_max: dt_max as f32,
-        experts: if moe { cfg.usize(&["n_routed_experts", "num_local_experts", "num_experts"])? } else { 0 },
-        topk: if moe { cfg.usize(&["num_experts_per_tok"])? } else { 0 },
-        moe_ffn: if moe { cfg.usize(&["moe_intermediate_size"])? } else { 0 },
-        shared_ffn: if moe && cfg.usize_or(&["n_shared_experts"], 1)? > 0 { cfg.usize_or(&["moe_shared_expert_intermediate_size"], 0)? } else { 0 },
+        experts: if moe {
+            cfg.usize(&["n_routed_experts", "num_local_experts", "num_experts"])?
+        } else {
+            0
+        },
+        topk: if moe {
+            cfg.usize(&["num_experts_per_tok"])?
+        } else {
+            0
+        },
+        moe_ffn: if moe {
+            cfg.usize(&["moe_intermediate_size"])?
+        } else {
+            0
+        },
+        shared_ffn: if moe && cfg.usize_or(&["n_shared_experts"], 1)? > 0 {
+            cfg.usize_or(&["moe_shared_expert_intermediate_size"], 0)?
+        } else {
+            0
+        },
         n_group: cfg.usize_or(&["n_group"], 1)?,
         topk_group: cfg.usize_or(&["topk_group"], 1)?,
         norm_topk: cfg.bool_or(&["norm_topk_prob"], true)?,
@@ -182,11 +280,28 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
         kinds,
     };
     d.validate(&cfg.path.display().to_string())?;
-    let pre = if t.has("backbone.norm_f.weight") || t.has("backbone.embeddings.weight") || t.has("backbone.embedding.weight") { "backbone" } else { "model" };
-    let embed = t.get_any(&[&format!("{pre}.embeddings.weight"), &format!("{pre}.embedding.weight"), &format!("{pre}.embed_tokens.weight")])?.clone();
+    let pre = if t.has("backbone.norm_f.weight")
+        || t.has("backbone.embeddings.weight")
+        || t.has("backbone.embedding.weight")
+    {
+        "backbone"
+    } else {
+        "model"
+    };
+    let embed = t
+        .get_any(&[
+            &format!("{pre}.embeddings.weight"),
+            &format!("{pre}.embedding.weight"),
+            &format!("{pre}.embed_tokens.weight"),
+        ])?
+        .clone();
     embed.expect_shape(&[d.vocab, d.hidden])?;
     let tied = cfg.bool_or(&["tie_word_embeddings"], false)?;
-    let lm_head = if tied { None } else { Some(matrix(t, "lm_head.weight", d.vocab, d.hidden)?) };
+    let lm_head = if tied {
+        None
+    } else {
+        Some(matrix(t, "lm_head.weight", d.vocab, d.hidden)?)
+    };
     let names = |i: usize, s: &str| format!("{pre}.layers.{i}.{s}");
     let mut blocks = vec![];
     let (mut na, mut nm) = (0, 0);
@@ -199,16 +314,28 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
                 let cd = di + 2 * d.groups * d.state;
                 let conv = t.get(&m("conv1d.weight"))?;
                 if conv.numel() != cd * d.conv_k {
-                    return Err(Error::Tensor { name: conv.name.clone(), msg: format!("shape {:?}, the config implies [{cd}, 1, {}]", conv.shape, d.conv_k) });
+                    return Err(Error::Tensor {
+                        name: conv.name.clone(),
+                        msg: format!(
+                            "shape {:?}, the config implies [{cd}, 1, {}]",
+                            conv.shape, d.conv_k
+                        ),
+                    });
                 }
                 let a_log = vec_f32(t, &m("A_log"), d.mamba_heads)?;
                 nm += 1;
                 (
                     Mixer::Mamba(Mamba2 {
-                        in_proj: matrix(t, &m("in_proj.weight"), 2 * di + 2 * d.groups * d.state + d.mamba_heads, d.hidden)?,
+                        in_proj: matrix(
+                            t,
+                            &m("in_proj.weight"),
+                            2 * di + 2 * d.groups * d.state + d.mamba_heads,
+                            d.hidden,
+                        )?,
                         out_proj: matrix(t, &m("out_proj.weight"), d.hidden, di)?,
                         conv_w: conv.to_f32(),
-                        conv_b: opt_vec_f32(t, &m("conv1d.bias"), cd)?.unwrap_or_else(|| vec![0.0; cd]),
+                        conv_b: opt_vec_f32(t, &m("conv1d.bias"), cd)?
+                            .unwrap_or_else(|| vec![0.0; cd]),
                         dt_bias: vec_f32(t, &m("dt_bias"), d.mamba_heads)?,
                         a: a_log.iter().map(|v| -v.exp()).collect(),
                         d: vec_f32(t, &m("D"), d.mamba_heads)?,
@@ -247,13 +374,23 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
                     na - 1,
                 )
             }
-            LayerKind::Mlp => (Mixer::Mlp(relu2_mlp(t, &m("up_proj"), &m("down_proj"), d.ffn, d.hidden)?), 0),
+            LayerKind::Mlp => (
+                Mixer::Mlp(relu2_mlp(
+                    t,
+                    &m("up_proj"),
+                    &m("down_proj"),
+                    d.ffn,
+                    d.hidden,
+                )?),
+                0,
+            ),
             LayerKind::Moe => {
                 let (mut up, mut down) = (vec![], vec![]);
                 let stacked_up = [m("experts.up_proj"), m("experts.up_proj.weight")];
                 if let Ok(su) = t.get_any(&[&stacked_up[0], &stacked_up[1]]) {
                     su.expect_shape(&[d.experts, d.moe_ffn, d.hidden])?;
-                    let sd = t.get_any(&[&m("experts.down_proj"), &m("experts.down_proj.weight")])?;
+                    let sd =
+                        t.get_any(&[&m("experts.down_proj"), &m("experts.down_proj.weight")])?;
                     sd.expect_shape(&[d.experts, d.hidden, d.moe_ffn])?;
                     for e in 0..d.experts {
                         up.push(su.index(e));
@@ -261,12 +398,28 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
                     }
                 } else {
                     for e in 0..d.experts {
-                        up.push(matrix(t, &m(&format!("experts.{e}.up_proj.weight")), d.moe_ffn, d.hidden)?);
-                        down.push(matrix(t, &m(&format!("experts.{e}.down_proj.weight")), d.hidden, d.moe_ffn)?);
+                        up.push(matrix(
+                            t,
+                            &m(&format!("experts.{e}.up_proj.weight")),
+                            d.moe_ffn,
+                            d.hidden,
+                        )?);
+                        down.push(matrix(
+                            t,
+                            &m(&format!("experts.{e}.down_proj.weight")),
+                            d.hidden,
+                            d.moe_ffn,
+                        )?);
                     }
                 }
                 let shared = if d.shared_ffn > 0 {
-                    Some(relu2_mlp(t, &m("shared_experts.up_proj"), &m("shared_experts.down_proj"), d.shared_ffn, d.hidden)?)
+                    Some(relu2_mlp(
+                        t,
+                        &m("shared_experts.up_proj"),
+                        &m("shared_experts.down_proj"),
+                        d.shared_ffn,
+                        d.hidden,
+                    )?)
                 } else {
                     None
                 };
@@ -275,7 +428,8 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
                 (
                     Mixer::Moe(Moe {
                         router: router.to_f32(),
-                        bias: opt_vec_f32(t, &m("gate.e_score_correction_bias"), d.experts)?.unwrap_or_else(|| vec![0.0; d.experts]),
+                        bias: opt_vec_f32(t, &m("gate.e_score_correction_bias"), d.experts)?
+                            .unwrap_or_else(|| vec![0.0; d.experts]),
                         up,
                         down,
                         shared,
@@ -292,9 +446,18 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
             }
             LayerKind::Transformer => unreachable!(),
         };
-        blocks.push(Block { layer: i, norm, mixer, slot });
+        blocks.push(Block {
+            layer: i,
+            norm,
+            mixer,
+            slot,
+        });
     }
-    meta.arch = if moe { "nemotron_h_moe".into() } else { "nemotron_h".into() };
+    meta.arch = if moe {
+        "nemotron_h_moe".into()
+    } else {
+        "nemotron_h".into()
+    };
     Ok(Model {
         meta,
         shape: d.shape(),
@@ -323,7 +486,11 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
     let arch = meta.arch.clone();
     let key = |k: &str| format!("{arch}.{k}");
     let u = |k: &str| g.u64(&key(k)).map(|v| v as usize);
-    let uo = |k: &str, d: usize| g.get(&key(k)).and_then(|v| v.as_u64()).map_or(d, |v| v as usize);
+    let uo = |k: &str, d: usize| {
+        g.get(&key(k))
+            .and_then(|v| v.as_u64())
+            .map_or(d, |v| v as usize)
+    };
     let t = &g.tensors;
     let n_layers = u("block_count")?;
     let hidden = u("embedding_length")?;
@@ -340,22 +507,42 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
         } else if has("ffn_up.weight") {
             LayerKind::Mlp
         } else {
-            return Err(Error::format(&g.path, format!("layer {i} has none of ssm_in, attn_q, ffn_up, ffn_up_exps")));
+            return Err(Error::format(
+                &g.path,
+                format!("layer {i} has none of ssm_in, attn_q, ffn_up, ffn_up_exps"),
+            ));
         });
     }
     let has = |k| kinds.contains(&k);
-    let heads_arr = g.per_layer(&key("attention.head_count"), n_layers).unwrap_or_else(|_| vec![0; n_layers]);
-    let kv_arr = g.per_layer(&key("attention.head_count_kv"), n_layers).unwrap_or_else(|_| vec![0; n_layers]);
-    let ff_arr = g.per_layer(&key("feed_forward_length"), n_layers).unwrap_or_else(|_| vec![0; n_layers]);
-    let first = |k: LayerKind, a: &[u64]| kinds.iter().zip(a).find(|(x, _)| **x == k).map_or(0, |(_, v)| *v as usize);
-    let heads = first(LayerKind::Attention, &heads_arr).max(if has(LayerKind::Attention) { 0 } else { 0 });
+    let heads_arr = g
+        .per_layer(&key("attention.head_count"), n_layers)
+        .unwrap_or_else(|_| vec![0; n_layers]);
+    let kv_arr = g
+        .per_layer(&key("attention.head_count_kv"), n_layers)
+        .unwrap_or_else(|_| vec![0; n_layers]);
+    let ff_arr = g
+        .per_layer(&key("feed_forward_length"), n_layers)
+        .unwrap_or_else(|_| vec![0; n_layers]);
+    let first = |k: LayerKind, a: &[u64]| {
+        kinds
+            .iter()
+            .zip(a)
+            .find(|(x, _)| **x == k)
+            .map_or(0, |(_, v)| *v as usize)
+    };
+    let heads =
+        first(LayerKind::Attention, &heads_arr).max(if has(LayerKind::Attention) { 0 } else { 0 });
     let inner = uo("ssm.inner_size", 0);
     let mheads = uo("ssm.time_step_rank", 0);
     let experts = uo("expert_count", 0);
     let d = Dims {
         vocab: t.get("token_embd.weight")?.shape[0],
         hidden,
-        heads: if heads > 0 { heads } else { heads_arr.iter().copied().max().unwrap_or(0) as usize },
+        heads: if heads > 0 {
+            heads
+        } else {
+            heads_arr.iter().copied().max().unwrap_or(0) as usize
+        },
         kv_heads: first(LayerKind::Attention, &kv_arr),
         head_dim: uo("attention.key_length", 0),
         ffn: first(LayerKind::Mlp, &ff_arr),
@@ -370,17 +557,35 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
         experts,
         topk: uo("expert_used_count", 0),
         moe_ffn: uo("expert_feed_forward_length", 0),
-        shared_ffn: if uo("expert_shared_count", 1) > 0 { uo("expert_shared_feed_forward_length", 0) } else { 0 },
+        shared_ffn: if uo("expert_shared_count", 1) > 0 {
+            uo("expert_shared_feed_forward_length", 0)
+        } else {
+            0
+        },
         n_group: uo("expert_group_count", 1).max(1),
         topk_group: uo("expert_group_used_count", 1).max(1),
-        norm_topk: g.get(&key("expert_weights_norm")).and_then(|v| v.as_bool()).unwrap_or(true),
-        scale: g.get(&key("expert_weights_scale")).and_then(|v| v.as_f64()).unwrap_or(1.0) as f32,
-        eps: g.get(&key("attention.layer_norm_rms_epsilon")).or(g.get(&key("attention.layer_norm_epsilon"))).and_then(|v| v.as_f64()).unwrap_or(1e-5) as f32,
+        norm_topk: g
+            .get(&key("expert_weights_norm"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(true),
+        scale: g
+            .get(&key("expert_weights_scale"))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(1.0) as f32,
+        eps: g
+            .get(&key("attention.layer_norm_rms_epsilon"))
+            .or(g.get(&key("attention.layer_norm_epsilon")))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(1e-5) as f32,
         kinds,
     };
     d.validate(&format!("{} metadata", g.path.display()))?;
     let embed = matrix(t, "token_embd.weight", d.vocab, d.hidden)?;
-    let lm_head = if t.has("output.weight") { Some(matrix(t, "output.weight", d.vocab, d.hidden)?) } else { None };
+    let lm_head = if t.has("output.weight") {
+        Some(matrix(t, "output.weight", d.vocab, d.hidden)?)
+    } else {
+        None
+    };
     let mut blocks = vec![];
     let (mut na, mut nm) = (0, 0);
     for (i, &k) in d.kinds.iter().enumerate() {
@@ -393,10 +598,16 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
                 nm += 1;
                 (
                     Mixer::Mamba(Mamba2 {
-                        in_proj: matrix(t, &b("ssm_in.weight"), 2 * di + 2 * d.groups * d.state + d.mamba_heads, d.hidden)?,
+                        in_proj: matrix(
+                            t,
+                            &b("ssm_in.weight"),
+                            2 * di + 2 * d.groups * d.state + d.mamba_heads,
+                            d.hidden,
+                        )?,
                         out_proj: matrix(t, &b("ssm_out.weight"), d.hidden, di)?,
                         conv_w: vec_f32(t, &b("ssm_conv1d.weight"), cd * d.conv_k)?,
-                        conv_b: opt_vec_f32(t, &b("ssm_conv1d.bias"), cd)?.unwrap_or_else(|| vec![0.0; cd]),
+                        conv_b: opt_vec_f32(t, &b("ssm_conv1d.bias"), cd)?
+                            .unwrap_or_else(|| vec![0.0; cd]),
                         dt_bias: vec_f32(t, &b("ssm_dt.bias"), d.mamba_heads)?,
                         // GGUF stores A = −exp(A_log) directly.
                         a: vec_f32(t, &b("ssm_a"), d.mamba_heads)?,
@@ -470,7 +681,8 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
                 (
                     Mixer::Moe(Moe {
                         router: router.to_f32(),
-                        bias: opt_vec_f32(t, &b("exp_probs_b.bias"), d.experts)?.unwrap_or_else(|| vec![0.0; d.experts]),
+                        bias: opt_vec_f32(t, &b("exp_probs_b.bias"), d.experts)?
+                            .unwrap_or_else(|| vec![0.0; d.experts]),
                         up: (0..d.experts).map(|e| su.index(e)).collect(),
                         down: (0..d.experts).map(|e| sd.index(e)).collect(),
                         shared,
@@ -487,10 +699,24 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
             }
             LayerKind::Transformer => unreachable!(),
         };
-        blocks.push(Block { layer: i, norm, mixer, slot });
+        blocks.push(Block {
+            layer: i,
+            norm,
+            mixer,
+            slot,
+        });
     }
     let shape = d.shape();
-    Ok(Model { meta, shape, vocab: d.vocab, embed, lm_head, norm_f: vec_f32(t, "output_norm.weight", d.hidden)?, eps: d.eps, blocks })
+    Ok(Model {
+        meta,
+        shape,
+        vocab: d.vocab,
+        embed,
+        lm_head,
+        norm_f: vec_f32(t, "output_norm.weight", d.hidden)?,
+        eps: d.eps,
+        blocks,
+    })
 }
 
 #[allow(dead_code)]

@@ -1,0 +1,155 @@
+//! The command line's machine-readable outputs (names and fields later work relies on).
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::process::Command;
+
+fn run(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn logits_json_matches_library() {
+    let d = fixture("nemotron_h_moe");
+    let r = reference("nemotron_h_moe");
+    let toks: Vec<String> = r.tokens.iter().map(|t| t.to_string()).collect();
+    let v = run(&[
+        "logits",
+        d.to_str().unwrap(),
+        "--tokens",
+        &toks.join(","),
+        "--budget",
+        "hidden=32",
+        "--json",
+    ]);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), r.tokens.len());
+    let got: Vec<Vec<f32>> = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
+    let want = logits_all(&load(&d), &r.tokens, "hidden=32");
+    assert_eq!(got.len(), want.len());
+    assert!(rel_diff(&got, &want) < 1e-6);
+    // Full budget through the CLI matches transformers.
+    let v = run(&[
+        "logits",
+        d.to_str().unwrap(),
+        "--tokens",
+        &toks.join(","),
+        "--json",
+    ]);
+    let got: Vec<Vec<f32>> = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect();
+    assert!(rel_diff(&got, &r.logits) < 1e-4);
+}
+
+#[test]
+fn perplexity_bench_info_run_json() {
+    let d = fixture("llama_tiny");
+    let m = d.to_str().unwrap();
+    let t = std::env::temp_dir().join(format!("elastica-cli-{}.txt", std::process::id()));
+    std::fs::write(
+        &t,
+        "the quick brown fox jumps over the lazy dog. ".repeat(8),
+    )
+    .unwrap();
+    let v = run(&[
+        "perplexity",
+        m,
+        "-f",
+        t.to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--json",
+    ]);
+    assert!(v["ppl"].as_f64().unwrap() > 1.0);
+    assert_eq!(v["ctx"], 64);
+    assert_eq!(v["chunks"], 360 / 64);
+    assert_eq!(v["tokens"], (360 / 64) * 31);
+    // The same perplexity computed here from the library's logits.
+    let toks: Vec<u32> = std::fs::read(&t)
+        .unwrap()
+        .iter()
+        .map(|&b| b as u32)
+        .collect();
+    let model = load(&d);
+    let mut nll = 0f64;
+    for c in 0..360 / 64 {
+        let l = logits_all(&model, &toks[c * 64..(c + 1) * 64], "full");
+        for j in 32..63 {
+            let row = &l[j];
+            let mx = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+            let lse = row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln() + mx;
+            nll += lse - row[toks[c * 64 + j + 1] as usize] as f64;
+        }
+    }
+    let ppl = (nll / v["tokens"].as_f64().unwrap()).exp();
+    assert!(
+        (ppl - v["ppl"].as_f64().unwrap()).abs() < 1e-3 * ppl,
+        "{ppl} vs {}",
+        v["ppl"]
+    );
+    std::fs::remove_file(&t).ok();
+
+    let v = run(&["bench", m, "-p", "16", "-n", "4", "-r", "2", "--json"]);
+    for k in [
+        "pp",
+        "tg",
+        "pp_samples",
+        "tg_samples",
+        "n_prompt",
+        "n_gen",
+        "threads",
+        "budget",
+        "bytes_per_token",
+        "params_total",
+        "params_active",
+    ] {
+        assert!(!v[k].is_null(), "bench --json lacks {k}");
+    }
+    assert!(v["pp"].as_f64().unwrap() > 0.0 && v["tg"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["tg_samples"].as_array().unwrap().len(), 2);
+
+    let v = run(&["info", m, "--json"]);
+    assert_eq!(v["arch"], "llama");
+    assert_eq!(v["hidden"], 64);
+    assert_eq!(v["budgets"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        v["parent"]["params_total"].as_u64().unwrap(),
+        256 * 64 + 64 + 3 * (64 + 64 + 4 * 16 * 64 * 2 + 2 * 16 * 64 * 2 + 3 * 96 * 64)
+    );
+
+    let v = run(&["run", m, "-p", "hello", "-n", "5", "--ignore-eos", "--json"]);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 5);
+    assert_eq!(v["stop_reason"], "length");
+    assert_eq!(v["prompt_tokens"], 5);
+}
