@@ -184,6 +184,14 @@ impl std::str::FromStr for BudgetSpec {
     }
 }
 
+/// (name, per-layer getter, which layer kinds have the axis, parent size) for spec printing.
+type AxisView<'a> = (
+    &'a str,
+    fn(&LayerBudget) -> usize,
+    fn(LayerKind) -> bool,
+    usize,
+);
+
 /// A resolved budget: the active size of every axis in every layer, and the index segments the
 /// kernels read. Cheap to clone; built once per budget, not per token.
 #[derive(Clone, Debug)]
@@ -227,12 +235,7 @@ impl Budget {
     /// values are the most common per-layer value; other layers get `AXIS.LAYER=N`.
     pub fn spec(&self, shape: &Shape) -> String {
         let mut parts = vec![format!("hidden={}", self.hidden)];
-        let axes: [(
-            &str,
-            fn(&LayerBudget) -> usize,
-            fn(LayerKind) -> bool,
-            usize,
-        ); 7] = [
+        let axes: [AxisView; 7] = [
             ("ffn", |l| l.ffn, LayerKind::has_mlp, shape.ffn),
             (
                 "moe_ffn",
@@ -337,7 +340,7 @@ fn check(name: &str, layer: Option<usize>, v: usize, parent: usize) -> Result<()
 }
 
 fn check_group(name: &str, v: usize, groups: usize, what: &str) -> Result<()> {
-    if groups > 0 && v % groups != 0 {
+    if groups > 0 && !v.is_multiple_of(groups) {
         return Err(Error::Budget(format!(
             "{name}={v} breaks the group structure: it must be a multiple of the {groups} {what} (the same number kept in each)"
         )));

@@ -95,15 +95,15 @@ impl Manifest {
                 .map_err(|e| {
                     Error::config(format!("manifest budget {:?}", nb.name), e.to_string())
                 })?;
-            if let Some((pn, pbud)) = &prev {
-                if !b.nested_in(pbud) {
-                    return Err(Error::config(
-                        format!("manifest budget {:?}", nb.name),
-                        format!(
-                            "is not nested in the larger budget {pn:?} (every axis must be at most its size)"
-                        ),
-                    ));
-                }
+            if let Some((pn, pbud)) = &prev
+                && !b.nested_in(pbud)
+            {
+                return Err(Error::config(
+                    format!("manifest budget {:?}", nb.name),
+                    format!(
+                        "is not nested in the larger budget {pn:?} (every axis must be at most its size)"
+                    ),
+                ));
             }
             prev = Some((nb.name.clone(), b));
         }

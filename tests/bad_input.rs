@@ -226,7 +226,7 @@ impl G {
         v.extend(n_kv.to_le_bytes());
         v.extend(&self.kv);
         v.extend(&self.infos);
-        while v.len() % 32 != 0 {
+        while !v.len().is_multiple_of(32) {
             v.push(0);
         }
         v.extend(&self.data);

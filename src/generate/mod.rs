@@ -42,7 +42,6 @@ pub struct Generation {
 
 /// Generates from `prompt` (token ids, appended at the cache's position), streaming text through
 /// `on_text`. Stop strings are held back until they can no longer match, and never emitted.
-#[allow(clippy::too_many_arguments)]
 pub fn generate(
     model: &Model,
     tok: &Tokenizer,

@@ -54,10 +54,10 @@ impl Tokenizer {
             "<|end|>",
             "<end_of_turn>",
         ] {
-            if let Some(id) = inner.token_to_id(t) {
-                if !eos.contains(&id) {
-                    eos.push(id);
-                }
+            if let Some(id) = inner.token_to_id(t)
+                && !eos.contains(&id)
+            {
+                eos.push(id);
             }
         }
         Ok(Tokenizer {
@@ -75,10 +75,11 @@ impl Tokenizer {
             .encode_fast(text, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        if special && self.add_bos {
-            if let Some(b) = self.bos {
-                ids.push(b);
-            }
+        if special
+            && self.add_bos
+            && let Some(b) = self.bos
+        {
+            ids.push(b);
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
@@ -122,10 +123,10 @@ fn from_gguf(meta: &BTreeMap<String, Value>) -> std::result::Result<tokenizers::
             .ok_or("tokenizer.ggml.tokens holds a non-string")?;
         vocab.insert(s.to_string(), i as u32);
         // 3 = control, 4 = user-defined: matched as whole tokens in text.
-        if let Some(ty) = types.get(i).and_then(|v| v.as_u64()) {
-            if ty == 3 || ty == 4 {
-                specials.push(AddedToken::from(s.to_string(), ty == 3));
-            }
+        if let Some(ty) = types.get(i).and_then(|v| v.as_u64())
+            && (ty == 3 || ty == 4)
+        {
+            specials.push(AddedToken::from(s.to_string(), ty == 3));
         }
     }
     let mut mv = Vec::with_capacity(merges.len());

@@ -187,7 +187,6 @@ fn gather_row(
 
 /// C[m, n] = A[m, k] · B[n, k]ᵀ in f32 (row-major, leading dimensions given). Used by attention
 /// and the SSD scan, where both operands are activations.
-#[allow(clippy::too_many_arguments)]
 pub fn gemm_nt(
     m: usize,
     n: usize,
@@ -223,7 +222,6 @@ pub fn gemm_nt(
 type PackF32<'a> = dyn Fn(usize, usize, usize, usize, &mut [f32], &mut Vec<f32>) + Sync + 'a;
 type PackBf16<'a> = dyn Fn(usize, usize, usize, usize, &mut [u16], &mut Vec<f32>) + Sync + 'a;
 
-#[allow(clippy::too_many_arguments)]
 fn gemm_f32(
     m: usize,
     n: usize,
@@ -243,7 +241,6 @@ fn gemm_f32(
     });
 }
 
-#[allow(clippy::too_many_arguments)]
 fn gemm_f32_serial(
     m: usize,
     n: usize,
@@ -298,7 +295,6 @@ fn gemm_f32_serial(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn kern_scalar(
     mr: usize,
     kc: usize,
@@ -320,7 +316,6 @@ fn kern_scalar(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn gemm_bf16(
     m: usize,
     n: usize,
@@ -401,7 +396,6 @@ mod avx512 {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn kern_f32_dispatch(
         mr: usize,
         kc: usize,
@@ -459,7 +453,6 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn kern_f32<const M: usize>(
         kc: usize,
         a: *const f32,
@@ -488,7 +481,6 @@ mod avx512 {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn kern_bf16_dispatch(
         mr: usize,
         kp: usize,
@@ -516,7 +508,6 @@ mod avx512 {
 
     /// kp = number of k pairs; A rows are bf16 with pairs adjacent; B packed [kp][NR][2].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn kern_bf16<const M: usize>(
         kp: usize,
         a: *const u16,

@@ -100,7 +100,6 @@ pub fn to_bf16(x: &[f32], out: &mut [u16]) {
 
 /// Computes the packed active rows `r` (indices into the flattened row segments): each run of
 /// consecutive parent rows goes to one kernel call that walks R rows at a time.
-#[allow(clippy::too_many_arguments)]
 fn rows_dot(
     w: &Tensor,
     rows: &[Range<usize>],
@@ -348,7 +347,6 @@ mod avx512 {
     /// Q8_0 rows · q8 x. Weights are made unsigned by flipping the sign bit (w+128), so
     /// Σ w·x = dpbusd(w+128, x) − 128·Σx; the second term is `xsum` (pre-scaled by d_x).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn rows_q8_0(
         base: *const u8,
         stride: usize,
@@ -414,7 +412,6 @@ mod avx512 {
     /// Q4_0 / Q4_1 rows · q8 x: nibbles are already unsigned; the offset (−8·d or m) times Σx
     /// comes from `xsum`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn rows_q4<const Q41: bool>(
         base: *const u8,
         stride: usize,

@@ -76,7 +76,6 @@ impl KvCache {
 
 impl Attention {
     /// out[T, hidden] = Attn(x[T, hidden]) for tokens at positions pos0..pos0+T.
-    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         lb: &LayerBudget,

@@ -58,7 +58,6 @@ impl Mamba2 {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         lb: &LayerBudget,

@@ -44,7 +44,7 @@ fn shape(d: &Dims) -> Shape {
 }
 
 fn check_dims(d: &Dims, src: &str) -> Result<()> {
-    if d.heads == 0 || d.kv_heads == 0 || d.heads % d.kv_heads != 0 {
+    if d.heads == 0 || d.kv_heads == 0 || !d.heads.is_multiple_of(d.kv_heads) {
         return Err(Error::config(
             format!("{src} heads"),
             format!(
@@ -53,7 +53,7 @@ fn check_dims(d: &Dims, src: &str) -> Result<()> {
             ),
         ));
     }
-    if d.head_dim % 2 != 0 {
+    if !d.head_dim.is_multiple_of(2) {
         return Err(Error::config(
             format!("{src} head_dim"),
             "RoPE needs an even head size",
@@ -197,7 +197,7 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, meta: Meta) -> Result<Model> {
         layers: cfg.usize(&["num_hidden_layers"])?,
         heads,
         kv_heads: cfg.usize_or(&["num_key_value_heads"], heads)?,
-        head_dim: cfg.usize_or(&["head_dim"], if heads > 0 { hidden / heads } else { 0 })?,
+        head_dim: cfg.usize_or(&["head_dim"], hidden.checked_div(heads).unwrap_or(0))?,
         ffn: cfg.usize(&["intermediate_size"])?,
         eps: cfg.f64_or(&["rms_norm_eps"], 1e-6)? as f32,
         theta: match cfg
@@ -240,7 +240,7 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
         layers: u("block_count")?,
         heads,
         kv_heads: u("attention.head_count_kv").unwrap_or(heads),
-        head_dim: u("attention.key_length").unwrap_or(if heads > 0 { hidden / heads } else { 0 }),
+        head_dim: u("attention.key_length").unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
         ffn: u("feed_forward_length")?,
         eps: g
             .f64(&format!("{a}.attention.layer_norm_rms_epsilon"))
@@ -250,13 +250,12 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
     if let Some(ty) = g
         .get(&format!("{a}.rope.scaling.type"))
         .and_then(|v| v.as_str())
+        && ty != "none"
     {
-        if ty != "none" {
-            return Err(Error::format(
-                &g.path,
-                format!("rope scaling {ty:?} is not supported yet"),
-            ));
-        }
+        return Err(Error::format(
+            &g.path,
+            format!("rope scaling {ty:?} is not supported yet"),
+        ));
     }
     check_dims(&d, &format!("{} metadata", g.path.display()))?;
     build(&d, &g.tensors, &GGUF, None, true, meta)

@@ -57,13 +57,11 @@ fn load_hf(dir: &Path) -> Result<Model> {
             llama::from_hf(&cfg, &tensors, meta)?
         }
         "nemotron_h" => nemotron_h::from_hf(&cfg, &tensors, meta)?,
-        _ if archs.iter().any(|a| *a == "LlamaForCausalLM") => {
+        _ if archs.contains(&"LlamaForCausalLM") => {
             meta.arch = "llama".into();
             llama::from_hf(&cfg, &tensors, meta)?
         }
-        _ if archs.iter().any(|a| *a == "NemotronHForCausalLM") => {
-            nemotron_h::from_hf(&cfg, &tensors, meta)?
-        }
+        _ if archs.contains(&"NemotronHForCausalLM") => nemotron_h::from_hf(&cfg, &tensors, meta)?,
         other => {
             return Err(Error::config(
                 format!("{}: model_type", cfg_path.display()),
@@ -97,10 +95,9 @@ fn load_gguf(path: &Path) -> Result<Model> {
     if let Some(e) = g
         .get("tokenizer.ggml.eot_token_id")
         .and_then(|v| v.as_u64())
+        && !eos.contains(&(e as u32))
     {
-        if !eos.contains(&(e as u32)) {
-            eos.push(e as u32);
-        }
+        eos.push(e as u32);
     }
     let meta = Meta {
         path: path.to_path_buf(),

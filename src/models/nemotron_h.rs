@@ -13,7 +13,6 @@ use crate::layers::mamba2::Mamba2;
 use crate::layers::mlp::{Act, Mlp};
 use crate::layers::moe::{MAX_TOPK, Moe};
 use crate::model::{Block, Meta, Mixer, Model};
-use crate::tensor::Tensor;
 
 #[derive(Debug)]
 struct Dims {
@@ -66,7 +65,9 @@ impl Dims {
     fn validate(&self, src: &str) -> Result<()> {
         let has = |k: LayerKind| self.kinds.contains(&k);
         let bad = |f: &str, m: String| Err(Error::config(format!("{src} {f}"), m));
-        if has(LayerKind::Attention) && (self.kv_heads == 0 || self.heads % self.kv_heads != 0) {
+        if has(LayerKind::Attention)
+            && (self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads))
+        {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -75,7 +76,9 @@ impl Dims {
                 ),
             );
         }
-        if has(LayerKind::Mamba) && (self.groups == 0 || self.mamba_heads % self.groups != 0) {
+        if has(LayerKind::Mamba)
+            && (self.groups == 0 || !self.mamba_heads.is_multiple_of(self.groups))
+        {
             return bad(
                 "n_groups",
                 format!(
@@ -98,7 +101,7 @@ impl Dims {
                 );
             }
             if self.n_group == 0
-                || self.experts % self.n_group != 0
+                || !self.experts.is_multiple_of(self.n_group)
                 || self.n_group > 64
                 || self.topk_group > self.n_group
             {
@@ -173,16 +176,16 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
             "missing (neither hybrid_override_pattern nor layers_block_type is given)",
         ));
     };
-    if let Some(n) = cfg.get(&["num_hidden_layers"]) {
-        if n.as_u64() != Some(kinds.len() as u64) {
-            return Err(cfg.err(
-                "num_hidden_layers",
-                format!(
-                    "{n} does not match the {} layers of the pattern",
-                    kinds.len()
-                ),
-            ));
-        }
+    if let Some(n) = cfg.get(&["num_hidden_layers"])
+        && n.as_u64() != Some(kinds.len() as u64)
+    {
+        return Err(cfg.err(
+            "num_hidden_layers",
+            format!(
+                "{n} does not match the {} layers of the pattern",
+                kinds.len()
+            ),
+        ));
     }
     let hidden = cfg.usize(&["hidden_size"])?;
     let has = |k| kinds.contains(&k);
@@ -225,7 +228,7 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
         kv_heads: cfg.usize_or(&["num_key_value_heads"], heads)?,
         head_dim: cfg.usize_or(
             &["head_dim", "attention_head_dim"],
-            if heads > 0 { hidden / heads } else { 0 },
+            hidden.checked_div(heads).unwrap_or(0),
         )?,
         ffn: if has(LayerKind::Mlp) {
             cfg.usize(&["intermediate_size"])?
@@ -513,7 +516,6 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
             ));
         });
     }
-    let has = |k| kinds.contains(&k);
     let heads_arr = g
         .per_layer(&key("attention.head_count"), n_layers)
         .unwrap_or_else(|_| vec![0; n_layers]);
@@ -530,24 +532,26 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
             .find(|(x, _)| **x == k)
             .map_or(0, |(_, v)| *v as usize)
     };
-    let heads =
-        first(LayerKind::Attention, &heads_arr).max(if has(LayerKind::Attention) { 0 } else { 0 });
+    // head_count may be one value or a per-layer array (zero on non-attention layers).
+    let heads = match first(LayerKind::Attention, &heads_arr) {
+        0 => heads_arr.iter().copied().max().unwrap_or(0) as usize,
+        h => h,
+    };
     let inner = uo("ssm.inner_size", 0);
     let mheads = uo("ssm.time_step_rank", 0);
     let experts = uo("expert_count", 0);
     let d = Dims {
         vocab: t.get("token_embd.weight")?.shape[0],
         hidden,
-        heads: if heads > 0 {
-            heads
-        } else {
-            heads_arr.iter().copied().max().unwrap_or(0) as usize
-        },
+        heads,
         kv_heads: first(LayerKind::Attention, &kv_arr),
-        head_dim: uo("attention.key_length", 0),
+        head_dim: uo(
+            "attention.key_length",
+            hidden.checked_div(heads).unwrap_or(0),
+        ),
         ffn: first(LayerKind::Mlp, &ff_arr),
         mamba_heads: mheads,
-        mamba_head_dim: if mheads > 0 { inner / mheads } else { 0 },
+        mamba_head_dim: inner.checked_div(mheads).unwrap_or(0),
         groups: uo("ssm.group_count", 1),
         state: uo("ssm.state_size", 0),
         conv_k: uo("ssm.conv_kernel", 4),
@@ -718,6 +722,3 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
         blocks,
     })
 }
-
-#[allow(dead_code)]
-fn _unused(_: &Tensor) {}
