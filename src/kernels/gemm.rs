@@ -254,7 +254,7 @@ fn gemm_f32_serial(
 ) {
     let mut bp = vec![0f32; KC_F32 * NR];
     let mut tmp = Vec::new();
-    let simd = isa() == Isa::Avx512;
+    let isa = isa();
     for p in panels {
         let n0 = p * NR;
         let nn = NR.min(n - n0);
@@ -270,9 +270,9 @@ fn gemm_f32_serial(
                 let mr = MR.min(m - i);
                 let ap = &a[i * lda + k0..];
                 let cpn = &mut c[i * ldc + n0..];
-                if simd {
+                match isa {
                     #[cfg(target_arch = "x86_64")]
-                    unsafe {
+                    Isa::Avx512 => unsafe {
                         avx512::kern_f32_dispatch(
                             mr,
                             kc,
@@ -284,9 +284,22 @@ fn gemm_f32_serial(
                             nn,
                             k0 > 0,
                         )
-                    };
-                } else {
-                    kern_scalar(mr, kc, nn, |r, kk| ap[r * lda + kk], &bp, cpn, ldc, k0 > 0);
+                    },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe {
+                        avx2::kern_f32_dispatch(
+                            mr,
+                            kc,
+                            ap.as_ptr(),
+                            lda,
+                            bp.as_ptr(),
+                            cpn.as_mut_ptr(),
+                            ldc,
+                            nn,
+                            k0 > 0,
+                        )
+                    },
+                    _ => kern_scalar(mr, kc, nn, |r, kk| ap[r * lda + kk], &bp, cpn, ldc, k0 > 0),
                 }
                 i += mr;
             }
@@ -534,6 +547,83 @@ mod avx512 {
                 }
             }
             store_tile::<M>(&acc, c, ldc, nn, add);
+        }
+    }
+}
+
+/// AVX2 + FMA f32 micro-kernel: the 48-column panel in two halves of 24 (3 ymm), 4 rows.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::NR;
+    use std::arch::x86_64::*;
+
+    pub unsafe fn kern_f32_dispatch(
+        mr: usize,
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        nn: usize,
+        acc: bool,
+    ) {
+        unsafe {
+            let mut r = 0;
+            while r < mr {
+                let (ar, cr) = (a.add(r * lda), c.add(r * ldc));
+                for h in 0..2 {
+                    if 24 * h >= nn {
+                        break;
+                    }
+                    let (bh, ch, nh) = (b.add(24 * h), cr.add(24 * h), (nn - 24 * h).min(24));
+                    match mr - r {
+                        1 => kern::<1>(kc, ar, lda, bh, ch, ldc, nh, acc),
+                        2 => kern::<2>(kc, ar, lda, bh, ch, ldc, nh, acc),
+                        3 => kern::<3>(kc, ar, lda, bh, ch, ldc, nh, acc),
+                        _ => kern::<4>(kc, ar, lda, bh, ch, ldc, nh, acc),
+                    }
+                }
+                r += 4;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kern<const M: usize>(
+        kc: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        nn: usize,
+        add: bool,
+    ) {
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 3]; M];
+            for kk in 0..kc {
+                let bp = b.add(kk * NR);
+                let b0 = _mm256_loadu_ps(bp);
+                let b1 = _mm256_loadu_ps(bp.add(8));
+                let b2 = _mm256_loadu_ps(bp.add(16));
+                for r in 0..M {
+                    let av = _mm256_set1_ps(*a.add(r * lda + kk));
+                    acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+                    acc[r][2] = _mm256_fmadd_ps(av, b2, acc[r][2]);
+                }
+            }
+            for r in 0..M {
+                let mut tmp = [0f32; 24];
+                for v in 0..3 {
+                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * v), acc[r][v]);
+                }
+                let row = c.add(r * ldc);
+                for j in 0..nn {
+                    *row.add(j) = if add { *row.add(j) + tmp[j] } else { tmp[j] };
+                }
+            }
         }
     }
 }

@@ -46,6 +46,7 @@ pub fn matvec(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
         let act = match w.dtype {
             _ if super::gemm::exact() => Act::F32(x),
             DType::F32 | DType::F16 => Act::F32(x),
+            DType::BF16 if isa != Isa::Avx512 => Act::F32(x),
             DType::BF16 => {
                 s.bf.resize(x.len(), 0);
                 to_bf16(x, &mut s.bf);
@@ -160,27 +161,43 @@ fn rows_dot(
             }
             continue;
         }
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 {
+            let base = bytes[first * stride..].as_ptr();
+            let n = b - a;
+            // Safety: as above.
+            unsafe {
+                match (act, w.dtype) {
+                    (Act::Q8 { q, d, .. }, DType::Q8_0) => {
+                        avx2::rows_q8_0(base, stride, n, cols, q, d, out)
+                    }
+                    (Act::Q8 { q, d, xsum }, DType::Q4_1) => {
+                        avx2::rows_q4::<true>(base, stride, n, cols, q, d, xsum, out)
+                    }
+                    (Act::Q8 { q, d, xsum }, _) => {
+                        avx2::rows_q4::<false>(base, stride, n, cols, q, d, xsum, out)
+                    }
+                    (Act::F32(x), DType::F32 | DType::F16 | DType::BF16) => out
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, o)| *o = avx2::dot_float(w.dtype, row(i), cols, x)),
+                    (Act::F32(x), dt) => out
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, o)| *o = dot_generic(dt, row(i), cols, x)),
+                    (Act::Bf16(_), _) => unreachable!("bf16 activations are only made for AVX-512"),
+                }
+            }
+            continue;
+        }
         for (i, o) in out.iter_mut().enumerate() {
             *o = match act {
                 Act::Q8 { q, d, xsum } => scalar_dot_q(w.dtype, row(i), cols, q, d, xsum),
-                Act::Bf16(x) => scalar_dot_bf16(row(i), cols, x),
+                Act::Bf16(_) => unreachable!("bf16 activations are only made for AVX-512"),
                 Act::F32(x) => dot_generic(w.dtype, row(i), cols, x),
             };
         }
     }
-}
-
-fn scalar_dot_bf16(row: &[u8], cols: &[Range<usize>], x: &[u16]) -> f32 {
-    let mut s = 0f32;
-    let mut k = 0;
-    for c in cols {
-        for j in c.clone() {
-            let wv = quant::bf16_to_f32(u16::from_le_bytes([row[2 * j], row[2 * j + 1]]));
-            s += wv * quant::bf16_to_f32(x[k]);
-            k += 1;
-        }
-    }
-    s
 }
 
 fn dot_generic(dt: DType, row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
@@ -574,6 +591,228 @@ mod avx512 {
             let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
             let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
             _mm_cvtss_f32(s)
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use crate::tensor::DType;
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    const PF: usize = 8;
+
+    #[inline(always)]
+    unsafe fn f16s(b: *const u8) -> f32 {
+        unsafe {
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                std::ptr::read_unaligned(b as *const u16) as i32,
+            )))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+        }
+    }
+
+    /// F32 / F16 / BF16 weights against f32 activations, 8 lanes at a time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_float(dt: DType, row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
+        unsafe {
+            let mut acc = _mm256_setzero_ps();
+            let mut tail = 0f32;
+            let mut k = 0usize;
+            for c in cols {
+                let n = c.len();
+                let xp = x.as_ptr().add(k);
+                let mut i = 0;
+                while i + 8 <= n {
+                    let j = c.start + i;
+                    let w = match dt {
+                        DType::F32 => _mm256_loadu_ps(row.as_ptr().add(4 * j) as *const f32),
+                        DType::F16 => {
+                            _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * j) as *const _))
+                        }
+                        _ => _mm256_castsi256_ps(_mm256_slli_epi32(
+                            _mm256_cvtepu16_epi32(_mm_loadu_si128(
+                                row.as_ptr().add(2 * j) as *const _
+                            )),
+                            16,
+                        )),
+                    };
+                    acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp.add(i)), acc);
+                    i += 8;
+                }
+                for i in i..n {
+                    let j = c.start + i;
+                    let w = match dt {
+                        DType::F32 => f32::from_le_bytes(row[4 * j..4 * j + 4].try_into().unwrap()),
+                        DType::F16 => f16s(row.as_ptr().add(2 * j)),
+                        _ => f32::from_bits(
+                            (u16::from_le_bytes([row[2 * j], row[2 * j + 1]]) as u32) << 16,
+                        ),
+                    };
+                    tail += w * *xp.add(i);
+                }
+                k += n;
+            }
+            hsum(acc) + tail
+        }
+    }
+
+    macro_rules! by_four {
+        ($n:expr, $y:expr, |$r:ident, $R:ident| $body:expr) => {{
+            let mut $r = 0;
+            while $r + 4 <= $n {
+                const $R: usize = 4;
+                let o: [f32; 4] = $body;
+                $y[$r..$r + 4].copy_from_slice(&o);
+                $r += 4;
+            }
+            while $r < $n {
+                const $R: usize = 1;
+                let o: [f32; 1] = $body;
+                $y[$r] = o[0];
+                $r += 1;
+            }
+        }};
+    }
+
+    /// Q8_0 · q8 with maddubs: |w| (unsigned) times x carrying w's sign, pairs summed to i16,
+    /// then to i32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_q8_0(
+        base: *const u8,
+        stride: usize,
+        n: usize,
+        cols: &[Range<usize>],
+        q: &[i8],
+        d: &[f32],
+        y: &mut [f32],
+    ) {
+        unsafe {
+            by_four!(n, y, |r, R| q8_group::<R>(
+                base.add(r * stride),
+                stride,
+                cols,
+                q,
+                d
+            ))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q8_group<const R: usize>(
+        base: *const u8,
+        stride: usize,
+        cols: &[Range<usize>],
+        q: &[i8],
+        d: &[f32],
+    ) -> [f32; R] {
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut k = 0usize;
+            for c in cols {
+                let b0 = c.start / 32;
+                for b in 0..c.len() / 32 {
+                    let xv = _mm256_loadu_si256(q.as_ptr().add(32 * k) as *const _);
+                    let dk = *d.get_unchecked(k);
+                    for r in 0..R {
+                        let p = base.add(r * stride + (b0 + b) * 34);
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride) as *const i8);
+                        let w = _mm256_loadu_si256(p.add(2) as *const _);
+                        let prod =
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+                        let i = _mm256_madd_epi16(prod, ones);
+                        acc[r] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(i),
+                            _mm256_set1_ps(f16s(p) * dk),
+                            acc[r],
+                        );
+                    }
+                    k += 1;
+                }
+            }
+            acc.map(|a| hsum(a))
+        }
+    }
+
+    /// Q4_0 / Q4_1 · q8: unsigned nibbles times signed x with maddubs; offsets from `xsum`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_q4<const Q41: bool>(
+        base: *const u8,
+        stride: usize,
+        n: usize,
+        cols: &[Range<usize>],
+        q: &[i8],
+        d: &[f32],
+        xsum: &[f32],
+        y: &mut [f32],
+    ) {
+        unsafe {
+            by_four!(n, y, |r, R| q4_group::<R, Q41>(
+                base.add(r * stride),
+                stride,
+                cols,
+                q,
+                d,
+                xsum
+            ))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q4_group<const R: usize, const Q41: bool>(
+        base: *const u8,
+        stride: usize,
+        cols: &[Range<usize>],
+        q: &[i8],
+        d: &[f32],
+        xsum: &[f32],
+    ) -> [f32; R] {
+        unsafe {
+            let bb = if Q41 { 20 } else { 18 };
+            let off = if Q41 { 4 } else { 2 };
+            let lo = _mm_set1_epi8(0x0F);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut corr = [0f32; R];
+            let mut k = 0usize;
+            for c in cols {
+                let b0 = c.start / 32;
+                for b in 0..c.len() / 32 {
+                    let xv = _mm256_loadu_si256(q.as_ptr().add(32 * k) as *const _);
+                    let (dk, xs) = (*d.get_unchecked(k), *xsum.get_unchecked(k));
+                    for r in 0..R {
+                        let p = base.add(r * stride + (b0 + b) * bb);
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride) as *const i8);
+                        let dw = f16s(p);
+                        let m = if Q41 { f16s(p.add(2)) } else { -8.0 * dw };
+                        let bytes = _mm_loadu_si128(p.add(off) as *const _);
+                        let w = _mm256_set_m128i(
+                            _mm_and_si128(_mm_srli_epi16(bytes, 4), lo),
+                            _mm_and_si128(bytes, lo),
+                        );
+                        let i = _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), ones);
+                        acc[r] =
+                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * dk), acc[r]);
+                        corr[r] += m * xs;
+                    }
+                    k += 1;
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = hsum(acc[r]) + corr[r];
+            }
+            out
         }
     }
 }

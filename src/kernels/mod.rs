@@ -1,5 +1,7 @@
 //! CPU kernels: thread pool, block formats, matrix-vector (decode) and matrix-matrix (prefill)
 //! products over *segments* of a weight (the budget's active rows and columns), and small ops.
+//! The ISA is detected at run time: AVX-512 (BF16, VNNI), else AVX2 + FMA, else portable code;
+//! `ELASTICA_ISA=avx2` or `ELASTICA_NO_SIMD=1` force the lower levels (tests compare them).
 
 pub mod gemm;
 pub mod gemv;
@@ -15,6 +17,8 @@ use std::sync::OnceLock;
 pub enum Isa {
     /// AVX-512 F/BW/VL with BF16 dot products and VNNI.
     Avx512,
+    /// AVX2 + FMA + F16C.
+    Avx2,
     /// Portable code (the compiler may still vectorize it).
     Scalar,
 }
@@ -25,8 +29,15 @@ pub fn isa() -> Isa {
         if std::env::var_os("ELASTICA_NO_SIMD").is_some() {
             return Isa::Scalar;
         }
+        let force_avx2 = std::env::var("ELASTICA_ISA").is_ok_and(|v| v == "avx2");
         #[cfg(target_arch = "x86_64")]
         {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if force_avx2 && avx2 {
+                return Isa::Avx2;
+            }
             if is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
@@ -37,7 +48,11 @@ pub fn isa() -> Isa {
             {
                 return Isa::Avx512;
             }
+            if avx2 {
+                return Isa::Avx2;
+            }
         }
+        let _ = force_avx2;
         Isa::Scalar
     })
 }
