@@ -13,6 +13,8 @@
 
 pub mod budget;
 pub mod cli;
+pub mod data;
+pub mod elastic;
 pub mod error;
 pub mod eval;
 pub mod formats;

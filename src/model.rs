@@ -11,7 +11,7 @@ use crate::layers::attention::{Attention, KvCache};
 use crate::layers::mamba2::{Mamba2, MambaState};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::Moe;
-use crate::layers::{Scratch, buf, linear};
+use crate::layers::{Ffn, Observer, Scratch, Silent, buf, linear};
 use crate::manifest::Manifest;
 use crate::tensor::Tensor;
 use std::ops::Range;
@@ -313,6 +313,18 @@ impl Model {
         cache: &'c mut Cache,
         want: Logits,
     ) -> Result<&'c [f32]> {
+        self.forward_observed(tokens, budget, cache, want, &mut Silent)
+    }
+
+    /// [`forward`](Self::forward) with hooks on the activations importance is ranked by.
+    pub fn forward_observed<'c>(
+        &self,
+        tokens: &[u32],
+        budget: &Budget,
+        cache: &'c mut Cache,
+        want: Logits,
+        obs: &mut dyn Observer,
+    ) -> Result<&'c [f32]> {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
             return Err(Error::Input(format!(
                 "token id {bad} is outside the vocabulary (size {})",
@@ -365,16 +377,28 @@ impl Model {
                         &mut xn[i * hd..(i + 1) * hd],
                     );
                 }
+                if obs.enabled() {
+                    obs.norm(blk.layer, xn, hd);
+                }
                 let y = buf(&mut ws.y, t * hd);
+                let l = blk.layer;
                 match &blk.mixer {
-                    Mixer::Attention(a) => {
-                        a.forward(lb, hd, xn, y, &mut cache.kv[blk.slot], cache.pos, &mut ws.s)
-                    }
+                    Mixer::Attention(a) => a.forward(
+                        lb,
+                        hd,
+                        xn,
+                        y,
+                        &mut cache.kv[blk.slot],
+                        cache.pos,
+                        &mut ws.s,
+                        obs,
+                        l,
+                    ),
                     Mixer::Mamba(m) => {
-                        m.forward(lb, hd, xn, y, &mut cache.mamba[blk.slot], &mut ws.s)
+                        m.forward(lb, hd, xn, y, &mut cache.mamba[blk.slot], &mut ws.s, obs, l)
                     }
-                    Mixer::Mlp(m) => m.forward(lb.ffn, hd, xn, y, &mut ws.s),
-                    Mixer::Moe(m) => m.forward(lb, hd, xn, y, &mut ws.s),
+                    Mixer::Mlp(m) => m.forward(lb.ffn, hd, xn, y, &mut ws.s, obs, (l, Ffn::Dense)),
+                    Mixer::Moe(m) => m.forward(lb, hd, xn, y, &mut ws.s, obs, l),
                 }
                 for (hv, yv) in h.iter_mut().zip(y.iter()) {
                     *hv += yv;

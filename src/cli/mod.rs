@@ -2,10 +2,13 @@
 //! clear error naming the file, tensor or field and exits non-zero on bad input.
 
 mod bench;
+mod elastify;
 mod info;
 mod logits;
 mod perplexity;
+mod rank;
 mod run;
+mod slice;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -50,6 +53,12 @@ enum Cmd {
     Perplexity(perplexity::Args),
     /// Prompt-processing and generation throughput, like llama-bench.
     Bench(bench::Args),
+    /// Rank every component by importance on calibration text.
+    Rank(rank::Args),
+    /// Re-order a model by importance and write it as an elastic checkpoint with named budgets.
+    Elastify(elastify::Args),
+    /// Cut a budget out of an elastic checkpoint as a standalone model.
+    Slice(slice::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -67,6 +76,9 @@ pub fn main() -> ExitCode {
         Cmd::Logits(a) => logits::run(a),
         Cmd::Perplexity(a) => perplexity::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Slice(a) => slice::run(a),
+        Cmd::Rank(a) => rank::run(a),
+        Cmd::Elastify(a) => elastify::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -75,6 +75,8 @@ pub struct Gguf {
     pub path: PathBuf,
     pub version: u32,
     pub meta: BTreeMap<String, Value>,
+    /// Metadata keys in file order (writers keep it).
+    pub kv_order: Vec<String>,
     pub tensors: TensorMap,
     /// Tensor names in file order (for writers that want to keep it).
     pub order: Vec<String>,
@@ -269,11 +271,18 @@ impl Gguf {
             ));
         }
         let mut meta = BTreeMap::new();
+        let mut kv_order = Vec::new();
         for i in 0..n_kv {
             let key = c.string(&format!("metadata key #{i}"))?;
             let ty = c.u32(&format!("type of {key}"))?;
             let v = c.value(ty, &format!("metadata {key}"), 0)?;
-            meta.insert(key, v);
+            if meta.insert(key.clone(), v).is_some() {
+                return Err(Error::format(
+                    path,
+                    format!("metadata key {key} appears twice"),
+                ));
+            }
+            kv_order.push(key);
         }
         struct Info {
             name: String,
@@ -404,6 +413,7 @@ impl Gguf {
             path: path.to_path_buf(),
             version,
             meta,
+            kv_order,
             tensors: TensorMap {
                 source: path.to_path_buf(),
                 tensors,
@@ -472,4 +482,113 @@ impl Gguf {
             )),
         }
     }
+}
+
+fn put_str(w: &mut Vec<u8>, s: &str) {
+    w.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    w.extend_from_slice(s.as_bytes());
+}
+
+fn type_id(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::Str(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn put_value(w: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => w.push(*x),
+        Value::I8(x) => w.push(*x as u8),
+        Value::U16(x) => w.extend_from_slice(&x.to_le_bytes()),
+        Value::I16(x) => w.extend_from_slice(&x.to_le_bytes()),
+        Value::U32(x) => w.extend_from_slice(&x.to_le_bytes()),
+        Value::I32(x) => w.extend_from_slice(&x.to_le_bytes()),
+        Value::F32(x) => w.extend_from_slice(&x.to_le_bytes()),
+        Value::Bool(x) => w.push(*x as u8),
+        Value::Str(s) => put_str(w, s),
+        Value::Array(a) => {
+            let ety = a.first().map_or(4, type_id);
+            w.extend_from_slice(&ety.to_le_bytes());
+            w.extend_from_slice(&(a.len() as u64).to_le_bytes());
+            for x in a {
+                put_value(w, x);
+            }
+        }
+        Value::U64(x) => w.extend_from_slice(&x.to_le_bytes()),
+        Value::I64(x) => w.extend_from_slice(&x.to_le_bytes()),
+        Value::F64(x) => w.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+/// Writes a GGUF v3 file: metadata in the given order, tensor directory, then each tensor's
+/// bytes from `data(i)`, aligned to 32 bytes.
+pub fn write(
+    path: &Path,
+    meta: &[(String, Value)],
+    tensors: &[super::OutTensor],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    use std::io::Write;
+    const ALIGN: usize = 32;
+    let mut h = Vec::new();
+    h.extend_from_slice(b"GGUF");
+    h.extend_from_slice(&3u32.to_le_bytes());
+    h.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    let meta: Vec<&(String, Value)> = meta
+        .iter()
+        .filter(|(k, _)| k != "general.alignment")
+        .collect();
+    h.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    for (k, v) in &meta {
+        put_str(&mut h, k);
+        h.extend_from_slice(&type_id(v).to_le_bytes());
+        put_value(&mut h, v);
+    }
+    let mut off = 0usize;
+    for t in tensors {
+        put_str(&mut h, &t.name);
+        h.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
+        for d in t.shape.iter().rev() {
+            h.extend_from_slice(&(*d as u64).to_le_bytes());
+        }
+        h.extend_from_slice(&ggml_type_id(t.dtype).to_le_bytes());
+        h.extend_from_slice(&(off as u64).to_le_bytes());
+        off = (off + t.nbytes()).next_multiple_of(ALIGN);
+    }
+    while h.len() % ALIGN != 0 {
+        h.push(0);
+    }
+    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let io = |e| Error::io(path, e);
+    w.write_all(&h).map_err(io)?;
+    for (i, t) in tensors.iter().enumerate() {
+        let b = data(i)?;
+        if b.len() != t.nbytes() {
+            return Err(Error::Tensor {
+                name: t.name.clone(),
+                msg: format!("produced {} bytes, expected {}", b.len(), t.nbytes()),
+            });
+        }
+        w.write_all(&b).map_err(io)?;
+        let pad = b.len().next_multiple_of(ALIGN) - b.len();
+        w.write_all(&[0u8; ALIGN][..pad]).map_err(io)?;
+    }
+    w.into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    Ok(())
 }

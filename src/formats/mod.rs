@@ -35,3 +35,29 @@ impl TensorMap {
         self.get(names[0])
     }
 }
+
+/// A tensor to be written: name, format and torch-order shape; the bytes come later, one tensor
+/// at a time, so writers stream and never hold a whole model.
+#[derive(Clone, Debug)]
+pub struct OutTensor {
+    pub name: String,
+    pub dtype: crate::tensor::DType,
+    pub shape: Vec<usize>,
+}
+
+impl OutTensor {
+    pub fn nbytes(&self) -> usize {
+        let cols = *self.shape.last().unwrap_or(&1);
+        let rows: usize = self.shape.iter().rev().skip(1).product();
+        self.dtype.row_bytes(cols).expect("whole blocks") * rows
+    }
+}
+
+/// A sibling temporary path for `dest` (written, then renamed over `dest`).
+pub fn temp_path(dest: &std::path::Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}

@@ -129,3 +129,62 @@ pub fn load_dir(dir: &Path) -> Result<TensorMap> {
         tensors,
     })
 }
+
+/// Writes a .safetensors file: header first (shapes are known up front), then each tensor's
+/// bytes from `data(i)` in order. Only float formats exist in safetensors.
+pub fn write(
+    path: &Path,
+    tensors: &[super::OutTensor],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    use std::io::Write;
+    let mut header = serde_json::Map::new();
+    let mut off = 0usize;
+    for t in tensors {
+        let dt = match t.dtype {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+            other => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor {}: {other} cannot be stored in safetensors (use f32, f16 or bf16)",
+                        t.name
+                    ),
+                ));
+            }
+        };
+        let n = t.nbytes();
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": dt, "shape": t.shape, "data_offsets": [off, off + n]}),
+        );
+        off += n;
+    }
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let io = |e| Error::io(path, e);
+    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&h).map_err(io)?;
+    for (i, t) in tensors.iter().enumerate() {
+        let b = data(i)?;
+        if b.len() != t.nbytes() {
+            return Err(Error::Tensor {
+                name: t.name.clone(),
+                msg: format!("produced {} bytes, expected {}", b.len(), t.nbytes()),
+            });
+        }
+        w.write_all(&b).map_err(io)?;
+    }
+    w.into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    Ok(())
+}

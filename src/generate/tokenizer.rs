@@ -137,7 +137,11 @@ fn from_gguf(meta: &BTreeMap<String, Value>) -> std::result::Result<tokenizers::
         let (a, b) = s
             .split_once(' ')
             .ok_or_else(|| format!("merge {s:?} is not two tokens"))?;
-        mv.push((a.to_string(), b.to_string()));
+        // Like llama.cpp, ignore merges of tokens the vocabulary lacks (they can never apply).
+        if vocab.contains_key(a) && vocab.contains_key(b) && vocab.contains_key(&format!("{a}{b}"))
+        {
+            mv.push((a.to_string(), b.to_string()));
+        }
     }
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, mv)

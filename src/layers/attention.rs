@@ -2,7 +2,7 @@
 //! Budget: the first `heads / kv_heads` query heads of every KV group; K/V heads are never cut,
 //! so the KV cache has the same layout under every budget and a sequence can switch budgets.
 
-use super::{Scratch, SyncPtr, add_bias, buf, linear};
+use super::{Observer, Scratch, SyncPtr, add_bias, buf, linear};
 use crate::budget::LayerBudget;
 use crate::kernels::gemm::gemm_nt;
 use crate::kernels::ops::{dot, softmax};
@@ -85,6 +85,8 @@ impl Attention {
         kv: &mut KvCache,
         pos0: usize,
         s: &mut Scratch,
+        obs: &mut dyn Observer,
+        layer: usize,
     ) {
         let t = x.len() / hidden;
         let d = self.head_dim;
@@ -185,6 +187,9 @@ impl Attention {
                     gemm_nt(t, d, len, sc, len, &vt[g * d * len..], len, o, nq * d);
                 }
             });
+        }
+        if obs.enabled() {
+            obs.attention(layer, att, nq, d);
         }
         linear(&self.o, &hid, &lb.q_rows, att, out);
         add_bias(&self.o_bias, &hid, out);

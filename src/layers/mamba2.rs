@@ -4,7 +4,7 @@
 //! Budget: the first `mamba_heads / groups` heads of every group and the first `mamba_head_dim`
 //! channels of every head; B/C are never cut and the norm keeps its G groups.
 
-use super::{Scratch, SyncPtr, buf, linear};
+use super::{Observer, Scratch, SyncPtr, buf, linear};
 use crate::budget::LayerBudget;
 use crate::kernels::gemm::gemm_nt;
 use crate::kernels::ops::{silu, softplus};
@@ -66,6 +66,8 @@ impl Mamba2 {
         out: &mut [f32],
         st: &mut MambaState,
         s: &mut Scratch,
+        obs: &mut dyn Observer,
+        layer: usize,
     ) {
         let t = x.len() / hidden;
         let na = lb.mamba_heads;
@@ -76,6 +78,15 @@ impl Mamba2 {
         let width = 2 * ni + 2 * gn + na;
         let zx = buf(&mut s.a, t * width);
         linear(&self.in_proj, &lb.in_rows, &[0..hidden], x, zx);
+        if obs.enabled() {
+            let ni = lb.mamba_heads * lb.mamba_head_dim;
+            let width = 2 * ni + 2 * self.groups * self.state + lb.mamba_heads;
+            let mut xs = vec![0f32; (x.len() / hidden) * ni];
+            for (row, dst) in zx.chunks(width).zip(xs.chunks_mut(ni)) {
+                dst.copy_from_slice(&row[ni..2 * ni]);
+            }
+            obs.mamba_x(layer, &xs, ni);
+        }
 
         // Causal conv over the active xBC channels, window from the state (spec §2.3.2).
         let cw = ni + gn * 2;

@@ -1,7 +1,7 @@
 //! Dense MLP: Nemotron-H's relu² (up → relu² → down, spec §2.5) and Llama's SwiGLU
 //! (down(silu(gate) ⊙ up)). Budget: the first `ffn` intermediate channels.
 
-use super::{Scratch, add_bias, buf, linear};
+use super::{Ffn, Observer, Scratch, add_bias, buf, linear};
 use crate::kernels::ops::{relu2, silu};
 use crate::tensor::Tensor;
 
@@ -27,7 +27,16 @@ impl Mlp {
     }
 
     /// out[T, hidden] = MLP(x[T, hidden]) using the first `ffn` channels.
-    pub fn forward(&self, ffn: usize, hidden: usize, x: &[f32], out: &mut [f32], s: &mut Scratch) {
+    pub fn forward(
+        &self,
+        ffn: usize,
+        hidden: usize,
+        x: &[f32],
+        out: &mut [f32],
+        s: &mut Scratch,
+        obs: &mut dyn Observer,
+        at: (usize, Ffn),
+    ) {
         let t = x.len() / hidden;
         let rows = [0..ffn];
         let hid = [0..hidden];
@@ -45,6 +54,9 @@ impl Mlp {
             }
             (None, Act::Relu2) => u.iter_mut().for_each(|v| *v = relu2(*v)),
             (None, Act::SwiGlu) => unreachable!("SwiGLU needs a gate"),
+        }
+        if obs.enabled() {
+            obs.down_input(at.0, at.1, u, ffn);
         }
         linear(&self.down, &hid, &rows, u, out);
         add_bias(&self.down_bias, &hid, out);

@@ -10,6 +10,40 @@ use crate::kernels::{gemm, gemv};
 use crate::tensor::Tensor;
 use std::ops::Range;
 
+/// Which down projection an [`Observer`] sees the input of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ffn {
+    Dense,
+    Shared,
+    Expert(usize),
+}
+
+/// Forward hooks for importance estimation (method doc §2): the activations each elastic axis is
+/// ranked by. Called only when `enabled()`; the plain forward passes [`Silent`].
+pub trait Observer {
+    fn enabled(&self) -> bool {
+        true
+    }
+    /// Output of a pre-block norm (the block's input), [T, hidden].
+    fn norm(&mut self, _layer: usize, _x: &[f32], _hidden: usize) {}
+    /// Input of o_proj, [T, heads · head_dim] (active heads, group-major).
+    fn attention(&mut self, _layer: usize, _x: &[f32], _heads: usize, _head_dim: usize) {}
+    /// The x part of Mamba's in_proj output (before the conv), [T, heads · head_dim].
+    fn mamba_x(&mut self, _layer: usize, _x: &[f32], _width: usize) {}
+    /// Input of a down projection (after the activation), [T, width].
+    fn down_input(&mut self, _layer: usize, _which: Ffn, _x: &[f32], _width: usize) {}
+    /// One token's output of routed expert `expert`, with its gate weight.
+    fn expert_output(&mut self, _layer: usize, _expert: usize, _weight: f32, _y: &[f32]) {}
+}
+
+/// The observer of a plain forward: no hooks.
+pub struct Silent;
+impl Observer for Silent {
+    fn enabled(&self) -> bool {
+        false
+    }
+}
+
 /// y[T, rows] = x[T, cols] · W[rows, cols]ᵀ: one token uses the decode product, more use the GEMM.
 pub fn linear(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32], y: &mut [f32]) {
     let k: usize = cols.iter().map(|r| r.len()).sum();

@@ -4,7 +4,7 @@
 //! routing group, the first `moe_ffn` channels of each expert and `shared_ffn` of the shared one.
 
 use super::mlp::Mlp;
-use super::{Scratch, buf, linear};
+use super::{Ffn, Observer, Scratch, buf, linear};
 use crate::budget::LayerBudget;
 use crate::kernels::ops::{dot, relu2, sigmoid};
 use crate::tensor::Tensor;
@@ -116,6 +116,26 @@ impl Moe {
         got
     }
 
+    /// One routed expert on m tokens: down(relu²(up(x))), using its first `ffn` channels.
+    fn expert(
+        &self,
+        id: usize,
+        ffn: usize,
+        hidden: usize,
+        x: &[f32],
+        h: &mut [f32],
+        y: &mut [f32],
+        obs: &mut dyn Observer,
+        layer: usize,
+    ) {
+        linear(&self.up[id], &[0..ffn], &[0..hidden], x, h);
+        h.iter_mut().for_each(|v| *v = relu2(*v));
+        if obs.enabled() {
+            obs.down_input(layer, Ffn::Expert(id), h, ffn);
+        }
+        linear(&self.down[id], &[0..hidden], &[0..ffn], h, y);
+    }
+
     pub fn forward(
         &self,
         lb: &LayerBudget,
@@ -123,6 +143,8 @@ impl Moe {
         x: &[f32],
         out: &mut [f32],
         s: &mut Scratch,
+        obs: &mut dyn Observer,
+        layer: usize,
     ) {
         let t = x.len() / hidden;
         let ffn = lb.moe_ffn;
@@ -160,10 +182,11 @@ impl Moe {
                     continue;
                 }
                 let id = id as usize;
-                linear(&self.up[id], &[0..ffn], &[0..hidden], x, h);
-                h.iter_mut().for_each(|v| *v = relu2(*v));
-                linear(&self.down[id], &[0..hidden], &[0..ffn], h, y);
                 let wj = sel[2 * j + 1];
+                self.expert(id, ffn, hidden, x, h, y, obs, layer);
+                if obs.enabled() {
+                    obs.expert_output(layer, id, wj, y);
+                }
                 for (o, v) in out.iter_mut().zip(y.iter()) {
                     *o += wj * v;
                 }
@@ -190,11 +213,12 @@ impl Moe {
                         .copy_from_slice(&x[ti * hidden..(ti + 1) * hidden]);
                 }
                 let h = buf(&mut s.c, m * ffn);
-                linear(&self.up[id], &[0..ffn], &[0..hidden], xs, h);
-                h.iter_mut().for_each(|v| *v = relu2(*v));
                 let y = buf(&mut s.d, m * hidden);
-                linear(&self.down[id], &[0..hidden], &[0..ffn], h, y);
+                self.expert(id, ffn, hidden, xs, h, y, obs, layer);
                 for (r, (ti, wj)) in list.iter().enumerate() {
+                    if obs.enabled() {
+                        obs.expert_output(layer, id, *wj, &y[r * hidden..(r + 1) * hidden]);
+                    }
                     for (o, v) in out[ti * hidden..(ti + 1) * hidden]
                         .iter_mut()
                         .zip(&y[r * hidden..(r + 1) * hidden])
@@ -209,7 +233,15 @@ impl Moe {
             if tmp.len() < t * hidden {
                 tmp.resize(t * hidden, 0.0);
             }
-            sh.forward(lb.shared_ffn, hidden, x, &mut tmp[..t * hidden], s);
+            sh.forward(
+                lb.shared_ffn,
+                hidden,
+                x,
+                &mut tmp[..t * hidden],
+                s,
+                obs,
+                (layer, Ffn::Shared),
+            );
             for (o, v) in out.iter_mut().zip(tmp[..t * hidden].iter()) {
                 *o += v;
             }

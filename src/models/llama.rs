@@ -260,3 +260,103 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
     check_dims(&d, &format!("{} metadata", g.path.display()))?;
     build(&d, &g.tensors, &GGUF, None, true, meta)
 }
+
+/// The elastic axes of each Llama tensor (HF and GGUF names); None for tensors kept as they are.
+pub fn role(name: &str) -> Option<crate::elastic::Role> {
+    use crate::elastic::{Dim::*, Role};
+    let g = |dims| Some(Role::new(None, dims));
+    match name {
+        "model.embed_tokens.weight" | "lm_head.weight" | "token_embd.weight" | "output.weight" => {
+            return g(vec![Whole, Hidden]);
+        }
+        "model.norm.weight" | "output_norm.weight" => return g(vec![Hidden]),
+        _ => {}
+    }
+    let (l, rest) = super::split_layer(name)?;
+    let r = |dims| Some(Role::new(Some(l), dims));
+    match rest {
+        "input_layernorm.weight"
+        | "post_attention_layernorm.weight"
+        | "attn_norm.weight"
+        | "ffn_norm.weight" => r(vec![Hidden]),
+        "self_attn.q_proj.weight" | "attn_q.weight" => r(vec![QHeads(l), Hidden]),
+        "self_attn.q_proj.bias" | "attn_q.bias" => r(vec![QHeads(l)]),
+        "self_attn.k_proj.weight"
+        | "self_attn.v_proj.weight"
+        | "attn_k.weight"
+        | "attn_v.weight" => r(vec![Whole, Hidden]),
+        "self_attn.k_proj.bias" | "self_attn.v_proj.bias" | "attn_k.bias" | "attn_v.bias" => {
+            r(vec![Whole])
+        }
+        "self_attn.o_proj.weight" | "attn_output.weight" => r(vec![Hidden, QHeads(l)]),
+        "self_attn.o_proj.bias" | "attn_output.bias" | "mlp.down_proj.bias" | "ffn_down.bias" => {
+            r(vec![Hidden])
+        }
+        "mlp.gate_proj.weight" | "mlp.up_proj.weight" | "ffn_gate.weight" | "ffn_up.weight" => {
+            r(vec![Ffn(l), Hidden])
+        }
+        "mlp.gate_proj.bias" | "mlp.up_proj.bias" | "ffn_gate.bias" | "ffn_up.bias" => {
+            r(vec![Ffn(l)])
+        }
+        "mlp.down_proj.weight" | "ffn_down.weight" => r(vec![Hidden, Ffn(l)]),
+        _ => None,
+    }
+}
+
+/// config.json of a rewritten (sliced or re-ordered) Llama checkpoint.
+pub fn hf_config(
+    cfg: &serde_json::Value,
+    d: &crate::elastic::SliceDims,
+) -> Result<serde_json::Value> {
+    let mut c = cfg.clone();
+    let all = |_| true;
+    let o = c
+        .as_object_mut()
+        .ok_or_else(|| Error::config("config.json", "is not an object"))?;
+    let ffn = d.uniform("ffn", |s| s.ffn, all, 0)?;
+    let heads = d.uniform("heads", |s| s.heads, all, 0)?;
+    o.insert("hidden_size".into(), d.hidden.into());
+    o.insert("intermediate_size".into(), ffn.into());
+    o.insert("num_attention_heads".into(), heads.into());
+    o.insert("num_hidden_layers".into(), d.layers.len().into());
+    o.insert("head_dim".into(), d.head_dim.into());
+    Ok(c)
+}
+
+/// GGUF metadata of a rewritten Llama checkpoint.
+pub fn gguf_meta(
+    g: &Gguf,
+    d: &crate::elastic::SliceDims,
+    kept: &[usize],
+) -> Result<Vec<(String, crate::formats::gguf::Value)>> {
+    use crate::formats::gguf::Value;
+    let ffn: Vec<usize> = d.layers.iter().map(|(_, s)| s.ffn).collect();
+    let heads: Vec<usize> = d.layers.iter().map(|(_, s)| s.heads).collect();
+    let set = vec![
+        (
+            "llama.embedding_length".to_string(),
+            Value::U32(d.hidden as u32),
+        ),
+        (
+            "llama.block_count".to_string(),
+            Value::U32(d.layers.len() as u32),
+        ),
+        (
+            "llama.feed_forward_length".to_string(),
+            super::u32_or_array(&ffn),
+        ),
+        (
+            "llama.attention.head_count".to_string(),
+            super::u32_or_array(&heads),
+        ),
+        (
+            "llama.attention.key_length".to_string(),
+            Value::U32(d.head_dim as u32),
+        ),
+        (
+            "llama.attention.value_length".to_string(),
+            Value::U32(d.head_dim as u32),
+        ),
+    ];
+    Ok(super::gguf_meta_with(g, kept, set))
+}

@@ -15,26 +15,52 @@ use crate::model::{Format, Meta, Model};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 
+/// A loaded model together with everything its checkpoint holds (config or metadata and every
+/// tensor by name), for tools that rewrite checkpoints (elastify, slice).
+pub struct Checkpoint {
+    pub model: Model,
+    pub raw: Raw,
+}
+
+pub enum Raw {
+    Hf { config: Json, tensors: TensorMap },
+    Gguf(Gguf),
+}
+
+impl Raw {
+    pub fn tensors(&self) -> &TensorMap {
+        match self {
+            Raw::Hf { tensors, .. } => tensors,
+            Raw::Gguf(g) => &g.tensors,
+        }
+    }
+}
+
 /// Loads a model from an HF checkpoint folder or a .gguf file.
 pub fn load(path: &Path) -> Result<Model> {
+    open(path).map(|c| c.model)
+}
+
+/// Loads a model and keeps its checkpoint's raw contents.
+pub fn open(path: &Path) -> Result<Checkpoint> {
     if !path.exists() {
         return Err(Error::Input(format!(
             "{}: no such file or folder",
             path.display()
         )));
     }
-    let model = if path.is_dir() {
+    let ck = if path.is_dir() {
         load_hf(path)?
     } else {
         load_gguf(path)?
     };
-    if let Some(m) = &model.meta.manifest {
-        m.validate(&model.shape)?;
+    if let Some(m) = &ck.model.meta.manifest {
+        m.validate(&ck.model.shape)?;
     }
-    Ok(model)
+    Ok(ck)
 }
 
-fn load_hf(dir: &Path) -> Result<Model> {
+fn load_hf(dir: &Path) -> Result<Checkpoint> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let v: Json = serde_json::from_str(&text)
@@ -69,10 +95,13 @@ fn load_hf(dir: &Path) -> Result<Model> {
             ));
         }
     };
-    Ok(model)
+    Ok(Checkpoint {
+        model,
+        raw: Raw::Hf { config: v, tensors },
+    })
 }
 
-fn load_gguf(path: &Path) -> Result<Model> {
+fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let g = Gguf::open(path)?;
     let arch = g.str("general.architecture")?.to_string();
     let manifest = match g.get("elastica.manifest").and_then(|v| v.as_str()) {
@@ -135,9 +164,11 @@ fn load_gguf(path: &Path) -> Result<Model> {
             ));
         }
     };
-    let Gguf { meta, .. } = g;
-    model.meta.gguf = Some(meta);
-    Ok(model)
+    model.meta.gguf = Some(g.meta.clone());
+    Ok(Checkpoint {
+        model,
+        raw: Raw::Gguf(g),
+    })
 }
 
 fn side_manifest(p: &Path) -> Result<Option<Manifest>> {
@@ -340,4 +371,87 @@ pub(crate) fn matrix(
 
 pub(crate) fn gguf_meta_u(g: &Gguf, key: &str) -> Result<usize> {
     g.u64(key).map(|v| v as usize)
+}
+
+/// Splits `...layers.{i}.rest` or `blk.{i}.rest` into (i, rest).
+pub(crate) fn split_layer(name: &str) -> Option<(usize, &str)> {
+    for pre in ["layers.", "blk."] {
+        if let Some(p) = name.find(pre)
+            && (p == 0 || name.as_bytes()[p - 1] == b'.')
+        {
+            let rest = &name[p + pre.len()..];
+            let (num, tail) = rest.split_once('.')?;
+            return Some((num.parse().ok()?, tail));
+        }
+    }
+    None
+}
+
+/// The elastic role of a checkpoint tensor, by architecture.
+pub fn role(arch: &str, name: &str) -> Option<crate::elastic::Role> {
+    match arch {
+        "llama" => llama::role(name),
+        _ => nemotron_h::role(name),
+    }
+}
+
+/// GGUF metadata for a rewritten checkpoint: per-layer arrays filtered to the kept layers, then
+/// `set` applied (keys added at the end when new).
+pub(crate) fn gguf_meta_with(
+    g: &Gguf,
+    kept: &[usize],
+    set: Vec<(String, crate::formats::gguf::Value)>,
+) -> Vec<(String, crate::formats::gguf::Value)> {
+    use crate::formats::gguf::Value;
+    let arch = g
+        .meta
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    let n = g
+        .meta
+        .get(&format!("{arch}.block_count"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as usize;
+    let mut out: Vec<(String, Value)> = g
+        .kv_order
+        .iter()
+        .map(|k| {
+            let v = &g.meta[k];
+            let v = match v {
+                Value::Array(a) if n > 0 && a.len() == n && k.starts_with(&format!("{arch}.")) => {
+                    Value::Array(kept.iter().map(|&i| a[i].clone()).collect())
+                }
+                _ => v.clone(),
+            };
+            (k.clone(), v)
+        })
+        .collect();
+    for (k, v) in set {
+        match out.iter_mut().find(|(x, _)| *x == k) {
+            Some(slot) => slot.1 = v,
+            None => out.push((k, v)),
+        }
+    }
+    out
+}
+
+/// One u32, or an array of them when the layers differ.
+pub(crate) fn u32_or_array(v: &[usize]) -> crate::formats::gguf::Value {
+    use crate::formats::gguf::Value;
+    if v.windows(2).all(|w| w[0] == w[1]) && !v.is_empty() {
+        Value::U32(v[0] as u32)
+    } else {
+        Value::Array(v.iter().map(|&x| Value::U32(x as u32)).collect())
+    }
+}
+
+pub(crate) fn kept_layers(map: &crate::elastic::IndexMap) -> Vec<usize> {
+    map.layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_some())
+        .map(|(i, _)| i)
+        .collect()
 }

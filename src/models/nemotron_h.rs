@@ -722,3 +722,247 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
         blocks,
     })
 }
+
+/// The elastic axes of each Nemotron-H tensor (hub, newest-transformers and GGUF names).
+pub fn role(name: &str) -> Option<crate::elastic::Role> {
+    use crate::elastic::{Dim::*, Role};
+    let g = |dims| Some(Role::new(None, dims));
+    match name {
+        "backbone.embeddings.weight"
+        | "backbone.embedding.weight"
+        | "model.embeddings.weight"
+        | "model.embed_tokens.weight"
+        | "lm_head.weight"
+        | "token_embd.weight"
+        | "output.weight" => return g(vec![Whole, Hidden]),
+        "backbone.norm_f.weight" | "model.norm_f.weight" | "output_norm.weight" => {
+            return g(vec![Hidden]);
+        }
+        _ => {}
+    }
+    let (l, rest) = super::split_layer(name)?;
+    let r = |dims| Some(Role::new(Some(l), dims));
+    let rest = rest.strip_prefix("mixer.").unwrap_or(rest);
+    if let Some(e) = rest.strip_prefix("experts.") {
+        // Hub layout: experts.{e}.up_proj.weight / experts.{e}.down_proj.weight
+        if let Some((num, tail)) = e.split_once('.')
+            && let Ok(e) = num.parse::<usize>()
+        {
+            let dims = match tail {
+                "up_proj.weight" => vec![MoeFfn(l), Hidden],
+                "down_proj.weight" => vec![Hidden, MoeFfn(l)],
+                _ => return None,
+            };
+            return Some(Role {
+                layer: Some(l),
+                expert: Some(e),
+                dims,
+                flat: false,
+            });
+        }
+    }
+    match rest {
+        "norm.weight" if !name.contains("mixer.") => r(vec![Hidden]),
+        "attn_norm.weight" => r(vec![Hidden]),
+        "in_proj.weight" | "ssm_in.weight" => r(vec![MambaInProj(l), Hidden]),
+        "in_proj.bias" => r(vec![MambaInProj(l)]),
+        "conv1d.weight" => r(vec![MambaConv(l), Whole, Whole]),
+        "ssm_conv1d.weight" => r(vec![MambaConv(l), Whole]),
+        "conv1d.bias" | "ssm_conv1d.bias" => r(vec![MambaConv(l)]),
+        "dt_bias" | "A_log" | "D" | "ssm_dt.bias" => r(vec![MambaHeads(l)]),
+        "ssm_a" | "ssm_d" => r(vec![MambaHeads(l), Whole]),
+        "norm.weight" => r(vec![MambaInner(l)]),
+        "ssm_norm.weight" => Some(Role {
+            layer: Some(l),
+            expert: None,
+            dims: vec![MambaInner(l)],
+            flat: true,
+        }),
+        "out_proj.weight" | "ssm_out.weight" => r(vec![Hidden, MambaInner(l)]),
+        "out_proj.bias" => r(vec![Hidden]),
+        "q_proj.weight" | "attn_q.weight" => r(vec![QHeads(l), Hidden]),
+        "k_proj.weight" | "v_proj.weight" | "attn_k.weight" | "attn_v.weight" => {
+            r(vec![Whole, Hidden])
+        }
+        "o_proj.weight" | "attn_output.weight" => r(vec![Hidden, QHeads(l)]),
+        "up_proj.weight" | "ffn_up.weight" => r(vec![Ffn(l), Hidden]),
+        "down_proj.weight" | "ffn_down.weight" => r(vec![Hidden, Ffn(l)]),
+        "gate.weight" | "ffn_gate_inp.weight" => r(vec![Experts(l), Hidden]),
+        "gate.e_score_correction_bias" | "exp_probs_b.bias" => r(vec![Experts(l)]),
+        "experts.up_proj" | "experts.up_proj.weight" | "ffn_up_exps.weight" => {
+            r(vec![Experts(l), MoeFfn(l), Hidden])
+        }
+        "experts.down_proj" | "experts.down_proj.weight" | "ffn_down_exps.weight" => {
+            r(vec![Experts(l), Hidden, MoeFfn(l)])
+        }
+        "shared_experts.up_proj.weight" | "ffn_up_shexp.weight" => r(vec![SharedFfn(l), Hidden]),
+        "shared_experts.down_proj.weight" | "ffn_down_shexp.weight" => {
+            r(vec![Hidden, SharedFfn(l)])
+        }
+        _ => None,
+    }
+}
+
+/// config.json of a rewritten Nemotron-H checkpoint (pattern in the spelling the input used).
+pub fn hf_config(
+    cfg: &serde_json::Value,
+    d: &crate::elastic::SliceDims,
+) -> Result<serde_json::Value> {
+    let mut c = cfg.clone();
+    let o = c
+        .as_object_mut()
+        .ok_or_else(|| Error::config("config.json", "is not an object"))?;
+    let num = |o: &serde_json::Map<String, serde_json::Value>, k: &str| {
+        o.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize
+    };
+    let heads = d.uniform(
+        "heads",
+        |s| s.heads,
+        |k| k == LayerKind::Attention,
+        num(o, "num_attention_heads"),
+    )?;
+    let ffn = d.uniform(
+        "ffn",
+        |s| s.ffn,
+        |k| k == LayerKind::Mlp,
+        num(o, "intermediate_size"),
+    )?;
+    let mh = d.uniform(
+        "mamba_heads",
+        |s| s.mamba_heads,
+        |k| k == LayerKind::Mamba,
+        num(o, "mamba_num_heads"),
+    )?;
+    let mp = d.uniform(
+        "mamba_head_dim",
+        |s| s.mamba_head_dim,
+        |k| k == LayerKind::Mamba,
+        num(o, "mamba_head_dim"),
+    )?;
+    let moe = |k| k == LayerKind::Moe;
+    o.insert("hidden_size".into(), d.hidden.into());
+    o.insert("num_attention_heads".into(), heads.into());
+    o.insert("head_dim".into(), d.head_dim.into());
+    o.insert("intermediate_size".into(), ffn.into());
+    o.insert("mamba_num_heads".into(), mh.into());
+    o.insert("mamba_head_dim".into(), mp.into());
+    if d.layers.iter().any(|(k, _)| *k == LayerKind::Moe) {
+        let e = d.uniform("experts", |s| s.experts, moe, 0)?;
+        let key = ["n_routed_experts", "num_local_experts", "num_experts"]
+            .into_iter()
+            .find(|k| o.contains_key(*k))
+            .unwrap_or("n_routed_experts");
+        o.insert(key.into(), e.into());
+        o.insert(
+            "moe_intermediate_size".into(),
+            d.uniform("moe_ffn", |s| s.moe_ffn, moe, 0)?.into(),
+        );
+        o.insert(
+            "moe_shared_expert_intermediate_size".into(),
+            d.uniform("shared_ffn", |s| s.shared_ffn, moe, 0)?.into(),
+        );
+    }
+    let kinds: Vec<LayerKind> = d.layers.iter().map(|(k, _)| *k).collect();
+    if o.contains_key("hybrid_override_pattern") {
+        o.insert(
+            "hybrid_override_pattern".into(),
+            kinds
+                .iter()
+                .map(|k| k.pattern_char())
+                .collect::<String>()
+                .into(),
+        );
+    }
+    if let Some(old) = o
+        .get("layers_block_type")
+        .and_then(|v| v.as_array())
+        .cloned()
+    {
+        let new_vocab = old
+            .iter()
+            .any(|x| matches!(x.as_str(), Some("linear_attention" | "full_attention")));
+        let names: Vec<&str> = kinds
+            .iter()
+            .map(|k| match (k, new_vocab) {
+                (LayerKind::Mamba, true) => "linear_attention",
+                (LayerKind::Mamba, false) => "mamba",
+                (LayerKind::Attention, true) => "full_attention",
+                (LayerKind::Attention, false) => "attention",
+                (LayerKind::Mlp, _) => "mlp",
+                _ => "moe",
+            })
+            .collect();
+        o.insert("layers_block_type".into(), serde_json::json!(names));
+    }
+    if o.contains_key("num_hidden_layers") {
+        o.insert("num_hidden_layers".into(), kinds.len().into());
+    }
+    Ok(c)
+}
+
+/// GGUF metadata of a rewritten Nemotron-H checkpoint.
+pub fn gguf_meta(
+    g: &Gguf,
+    d: &crate::elastic::SliceDims,
+    kept: &[usize],
+) -> Result<Vec<(String, crate::formats::gguf::Value)>> {
+    use crate::formats::gguf::Value;
+    let arch = g.str("general.architecture")?.to_string();
+    let k = |s: &str| format!("{arch}.{s}");
+    let is = |kind: LayerKind| move |x: LayerKind| x == kind;
+    let ff: Vec<usize> = d
+        .layers
+        .iter()
+        .map(|(kind, s)| match kind {
+            LayerKind::Mlp => s.ffn,
+            LayerKind::Moe => s.moe_ffn,
+            _ => 0,
+        })
+        .collect();
+    let mh = d.uniform("mamba_heads", |s| s.mamba_heads, is(LayerKind::Mamba), 0)?;
+    let mp = d.uniform(
+        "mamba_head_dim",
+        |s| s.mamba_head_dim,
+        is(LayerKind::Mamba),
+        0,
+    )?;
+    let heads = d.uniform(
+        "heads",
+        |s| s.heads,
+        is(LayerKind::Attention),
+        g.get(&k("attention.head_count"))
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as usize,
+    )?;
+    let mut set = vec![
+        (k("embedding_length"), Value::U32(d.hidden as u32)),
+        (k("block_count"), Value::U32(d.layers.len() as u32)),
+        (
+            k("feed_forward_length"),
+            Value::Array(ff.iter().map(|&x| Value::U32(x as u32)).collect()),
+        ),
+        (k("attention.head_count"), Value::U32(heads as u32)),
+        (k("attention.key_length"), Value::U32(d.head_dim as u32)),
+        (k("attention.value_length"), Value::U32(d.head_dim as u32)),
+    ];
+    if mh > 0 {
+        set.push((k("ssm.inner_size"), Value::U32((mh * mp) as u32)));
+        set.push((k("ssm.time_step_rank"), Value::U32(mh as u32)));
+    }
+    if d.layers.iter().any(|(kind, _)| *kind == LayerKind::Moe) {
+        let moe = is(LayerKind::Moe);
+        set.push((
+            k("expert_count"),
+            Value::U32(d.uniform("experts", |s| s.experts, moe, 0)? as u32),
+        ));
+        set.push((
+            k("expert_feed_forward_length"),
+            Value::U32(d.uniform("moe_ffn", |s| s.moe_ffn, moe, 0)? as u32),
+        ));
+        set.push((
+            k("expert_shared_feed_forward_length"),
+            Value::U32(d.uniform("shared_ffn", |s| s.shared_ffn, moe, 0)? as u32),
+        ));
+    }
+    Ok(super::gguf_meta_with(g, kept, set))
+}

@@ -1,0 +1,121 @@
+use crate::elastic::importance::{Importance, random_order};
+use crate::elastic::{IndexMap, compare_logits, parse_float_dtype, probe_tokens, rewrite, solver};
+use crate::error::{Error, Result};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The model to make elastic (HF folder or .gguf).
+    model: PathBuf,
+    /// Importance file from `elastica rank`.
+    #[arg(long)]
+    importance: PathBuf,
+    /// Budget targets: `full,0.75,0.5` (fractions of total parameters), or named with counts or
+    /// active parameters: `big=1.0,mid=params:90e6,small=active:0.4`.
+    #[arg(long)]
+    budgets: String,
+    /// Output folder (HF input) or .gguf file (GGUF input).
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Axes the budgets may shrink (default: every width axis; add `depth` to drop layers).
+    #[arg(long, value_delimiter = ',')]
+    axes: Option<Vec<String>>,
+    /// Component order: `importance` (default), or the `natural` / `random` baselines.
+    #[arg(long, default_value = "importance")]
+    order: String,
+    /// Seed for --order random.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Float format of re-ordered matrices (default: kept; quantized ones become f32, exactly).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Replace an existing output.
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let ck = crate::models::open(&a.model)?;
+    let m = &ck.model;
+    let imp = Importance::load(&a.importance)?;
+    imp.check(m, &a.importance)?;
+    let map = match a.order.as_str() {
+        "importance" => imp.reorder(&m.shape),
+        "natural" => IndexMap::identity(&m.shape),
+        "random" => random_order(&m.shape, a.seed),
+        other => {
+            return Err(Error::Input(format!(
+                "--order {other:?}: use importance, natural or random"
+            )));
+        }
+    };
+    let targets = solver::parse_targets(&a.budgets)?;
+    let axes: Vec<String> = a
+        .axes
+        .clone()
+        .unwrap_or_else(|| solver::WIDTH_AXES.iter().map(|s| s.to_string()).collect());
+    let manifest = solver::solve(m, &imp.permuted(&map), &targets, &axes)?;
+    let convert = a.dtype.as_deref().map(parse_float_dtype).transpose()?;
+    let lossy = convert.is_some_and(|c| c != crate::tensor::DType::F32);
+    let probes = probe_tokens(m.vocab, 3, 32);
+    let diff = std::cell::Cell::new(0f32);
+    // The re-ordered parent must compute the same function: checked before the output is kept.
+    let check = |p: &std::path::Path| -> Result<()> {
+        let new = crate::models::load(p)?;
+        let d = compare_logits(m, &m.full_budget(), &new, &new.full_budget(), &probes)?;
+        diff.set(d);
+        let tol = if lossy { 3e-2 } else { 1e-4 };
+        if d > tol {
+            return Err(Error::Input(format!(
+                "the re-ordered model's logits differ from the original by {d:.2e} of the largest logit (limit {tol:.0e}); nothing written"
+            )));
+        }
+        Ok(())
+    };
+    let w = rewrite::write(
+        &ck,
+        &map,
+        &rewrite::Output {
+            path: &a.out,
+            convert,
+            manifest: Some(&manifest),
+            force: a.force,
+            progress: !a.json,
+            check: Some(&check),
+        },
+    )?;
+    let out = crate::models::load(&a.out)?;
+    let mut budgets = vec![];
+    for nb in &manifest.budgets {
+        let b = out.budget(&nb.name)?;
+        let (t, act) = out.params(&b);
+        budgets.push(serde_json::json!({"name": nb.name, "spec": nb.spec, "target": nb.target, "params_total": t, "params_active": act}));
+    }
+    let report = serde_json::json!({
+        "out": a.out.display().to_string(), "order": a.order, "max_logit_diff": diff.get(),
+        "tensors": w.tensors, "bytes": w.bytes, "seconds": w.seconds, "budgets": budgets,
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        eprintln!(
+            "wrote {} ({} tensors, {:.1} MiB); re-ordered logits match the original within {:.2e}",
+            a.out.display(),
+            w.tensors,
+            w.bytes as f64 / (1 << 20) as f64,
+            diff.get()
+        );
+        for b in &budgets {
+            eprintln!(
+                "  {:<8} {:>8.2}M params {:>8.2}M active  [{}]",
+                b["name"].as_str().unwrap(),
+                b["params_total"].as_u64().unwrap() as f64 / 1e6,
+                b["params_active"].as_u64().unwrap() as f64 / 1e6,
+                b["spec"].as_str().unwrap()
+            );
+        }
+    }
+    Ok(())
+}

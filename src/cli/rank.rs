@@ -1,0 +1,115 @@
+use crate::elastic::importance::{RankOptions, rank, samples};
+use crate::error::{Error, Result};
+use crate::generate::tokenizer::Tokenizer;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The model to rank (HF folder or .gguf).
+    model: PathBuf,
+    /// Calibration text: .txt files, or .jsonl with a "text" field per line.
+    #[arg(long, required = true, num_args = 1..)]
+    calib: Vec<PathBuf>,
+    /// Calibration sequences.
+    #[arg(long, default_value_t = 64)]
+    samples: usize,
+    /// Tokens per sequence (at most 512).
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    /// Sequences used for the depth ranking (iterative layer removal; 0 = no depth ranking).
+    #[arg(long, default_value_t = 2)]
+    depth_samples: usize,
+    /// Tokens per depth sequence.
+    #[arg(long, default_value_t = 128)]
+    depth_seq: usize,
+    /// Where to write the importance JSON.
+    #[arg(short, long)]
+    out: PathBuf,
+    /// Also draw the scores per axis (PNG).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Replace existing outputs.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    for p in std::iter::once(&a.out).chain(a.plot.iter()) {
+        if p.exists() && !a.force {
+            return Err(Error::Input(format!(
+                "{} exists (use --force to replace it)",
+                p.display()
+            )));
+        }
+    }
+    if a.seq > crate::model::UBATCH || a.seq < 2 {
+        return Err(Error::Input(format!(
+            "--seq {} must be within 2..={}",
+            a.seq,
+            crate::model::UBATCH
+        )));
+    }
+    let m = crate::models::load(&a.model)?;
+    let tok = Tokenizer::for_model(&m)?;
+    let texts = crate::data::read_texts(&a.calib)?;
+    let ids = crate::data::tokenize_all(&tok, &texts)?;
+    let bos = if tok.add_bos { tok.bos } else { None };
+    let cal = samples(&ids, a.samples, a.seq, bos)?;
+    let info = serde_json::json!({
+        "files": a.calib.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "samples": a.samples, "seq": a.seq, "tokens_available": ids.len(),
+        "depth_samples": a.depth_samples, "depth_seq": a.depth_seq,
+    });
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap(),
+    );
+    let imp = rank(
+        &m,
+        &cal,
+        &RankOptions {
+            depth_samples: a.depth_samples,
+            depth_seq: a.depth_seq,
+        },
+        info,
+        |d, t, stage| {
+            pb.set_length(t as u64);
+            pb.set_position(d as u64);
+            pb.set_message(stage.to_string());
+        },
+    )?;
+    pb.finish_and_clear();
+    let tmp = crate::formats::temp_path(&a.out);
+    std::fs::write(&tmp, serde_json::to_string_pretty(&imp).unwrap())
+        .map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, &a.out).map_err(|e| Error::io(&a.out, e))?;
+    if let Some(p) = &a.plot {
+        let tmp = p.with_file_name(format!(
+            ".{}.tmp-{}.png",
+            p.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        let r = crate::elastic::plot::plot(&imp, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, p).map_err(|e| Error::io(p, e)));
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r?;
+    }
+    eprintln!(
+        "ranked {} ({} samples x {} tokens{}) -> {}",
+        a.model.display(),
+        a.samples,
+        a.seq,
+        if a.depth_samples > 0 {
+            ", depth by iterative removal"
+        } else {
+            ""
+        },
+        a.out.display()
+    );
+    Ok(())
+}

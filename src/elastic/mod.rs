@@ -1,0 +1,479 @@
+//! The elastic pipeline (method doc §1–§3, §7): rank components by importance, re-order every
+//! tensor so nested budgets are prefixes, solve named budgets, and slice budgets out as
+//! standalone checkpoints.
+//!
+//! Both re-ordering and slicing are one operation: every tensor dimension is indexed by an
+//! elastic axis ([`Dim`]), and an [`IndexMap`] gives, per axis, the list of parent indices to
+//! keep in order — a permutation for elastify, a kept prefix for slice.
+
+pub mod importance;
+pub mod plot;
+pub mod rewrite;
+pub mod solver;
+
+use crate::budget::{Budget, LayerKind, Shape};
+use crate::error::{Error, Result};
+use crate::kernels::quant;
+use crate::tensor::{DType, Tensor};
+
+/// What indexes one dimension of a checkpoint tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dim {
+    /// Not elastic (vocabulary, K/V rows, conv taps...): kept whole, in order.
+    Whole,
+    /// Residual channels.
+    Hidden,
+    Ffn(usize),
+    MoeFfn(usize),
+    SharedFfn(usize),
+    /// Routed experts (router rows, correction bias, stacked expert dimension).
+    Experts(usize),
+    /// Query heads × head_dim (q_proj rows, o_proj columns).
+    QHeads(usize),
+    /// Mamba in_proj rows: z | x | B | C | dt.
+    MambaInProj(usize),
+    /// Mamba conv channels: x | B | C.
+    MambaConv(usize),
+    /// Mamba d_inner (heads × head channels): gated-norm weight, out_proj columns.
+    MambaInner(usize),
+    /// Per-head Mamba vectors (dt_bias, A_log, D).
+    MambaHeads(usize),
+}
+
+/// How a checkpoint tensor relates to the elastic axes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Role {
+    /// The layer the tensor belongs to (dropped with it, renumbered in its name).
+    pub layer: Option<usize>,
+    /// Routed expert whose index is part of the tensor name (hub layout `experts.{e}.`).
+    pub expert: Option<usize>,
+    /// One entry per dimension, torch order.
+    pub dims: Vec<Dim>,
+    /// Index the flattened tensor by `dims[0]` and keep the leading dimension's count
+    /// (GGUF's `ssm_norm` stored as [groups, d_inner/groups]).
+    pub flat: bool,
+}
+
+impl Role {
+    pub fn new(layer: Option<usize>, dims: Vec<Dim>) -> Role {
+        Role {
+            layer,
+            expert: None,
+            dims,
+            flat: false,
+        }
+    }
+}
+
+/// Parent indices kept along every axis, per layer; `None` drops a layer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexMap {
+    pub hidden: Vec<usize>,
+    pub layers: Vec<Option<LayerMap>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LayerMap {
+    pub ffn: Vec<usize>,
+    pub moe_ffn: Vec<usize>,
+    pub shared_ffn: Vec<usize>,
+    pub experts: Vec<usize>,
+    pub q_heads: Vec<usize>,
+    pub mamba_heads: Vec<usize>,
+    pub mamba_channels: Vec<usize>,
+}
+
+fn flat(segs: &[std::ops::Range<usize>]) -> Vec<usize> {
+    segs.iter().flat_map(|r| r.clone()).collect()
+}
+
+impl IndexMap {
+    /// The identity (every component, natural order).
+    pub fn identity(shape: &Shape) -> IndexMap {
+        IndexMap::from_budget(shape, &Budget::full(shape))
+    }
+
+    /// The components a budget keeps, in parent order (slicing).
+    pub fn from_budget(shape: &Shape, b: &Budget) -> IndexMap {
+        let layers = b
+            .layers
+            .iter()
+            .map(|lb| {
+                lb.keep.then(|| LayerMap {
+                    ffn: (0..lb.ffn).collect(),
+                    moe_ffn: (0..lb.moe_ffn).collect(),
+                    shared_ffn: (0..lb.shared_ffn).collect(),
+                    experts: flat(&lb.expert_ids),
+                    q_heads: flat(&lb.q_rows)
+                        .into_iter()
+                        .step_by(shape.head_dim.max(1))
+                        .map(|r| r / shape.head_dim.max(1))
+                        .collect(),
+                    mamba_heads: flat(&lb.mheads),
+                    mamba_channels: (0..lb.mamba_head_dim).collect(),
+                })
+            })
+            .collect();
+        IndexMap {
+            hidden: (0..b.hidden).collect(),
+            layers,
+        }
+    }
+
+    /// New index of a kept layer (layers after dropped ones move up).
+    pub fn new_layer(&self, l: usize) -> Option<usize> {
+        self.layers.get(l)?.as_ref()?;
+        Some(self.layers[..l].iter().filter(|x| x.is_some()).count())
+    }
+
+    fn layer(&self, l: usize) -> Result<&LayerMap> {
+        self.layers
+            .get(l)
+            .and_then(|x| x.as_ref())
+            .ok_or_else(|| Error::Input(format!("layer {l} is dropped or missing")))
+    }
+
+    /// Parent indices along `dim` for a dimension of length `len` in the parent.
+    pub fn indices(&self, dim: Dim, len: usize, shape: &Shape) -> Result<Vec<usize>> {
+        let di = shape.mamba_heads * shape.mamba_head_dim;
+        let gn = shape.mamba_groups * shape.ssm_state;
+        let inner = |lm: &LayerMap| -> Vec<usize> {
+            lm.mamba_heads
+                .iter()
+                .flat_map(|&h| {
+                    lm.mamba_channels
+                        .iter()
+                        .map(move |&c| h * shape.mamba_head_dim + c)
+                })
+                .collect()
+        };
+        let v = match dim {
+            Dim::Whole => (0..len).collect(),
+            Dim::Hidden => self.hidden.clone(),
+            Dim::Ffn(l) => self.layer(l)?.ffn.clone(),
+            Dim::MoeFfn(l) => self.layer(l)?.moe_ffn.clone(),
+            Dim::SharedFfn(l) => self.layer(l)?.shared_ffn.clone(),
+            Dim::Experts(l) => self.layer(l)?.experts.clone(),
+            Dim::QHeads(l) => {
+                let d = shape.head_dim;
+                self.layer(l)?
+                    .q_heads
+                    .iter()
+                    .flat_map(|&h| h * d..(h + 1) * d)
+                    .collect()
+            }
+            Dim::MambaHeads(l) => self.layer(l)?.mamba_heads.clone(),
+            Dim::MambaInner(l) => inner(self.layer(l)?),
+            Dim::MambaConv(l) => {
+                let mut v = inner(self.layer(l)?);
+                v.extend(di..di + 2 * gn);
+                v
+            }
+            Dim::MambaInProj(l) => {
+                let lm = self.layer(l)?;
+                let i = inner(lm);
+                let mut v = i.clone();
+                v.extend(i.iter().map(|x| x + di));
+                v.extend(2 * di..2 * di + 2 * gn);
+                v.extend(lm.mamba_heads.iter().map(|h| h + 2 * di + 2 * gn));
+                v
+            }
+        };
+        if let Some(&bad) = v.iter().find(|&&i| i >= len) {
+            return Err(Error::Input(format!(
+                "index {bad} out of range {len} along {dim:?}"
+            )));
+        }
+        Ok(v)
+    }
+}
+
+/// Whether the layer kinds of a shape have the axis behind `dim` at all.
+pub fn kind_of(shape: &Shape, l: usize) -> LayerKind {
+    shape.layers[l]
+}
+
+/// How one tensor is gathered: which source rows, which columns, and the output format.
+pub struct GatherPlan {
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    rows: Vec<usize>,
+    inner: Vec<usize>,
+    src_cols: usize,
+    row_copy: bool,
+}
+
+impl GatherPlan {
+    /// Plans gathering `t` along its dimensions. Rows are copied as bytes (quantized formats stay
+    /// as they are) when the innermost dimension is kept whole or as a block-aligned prefix;
+    /// otherwise values are dequantized and written as floats (F32 unless the tensor already was
+    /// F16/BF16). `convert` turns every matrix (2+ dimensions) into that float format.
+    pub fn new(
+        t: &Tensor,
+        role: &Role,
+        map: &IndexMap,
+        shape: &Shape,
+        convert: Option<DType>,
+    ) -> Result<GatherPlan> {
+        let dims = &role.dims;
+        let (src_shape, idx): (Vec<usize>, Vec<Vec<usize>>) = if role.flat {
+            let n = t.numel();
+            (vec![n], vec![map.indices(dims[0], n, shape)?])
+        } else {
+            if dims.len() != t.shape.len() {
+                return Err(Error::Tensor {
+                    name: t.name.clone(),
+                    msg: format!(
+                        "has {} dimensions, its role has {}",
+                        t.shape.len(),
+                        dims.len()
+                    ),
+                });
+            }
+            let idx = dims
+                .iter()
+                .zip(&t.shape)
+                .map(|(&d, &n)| map.indices(d, n, shape))
+                .collect::<Result<Vec<_>>>()?;
+            (t.shape.clone(), idx)
+        };
+        let cols = *src_shape.last().unwrap();
+        let inner = idx.last().unwrap().clone();
+        let bl = t.dtype.block_len();
+        let prefix = inner.iter().enumerate().all(|(i, &x)| i == x);
+        let row_copy = prefix && (inner.len() == cols || inner.len() % bl == 0) && !role.flat;
+        let mut out_shape: Vec<usize> = idx.iter().map(|v| v.len()).collect();
+        if role.flat && t.shape.len() == 2 {
+            let lead = t.shape[0];
+            out_shape = vec![lead, out_shape[0] / lead.max(1)];
+        }
+        let matrix = out_shape.iter().filter(|&&d| d > 1).count() >= 2;
+        // Outer index tuples in row-major order -> source row numbers.
+        let src_rows = &src_shape[..src_shape.len() - 1];
+        let mut rows: Vec<usize> = vec![0];
+        for (d, ix) in idx[..idx.len() - 1].iter().enumerate() {
+            let mut next = Vec::with_capacity(rows.len() * ix.len());
+            for &r in &rows {
+                for &i in ix {
+                    next.push(r * src_rows[d] + i);
+                }
+            }
+            rows = next;
+        }
+        let want = convert.filter(|_| matrix);
+        let (dtype, row_copy) = if row_copy && want.is_none_or(|w| w == t.dtype) {
+            (t.dtype, true)
+        } else {
+            let dt = match want {
+                Some(w) => w,
+                None if matches!(t.dtype, DType::F16 | DType::BF16 | DType::F32) => t.dtype,
+                None => DType::F32,
+            };
+            if dt.is_quantized() {
+                return Err(Error::Tensor {
+                    name: t.name.clone(),
+                    msg: format!("cannot write {dt} (re-quantization is not supported)"),
+                });
+            }
+            (dt, false)
+        };
+        Ok(GatherPlan {
+            shape: out_shape,
+            dtype,
+            rows,
+            inner,
+            src_cols: cols,
+            row_copy,
+        })
+    }
+
+    /// The gathered bytes.
+    pub fn run(&self, t: &Tensor) -> Vec<u8> {
+        let cols = self.src_cols;
+        let rb = t.dtype.row_bytes(cols).unwrap();
+        let src = t.bytes();
+        if self.row_copy {
+            let nb = t.dtype.row_bytes(self.inner.len()).unwrap();
+            let mut out = Vec::with_capacity(self.rows.len() * nb);
+            for &r in &self.rows {
+                out.extend_from_slice(&src[r * rb..r * rb + nb]);
+            }
+            return out;
+        }
+        let mut full = vec![0f32; cols];
+        let mut vals = Vec::with_capacity(self.inner.len());
+        let mut out = Vec::with_capacity(self.rows.len() * self.inner.len() * 4);
+        for &r in &self.rows {
+            quant::dequant_row(t.dtype, &src[r * rb..(r + 1) * rb], 0, &mut full);
+            vals.clear();
+            vals.extend(self.inner.iter().map(|&i| full[i]));
+            encode(&vals, self.dtype, &mut out);
+        }
+        out
+    }
+}
+
+/// f32 values to little-endian bytes of a float format.
+pub fn encode(v: &[f32], dt: DType, out: &mut Vec<u8>) {
+    match dt {
+        DType::F32 => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        DType::F16 => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&half::f16::from_f32(*x).to_le_bytes())),
+        DType::BF16 => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&quant::f32_to_bf16(*x).to_le_bytes())),
+        other => panic!("encode: {other} is not a float format"),
+    }
+}
+
+/// Parses `f32`, `f16`, `bf16`.
+pub fn parse_float_dtype(s: &str) -> Result<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(Error::Input(format!(
+            "--dtype {other:?}: use f32, f16 or bf16"
+        ))),
+    }
+}
+
+/// The dimensions of a checkpoint after an [`IndexMap`]: what configs and metadata must say.
+#[derive(Clone, Debug)]
+pub struct SliceDims {
+    pub hidden: usize,
+    pub head_dim: usize,
+    /// Kept layers, in order.
+    pub layers: Vec<(LayerKind, LayerSizes)>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LayerSizes {
+    pub ffn: usize,
+    pub moe_ffn: usize,
+    pub shared_ffn: usize,
+    pub experts: usize,
+    pub heads: usize,
+    pub mamba_heads: usize,
+    pub mamba_head_dim: usize,
+}
+
+impl SliceDims {
+    pub fn new(shape: &Shape, map: &IndexMap) -> SliceDims {
+        let layers = shape
+            .layers
+            .iter()
+            .zip(&map.layers)
+            .filter_map(|(k, lm)| {
+                lm.as_ref().map(|lm| {
+                    (
+                        *k,
+                        LayerSizes {
+                            ffn: lm.ffn.len(),
+                            moe_ffn: lm.moe_ffn.len(),
+                            shared_ffn: lm.shared_ffn.len(),
+                            experts: lm.experts.len(),
+                            heads: lm.q_heads.len(),
+                            mamba_heads: lm.mamba_heads.len(),
+                            mamba_head_dim: lm.mamba_channels.len(),
+                        },
+                    )
+                })
+            })
+            .collect();
+        SliceDims {
+            hidden: map.hidden.len(),
+            head_dim: shape.head_dim,
+            layers,
+        }
+    }
+
+    /// The one value of an axis over the layers that have it (configs hold one number); `parent`
+    /// when no kept layer has it.
+    pub fn uniform(
+        &self,
+        axis: &str,
+        get: fn(&LayerSizes) -> usize,
+        has: impl Fn(LayerKind) -> bool,
+        parent: usize,
+    ) -> Result<usize> {
+        let vals: Vec<usize> = self
+            .layers
+            .iter()
+            .filter(|(k, _)| has(*k))
+            .map(|(_, s)| get(s))
+            .collect();
+        match vals.first() {
+            None => Ok(parent),
+            Some(&v) if vals.iter().all(|&x| x == v) => Ok(v),
+            Some(_) => Err(Error::Input(format!(
+                "{axis} differs between layers; this format stores one value for all layers (per-layer sizes can be written to GGUF for the feed-forward widths only)"
+            ))),
+        }
+    }
+}
+
+/// Logits of the written slice at `path` against the parent's budget view on fixed random token
+/// sequences: max |Δ| / max |logit|.
+pub fn verify_slice(
+    parent: &crate::model::Model,
+    b: &Budget,
+    path: &std::path::Path,
+) -> Result<f32> {
+    let slice = crate::models::load(path)?;
+    compare_logits(
+        parent,
+        b,
+        &slice,
+        &slice.full_budget(),
+        &probe_tokens(parent.vocab, 2, 24),
+    )
+}
+
+/// Fixed pseudo-random token sequences for function checks.
+pub fn probe_tokens(vocab: usize, n: usize, len: usize) -> Vec<Vec<u32>> {
+    let mut s = 0x2545F4914F6CDD1Du64;
+    (0..n)
+        .map(|_| {
+            (0..len)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    (s % vocab as u64) as u32
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// max |Δ| / max |logit| between two (model, budget) pairs over all positions of the sequences.
+pub fn compare_logits(
+    a: &crate::model::Model,
+    ba: &Budget,
+    b: &crate::model::Model,
+    bb: &Budget,
+    seqs: &[Vec<u32>],
+) -> Result<f32> {
+    use crate::model::{Cache, Logits};
+    let (mut md, mut mx) = (0f32, 0f32);
+    for s in seqs {
+        let mut ca = Cache::new(a, s.len());
+        let la = a.forward(s, ba, &mut ca, Logits::All)?.to_vec();
+        let mut cb = Cache::new(b, s.len());
+        let lb = b.forward(s, bb, &mut cb, Logits::All)?;
+        if la.len() != lb.len() {
+            return Err(Error::Input(
+                "the two models have different vocabularies".into(),
+            ));
+        }
+        for (x, y) in la.iter().zip(lb) {
+            md = md.max((x - y).abs());
+            mx = mx.max(x.abs());
+        }
+    }
+    Ok(md / mx.max(f32::MIN_POSITIVE))
+}

@@ -1,0 +1,520 @@
+//! Budget solver: picks, for each parameter target, the sizes of the allowed axes that keep the
+//! most importance.
+//!
+//! The rule: every axis `a` has a parameter weight `w_a` (the parent parameters it spans) and a
+//! retained importance fraction `r_a` (importance of the kept prefix over the total, averaged over
+//! the layers that have the axis). The loss of a configuration is `Σ_a w_a · (1 − r_a)`. Starting
+//! from the parent, the solver repeatedly takes the one-granule shrink with the smallest loss
+//! increase per parameter removed, until the target is met; the next (smaller) target continues
+//! from there, so budgets nest by construction. Granules keep the structure: hidden and
+//! FFN/expert widths in multiples of 16 (NVFP4 blocks; 32 or 256 where a quantized tensor needs
+//! it), query heads per KV group, Mamba heads per group, experts per routing group (never fewer
+//! than a token's top-k), depth by whole layers in the importance order.
+
+use super::importance::Importance;
+use crate::budget::{BudgetSpec, LayerKind};
+use crate::error::{Error, Result};
+use crate::manifest::{self, Manifest, NamedBudget};
+use crate::model::Model;
+
+pub const AXES: [&str; 9] = [
+    "hidden",
+    "ffn",
+    "moe_ffn",
+    "shared_ffn",
+    "experts",
+    "heads",
+    "mamba_heads",
+    "mamba_head_dim",
+    "depth",
+];
+pub const WIDTH_AXES: [&str; 8] = [
+    "hidden",
+    "ffn",
+    "moe_ffn",
+    "shared_ffn",
+    "experts",
+    "heads",
+    "mamba_heads",
+    "mamba_head_dim",
+];
+
+/// A parameter target.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Target {
+    pub name: String,
+    /// Count against active (per-token) parameters instead of total.
+    pub active: bool,
+    /// Fraction of the parent (<= 1) or an absolute count (> 1).
+    pub value: f64,
+    pub text: String,
+}
+
+/// Parses `full,0.75,0.5` or `big=1.0,mid=params:90e6,small=active:0.4`.
+pub fn parse_targets(s: &str) -> Result<Vec<Target>> {
+    let mut out = vec![];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, val) = match part.split_once('=') {
+            Some((n, v)) => (n.trim().to_string(), v.trim()),
+            None => (part.to_string(), part),
+        };
+        let (active, num) = if let Some(x) = val.strip_prefix("active:") {
+            (true, x)
+        } else if let Some(x) = val.strip_prefix("params:") {
+            (false, x)
+        } else {
+            (false, val)
+        };
+        let value = if num == "full" {
+            1.0
+        } else {
+            num.parse::<f64>().map_err(|_| {
+                Error::Budget(format!(
+                    "target {part:?}: {num:?} is not a fraction or a count"
+                ))
+            })?
+        };
+        if value.is_nan() || value <= 0.0 || !value.is_finite() {
+            return Err(Error::Budget(format!("target {part:?} must be positive")));
+        }
+        if name.is_empty() || name.contains(|c: char| c == ',' || c == '=' || c.is_whitespace()) {
+            return Err(Error::Budget(format!("target name {name:?} is not usable")));
+        }
+        out.push(Target {
+            name,
+            active,
+            value,
+            text: val.to_string(),
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::Budget("no targets given".into()));
+    }
+    Ok(out)
+}
+
+/// Homogeneous sizes along every axis plus the number of layers kept.
+#[derive(Clone, Debug, PartialEq)]
+struct Config {
+    v: [usize; 9],
+}
+
+fn idx(axis: &str) -> usize {
+    AXES.iter().position(|a| *a == axis).unwrap()
+}
+
+struct Problem<'a> {
+    model: &'a Model,
+    imp: Importance,
+    /// Step and minimum of each axis; 0 step = not shrinkable here.
+    step: [usize; 9],
+    min: [usize; 9],
+    weight: [f64; 9],
+    layer_order: Vec<usize>,
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    a / gcd(a, b) * b
+}
+
+impl<'a> Problem<'a> {
+    fn parent(&self) -> Config {
+        let s = &self.model.shape;
+        Config {
+            v: [
+                s.hidden,
+                s.ffn,
+                s.moe_ffn,
+                s.shared_ffn,
+                s.experts,
+                s.heads,
+                s.mamba_heads,
+                s.mamba_head_dim,
+                s.layers.len(),
+            ],
+        }
+    }
+
+    fn spec(&self, c: &Config) -> BudgetSpec {
+        let v = c.v;
+        let mut spec: BudgetSpec = format!(
+            "hidden={},ffn={},moe_ffn={},shared_ffn={},experts={},heads={},mamba_heads={},mamba_head_dim={}",
+            v[0],
+            v[1].max(1),
+            v[2].max(1),
+            v[3].max(1),
+            v[4].max(1),
+            v[5].max(1),
+            v[6].max(1),
+            v[7].max(1)
+        )
+        .parse()
+        .unwrap();
+        let n = self.layer_order.len();
+        spec.skip.extend(self.layer_order[v[8]..n].iter().copied());
+        spec
+    }
+
+    /// The budget of a configuration (axes the model lacks left at the parent's).
+    fn resolve(&self, c: &Config) -> Result<crate::budget::Budget> {
+        let s = &self.model.shape;
+        let mut sp = self.spec(c);
+        // Axes a model does not have would fail the range checks at their placeholder 1.
+        let g = &mut sp.global;
+        if s.ffn == 0 {
+            g.ffn = None;
+        }
+        if s.moe_ffn == 0 {
+            g.moe_ffn = None;
+            g.experts = None;
+        }
+        if s.shared_ffn == 0 {
+            g.shared_ffn = None;
+        }
+        if s.heads == 0 {
+            g.heads = None;
+        }
+        if s.mamba_heads == 0 {
+            g.mamba_heads = None;
+            g.mamba_head_dim = None;
+        }
+        sp.resolve(s)
+    }
+
+    fn params(&self, c: &Config) -> Result<(u64, u64)> {
+        Ok(self.model.params(&self.resolve(c)?))
+    }
+
+    /// Importance fraction kept by a prefix, averaged over the layers with the axis.
+    fn retained(&self, axis: usize, k: usize) -> f64 {
+        let frac = |scores: &[f32], k: usize, groups: usize| -> f64 {
+            let per = scores.len() / groups.max(1);
+            let keep = k / groups.max(1);
+            let total: f64 = scores.iter().map(|&x| x.max(0.0) as f64).sum();
+            if total <= 0.0 {
+                return k as f64 / scores.len().max(1) as f64;
+            }
+            let kept: f64 = (0..groups.max(1))
+                .map(|g| {
+                    scores[g * per..g * per + keep]
+                        .iter()
+                        .map(|&x| x.max(0.0) as f64)
+                        .sum::<f64>()
+                })
+                .sum();
+            kept / total
+        };
+        let s = &self.model.shape;
+        let avg = |xs: Vec<f64>| {
+            if xs.is_empty() {
+                1.0
+            } else {
+                xs.iter().sum::<f64>() / xs.len() as f64
+            }
+        };
+        let li = &self.imp.layers;
+        match AXES[axis] {
+            "hidden" => frac(&self.imp.hidden.scores, k, 1),
+            "ffn" => avg(li
+                .iter()
+                .filter_map(|l| l.ffn.as_ref())
+                .map(|a| frac(&a.scores, k, 1))
+                .collect()),
+            "moe_ffn" => avg(li
+                .iter()
+                .filter_map(|l| l.moe_ffn.as_ref())
+                .map(|a| frac(&a.scores, k, 1))
+                .collect()),
+            "shared_ffn" => avg(li
+                .iter()
+                .filter_map(|l| l.shared_ffn.as_ref())
+                .map(|a| frac(&a.scores, k, 1))
+                .collect()),
+            "experts" => avg(li
+                .iter()
+                .filter_map(|l| l.experts.as_ref())
+                .map(|a| frac(&a.scores, k, s.expert_groups))
+                .collect()),
+            "heads" => avg(li
+                .iter()
+                .filter_map(|l| l.heads.as_ref())
+                .map(|a| frac(&a.scores, k, s.kv_heads))
+                .collect()),
+            "mamba_heads" => avg(li
+                .iter()
+                .filter_map(|l| l.mamba_heads.as_ref())
+                .map(|a| frac(&a.scores, k, s.mamba_groups))
+                .collect()),
+            "mamba_head_dim" => avg(li
+                .iter()
+                .filter_map(|l| l.mamba_head_dim.as_ref())
+                .map(|a| frac(&a.scores, k, 1))
+                .collect()),
+            _ => match &self.imp.depth {
+                Some(d) => {
+                    let total: f64 = d.scores.iter().map(|&x| x.max(0.0) as f64).sum();
+                    let kept: f64 = self.layer_order[..k]
+                        .iter()
+                        .map(|&l| d.scores[l].max(0.0) as f64)
+                        .sum();
+                    if total > 0.0 {
+                        kept / total
+                    } else {
+                        k as f64 / d.scores.len() as f64
+                    }
+                }
+                None => k as f64 / s.layers.len() as f64,
+            },
+        }
+    }
+
+    fn loss(&self, c: &Config) -> f64 {
+        (0..9)
+            .filter(|&a| self.step[a] > 0)
+            .map(|a| self.weight[a] * (1.0 - self.retained(a, c.v[a])))
+            .sum()
+    }
+}
+
+/// Solves `targets` on an elastified model (importance orders are the identity there, so
+/// `imp` is the sorted importance file) and returns the manifest.
+pub fn solve(
+    model: &Model,
+    imp: &Importance,
+    targets: &[Target],
+    axes: &[String],
+) -> Result<Manifest> {
+    let s = &model.shape;
+    for a in axes {
+        if !AXES.contains(&a.as_str()) {
+            return Err(Error::Budget(format!(
+                "unknown axis {a:?} (known: {})",
+                AXES.join(", ")
+            )));
+        }
+    }
+    if axes.iter().any(|a| a == "depth") && imp.depth.is_none() {
+        return Err(Error::Budget(
+            "the depth axis needs a depth ranking (run `elastica rank` without --no-depth)".into(),
+        ));
+    }
+    let layer_order: Vec<usize> = imp
+        .depth
+        .as_ref()
+        .map_or_else(|| (0..s.layers.len()).collect(), |d| d.order.clone());
+    // Quantized tensors fix the smallest block a cut input dimension may take.
+    let block = model
+        .matrices()
+        .iter()
+        .map(|t| t.dtype.block_len())
+        .max()
+        .unwrap_or(1);
+    let g16 = lcm(16, block);
+    let has = |k: LayerKind| s.layers.contains(&k);
+    let allowed = |a: &str| axes.iter().any(|x| x == a);
+    let mut step = [0usize; 9];
+    let mut min = [0usize; 9];
+    let set =
+        |step: &mut [usize; 9], min: &mut [usize; 9], a: &str, st: usize, mn: usize, ok: bool| {
+            if ok && allowed(a) && st > 0 {
+                step[idx(a)] = st;
+                min[idx(a)] = mn;
+            }
+        };
+    set(&mut step, &mut min, "hidden", g16, g16, s.hidden > g16);
+    set(
+        &mut step,
+        &mut min,
+        "ffn",
+        g16,
+        g16,
+        s.ffn > g16 && (has(LayerKind::Mlp) || has(LayerKind::Transformer)),
+    );
+    set(
+        &mut step,
+        &mut min,
+        "moe_ffn",
+        g16,
+        g16,
+        s.moe_ffn > g16 && has(LayerKind::Moe),
+    );
+    set(
+        &mut step,
+        &mut min,
+        "shared_ffn",
+        g16,
+        g16,
+        s.shared_ffn > g16 && has(LayerKind::Moe),
+    );
+    let eg = s.expert_groups.max(1);
+    set(
+        &mut step,
+        &mut min,
+        "experts",
+        eg,
+        s.experts_per_tok.next_multiple_of(eg),
+        s.experts > s.experts_per_tok.next_multiple_of(eg),
+    );
+    set(
+        &mut step,
+        &mut min,
+        "heads",
+        s.kv_heads,
+        s.kv_heads,
+        s.heads > s.kv_heads && (has(LayerKind::Attention) || has(LayerKind::Transformer)),
+    );
+    set(
+        &mut step,
+        &mut min,
+        "mamba_heads",
+        s.mamba_groups,
+        s.mamba_groups,
+        s.mamba_heads > s.mamba_groups && has(LayerKind::Mamba),
+    );
+    let pd = lcm(16, block).min(s.mamba_head_dim.max(1));
+    set(
+        &mut step,
+        &mut min,
+        "mamba_head_dim",
+        pd,
+        pd,
+        s.mamba_head_dim > pd && has(LayerKind::Mamba),
+    );
+    set(&mut step, &mut min, "depth", 1, 1, s.layers.len() > 1);
+    // Parameter weights: the parent parameters that shrink when the axis shrinks by one step.
+    let mut p = Problem {
+        model,
+        imp: imp.clone(),
+        step,
+        min,
+        weight: [0.0; 9],
+        layer_order,
+    };
+    let parent = p.parent();
+    let (pt, pa) = p.params(&parent)?;
+    for a in 0..9 {
+        if p.step[a] == 0 {
+            continue;
+        }
+        let mut c = parent.clone();
+        c.v[a] = p.min[a];
+        let (t, _) = p.params(&c)?;
+        p.weight[a] = (pt - t) as f64;
+    }
+    if p.step.iter().all(|&x| x == 0) {
+        return Err(Error::Budget(
+            "no allowed axis can shrink on this model".into(),
+        ));
+    }
+    // Largest target first; each continues from the previous configuration.
+    let mut order: Vec<usize> = (0..targets.len()).collect();
+    let goal = |t: &Target| -> f64 {
+        let base = if t.active { pa } else { pt } as f64;
+        if t.value <= 1.0 {
+            t.value * base
+        } else {
+            t.value
+        }
+    };
+    order.sort_by(|&a, &b| goal(&targets[b]).total_cmp(&goal(&targets[a])));
+    let mut cur = parent.clone();
+    let mut solved: Vec<(usize, Config)> = vec![];
+    for &ti in &order {
+        let t = &targets[ti];
+        let want = goal(t);
+        let count = |c: &Config| -> Result<f64> {
+            let (tot, act) = p.params(c)?;
+            Ok(if t.active { act } else { tot } as f64)
+        };
+        while count(&cur)? > want {
+            let base_loss = p.loss(&cur);
+            let base_n = count(&cur)?;
+            let mut best: Option<(f64, Config)> = None;
+            for a in 0..9 {
+                if p.step[a] == 0 || cur.v[a] <= p.min[a] {
+                    continue;
+                }
+                let mut c = cur.clone();
+                c.v[a] = (cur.v[a] - p.step[a]).max(p.min[a]);
+                if a == idx("hidden")
+                    || a == idx("ffn")
+                    || a == idx("moe_ffn")
+                    || a == idx("shared_ffn")
+                {
+                    c.v[a] = c.v[a] / p.step[a] * p.step[a];
+                }
+                let saved = base_n - count(&c)?;
+                if saved <= 0.0 {
+                    continue;
+                }
+                let ratio = (p.loss(&c) - base_loss) / saved;
+                if best.as_ref().is_none_or(|(r, _)| ratio < *r) {
+                    best = Some((ratio, c));
+                }
+            }
+            match best {
+                Some((_, c)) => cur = c,
+                None => {
+                    return Err(Error::Budget(format!(
+                        "target {}={} ({:.4e} {}parameters) cannot be met with axes [{}]: the smallest configuration has {:.4e}",
+                        t.name,
+                        t.text,
+                        want,
+                        if t.active { "active " } else { "" },
+                        axes.join(","),
+                        base_n
+                    )));
+                }
+            }
+        }
+        // Fill the slack the last (coarse) step left: grow any axis by one step, up to the larger
+        // budget's size (nesting), while the target still holds; best importance per parameter.
+        let cap = solved
+            .last()
+            .map_or_else(|| parent.clone(), |(_, c)| c.clone());
+        loop {
+            let base_loss = p.loss(&cur);
+            let base_n = count(&cur)?;
+            let mut best: Option<(f64, Config)> = None;
+            for a in 0..9 {
+                if p.step[a] == 0 || cur.v[a] >= cap.v[a] {
+                    continue;
+                }
+                let mut c = cur.clone();
+                c.v[a] = (cur.v[a] + p.step[a]).min(cap.v[a]);
+                let n = count(&c)?;
+                if n > want || n <= base_n {
+                    continue;
+                }
+                let gain = (base_loss - p.loss(&c)) / (n - base_n);
+                if best.as_ref().is_none_or(|(g, _)| gain > *g) {
+                    best = Some((gain, c));
+                }
+            }
+            match best {
+                Some((_, c)) => cur = c,
+                None => break,
+            }
+        }
+        solved.push((ti, cur.clone()));
+    }
+    solved.sort_by_key(|(ti, _)| order.iter().position(|x| x == ti).unwrap());
+    let mut budgets = vec![];
+    for (ti, c) in &solved {
+        let resolved = p.resolve(c)?;
+        budgets.push(NamedBudget {
+            name: targets[*ti].name.clone(),
+            spec: resolved.spec(s),
+            target: Some(targets[*ti].text.clone()),
+        });
+    }
+    Ok(Manifest {
+        format: manifest::FORMAT.into(),
+        parent: model.full_budget().spec(s),
+        budgets,
+        layer_order: imp.depth.as_ref().map(|d| d.order.clone()),
+    })
+}
