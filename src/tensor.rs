@@ -228,6 +228,18 @@ impl Tensor {
         }
     }
 
+    /// Lets the kernel drop this tensor's pages from the process once a streaming pass (slice,
+    /// elastify) is done with it, so peak memory stays near one tensor, not the model.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        if let Buf::Mapped { map, off, len } = &self.buf {
+            // Safety: a read-only shared file mapping; dropped pages are re-read from the file.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *off, *len)
+            };
+        }
+    }
+
     /// Same bytes, another shape with the same row length structure (e.g. squeeze [C,1,K] to [C,K]).
     pub fn reshape(&self, shape: Vec<usize>) -> Result<Tensor> {
         Tensor::new(&self.name, self.dtype, shape, self.buf.clone())

@@ -543,3 +543,64 @@ fn refusals_and_atomic_writes() {
         &["bin.txt", "UTF-8"],
     );
 }
+
+/// The measured objective (`elastify --calib`): budgets still meet their targets and nest, and the
+/// search runs on the re-ordered model (the written file carries the manifest).
+#[test]
+fn measured_solver() {
+    let dir = tmp("measured");
+    let src = fixture("nemotron_h_dense");
+    let imp = dir.join("importance.json");
+    ok(exe().args([
+        "rank",
+        s(&src),
+        "--calib",
+        s(&calib()),
+        "--samples",
+        "4",
+        "--seq",
+        "32",
+        "--depth-samples",
+        "0",
+        "--out",
+        s(&imp),
+    ]));
+    let out = dir.join("el");
+    let v: Value = serde_json::from_str(&ok(exe().args([
+        "elastify",
+        s(&src),
+        "--importance",
+        s(&imp),
+        "--budgets",
+        "full,0.7,0.45",
+        "--calib",
+        s(&calib()),
+        "--solve-samples",
+        "2",
+        "--solve-seq",
+        "32",
+        "--out",
+        s(&out),
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(v["objective"], "logits");
+    let m = load(&out);
+    let (pt, _) = m.params(&m.full_budget());
+    let b1 = m.budget("0.7").unwrap();
+    let b2 = m.budget("0.45").unwrap();
+    assert!(
+        m.params(&b1).0 as f64 <= 0.7 * pt as f64 && m.params(&b2).0 as f64 <= 0.45 * pt as f64
+    );
+    assert!(b2.nested_in(&b1));
+    // The re-ordered model is the parent's function.
+    let r = reference("nemotron_h_dense");
+    assert!(rel_diff(&logits_all(&m, &r.tokens, "full"), &r.logits) < 1e-4);
+    // No staging files are left.
+    assert!(
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().contains(".stage-"))
+    );
+}

@@ -29,6 +29,15 @@ pub struct Args {
     /// Float format of re-ordered matrices (default: kept; quantized ones become f32, exactly).
     #[arg(long)]
     dtype: Option<String>,
+    /// Calibration text for the budget search: with it the solver trades axes by the measured
+    /// logit error of each candidate budget (normalised MSE) instead of by importance mass.
+    #[arg(long, num_args = 1..)]
+    calib: Vec<PathBuf>,
+    /// Sequences, and tokens per sequence, of calibration text the measured search runs.
+    #[arg(long, default_value_t = 4)]
+    solve_samples: usize,
+    #[arg(long, default_value_t = 128)]
+    solve_seq: usize,
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
@@ -56,10 +65,27 @@ pub fn run(a: Args) -> Result<()> {
         .axes
         .clone()
         .unwrap_or_else(|| solver::WIDTH_AXES.iter().map(|s| s.to_string()).collect());
-    let manifest = solver::solve(m, &imp.permuted(&map), &targets, &axes)?;
+    let sorted = imp.permuted(&map);
     let convert = a.dtype.as_deref().map(parse_float_dtype).transpose()?;
     let lossy = convert.is_some_and(|c| c != crate::tensor::DType::F32);
-    let probes = probe_tokens(m.vocab, 3, 32);
+    // Calibration sequences (when given) drive the measured search and the function check;
+    // otherwise fixed pseudo-random probes check the function.
+    let cal_seqs = if a.calib.is_empty() {
+        None
+    } else {
+        let tok = crate::generate::tokenizer::Tokenizer::for_model(m)?;
+        let ids = crate::data::tokenize_all(&tok, &crate::data::read_texts(&a.calib)?)?;
+        let bos = if tok.add_bos { tok.bos } else { None };
+        Some(crate::elastic::importance::samples(
+            &ids,
+            a.solve_samples,
+            a.solve_seq,
+            bos,
+        )?)
+    };
+    let probes = cal_seqs
+        .clone()
+        .unwrap_or_else(|| probe_tokens(m.vocab, 3, 32));
     let diff = std::cell::Cell::new(0f32);
     // The re-ordered parent must compute the same function: checked before the output is kept.
     let check = |p: &std::path::Path| -> Result<()> {
@@ -74,18 +100,68 @@ pub fn run(a: Args) -> Result<()> {
         }
         Ok(())
     };
-    let w = rewrite::write(
-        &ck,
-        &map,
-        &rewrite::Output {
+    if a.out.exists() && !a.force {
+        return Err(Error::Input(format!(
+            "{} exists (use --force to replace it)",
+            a.out.display()
+        )));
+    }
+    let (w, manifest) = if a.calib.is_empty() {
+        let manifest = solver::solve(m, &sorted, &targets, &axes, solver::Objective::Mass)?;
+        let out = rewrite::Output {
             path: &a.out,
             convert,
             manifest: Some(&manifest),
             force: a.force,
             progress: !a.json,
             check: Some(&check),
-        },
-    )?;
+        };
+        (rewrite::write(&ck, &map, &out)?, manifest)
+    } else {
+        // The measured search runs budgets on the re-ordered model: write it first (checked),
+        // solve on it, then write the final checkpoint with its manifest.
+        let stage = a.out.with_file_name(format!(
+            ".{}.stage-{}",
+            a.out.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        let result = (|| {
+            let first = rewrite::Output {
+                path: &stage,
+                convert,
+                manifest: None,
+                force: true,
+                progress: !a.json,
+                check: Some(&check),
+            };
+            rewrite::write(&ck, &map, &first)?;
+            let staged = crate::models::open(&stage)?;
+            let seqs = cal_seqs.clone().expect("calibration given");
+            let manifest = solver::solve(
+                &staged.model,
+                &sorted,
+                &targets,
+                &axes,
+                solver::Objective::Logits(seqs),
+            )?;
+            let identity = IndexMap::identity(&staged.model.shape);
+            let last = rewrite::Output {
+                path: &a.out,
+                convert: None,
+                manifest: Some(&manifest),
+                force: a.force,
+                progress: !a.json,
+                check: None,
+            };
+            Ok((rewrite::write(&staged, &identity, &last)?, manifest))
+        })();
+        let _ = if stage.is_dir() {
+            std::fs::remove_dir_all(&stage)
+        } else {
+            std::fs::remove_file(&stage)
+        };
+        result?
+    };
     let out = crate::models::load(&a.out)?;
     let mut budgets = vec![];
     for nb in &manifest.budgets {
@@ -95,6 +171,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     let report = serde_json::json!({
         "out": a.out.display().to_string(), "order": a.order, "max_logit_diff": diff.get(),
+        "objective": if a.calib.is_empty() { "mass" } else { "logits" },
         "tensors": w.tensors, "bytes": w.bytes, "seconds": w.seconds, "budgets": budgets,
     });
     if a.json {

@@ -48,6 +48,9 @@ pub fn run(a: Args) -> Result<()> {
     if a.json {
         let mut v = serde_json::to_value(&r).unwrap();
         v["budget"] = b.spec(&m.shape).into();
+        let (pt, pa) = m.params(&b);
+        v["params_total"] = pt.into();
+        v["params_active"] = pa.into();
         println!("{v}");
     } else {
         println!(

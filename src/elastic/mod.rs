@@ -450,8 +450,24 @@ pub fn probe_tokens(vocab: usize, n: usize, len: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// max |Δ| / max |logit| between two (model, budget) pairs over all positions of the sequences.
+/// max |Δ| / max |logit| between two (model, budget) pairs over all positions of the sequences,
+/// in exact mode (f32 activations), so formats that round activations differently (a Q4_1 parent
+/// and its F32 re-ordering) compare on the function alone.
 pub fn compare_logits(
+    a: &crate::model::Model,
+    ba: &Budget,
+    b: &crate::model::Model,
+    bb: &Budget,
+    seqs: &[Vec<u32>],
+) -> Result<f32> {
+    let prev = crate::kernels::gemm::set_exact(true);
+    let r = compare_exact(a, ba, b, bb, seqs);
+    crate::kernels::gemm::set_exact(prev);
+    r
+}
+
+/// max |Δ| / max |logit| between two (model, budget) pairs over all positions of the sequences.
+fn compare_exact(
     a: &crate::model::Model,
     ba: &Budget,
     b: &crate::model::Model,

@@ -160,6 +160,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             Some(plan) => plan.run(t),
             None => t.bytes().to_vec(),
         };
+        t.release();
         pb.inc(b.len() as u64);
         pb.set_message(p.out.name.clone());
         Ok(b)

@@ -1,15 +1,20 @@
-//! Budget solver: picks, for each parameter target, the sizes of the allowed axes that keep the
-//! most importance.
+//! Budget solver: picks, for each parameter target, sizes of the allowed axes on a discrete grid.
 //!
-//! The rule: every axis `a` has a parameter weight `w_a` (the parent parameters it spans) and a
-//! retained importance fraction `r_a` (importance of the kept prefix over the total, averaged over
-//! the layers that have the axis). The loss of a configuration is `Σ_a w_a · (1 − r_a)`. Starting
-//! from the parent, the solver repeatedly takes the one-granule shrink with the smallest loss
-//! increase per parameter removed, until the target is met; the next (smaller) target continues
-//! from there, so budgets nest by construction. Granules keep the structure: hidden and
-//! FFN/expert widths in multiples of 16 (NVFP4 blocks; 32 or 256 where a quantized tensor needs
-//! it), query heads per KV group, Mamba heads per group, experts per routing group (never fewer
-//! than a token's top-k), depth by whole layers in the importance order.
+//! The rule: starting from the parent, repeatedly take the one-granule shrink of one axis with the
+//! smallest loss increase per parameter removed, until the target is met; then grow back (one
+//! granule at a time, best loss decrease per parameter) while the target still holds. The next,
+//! smaller target continues from there, so budgets nest by construction. Two losses:
+//! - `Mass` (default): Σ over axes of the importance fraction the kept prefixes lose (importance
+//!   of the kept components over the total, averaged over the layers that have the axis).
+//! - `Logits` (`elastify --calib`): the measured normalised MSE of the logits of the candidate
+//!   budget against the parent on calibration text. Within an axis the importance order still
+//!   decides what is kept; this only trades axes against each other, which importance mass cannot
+//!   do well (mass is not comparable across axes: SmolLM2's results in docs/results show it).
+//!
+//! Granules keep the structure: hidden and FFN/expert widths in multiples of 16 (NVFP4 blocks; 32
+//! or 256 where a quantized tensor needs it), query heads per KV group, Mamba heads per group,
+//! experts per routing group (never fewer than a token's top-k), depth by whole layers in the
+//! importance order.
 
 use super::importance::Importance;
 use crate::budget::{BudgetSpec, LayerKind};
@@ -103,14 +108,27 @@ fn idx(axis: &str) -> usize {
     AXES.iter().position(|a| *a == axis).unwrap()
 }
 
+/// Calibration sequences, the parent's logits on them, and their energy Σ M².
+type Measured = (Vec<Vec<u32>>, Vec<Vec<f32>>, f64);
+
 struct Problem<'a> {
     model: &'a Model,
     imp: Importance,
     /// Step and minimum of each axis; 0 step = not shrinkable here.
     step: [usize; 9],
     min: [usize; 9],
-    weight: [f64; 9],
     layer_order: Vec<usize>,
+    /// Measured objective: calibration sequences and the parent's logits on them.
+    measured: Option<Measured>,
+}
+
+/// What the solver minimises when it trades one axis against another.
+pub enum Objective {
+    /// Σ over axes of the importance fraction lost (no model runs).
+    Mass,
+    /// Normalised MSE of the logits on these calibration sequences, Σ(M − M_b)² / Σ M²
+    /// (the depth-ranking measure of method doc §2.4 applied to whole budgets).
+    Logits(Vec<Vec<u32>>),
 }
 
 fn lcm(a: usize, b: usize) -> usize {
@@ -271,10 +289,113 @@ impl<'a> Problem<'a> {
         }
     }
 
+    /// Shrinks from `start` until `t` holds, then grows back (at most to `cap`) while it still does.
+    fn fit(
+        &self,
+        start: &Config,
+        cap: &Config,
+        t: &Target,
+        want: f64,
+        axes: &[String],
+    ) -> Result<Config> {
+        let count = |c: &Config| -> Result<f64> {
+            let (tot, act) = self.params(c)?;
+            Ok(if t.active { act } else { tot } as f64)
+        };
+        let mut cur = start.clone();
+        while count(&cur)? > want {
+            let base_loss = self.loss(&cur);
+            let base_n = count(&cur)?;
+            let mut best: Option<(f64, Config)> = None;
+            for a in 0..9 {
+                if self.step[a] == 0 || cur.v[a] <= self.min[a] {
+                    continue;
+                }
+                let mut c = cur.clone();
+                c.v[a] = (cur.v[a] - self.step[a]).max(self.min[a]);
+                if [idx("hidden"), idx("ffn"), idx("moe_ffn"), idx("shared_ffn")].contains(&a) {
+                    c.v[a] = c.v[a] / self.step[a] * self.step[a];
+                }
+                let saved = base_n - count(&c)?;
+                if saved <= 0.0 {
+                    continue;
+                }
+                let ratio = (self.loss(&c) - base_loss) / saved;
+                if best.as_ref().is_none_or(|(r, _)| ratio < *r) {
+                    best = Some((ratio, c));
+                }
+            }
+            cur = match best {
+                Some((_, c)) => c,
+                None => {
+                    return Err(Error::Budget(format!(
+                        "target {}={} ({:.4e} {}parameters) cannot be met with axes [{}]: the smallest configuration has {:.4e}",
+                        t.name,
+                        t.text,
+                        want,
+                        if t.active { "active " } else { "" },
+                        axes.join(","),
+                        base_n
+                    )));
+                }
+            };
+        }
+        // Fill the slack the last (coarse) step left, staying within `cap` (nesting).
+        loop {
+            let base_loss = self.loss(&cur);
+            let base_n = count(&cur)?;
+            let mut best: Option<(f64, Config)> = None;
+            for a in 0..9 {
+                if self.step[a] == 0 || cur.v[a] >= cap.v[a] {
+                    continue;
+                }
+                let mut c = cur.clone();
+                c.v[a] = (cur.v[a] + self.step[a]).min(cap.v[a]);
+                let n = count(&c)?;
+                if n > want || n <= base_n {
+                    continue;
+                }
+                let gain = (base_loss - self.loss(&c)) / (n - base_n);
+                if best.as_ref().is_none_or(|(g, _)| gain > *g) {
+                    best = Some((gain, c));
+                }
+            }
+            match best {
+                Some((_, c)) => cur = c,
+                None => return Ok(cur),
+            }
+        }
+    }
+
     fn loss(&self, c: &Config) -> f64 {
+        if let Some((seqs, refs, energy)) = &self.measured {
+            let Ok(b) = self.resolve(c) else {
+                return f64::INFINITY;
+            };
+            let mut cache = crate::model::Cache::new(
+                self.model,
+                seqs.iter().map(|s| s.len()).max().unwrap_or(1),
+            );
+            let mut err = 0f64;
+            for (s, r) in seqs.iter().zip(refs) {
+                cache.reset();
+                let Ok(l) = self
+                    .model
+                    .forward(s, &b, &mut cache, crate::model::Logits::All)
+                else {
+                    return f64::INFINITY;
+                };
+                err += l
+                    .iter()
+                    .zip(r)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>();
+            }
+            return err / energy.max(f64::MIN_POSITIVE);
+        }
         (0..9)
             .filter(|&a| self.step[a] > 0)
-            .map(|a| self.weight[a] * (1.0 - self.retained(a, c.v[a])))
+            .map(|a| 1.0 - self.retained(a, c.v[a]))
             .sum()
     }
 }
@@ -286,6 +407,7 @@ pub fn solve(
     imp: &Importance,
     targets: &[Target],
     axes: &[String],
+    objective: Objective,
 ) -> Result<Manifest> {
     let s = &model.shape;
     for a in axes {
@@ -384,33 +506,36 @@ pub fn solve(
         s.mamba_head_dim > pd && has(LayerKind::Mamba),
     );
     set(&mut step, &mut min, "depth", 1, 1, s.layers.len() > 1);
-    // Parameter weights: the parent parameters that shrink when the axis shrinks by one step.
     let mut p = Problem {
         model,
         imp: imp.clone(),
         step,
         min,
-        weight: [0.0; 9],
         layer_order,
+        measured: None,
     };
     let parent = p.parent();
     let (pt, pa) = p.params(&parent)?;
-    for a in 0..9 {
-        if p.step[a] == 0 {
-            continue;
+    if let Objective::Logits(seqs) = objective {
+        let full = model.full_budget();
+        let mut cache =
+            crate::model::Cache::new(model, seqs.iter().map(|s| s.len()).max().unwrap_or(1));
+        let (mut refs, mut energy) = (vec![], 0f64);
+        for sq in &seqs {
+            cache.reset();
+            let l = model
+                .forward(sq, &full, &mut cache, crate::model::Logits::All)?
+                .to_vec();
+            energy += l.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
+            refs.push(l);
         }
-        let mut c = parent.clone();
-        c.v[a] = p.min[a];
-        let (t, _) = p.params(&c)?;
-        p.weight[a] = (pt - t) as f64;
+        p.measured = Some((seqs, refs, energy));
     }
     if p.step.iter().all(|&x| x == 0) {
         return Err(Error::Budget(
             "no allowed axis can shrink on this model".into(),
         ));
     }
-    // Largest target first; each continues from the previous configuration.
-    let mut order: Vec<usize> = (0..targets.len()).collect();
     let goal = |t: &Target| -> f64 {
         let base = if t.active { pa } else { pt } as f64;
         if t.value <= 1.0 {
@@ -419,86 +544,27 @@ pub fn solve(
             t.value
         }
     };
-    order.sort_by(|&a, &b| goal(&targets[b]).total_cmp(&goal(&targets[a])));
+    // Largest budget first; each continues from (and stays within) the previous one. With targets
+    // on one measure the goals order them; mixed total/active targets are ordered by the total
+    // size each reaches when solved alone.
+    let mut order: Vec<usize> = (0..targets.len()).collect();
+    if targets.iter().all(|t| t.active == targets[0].active) {
+        order.sort_by(|&a, &b| goal(&targets[b]).total_cmp(&goal(&targets[a])));
+    } else {
+        let mut alone = vec![];
+        for t in targets {
+            let c = p.fit(&parent, &parent, t, goal(t), axes)?;
+            alone.push(p.params(&c)?.0);
+        }
+        order.sort_by_key(|&i| std::cmp::Reverse(alone[i]));
+    }
     let mut cur = parent.clone();
     let mut solved: Vec<(usize, Config)> = vec![];
     for &ti in &order {
-        let t = &targets[ti];
-        let want = goal(t);
-        let count = |c: &Config| -> Result<f64> {
-            let (tot, act) = p.params(c)?;
-            Ok(if t.active { act } else { tot } as f64)
-        };
-        while count(&cur)? > want {
-            let base_loss = p.loss(&cur);
-            let base_n = count(&cur)?;
-            let mut best: Option<(f64, Config)> = None;
-            for a in 0..9 {
-                if p.step[a] == 0 || cur.v[a] <= p.min[a] {
-                    continue;
-                }
-                let mut c = cur.clone();
-                c.v[a] = (cur.v[a] - p.step[a]).max(p.min[a]);
-                if a == idx("hidden")
-                    || a == idx("ffn")
-                    || a == idx("moe_ffn")
-                    || a == idx("shared_ffn")
-                {
-                    c.v[a] = c.v[a] / p.step[a] * p.step[a];
-                }
-                let saved = base_n - count(&c)?;
-                if saved <= 0.0 {
-                    continue;
-                }
-                let ratio = (p.loss(&c) - base_loss) / saved;
-                if best.as_ref().is_none_or(|(r, _)| ratio < *r) {
-                    best = Some((ratio, c));
-                }
-            }
-            match best {
-                Some((_, c)) => cur = c,
-                None => {
-                    return Err(Error::Budget(format!(
-                        "target {}={} ({:.4e} {}parameters) cannot be met with axes [{}]: the smallest configuration has {:.4e}",
-                        t.name,
-                        t.text,
-                        want,
-                        if t.active { "active " } else { "" },
-                        axes.join(","),
-                        base_n
-                    )));
-                }
-            }
-        }
-        // Fill the slack the last (coarse) step left: grow any axis by one step, up to the larger
-        // budget's size (nesting), while the target still holds; best importance per parameter.
         let cap = solved
             .last()
             .map_or_else(|| parent.clone(), |(_, c)| c.clone());
-        loop {
-            let base_loss = p.loss(&cur);
-            let base_n = count(&cur)?;
-            let mut best: Option<(f64, Config)> = None;
-            for a in 0..9 {
-                if p.step[a] == 0 || cur.v[a] >= cap.v[a] {
-                    continue;
-                }
-                let mut c = cur.clone();
-                c.v[a] = (cur.v[a] + p.step[a]).min(cap.v[a]);
-                let n = count(&c)?;
-                if n > want || n <= base_n {
-                    continue;
-                }
-                let gain = (base_loss - p.loss(&c)) / (n - base_n);
-                if best.as_ref().is_none_or(|(g, _)| gain > *g) {
-                    best = Some((gain, c));
-                }
-            }
-            match best {
-                Some((_, c)) => cur = c,
-                None => break,
-            }
-        }
+        cur = p.fit(&cur, &cap, &targets[ti], goal(&targets[ti]), axes)?;
         solved.push((ti, cur.clone()));
     }
     solved.sort_by_key(|(ti, _)| order.iter().position(|x| x == ti).unwrap());

@@ -32,10 +32,27 @@ pub fn uses_bf16(dt: DType) -> bool {
     !exact() && !matches!(dt, DType::F32 | DType::F16)
 }
 
-/// `ELASTICA_EXACT=1`: f32 activations everywhere (decode and prefill), for reference runs.
+static EXACT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// `ELASTICA_EXACT=1`: f32 activations everywhere (decode and prefill), for reference runs and
+/// function checks across formats.
 pub fn exact() -> bool {
-    static EXACT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *EXACT.get_or_init(|| std::env::var_os("ELASTICA_EXACT").is_some_and(|v| v != "0"))
+    use std::sync::atomic::Ordering;
+    match EXACT.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var_os("ELASTICA_EXACT").is_some_and(|v| v != "0");
+            EXACT.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 2,
+    }
+}
+
+/// Switches exact mode for this process (e.g. around a comparison); returns the previous value.
+pub fn set_exact(on: bool) -> bool {
+    let prev = exact();
+    EXACT.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+    prev
 }
 
 /// Y[t, :] = W[rows, cols] · X[t, :] for t in 0..T. X is [T, seg_len(cols)], Y is [T, seg_len(rows)].
