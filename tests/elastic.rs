@@ -343,28 +343,39 @@ fn slices_equal_views_for_every_axis() {
     }
 }
 
-/// Slices load in HF transformers (fixtures recorded by tools/ref/check_slices.py) and give the
-/// same logits there as in elastica.
+/// Slices load in the tools users run and give the logits elastica gives there: transformers for
+/// HF outputs, llama.cpp for GGUF outputs, including HF <-> GGUF conversion (fixtures recorded by
+/// tools/ref/check_slices.py).
 #[test]
-fn slices_load_in_transformers() {
-    for case in [
-        "nemotron_h_dense-mixed",
-        "nemotron_h_moe-mixed",
-        "llama_tiny-mixed",
-    ] {
-        let v: Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture(&format!("slices/{case}.json"))).unwrap(),
-        )
-        .unwrap();
-        let dir = tmp(&format!("hf-{case}"));
-        let out = dir.join("slice");
+fn slices_load_in_transformers_and_llama_cpp() {
+    let cases: Vec<PathBuf> = std::fs::read_dir(fixture("slices"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(cases.len() >= 7);
+    for case in cases {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&case).unwrap()).unwrap();
+        let dir = tmp(&format!(
+            "interop-{}",
+            case.file_stem().unwrap().to_string_lossy()
+        ));
+        let fmt = v["format"].as_str().unwrap();
+        let out = dir.join(if fmt == "hf" { "slice" } else { "slice.gguf" });
+        let mut src = fixture(v["fixture"].as_str().unwrap());
+        if let Some(f) = v["file"].as_str().filter(|f| !f.is_empty()) {
+            src = src.join(f);
+        }
         ok(exe().args([
             "slice",
-            s(&fixture(v["fixture"].as_str().unwrap())),
+            s(&src),
             "--budget",
             v["budget"].as_str().unwrap(),
             "--out",
             s(&out),
+            "--format",
+            fmt,
+            "--verify",
         ]));
         let tokens: Vec<u32> = v["tokens"]
             .as_array()
@@ -385,7 +396,45 @@ fn slices_load_in_transformers() {
             })
             .collect();
         let d = rel_diff(&logits_all(&load(&out), &tokens, "full"), &want);
-        assert!(d < 1e-4, "{case}: {d}");
+        assert!(d < 1e-4, "{}: {d} against {}", case.display(), v["engine"]);
+    }
+}
+
+/// HF -> GGUF -> HF round trip: the same function at every step.
+#[test]
+fn format_conversion_round_trip() {
+    for name in ["nemotron_h_moe", "nemotron_h_dense", "llama_tiny"] {
+        let dir = tmp(&format!("rt-{name}"));
+        let (g, h) = (dir.join("a.gguf"), dir.join("b"));
+        let spec = "hidden=48,heads=2";
+        ok(exe().args([
+            "slice",
+            s(&fixture(name)),
+            "--budget",
+            spec,
+            "--out",
+            s(&g),
+            "--format",
+            "gguf",
+        ]));
+        ok(exe().args([
+            "slice",
+            s(&g),
+            "--budget",
+            "full",
+            "--out",
+            s(&h),
+            "--format",
+            "hf",
+        ]));
+        let r = reference(name);
+        let view = logits_all(&load(&fixture(name)), &r.tokens, spec);
+        for p in [&g, &h] {
+            let d = rel_diff(&logits_all(&load(p), &r.tokens, "full"), &view);
+            assert!(d < 1e-5, "{name} via {}: {d}", p.display());
+        }
+        // The tokenizer survives: HF -> GGUF metadata -> tokenizer.json.
+        assert!(h.join("tokenizer.json").exists() && h.join("tokenizer_config.json").exists());
     }
 }
 
@@ -469,7 +518,7 @@ fn refusals_and_atomic_writes() {
         exe().args(["rank", s(&dense), "--calib", s(&calib()), "--out", s(&imp)]),
         &["exists"],
     );
-    // Cross-format output is refused clearly.
+    // An unknown output format is refused clearly.
     fails(
         exe().args([
             "slice",
@@ -479,9 +528,9 @@ fn refusals_and_atomic_writes() {
             "--out",
             s(&dir.join("x.gguf")),
             "--format",
-            "gguf",
+            "onnx",
         ]),
-        &["not supported"],
+        &["--format", "onnx"],
     );
     // A write that fails midway leaves nothing behind (failure injected at the 5th tensor).
     let out = dir.join("partial");

@@ -115,6 +115,7 @@ pub fn run(a: Args) -> Result<()> {
             force: a.force,
             progress: !a.json,
             check: Some(&check),
+            format: None,
         };
         (rewrite::write(&ck, &map, &out)?, manifest)
     } else {
@@ -133,6 +134,7 @@ pub fn run(a: Args) -> Result<()> {
                 force: true,
                 progress: !a.json,
                 check: Some(&check),
+                format: None,
             };
             rewrite::write(&ck, &map, &first)?;
             let staged = crate::models::open(&stage)?;
@@ -152,6 +154,7 @@ pub fn run(a: Args) -> Result<()> {
                 force: a.force,
                 progress: !a.json,
                 check: None,
+                format: None,
             };
             Ok((rewrite::write(&staged, &identity, &last)?, manifest))
         })();

@@ -32,23 +32,12 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let ck = crate::models::open(&a.model)?;
     let m = &ck.model;
-    if let Some(f) = &a.format {
-        let want = match f.as_str() {
-            "hf" => Format::Hf,
-            "gguf" => Format::Gguf,
-            other => return Err(Error::Input(format!("--format {other:?}: use hf or gguf"))),
-        };
-        if want != m.meta.format {
-            return Err(Error::Input(format!(
-                "--format {f}: converting between HF and GGUF is not supported yet; slice to the input's format ({})",
-                if m.meta.format == Format::Hf {
-                    "hf"
-                } else {
-                    "gguf"
-                }
-            )));
-        }
-    }
+    let format = match a.format.as_deref() {
+        None => None,
+        Some("hf") => Some(Format::Hf),
+        Some("gguf") => Some(Format::Gguf),
+        Some(other) => return Err(Error::Input(format!("--format {other:?}: use hf or gguf"))),
+    };
     let convert = a.dtype.as_deref().map(parse_float_dtype).transpose()?;
     let b = m.budget(&a.budget)?;
     let map = IndexMap::from_budget(&m.shape, &b);
@@ -62,6 +51,7 @@ pub fn run(a: Args) -> Result<()> {
             force: a.force,
             progress: !a.json,
             check: None,
+            format,
         },
     )?;
     let mut report = serde_json::json!({

@@ -1,12 +1,15 @@
 //! Writes a checkpoint through an [`IndexMap`](super::IndexMap): elastify (a permutation of
-//! every axis) and slice (kept prefixes, dropped layers) are the same streaming pass. Tensors are
-//! gathered one at a time (peak memory ≈ the largest tensor), written to a temporary path that is
-//! renamed into place only when everything succeeded.
+//! every axis) and slice (kept prefixes, dropped layers) are the same streaming pass, in the
+//! input's format or converted between HF and GGUF. Tensors are gathered one at a time (peak
+//! memory ≈ the largest tensor), written to a temporary path that is renamed into place only when
+//! everything succeeded.
 
-use super::{GatherPlan, IndexMap, Role, SliceDims};
+use super::{GatherPlan, IndexMap, Role, SliceDims, encode};
 use crate::error::{Error, Result};
 use crate::formats::{OutTensor, gguf, safetensors, temp_path};
+use crate::kernels::quant;
 use crate::manifest::Manifest;
+use crate::model::Format;
 use crate::models::{Checkpoint, Raw};
 use crate::tensor::DType;
 use std::path::Path;
@@ -27,6 +30,8 @@ pub struct Output<'a> {
     /// Called on the finished temporary output before it is renamed into place; an error
     /// discards it.
     pub check: Option<&'a Check<'a>>,
+    /// Output format (default: the input's).
+    pub format: Option<Format>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -48,10 +53,41 @@ const HF_SIDE_FILES: [&str; 8] = [
     "tokenizer.model",
 ];
 
-struct Planned {
+/// Value transforms between the HF and GGUF layouts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Xform {
+    None,
+    /// A_log → A = −exp(A_log) (GGUF stores A).
+    NegExp,
+    /// A → A_log = ln(−A).
+    LogNeg,
+    /// Llama q/k rows: HF rotates halves, GGUF adjacent pairs (llama.cpp's converter permutes).
+    RopeToGguf(usize),
+    RopeToHf(usize),
+}
+
+/// One source tensor (or one expert of a stacked one) gathered through a plan.
+struct Piece {
     src: String,
-    out: OutTensor,
+    sub: Option<usize>,
     plan: Option<GatherPlan>,
+}
+
+struct Planned {
+    out: OutTensor,
+    pieces: Vec<Piece>,
+    xform: Xform,
+}
+
+/// A tensor in the input's layout after the index map: its new name (layers and hub experts
+/// renumbered), role, and gather plan.
+struct Gathered {
+    name: String,
+    src: String,
+    role: Option<Role>,
+    plan: Option<GatherPlan>,
+    shape: Vec<usize>,
+    dtype: DType,
 }
 
 /// Output name of a tensor: its layer renumbered, its expert renumbered (hub layout).
@@ -64,8 +100,9 @@ fn rename(name: &str, role: Option<&Role>, map: &IndexMap) -> Option<String> {
         let nl = map.new_layer(l)?;
         for pre in ["layers.", "blk."] {
             let from = format!("{pre}{l}.");
-            if let Some(p) = out.find(&from)
-                && (p == 0 || out.as_bytes()[p - 1] == b'.')
+            if let Some(p) = out
+                .find(&from)
+                .filter(|&p| p == 0 || out.as_bytes()[p - 1] == b'.')
             {
                 out.replace_range(p..p + from.len(), &format!("{pre}{nl}."));
                 break;
@@ -82,6 +119,14 @@ fn rename(name: &str, role: Option<&Role>, map: &IndexMap) -> Option<String> {
     Some(out)
 }
 
+/// Splits a name into (layer, suffix after the layer prefix) or (None, whole name).
+fn split(name: &str) -> (Option<usize>, &str) {
+    match crate::models::split_layer(name) {
+        Some((l, rest)) => (Some(l), rest),
+        None => (None, name),
+    }
+}
+
 pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
     let t0 = Instant::now();
     let m = &ck.model;
@@ -92,12 +137,22 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
         )));
     }
     let arch = m.arch().to_string();
+    let llama = arch == "llama";
     let tensors = ck.raw.tensors();
+    let from = m.meta.format;
+    let to = out.format.unwrap_or(from);
+    // Converting layouts needs float values (GGUF's quantized blocks cannot go to safetensors,
+    // and some tensors are transformed): matrices become F32 unless a format is given.
+    let convert = if to != from {
+        Some(out.convert.unwrap_or(DType::F32))
+    } else {
+        out.convert
+    };
     let names: Vec<String> = match &ck.raw {
         Raw::Gguf(g) => g.order.clone(),
         Raw::Hf { .. } => tensors.tensors.keys().cloned().collect(),
     };
-    let mut planned = vec![];
+    let mut gathered = vec![];
     for name in &names {
         let t = tensors.get(name)?;
         let role = crate::models::role(&arch, name);
@@ -106,22 +161,42 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
         };
         let (plan, shape, dtype) = match &role {
             Some(r) => {
-                let p = GatherPlan::new(t, r, map, &m.shape, out.convert)?;
+                let p = GatherPlan::new(t, r, map, &m.shape, convert)?;
                 let (s, d) = (p.shape.clone(), p.dtype);
                 (Some(p), s, d)
             }
             None => (None, t.shape.clone(), t.dtype),
         };
-        planned.push(Planned {
+        gathered.push(Gathered {
+            name: new_name,
             src: name.clone(),
-            out: OutTensor {
-                name: new_name,
-                dtype,
-                shape,
-            },
+            role,
             plan,
+            shape,
+            dtype,
         });
     }
+    let dims = SliceDims::new(&m.shape, map);
+    let planned = if to == from {
+        gathered
+            .into_iter()
+            .map(|g| Planned {
+                out: OutTensor {
+                    name: g.name,
+                    dtype: g.dtype,
+                    shape: g.shape,
+                },
+                pieces: vec![Piece {
+                    src: g.src,
+                    sub: None,
+                    plan: g.plan,
+                }],
+                xform: Xform::None,
+            })
+            .collect()
+    } else {
+        convert_layout(ck, gathered, map, &dims, to == Format::Gguf, llama, convert)?
+    };
     if let Some(pos) = planned
         .iter()
         .position(|p| planned.iter().filter(|q| q.out.name == p.out.name).count() > 1)
@@ -131,7 +206,16 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             planned[pos].out.name
         )));
     }
-    let dims = SliceDims::new(&m.shape, map);
+    if to == Format::Hf
+        && let Some(p) = planned
+            .iter()
+            .find(|p| !matches!(p.out.dtype, DType::F32 | DType::F16 | DType::BF16))
+    {
+        return Err(Error::Input(format!(
+            "tensor {} is {}; safetensors holds float formats only",
+            p.out.name, p.out.dtype
+        )));
+    }
     let kept = crate::models::kept_layers(map);
     let outs: Vec<OutTensor> = planned.iter().map(|p| p.out.clone()).collect();
     let total: u64 = outs.iter().map(|o| o.nbytes() as u64).sum();
@@ -155,12 +239,26 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             )));
         }
         let p = &planned[i];
-        let t = tensors.get(&p.src)?;
-        let b = match &p.plan {
-            Some(plan) => plan.run(t),
-            None => t.bytes().to_vec(),
-        };
-        t.release();
+        let mut b = Vec::with_capacity(p.out.nbytes());
+        for piece in &p.pieces {
+            let t = tensors.get(&piece.src)?;
+            let view;
+            let t = match piece.sub {
+                Some(e) => {
+                    view = t.index(e);
+                    &view
+                }
+                None => t,
+            };
+            match &piece.plan {
+                Some(plan) => b.extend(plan.run(t)),
+                None => b.extend_from_slice(t.bytes()),
+            }
+        }
+        if let Some(piece) = p.pieces.last() {
+            tensors.get(&piece.src)?.release();
+        }
+        let b = transform(b, p.out.dtype, p.xform, &p.out.shape);
         pb.inc(b.len() as u64);
         pb.set_message(p.out.name.clone());
         Ok(b)
@@ -169,12 +267,20 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
     let _ = std::fs::remove_dir_all(&tmp);
     let _ = std::fs::remove_file(&tmp);
     let result = (|| -> Result<()> {
-        match &ck.raw {
-            Raw::Hf { config, .. } => {
+        match to {
+            Format::Hf => {
                 std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-                let mut cfg = match arch.as_str() {
-                    "llama" => crate::models::llama::hf_config(config, &dims)?,
-                    _ => crate::models::nemotron_h::hf_config(config, &dims)?,
+                let mut cfg = match (&ck.raw, llama) {
+                    (Raw::Hf { config, .. }, true) => {
+                        crate::models::llama::hf_config(config, &dims)?
+                    }
+                    (Raw::Hf { config, .. }, false) => {
+                        crate::models::nemotron_h::hf_config(config, &dims)?
+                    }
+                    (Raw::Gguf(g), true) => crate::models::llama::hf_config_from_gguf(g, &dims, m)?,
+                    (Raw::Gguf(_), false) => {
+                        crate::models::nemotron_h::hf_config_from_gguf(&dims, m)?
+                    }
                 };
                 let o = cfg
                     .as_object_mut()
@@ -186,19 +292,34 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
                 let cp = tmp.join("config.json");
                 std::fs::write(&cp, serde_json::to_string_pretty(&cfg).unwrap())
                     .map_err(|e| Error::io(&cp, e))?;
-                for f in HF_SIDE_FILES {
-                    let src = m.meta.path.join(f);
-                    if src.exists() {
-                        std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
+                if from == Format::Hf {
+                    for f in HF_SIDE_FILES {
+                        let src = m.meta.path.join(f);
+                        if src.exists() {
+                            std::fs::copy(&src, tmp.join(f)).map_err(|e| Error::io(&src, e))?;
+                        }
+                    }
+                } else {
+                    for (f, text) in crate::generate::tokenizer::hf_files_from_gguf(m)? {
+                        std::fs::write(tmp.join(f), text).map_err(|e| Error::io(tmp.join(f), e))?;
                     }
                 }
                 safetensors::write(&tmp.join("model.safetensors"), &outs, data)
             }
-            Raw::Gguf(g) => {
-                let mut meta = match arch.as_str() {
-                    "llama" => crate::models::llama::gguf_meta(g, &dims, &kept)?,
-                    _ => crate::models::nemotron_h::gguf_meta(g, &dims, &kept)?,
+            Format::Gguf => {
+                let mut meta = match (&ck.raw, llama) {
+                    (Raw::Gguf(g), true) => crate::models::llama::gguf_meta(g, &dims, &kept)?,
+                    (Raw::Gguf(g), false) => crate::models::nemotron_h::gguf_meta(g, &dims, &kept)?,
+                    (Raw::Hf { config, .. }, true) => {
+                        crate::models::llama::gguf_meta_from_hf(config, &dims, m)
+                    }
+                    (Raw::Hf { .. }, false) => {
+                        crate::models::nemotron_h::gguf_meta_from_hf(&dims, m)?
+                    }
                 };
+                if from == Format::Hf {
+                    meta.extend(crate::generate::tokenizer::gguf_meta_from_hf(m)?);
+                }
                 meta.retain(|(k, _)| k != "elastica.manifest");
                 if let Some(man) = out.manifest {
                     meta.push((
@@ -231,4 +352,243 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
         bytes: total,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Applies a layout transform to the gathered bytes of one output tensor.
+fn transform(b: Vec<u8>, dt: DType, x: Xform, shape: &[usize]) -> Vec<u8> {
+    if x == Xform::None {
+        return b;
+    }
+    let n = shape.iter().product::<usize>();
+    let mut v = vec![0f32; n];
+    quant::dequant_row(dt, &b, 0, &mut v);
+    let v = match x {
+        Xform::NegExp => v.iter().map(|a| -a.exp()).collect(),
+        Xform::LogNeg => v.iter().map(|a| (-a).ln()).collect(),
+        Xform::RopeToGguf(heads) | Xform::RopeToHf(heads) => {
+            // Rows of one head: HF order [half][i] <-> GGUF order [i][half].
+            let cols = *shape.last().unwrap();
+            let rows = n / cols;
+            let d = rows / heads;
+            let mut out = vec![0f32; n];
+            for h in 0..heads {
+                for half in 0..2 {
+                    for i in 0..d / 2 {
+                        let hf = h * d + half * (d / 2) + i;
+                        let gg = h * d + 2 * i + half;
+                        let (src, dst) = if matches!(x, Xform::RopeToGguf(_)) {
+                            (hf, gg)
+                        } else {
+                            (gg, hf)
+                        };
+                        out[dst * cols..(dst + 1) * cols]
+                            .copy_from_slice(&v[src * cols..(src + 1) * cols]);
+                    }
+                }
+            }
+            out
+        }
+        Xform::None => unreachable!(),
+    };
+    let mut out = Vec::with_capacity(b.len());
+    encode(&v, dt, &mut out);
+    out
+}
+
+/// Maps tensors between the HF and GGUF layouts (names, shapes, value transforms, expert stacking).
+fn convert_layout(
+    ck: &Checkpoint,
+    gathered: Vec<Gathered>,
+    map: &IndexMap,
+    dims: &SliceDims,
+    to_gguf: bool,
+    llama: bool,
+    convert: Option<DType>,
+) -> Result<Vec<Planned>> {
+    let m = &ck.model;
+    let names: &[(&str, &str)] = if llama {
+        &crate::models::llama::NAMES
+    } else {
+        &crate::models::nemotron_h::NAMES
+    };
+    let tensors = ck.raw.tensors();
+    let heads_of = |layer: Option<usize>, kv: bool| -> usize {
+        if kv {
+            m.shape.kv_heads
+        } else {
+            layer
+                .and_then(|l| dims.layers.get(l))
+                .map_or(m.shape.heads, |(_, s)| s.heads)
+        }
+    };
+    let mut out = vec![];
+    // Hub per-expert tensors become one stacked tensor per layer and projection.
+    let mut stacks: std::collections::BTreeMap<(usize, &'static str), Vec<Gathered>> =
+        Default::default();
+    for g in gathered {
+        let (layer, suffix) = split(&g.name);
+        let layer_pre = |l: usize| {
+            if to_gguf {
+                format!("blk.{l}.")
+            } else if llama {
+                format!("model.layers.{l}.")
+            } else {
+                format!("backbone.layers.{l}.")
+            }
+        };
+        if to_gguf
+            && !llama
+            && suffix.starts_with("mixer.experts.")
+            && g.role.as_ref().is_some_and(|r| r.expert.is_some())
+        {
+            let proj = if suffix.ends_with("up_proj.weight") {
+                "ffn_up_exps.weight"
+            } else {
+                "ffn_down_exps.weight"
+            };
+            stacks.entry((layer.unwrap(), proj)).or_default().push(g);
+            continue;
+        }
+        // The input may use the newest transformers names (model.* prefix, embed_tokens).
+        let key = suffix
+            .replace("model.embeddings.", "backbone.embeddings.")
+            .replace("model.norm_f.", "backbone.norm_f.")
+            .replace("backbone.embedding.", "backbone.embeddings.");
+        let key = key
+            .strip_suffix(".weight")
+            .filter(|k| *k == "mixer.experts.up_proj" || *k == "mixer.experts.down_proj")
+            .map(str::to_string)
+            .unwrap_or(key);
+        let target = names.iter().find_map(|&(hf, gg)| {
+            let (a, b) = if to_gguf { (hf, gg) } else { (gg, hf) };
+            (key == a).then_some(b)
+        });
+        let Some(target) = target else {
+            return Err(Error::Input(format!(
+                "tensor {}: no {} name for it",
+                g.src,
+                if to_gguf { "GGUF" } else { "HF" }
+            )));
+        };
+        let name = match layer {
+            Some(l) => format!("{}{target}", layer_pre(l)),
+            None => target.to_string(),
+        };
+        // GGUF → hub layout: unstack experts.
+        if !to_gguf && target.starts_with("mixer.experts.") {
+            let l = layer.unwrap();
+            let lm = map
+                .layers
+                .iter()
+                .flatten()
+                .nth(l)
+                .ok_or_else(|| Error::Input("expert layer missing".into()))?;
+            let src_t = tensors.get(&g.src)?;
+            let src_layer = g.role.as_ref().and_then(|r| r.layer).unwrap();
+            let role = g.role.clone().unwrap();
+            let sub_role = Role {
+                dims: role.dims[1..].to_vec(),
+                ..role
+            };
+            let proj = if target.contains("up_proj") {
+                "up_proj"
+            } else {
+                "down_proj"
+            };
+            let _ = src_layer;
+            for (p, &e) in lm.experts.iter().enumerate() {
+                let view = src_t.index(e);
+                let plan = GatherPlan::new(&view, &sub_role, map, &m.shape, convert)?;
+                out.push(Planned {
+                    out: OutTensor {
+                        name: format!("{}mixer.experts.{p}.{proj}.weight", layer_pre(l)),
+                        dtype: plan.dtype,
+                        shape: plan.shape.clone(),
+                    },
+                    pieces: vec![Piece {
+                        src: g.src.clone(),
+                        sub: Some(e),
+                        plan: Some(plan),
+                    }],
+                    xform: Xform::None,
+                });
+            }
+            continue;
+        }
+        let n: usize = g.shape.iter().product();
+        let (shape, xform) = match target {
+            "ssm_conv1d.weight" => (vec![g.shape[0], *g.shape.last().unwrap()], Xform::None),
+            "mixer.conv1d.weight" => (vec![g.shape[0], 1, g.shape[1]], Xform::None),
+            "ssm_a" => (vec![n, 1], Xform::NegExp),
+            "ssm_d" => (vec![n, 1], Xform::None),
+            "mixer.A_log" => (vec![n], Xform::LogNeg),
+            "mixer.D" | "mixer.norm.weight" => (vec![n], Xform::None),
+            "ssm_norm.weight" => {
+                let gr = m.shape.mamba_groups.max(1);
+                (vec![gr, n / gr], Xform::None)
+            }
+            "attn_q.weight" | "attn_q.bias" if llama => {
+                (g.shape.clone(), Xform::RopeToGguf(heads_of(layer, false)))
+            }
+            "attn_k.weight" | "attn_k.bias" if llama => {
+                (g.shape.clone(), Xform::RopeToGguf(heads_of(layer, true)))
+            }
+            "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => {
+                (g.shape.clone(), Xform::RopeToHf(heads_of(layer, false)))
+            }
+            "self_attn.k_proj.weight" | "self_attn.k_proj.bias" => {
+                (g.shape.clone(), Xform::RopeToHf(heads_of(layer, true)))
+            }
+            _ => (g.shape.clone(), Xform::None),
+        };
+        if xform != Xform::None && g.dtype.is_quantized() {
+            return Err(Error::Tensor {
+                name: g.src.clone(),
+                msg: "needs a float format to convert between layouts".into(),
+            });
+        }
+        out.push(Planned {
+            out: OutTensor {
+                name,
+                dtype: g.dtype,
+                shape,
+            },
+            pieces: vec![Piece {
+                src: g.src,
+                sub: None,
+                plan: g.plan,
+            }],
+            xform,
+        });
+    }
+    for ((l, proj), mut parts) in stacks {
+        parts.sort_by_key(|g| {
+            let s = split(&g.name).1;
+            s.trim_start_matches("mixer.experts.")
+                .split('.')
+                .next()
+                .and_then(|x| x.parse::<usize>().ok())
+                .unwrap_or(0)
+        });
+        let dt = parts[0].dtype;
+        let mut shape = vec![parts.len()];
+        shape.extend(parts[0].shape.iter().copied());
+        out.push(Planned {
+            out: OutTensor {
+                name: format!("blk.{l}.{proj}"),
+                dtype: dt,
+                shape,
+            },
+            pieces: parts
+                .into_iter()
+                .map(|g| Piece {
+                    src: g.src,
+                    sub: None,
+                    plan: g.plan,
+                })
+                .collect(),
+            xform: Xform::None,
+        });
+    }
+    Ok(out)
 }

@@ -519,7 +519,8 @@ fn put_value(w: &mut Vec<u8>, v: &Value) {
         Value::Bool(x) => w.push(*x as u8),
         Value::Str(s) => put_str(w, s),
         Value::Array(a) => {
-            let ety = a.first().map_or(4, type_id);
+            // An empty array is written as strings (tokenizer lists are the ones that can be empty).
+            let ety = a.first().map_or(8, type_id);
             w.extend_from_slice(&ety.to_le_bytes());
             w.extend_from_slice(&(a.len() as u64).to_le_bytes());
             for x in a {

@@ -202,3 +202,157 @@ fn pre_tokenizer(pre: &str) -> std::result::Result<PreTokenizerWrapper, String> 
         }
     })
 }
+
+/// GGUF tokenizer metadata (`tokenizer.ggml.*`, chat template) from an HF `tokenizer.json`
+/// (byte-level BPE), the way llama.cpp's converter writes it.
+pub fn gguf_meta_from_hf(m: &Model) -> Result<Vec<(String, Value)>> {
+    let p = m.meta.path.join("tokenizer.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| {
+        Error::Tokenizer(format!(
+            "{}: {e} (needed to write the GGUF vocabulary)",
+            p.display()
+        ))
+    })?;
+    let j: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Tokenizer(format!("{}: invalid JSON: {e}", p.display())))?;
+    let bad = |msg: &str| Error::Tokenizer(format!("{}: {msg}", p.display()));
+    let model = &j["model"];
+    if model["type"].as_str() != Some("BPE") {
+        return Err(bad("only byte-level BPE tokenizers can be written to GGUF"));
+    }
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| bad("no model.vocab"))?;
+    let mut tokens: Vec<Option<String>> = vec![None; m.vocab];
+    let mut types = vec![5u32; m.vocab]; // unused until filled
+    for (t, id) in vocab {
+        if let Some(i) = id.as_u64().map(|x| x as usize).filter(|&i| i < m.vocab) {
+            tokens[i] = Some(t.clone());
+            types[i] = 1;
+        }
+    }
+    for a in j["added_tokens"].as_array().into_iter().flatten() {
+        if let (Some(i), Some(c)) = (a["id"].as_u64().map(|x| x as usize), a["content"].as_str())
+            && i < m.vocab
+        {
+            tokens[i] = Some(c.to_string());
+            types[i] = if a["special"].as_bool().unwrap_or(false) {
+                3
+            } else {
+                4
+            };
+        }
+    }
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| match x {
+            serde_json::Value::String(s) => Some(Value::Str(s.clone())),
+            serde_json::Value::Array(a) => Some(Value::Str(format!(
+                "{} {}",
+                a.first()?.as_str()?,
+                a.get(1)?.as_str()?
+            ))),
+            _ => None,
+        })
+        .collect();
+    let pre = detect_pre(&j["pre_tokenizer"]).ok_or_else(|| bad("pre-tokenizer not recognised (known: gpt2 byte-level, smollm digits + byte-level, llama-bpe, qwen2)"))?;
+    let mut v = vec![
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::Str("gpt2".into()),
+        ),
+        ("tokenizer.ggml.pre".to_string(), Value::Str(pre.into())),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(
+                tokens
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, t)| Value::Str(t.unwrap_or_else(|| format!("[PAD{i}]"))))
+                    .collect(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(types.into_iter().map(|t| Value::I32(t as i32)).collect()),
+        ),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+        (
+            "tokenizer.ggml.add_bos_token".to_string(),
+            Value::Bool(m.meta.add_bos),
+        ),
+    ];
+    if let Some(b) = m.meta.bos {
+        v.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    if let Some(&e) = m.meta.eos.first() {
+        v.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+    }
+    if let Some(t) = &m.meta.chat_template {
+        v.push(("tokenizer.chat_template".into(), Value::Str(t.clone())));
+    }
+    Ok(v)
+}
+
+fn detect_pre(p: &serde_json::Value) -> Option<&'static str> {
+    let ty = p["type"].as_str()?;
+    match ty {
+        "ByteLevel" => Some("gpt-2"),
+        "Sequence" => {
+            let list = p["pretokenizers"].as_array()?;
+            let types: Vec<&str> = list.iter().filter_map(|x| x["type"].as_str()).collect();
+            if types == ["Digits", "ByteLevel"]
+                && list[0]["individual_digits"].as_bool() == Some(true)
+            {
+                return Some("smollm");
+            }
+            if types == ["Split", "ByteLevel"] {
+                let re = list[0]["pattern"]["Regex"].as_str()?;
+                if re.contains(r"\p{N}{1,3}") {
+                    return Some("llama-bpe");
+                }
+                if re.contains("'[sS]") {
+                    return Some("qwen2");
+                }
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// HF tokenizer files (tokenizer.json, tokenizer_config.json, generation_config.json) for a
+/// model whose tokenizer lives in GGUF metadata.
+pub fn hf_files_from_gguf(m: &Model) -> Result<Vec<(&'static str, String)>> {
+    let tok = Tokenizer::for_model(m)?;
+    let json = tok
+        .inner
+        .to_string(true)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let name = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i));
+    let mut cfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": m.meta.add_bos,
+        "bos_token": name(m.meta.bos),
+        "eos_token": name(m.meta.eos.first().copied()),
+        "model_max_length": m.meta.context,
+        "clean_up_tokenization_spaces": false,
+    });
+    if let Some(t) = &m.meta.chat_template {
+        cfg["chat_template"] = t.clone().into();
+    }
+    let gen_cfg = serde_json::json!({"bos_token_id": m.meta.bos, "eos_token_id": m.meta.eos});
+    Ok(vec![
+        ("tokenizer.json", json),
+        (
+            "tokenizer_config.json",
+            serde_json::to_string_pretty(&cfg).unwrap(),
+        ),
+        (
+            "generation_config.json",
+            serde_json::to_string_pretty(&gen_cfg).unwrap(),
+        ),
+    ])
+}

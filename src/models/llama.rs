@@ -308,6 +308,7 @@ pub fn hf_config(
     cfg: &serde_json::Value,
     d: &crate::elastic::SliceDims,
 ) -> Result<serde_json::Value> {
+    warn_heads(d);
     let mut c = cfg.clone();
     let all = |_| true;
     let o = c
@@ -359,4 +360,119 @@ pub fn gguf_meta(
         ),
     ];
     Ok(super::gguf_meta_with(g, kept, set))
+}
+
+/// HF name ↔ GGUF name of Llama tensors (suffixes after the layer prefix; biases included).
+pub const NAMES: [(&str, &str); 19] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("lm_head.weight", "output.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("self_attn.q_proj.bias", "attn_q.bias"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("self_attn.o_proj.bias", "attn_output.bias"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("mlp.gate_proj.bias", "ffn_gate.bias"),
+    ("mlp.up_proj.bias", "ffn_up.bias"),
+    ("mlp.down_proj.bias", "ffn_down.bias"),
+];
+
+/// GGUF metadata for a Llama model written from an HF checkpoint (llama.cpp's converter keys).
+pub fn gguf_meta_from_hf(
+    cfg: &serde_json::Value,
+    d: &crate::elastic::SliceDims,
+    m: &Model,
+) -> Vec<(String, crate::formats::gguf::Value)> {
+    use crate::formats::gguf::Value;
+    let f = |k: &str, def: f64| cfg.get(k).and_then(|v| v.as_f64()).unwrap_or(def);
+    let theta = cfg
+        .get("rope_parameters")
+        .and_then(|r| r.get("rope_theta"))
+        .and_then(|v| v.as_f64())
+        .unwrap_or_else(|| f("rope_theta", 10000.0));
+    let ffn: Vec<usize> = d.layers.iter().map(|(_, s)| s.ffn).collect();
+    let heads: Vec<usize> = d.layers.iter().map(|(_, s)| s.heads).collect();
+    let a = |k: &str| format!("llama.{k}");
+    vec![
+        ("general.architecture".into(), Value::Str("llama".into())),
+        (
+            "general.name".into(),
+            Value::Str(
+                m.meta
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
+        ),
+        (a("block_count"), Value::U32(d.layers.len() as u32)),
+        (a("context_length"), Value::U32(m.meta.context as u32)),
+        (a("embedding_length"), Value::U32(d.hidden as u32)),
+        (a("feed_forward_length"), super::u32_or_array(&ffn)),
+        (a("attention.head_count"), super::u32_or_array(&heads)),
+        (
+            a("attention.head_count_kv"),
+            Value::U32(m.shape.kv_heads as u32),
+        ),
+        (a("rope.freq_base"), Value::F32(theta as f32)),
+        (a("attention.layer_norm_rms_epsilon"), Value::F32(m.eps)),
+        (a("rope.dimension_count"), Value::U32(d.head_dim as u32)),
+        (a("attention.key_length"), Value::U32(d.head_dim as u32)),
+        (a("attention.value_length"), Value::U32(d.head_dim as u32)),
+        (a("vocab_size"), Value::U32(m.vocab as u32)),
+    ]
+}
+
+/// config.json for a Llama model written from a GGUF file.
+pub fn hf_config_from_gguf(
+    g: &Gguf,
+    d: &crate::elastic::SliceDims,
+    m: &Model,
+) -> Result<serde_json::Value> {
+    warn_heads(d);
+    let all = |_| true;
+    Ok(serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": d.hidden,
+        "intermediate_size": d.uniform("ffn", |s| s.ffn, all, 0)?,
+        "num_attention_heads": d.uniform("heads", |s| s.heads, all, 0)?,
+        "num_key_value_heads": m.shape.kv_heads,
+        "head_dim": d.head_dim,
+        "num_hidden_layers": d.layers.len(),
+        "rms_norm_eps": m.eps,
+        "rope_theta": g.f64("llama.rope.freq_base").unwrap_or(10000.0),
+        "max_position_embeddings": m.meta.context,
+        "vocab_size": m.vocab,
+        "tie_word_embeddings": m.lm_head.is_none(),
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "bos_token_id": m.meta.bos,
+        "eos_token_id": m.meta.eos.first(),
+        "torch_dtype": "float32",
+    }))
+}
+
+/// transformers' LlamaConfig refuses a hidden size that the head count does not divide (even
+/// with an explicit head_dim); elastica and llama.cpp do not care.
+fn warn_heads(d: &crate::elastic::SliceDims) {
+    if let Some((_, s)) = d
+        .layers
+        .iter()
+        .find(|(_, s)| s.heads > 0 && d.hidden % s.heads != 0)
+    {
+        eprintln!(
+            "warning: hidden size {} is not a multiple of the {} attention heads; transformers will refuse this config.json (elastica and llama.cpp load it)",
+            d.hidden, s.heads
+        );
+    }
 }

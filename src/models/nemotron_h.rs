@@ -966,3 +966,229 @@ pub fn gguf_meta(
     }
     Ok(super::gguf_meta_with(g, kept, set))
 }
+
+/// HF (hub layout) name ↔ GGUF name of Nemotron-H tensors (suffixes after the layer prefix).
+/// Stacked experts (`mixer.experts.up_proj`) map to `ffn_up_exps`; the hub layout's per-expert
+/// tensors are stacked and unstacked by the writer.
+pub const NAMES: [(&str, &str); 24] = [
+    ("backbone.embeddings.weight", "token_embd.weight"),
+    ("lm_head.weight", "output.weight"),
+    ("backbone.norm_f.weight", "output_norm.weight"),
+    ("norm.weight", "attn_norm.weight"),
+    ("mixer.in_proj.weight", "ssm_in.weight"),
+    ("mixer.conv1d.weight", "ssm_conv1d.weight"),
+    ("mixer.conv1d.bias", "ssm_conv1d.bias"),
+    ("mixer.dt_bias", "ssm_dt.bias"),
+    ("mixer.A_log", "ssm_a"),
+    ("mixer.D", "ssm_d"),
+    ("mixer.norm.weight", "ssm_norm.weight"),
+    ("mixer.out_proj.weight", "ssm_out.weight"),
+    ("mixer.q_proj.weight", "attn_q.weight"),
+    ("mixer.k_proj.weight", "attn_k.weight"),
+    ("mixer.v_proj.weight", "attn_v.weight"),
+    ("mixer.o_proj.weight", "attn_output.weight"),
+    ("mixer.up_proj.weight", "ffn_up.weight"),
+    ("mixer.down_proj.weight", "ffn_down.weight"),
+    ("mixer.gate.weight", "ffn_gate_inp.weight"),
+    ("mixer.gate.e_score_correction_bias", "exp_probs_b.bias"),
+    ("mixer.experts.up_proj", "ffn_up_exps.weight"),
+    ("mixer.experts.down_proj", "ffn_down_exps.weight"),
+    ("mixer.shared_experts.up_proj.weight", "ffn_up_shexp.weight"),
+    (
+        "mixer.shared_experts.down_proj.weight",
+        "ffn_down_shexp.weight",
+    ),
+];
+
+fn moe_params(m: &Model) -> Option<&crate::layers::moe::Moe> {
+    m.blocks.iter().find_map(|b| match &b.mixer {
+        Mixer::Moe(x) => Some(x),
+        _ => None,
+    })
+}
+
+fn mamba_params(m: &Model) -> Option<&Mamba2> {
+    m.blocks.iter().find_map(|b| match &b.mixer {
+        Mixer::Mamba(x) => Some(x),
+        _ => None,
+    })
+}
+
+/// GGUF metadata for a Nemotron-H model written from an HF checkpoint (llama.cpp's converter keys).
+pub fn gguf_meta_from_hf(
+    d: &crate::elastic::SliceDims,
+    m: &Model,
+) -> Result<Vec<(String, crate::formats::gguf::Value)>> {
+    use crate::formats::gguf::Value;
+    let moe = d.layers.iter().any(|(k, _)| *k == LayerKind::Moe);
+    let arch = if moe { "nemotron_h_moe" } else { "nemotron_h" };
+    let k = |s: &str| format!("{arch}.{s}");
+    let is = |kind: LayerKind| move |x: LayerKind| x == kind;
+    let s = &m.shape;
+    let ff: Vec<Value> = d
+        .layers
+        .iter()
+        .map(|(kind, z)| {
+            Value::U32(match kind {
+                LayerKind::Mlp => z.ffn,
+                LayerKind::Moe => z.moe_ffn,
+                _ => 0,
+            } as u32)
+        })
+        .collect();
+    let kv: Vec<Value> = d
+        .layers
+        .iter()
+        .map(|(kind, _)| {
+            Value::U32(if *kind == LayerKind::Attention {
+                s.kv_heads as u32
+            } else {
+                0
+            })
+        })
+        .collect();
+    let mh = d.uniform(
+        "mamba_heads",
+        |z| z.mamba_heads,
+        is(LayerKind::Mamba),
+        s.mamba_heads,
+    )?;
+    let mp = d.uniform(
+        "mamba_head_dim",
+        |z| z.mamba_head_dim,
+        is(LayerKind::Mamba),
+        s.mamba_head_dim,
+    )?;
+    let mut v = vec![
+        ("general.architecture".into(), Value::Str(arch.into())),
+        (
+            "general.name".into(),
+            Value::Str(
+                m.meta
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
+        ),
+        (k("block_count"), Value::U32(d.layers.len() as u32)),
+        (k("context_length"), Value::U32(m.meta.context as u32)),
+        (k("embedding_length"), Value::U32(d.hidden as u32)),
+        (k("feed_forward_length"), Value::Array(ff)),
+        (
+            k("attention.head_count"),
+            Value::U32(d.uniform("heads", |z| z.heads, is(LayerKind::Attention), s.heads)? as u32),
+        ),
+        (k("attention.head_count_kv"), Value::Array(kv)),
+        (k("attention.layer_norm_epsilon"), Value::F32(m.eps)),
+        (k("attention.key_length"), Value::U32(d.head_dim as u32)),
+        (k("attention.value_length"), Value::U32(d.head_dim as u32)),
+        (k("rope.dimension_count"), Value::U32(d.head_dim as u32)),
+        (k("vocab_size"), Value::U32(m.vocab as u32)),
+    ];
+    if let Some(mb) = mamba_params(m) {
+        v.extend([
+            (k("ssm.conv_kernel"), Value::U32(mb.conv_k as u32)),
+            (k("ssm.state_size"), Value::U32(mb.state as u32)),
+            (k("ssm.group_count"), Value::U32(mb.groups as u32)),
+            (k("ssm.inner_size"), Value::U32((mh * mp) as u32)),
+            (k("ssm.time_step_rank"), Value::U32(mh as u32)),
+        ]);
+    }
+    if let Some(e) = moe_params(m) {
+        let moe = is(LayerKind::Moe);
+        v.extend([
+            (
+                k("expert_count"),
+                Value::U32(d.uniform("experts", |z| z.experts, moe, 0)? as u32),
+            ),
+            (k("expert_used_count"), Value::U32(e.topk as u32)),
+            (k("expert_group_count"), Value::U32(e.n_group as u32)),
+            (
+                k("expert_group_used_count"),
+                Value::U32(e.topk_group as u32),
+            ),
+            (
+                k("expert_feed_forward_length"),
+                Value::U32(d.uniform("moe_ffn", |z| z.moe_ffn, moe, 0)? as u32),
+            ),
+            (
+                k("expert_shared_feed_forward_length"),
+                Value::U32(d.uniform("shared_ffn", |z| z.shared_ffn, moe, 0)? as u32),
+            ),
+            (
+                k("expert_shared_count"),
+                Value::U32(e.shared.is_some() as u32),
+            ),
+            (k("expert_weights_norm"), Value::Bool(e.norm_topk)),
+            (k("expert_weights_scale"), Value::F32(e.scale)),
+        ]);
+    }
+    Ok(v)
+}
+
+/// config.json (hub spelling) for a Nemotron-H model written from a GGUF file.
+pub fn hf_config_from_gguf(d: &crate::elastic::SliceDims, m: &Model) -> Result<serde_json::Value> {
+    let s = &m.shape;
+    let is = |kind: LayerKind| move |x: LayerKind| x == kind;
+    let pattern: String = d.layers.iter().map(|(k, _)| k.pattern_char()).collect();
+    let mb = mamba_params(m);
+    let mut c = serde_json::json!({
+        "architectures": ["NemotronHForCausalLM"],
+        "model_type": "nemotron_h",
+        "hybrid_override_pattern": pattern,
+        "num_hidden_layers": d.layers.len(),
+        "hidden_size": d.hidden,
+        "vocab_size": m.vocab,
+        "num_attention_heads": d.uniform("heads", |z| z.heads, is(LayerKind::Attention), s.heads)?,
+        "num_key_value_heads": s.kv_heads,
+        "head_dim": d.head_dim,
+        "intermediate_size": d.uniform("ffn", |z| z.ffn, is(LayerKind::Mlp), s.ffn)?,
+        "mlp_hidden_act": "relu2",
+        "mamba_num_heads": d.uniform("mamba_heads", |z| z.mamba_heads, is(LayerKind::Mamba), s.mamba_heads)?,
+        "mamba_head_dim": d.uniform("mamba_head_dim", |z| z.mamba_head_dim, is(LayerKind::Mamba), s.mamba_head_dim)?,
+        "n_groups": s.mamba_groups,
+        "ssm_state_size": s.ssm_state,
+        "conv_kernel": mb.map_or(4, |x| x.conv_k),
+        "chunk_size": mb.map_or(128, |x| x.chunk),
+        "use_conv_bias": true,
+        "mamba_hidden_act": "silu",
+        "use_bias": false,
+        "mlp_bias": false,
+        "attention_bias": false,
+        "residual_in_fp32": false,
+        "layer_norm_epsilon": m.eps,
+        "time_step_limit": [0.0, {"__float__": "Infinity"}],
+        "tie_word_embeddings": m.lm_head.is_none(),
+        "max_position_embeddings": m.meta.context,
+        "bos_token_id": m.meta.bos,
+        "eos_token_id": m.meta.eos.first(),
+        "torch_dtype": "float32",
+    });
+    if let Some(e) = moe_params(m) {
+        let moe = is(LayerKind::Moe);
+        let o = c.as_object_mut().unwrap();
+        o.insert(
+            "n_routed_experts".into(),
+            d.uniform("experts", |z| z.experts, moe, 0)?.into(),
+        );
+        o.insert("num_experts_per_tok".into(), e.topk.into());
+        o.insert(
+            "moe_intermediate_size".into(),
+            d.uniform("moe_ffn", |z| z.moe_ffn, moe, 0)?.into(),
+        );
+        o.insert(
+            "moe_shared_expert_intermediate_size".into(),
+            d.uniform("shared_ffn", |z| z.shared_ffn, moe, 0)?.into(),
+        );
+        o.insert(
+            "n_shared_experts".into(),
+            (e.shared.is_some() as usize).into(),
+        );
+        o.insert("n_group".into(), e.n_group.into());
+        o.insert("topk_group".into(), e.topk_group.into());
+        o.insert("norm_topk_prob".into(), e.norm_topk.into());
+        o.insert("routed_scaling_factor".into(), e.scale.into());
+    }
+    Ok(c)
+}
