@@ -468,7 +468,7 @@ fn warn_heads(d: &crate::elastic::SliceDims) {
     if let Some((_, s)) = d
         .layers
         .iter()
-        .find(|(_, s)| s.heads > 0 && d.hidden % s.heads != 0)
+        .find(|(_, s)| s.heads > 0 && !d.hidden.is_multiple_of(s.heads))
     {
         eprintln!(
             "warning: hidden size {} is not a multiple of the {} attention heads; transformers will refuse this config.json (elastica and llama.cpp load it)",
