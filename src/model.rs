@@ -3,7 +3,7 @@
 //! layers are one block each. Architecture files in `models/` only map checkpoints onto this.
 //! Every forward takes a [`Budget`] and reads prefixes of the one loaded copy of the weights.
 
-use crate::budget::{Budget, BudgetSpec, LayerKind, Shape};
+use crate::budget::{Budget, BudgetSpec, Shape};
 use crate::error::{Error, Result};
 use crate::kernels::ops::rmsnorm;
 use crate::kernels::quant::dequant_row;
@@ -514,10 +514,5 @@ impl Model {
 
     pub fn kind_pattern(&self) -> String {
         self.shape.layers.iter().map(|k| k.pattern_char()).collect()
-    }
-
-    /// Layer kinds, for callers that need them.
-    pub fn layer_kinds(&self) -> &[LayerKind] {
-        &self.shape.layers
     }
 }

@@ -239,9 +239,4 @@ impl Tensor {
             };
         }
     }
-
-    /// Same bytes, another shape with the same row length structure (e.g. squeeze [C,1,K] to [C,K]).
-    pub fn reshape(&self, shape: Vec<usize>) -> Result<Tensor> {
-        Tensor::new(&self.name, self.dtype, shape, self.buf.clone())
-    }
 }

@@ -188,11 +188,6 @@ impl IndexMap {
     }
 }
 
-/// Whether the layer kinds of a shape have the axis behind `dim` at all.
-pub fn kind_of(shape: &Shape, l: usize) -> LayerKind {
-    shape.layers[l]
-}
-
 /// How one tensor is gathered: which source rows, which columns, and the output format.
 pub struct GatherPlan {
     pub shape: Vec<usize>,

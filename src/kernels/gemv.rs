@@ -49,7 +49,7 @@ pub fn matvec(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
             DType::BF16 if isa != Isa::Avx512 => Act::F32(x),
             DType::BF16 => {
                 s.bf.resize(x.len(), 0);
-                to_bf16(x, &mut s.bf);
+                super::gemm::to_bf16(x, &mut s.bf);
                 Act::Bf16(&s.bf)
             }
             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
@@ -90,12 +90,6 @@ unsafe impl Sync for SendPtr {}
 impl SendPtr {
     fn get(self) -> *mut f32 {
         self.0
-    }
-}
-
-pub fn to_bf16(x: &[f32], out: &mut [u16]) {
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = quant::f32_to_bf16(v);
     }
 }
 

@@ -60,10 +60,3 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     s
 }
-
-/// y += a·x
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yv, xv) in y.iter_mut().zip(x) {
-        *yv += a * xv;
-    }
-}

@@ -77,7 +77,6 @@ pub struct Scratch {
     pub c: Vec<f32>,
     pub d: Vec<f32>,
     pub e: Vec<f32>,
-    pub idx: Vec<usize>,
 }
 
 /// `&mut v[..n]`, growing `v` if needed.
