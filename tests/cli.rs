@@ -153,3 +153,75 @@ fn perplexity_bench_info_run_json() {
     assert_eq!(v["stop_reason"], "length");
     assert_eq!(v["prompt_tokens"], 5);
 }
+
+#[test]
+fn gen_data_writes_seeded_jsonl() {
+    let d = fixture("llama_tiny");
+    let dir = std::env::temp_dir().join(format!("elastica-gd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prompts = dir.join("p.txt");
+    std::fs::write(&prompts, "hello there\n\nsecond prompt\n").unwrap();
+    let sample = |out: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_elastica"))
+            .args([
+                "gen-data",
+                d.to_str().unwrap(),
+                "--prompts",
+                prompts.to_str().unwrap(),
+                "-n",
+                "3",
+                "--max-tokens",
+                "8",
+                "--seed",
+                "5",
+                "--force",
+                "--out",
+            ])
+            .arg(dir.join(out))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(dir.join(out)).unwrap()
+    };
+    let a = sample("a.jsonl");
+    assert_eq!(a, sample("b.jsonl"), "same seed, same samples");
+    let lines: Vec<Value> = a
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[1]["prompt"], "second prompt");
+    assert!(
+        lines[2]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("hello there")
+    );
+    // Refusals: no prompts, an existing output.
+    std::fs::write(&prompts, " \n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args([
+            "gen-data",
+            d.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+        ])
+        .arg(dir.join("c.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no text"));
+    let o = Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args([
+            "gen-data",
+            d.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+        ])
+        .arg(dir.join("a.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--force"));
+    std::fs::remove_dir_all(&dir).ok();
+}

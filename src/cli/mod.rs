@@ -3,6 +3,7 @@
 
 mod bench;
 mod elastify;
+mod gen_data;
 mod info;
 mod logits;
 mod perplexity;
@@ -57,6 +58,8 @@ enum Cmd {
     Rank(rank::Args),
     /// Re-order a model by importance and write it as an elastic checkpoint with named budgets.
     Elastify(elastify::Args),
+    /// Sample self-distillation text from a teacher model (JSONL).
+    GenData(gen_data::Args),
     /// Cut a budget out of an elastic checkpoint as a standalone model.
     Slice(slice::Args),
 }
@@ -77,6 +80,7 @@ pub fn main() -> ExitCode {
         Cmd::Perplexity(a) => perplexity::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Slice(a) => slice::run(a),
+        Cmd::GenData(a) => gen_data::run(a),
         Cmd::Rank(a) => rank::run(a),
         Cmd::Elastify(a) => elastify::run(a),
     };
