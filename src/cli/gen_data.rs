@@ -44,7 +44,7 @@ pub fn run(a: Args) -> Result<()> {
             a.out.display()
         )));
     }
-    if !(a.temp >= 0.0 && a.temp.is_finite()) || !(0.0..=1.0).contains(&a.top_p) {
+    if !(a.temp >= 0.0 && a.temp.is_finite() && (0.0..=1.0).contains(&a.top_p)) {
         return Err(Error::Input(
             "--temp must be >= 0 and --top-p within [0, 1]".into(),
         ));
