@@ -234,43 +234,25 @@ impl<'a> Problem<'a> {
             }
         };
         let li = &self.imp.layers;
+        // The axis' kept fraction averaged over the layers that have it.
+        let per_layer =
+            |get: fn(&super::importance::LayerImportance) -> Option<&super::importance::Axis>,
+             groups: usize| {
+                avg(li
+                    .iter()
+                    .filter_map(get)
+                    .map(|a| frac(&a.scores, k, groups))
+                    .collect())
+            };
         match AXES[axis] {
             "hidden" => frac(&self.imp.hidden.scores, k, 1),
-            "ffn" => avg(li
-                .iter()
-                .filter_map(|l| l.ffn.as_ref())
-                .map(|a| frac(&a.scores, k, 1))
-                .collect()),
-            "moe_ffn" => avg(li
-                .iter()
-                .filter_map(|l| l.moe_ffn.as_ref())
-                .map(|a| frac(&a.scores, k, 1))
-                .collect()),
-            "shared_ffn" => avg(li
-                .iter()
-                .filter_map(|l| l.shared_ffn.as_ref())
-                .map(|a| frac(&a.scores, k, 1))
-                .collect()),
-            "experts" => avg(li
-                .iter()
-                .filter_map(|l| l.experts.as_ref())
-                .map(|a| frac(&a.scores, k, s.expert_groups))
-                .collect()),
-            "heads" => avg(li
-                .iter()
-                .filter_map(|l| l.heads.as_ref())
-                .map(|a| frac(&a.scores, k, s.kv_heads))
-                .collect()),
-            "mamba_heads" => avg(li
-                .iter()
-                .filter_map(|l| l.mamba_heads.as_ref())
-                .map(|a| frac(&a.scores, k, s.mamba_groups))
-                .collect()),
-            "mamba_head_dim" => avg(li
-                .iter()
-                .filter_map(|l| l.mamba_head_dim.as_ref())
-                .map(|a| frac(&a.scores, k, 1))
-                .collect()),
+            "ffn" => per_layer(|l| l.ffn.as_ref(), 1),
+            "moe_ffn" => per_layer(|l| l.moe_ffn.as_ref(), 1),
+            "shared_ffn" => per_layer(|l| l.shared_ffn.as_ref(), 1),
+            "experts" => per_layer(|l| l.experts.as_ref(), s.expert_groups),
+            "heads" => per_layer(|l| l.heads.as_ref(), s.kv_heads),
+            "mamba_heads" => per_layer(|l| l.mamba_heads.as_ref(), s.mamba_groups),
+            "mamba_head_dim" => per_layer(|l| l.mamba_head_dim.as_ref(), 1),
             _ => match &self.imp.depth {
                 Some(d) => {
                     let total: f64 = d.scores.iter().map(|&x| x.max(0.0) as f64).sum();

@@ -426,6 +426,22 @@ mod avx512 {
         }
     }
 
+    /// Calls the micro-kernel instantiated for the tile's row count (1..=8).
+    macro_rules! by_rows {
+        ($mr:expr, $k:ident, $($arg:expr),*) => {
+            match $mr {
+                8 => $k::<8>($($arg),*),
+                7 => $k::<7>($($arg),*),
+                6 => $k::<6>($($arg),*),
+                5 => $k::<5>($($arg),*),
+                4 => $k::<4>($($arg),*),
+                3 => $k::<3>($($arg),*),
+                2 => $k::<2>($($arg),*),
+                _ => $k::<1>($($arg),*),
+            }
+        };
+    }
+
     pub unsafe fn kern_f32_dispatch(
         mr: usize,
         kc: usize,
@@ -437,18 +453,7 @@ mod avx512 {
         nn: usize,
         acc: bool,
     ) {
-        unsafe {
-            match mr {
-                8 => kern_f32::<8>(kc, a, lda, b, c, ldc, nn, acc),
-                7 => kern_f32::<7>(kc, a, lda, b, c, ldc, nn, acc),
-                6 => kern_f32::<6>(kc, a, lda, b, c, ldc, nn, acc),
-                5 => kern_f32::<5>(kc, a, lda, b, c, ldc, nn, acc),
-                4 => kern_f32::<4>(kc, a, lda, b, c, ldc, nn, acc),
-                3 => kern_f32::<3>(kc, a, lda, b, c, ldc, nn, acc),
-                2 => kern_f32::<2>(kc, a, lda, b, c, ldc, nn, acc),
-                _ => kern_f32::<1>(kc, a, lda, b, c, ldc, nn, acc),
-            }
-        }
+        unsafe { by_rows!(mr, kern_f32, kc, a, lda, b, c, ldc, nn, acc) }
     }
 
     #[inline(always)]
@@ -522,18 +527,7 @@ mod avx512 {
         nn: usize,
         acc: bool,
     ) {
-        unsafe {
-            match mr {
-                8 => kern_bf16::<8>(kp, a, lda, b, c, ldc, nn, acc),
-                7 => kern_bf16::<7>(kp, a, lda, b, c, ldc, nn, acc),
-                6 => kern_bf16::<6>(kp, a, lda, b, c, ldc, nn, acc),
-                5 => kern_bf16::<5>(kp, a, lda, b, c, ldc, nn, acc),
-                4 => kern_bf16::<4>(kp, a, lda, b, c, ldc, nn, acc),
-                3 => kern_bf16::<3>(kp, a, lda, b, c, ldc, nn, acc),
-                2 => kern_bf16::<2>(kp, a, lda, b, c, ldc, nn, acc),
-                _ => kern_bf16::<1>(kp, a, lda, b, c, ldc, nn, acc),
-            }
-        }
+        unsafe { by_rows!(mr, kern_bf16, kp, a, lda, b, c, ldc, nn, acc) }
     }
 
     /// kp = number of k pairs; A rows are bf16 with pairs adjacent; B packed [kp][NR][2].

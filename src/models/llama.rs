@@ -403,16 +403,7 @@ pub fn gguf_meta_from_hf(
     let a = |k: &str| format!("llama.{k}");
     vec![
         ("general.architecture".into(), Value::Str("llama".into())),
-        (
-            "general.name".into(),
-            Value::Str(
-                m.meta
-                    .path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            ),
-        ),
+        ("general.name".into(), super::gguf_name(m)),
         (a("block_count"), Value::U32(d.layers.len() as u32)),
         (a("context_length"), Value::U32(m.meta.context as u32)),
         (a("embedding_length"), Value::U32(d.hidden as u32)),

@@ -455,3 +455,14 @@ pub(crate) fn kept_layers(map: &crate::elastic::IndexMap) -> Vec<usize> {
         .map(|(i, _)| i)
         .collect()
 }
+
+/// `general.name` for a GGUF written from a checkpoint: its file or folder name.
+pub(crate) fn gguf_name(m: &Model) -> crate::formats::gguf::Value {
+    crate::formats::gguf::Value::Str(
+        m.meta
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    )
+}

@@ -1061,16 +1061,7 @@ pub fn gguf_meta_from_hf(
     )?;
     let mut v = vec![
         ("general.architecture".into(), Value::Str(arch.into())),
-        (
-            "general.name".into(),
-            Value::Str(
-                m.meta
-                    .path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            ),
-        ),
+        ("general.name".into(), super::gguf_name(m)),
         (k("block_count"), Value::U32(d.layers.len() as u32)),
         (k("context_length"), Value::U32(m.meta.context as u32)),
         (k("embedding_length"), Value::U32(d.hidden as u32)),
