@@ -34,18 +34,7 @@ fn logits_json_matches_library() {
         "--json",
     ]);
     assert_eq!(v["tokens"].as_array().unwrap().len(), r.tokens.len());
-    let got: Vec<Vec<f32>> = v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| {
-            row.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect();
+    let got = parse_reference(&v).logits;
     let want = logits_all(&load(&d), &r.tokens, "hidden=32");
     assert_eq!(got.len(), want.len());
     assert!(rel_diff(&got, &want) < 1e-6);
@@ -57,18 +46,7 @@ fn logits_json_matches_library() {
         &toks.join(","),
         "--json",
     ]);
-    let got: Vec<Vec<f32>> = v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|row| {
-            row.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect();
+    let got = parse_reference(&v).logits;
     assert!(rel_diff(&got, &r.logits) < 1e-4);
 }
 

@@ -47,10 +47,8 @@ fn calib() -> PathBuf {
     fixture("text/gpl-3.txt")
 }
 
-/// rank + elastify a fixture (HF folder or GGUF file); returns (importance, elastic output).
-fn elastify(model: &Path, dir: &Path, ext: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
-    let imp = dir.join("importance.json");
-    let out = dir.join(format!("elastic{ext}"));
+/// A small, fast ranking of a fixture.
+fn rank(model: &Path, imp: &Path) {
     ok(exe().args([
         "rank",
         s(model),
@@ -65,9 +63,16 @@ fn elastify(model: &Path, dir: &Path, ext: &str, extra: &[&str]) -> (PathBuf, Pa
         "--depth-seq",
         "24",
         "--out",
-        s(&imp),
+        s(imp),
         "--force",
     ]));
+}
+
+/// rank + elastify a fixture (HF folder or GGUF file); returns (importance, elastic output).
+fn elastify(model: &Path, dir: &Path, ext: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
+    let imp = dir.join("importance.json");
+    let out = dir.join(format!("elastic{ext}"));
+    rank(model, &imp);
     let mut c = exe();
     c.args([
         "elastify",
@@ -122,23 +127,7 @@ fn solver_constraints_and_manifest() {
     let dir = tmp("solver");
     let src = fixture("nemotron_h_moe");
     let imp = dir.join("importance.json");
-    ok(exe().args([
-        "rank",
-        s(&src),
-        "--calib",
-        s(&calib()),
-        "--samples",
-        "6",
-        "--seq",
-        "48",
-        "--depth-samples",
-        "1",
-        "--depth-seq",
-        "24",
-        "--out",
-        s(&imp),
-        "--force",
-    ]));
+    rank(&src, &imp);
     let out = dir.join("el");
     let v: Value = serde_json::from_str(&ok(exe().args([
         "elastify",
@@ -377,24 +366,10 @@ fn slices_load_in_transformers_and_llama_cpp() {
             fmt,
             "--verify",
         ]));
-        let tokens: Vec<u32> = v["tokens"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_u64().unwrap() as u32)
-            .collect();
-        let want: Vec<Vec<f32>> = v["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap() as f32)
-                    .collect()
-            })
-            .collect();
+        let Reference {
+            tokens,
+            logits: want,
+        } = parse_reference(&v);
         let d = rel_diff(&logits_all(&load(&out), &tokens, "full"), &want);
         assert!(d < 1e-4, "{}: {d} against {}", case.display(), v["engine"]);
     }

@@ -15,7 +15,11 @@ pub struct Reference {
 
 pub fn reference(name: &str) -> Reference {
     let p = fixture(name).join("reference.json");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    parse_reference(&serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap())
+}
+
+/// `{"tokens": [...], "logits": [[...], ...]}` as recorded by the reference scripts.
+pub fn parse_reference(v: &serde_json::Value) -> Reference {
     let tokens = v["tokens"]
         .as_array()
         .unwrap()
