@@ -21,6 +21,14 @@ pub enum Error {
     Tokenizer(String),
     #[error("{0}")]
     Input(String),
+    #[error("training: {0}")]
+    Train(String),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Error {
+        Error::Train(e.to_string())
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

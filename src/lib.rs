@@ -25,6 +25,7 @@ pub mod manifest;
 pub mod model;
 pub mod models;
 pub mod tensor;
+pub mod train;
 
 pub use budget::{Budget, BudgetSpec};
 pub use error::{Error, Result};

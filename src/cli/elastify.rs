@@ -109,6 +109,7 @@ pub fn run(a: Args) -> Result<()> {
     let (w, manifest) = if a.calib.is_empty() {
         let manifest = solver::solve(m, &sorted, &targets, &axes, solver::Objective::Mass)?;
         let out = rewrite::Output {
+            values: None,
             path: &a.out,
             convert,
             manifest: Some(&manifest),
@@ -126,8 +127,9 @@ pub fn run(a: Args) -> Result<()> {
             a.out.file_name().unwrap_or_default().to_string_lossy(),
             std::process::id()
         ));
-        let result = (|| {
+        let result = (|| -> crate::Result<_> {
             let first = rewrite::Output {
+                values: None,
                 path: &stage,
                 convert,
                 manifest: None,
@@ -148,6 +150,7 @@ pub fn run(a: Args) -> Result<()> {
             )?;
             let identity = IndexMap::identity(&staged.model.shape);
             let last = rewrite::Output {
+                values: None,
                 path: &a.out,
                 convert: None,
                 manifest: Some(&manifest),

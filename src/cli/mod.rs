@@ -10,6 +10,7 @@ mod perplexity;
 mod rank;
 mod run;
 mod slice;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -62,6 +63,8 @@ enum Cmd {
     GenData(gen_data::Args),
     /// Cut a budget out of an elastic checkpoint as a standalone model.
     Slice(slice::Args),
+    /// Train every budget at once: learned router + distillation from the frozen parent.
+    Train(train::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -83,6 +86,7 @@ pub fn main() -> ExitCode {
         Cmd::GenData(a) => gen_data::run(a),
         Cmd::Rank(a) => rank::run(a),
         Cmd::Elastify(a) => elastify::run(a),
+        Cmd::Train(a) => train::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -45,6 +45,7 @@ pub fn run(a: Args) -> Result<()> {
         &ck,
         &map,
         &rewrite::Output {
+            values: None,
             path: &a.out,
             convert,
             manifest: None,

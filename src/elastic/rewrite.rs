@@ -32,7 +32,13 @@ pub struct Output<'a> {
     pub check: Option<&'a Check<'a>>,
     /// Output format (default: the input's).
     pub format: Option<Format>,
+    /// Replacement values for source tensors (by source name, full source shape), e.g. trained
+    /// weights; the others are read from the input.
+    pub values: Option<&'a Values<'a>>,
 }
+
+/// Source tensor name → replacement f32 values.
+pub type Values<'a> = dyn Fn(&str) -> Option<Vec<f32>> + Sync + 'a;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Written {
@@ -242,6 +248,14 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
         let mut b = Vec::with_capacity(p.out.nbytes());
         for piece in &p.pieces {
             let t = tensors.get(&piece.src)?;
+            let replaced;
+            let t = match out.values.and_then(|f| f(&piece.src)) {
+                Some(v) => {
+                    replaced = crate::tensor::Tensor::from_f32(&piece.src, t.shape.clone(), &v);
+                    &replaced
+                }
+                None => t,
+            };
             let view;
             let t = match piece.sub {
                 Some(e) => {
@@ -252,6 +266,10 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             };
             match &piece.plan {
                 Some(plan) => b.extend(plan.run(t)),
+                // A replaced tensor without an elastic role keeps its format (floats only).
+                None if t.dtype != p.out.dtype && !p.out.dtype.is_quantized() => {
+                    super::encode(&t.to_f32(), p.out.dtype, &mut b)
+                }
                 None => b.extend_from_slice(t.bytes()),
             }
         }

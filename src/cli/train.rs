@@ -1,0 +1,349 @@
+//! `elastica train`: nested training of every budget of an elastic checkpoint (method doc §4).
+
+use crate::elastic::parse_float_dtype;
+use crate::error::{Error, Result};
+use crate::manifest::{FORMAT, Manifest, NamedBudget};
+use crate::model::Format;
+use crate::train::{Config, RunDir, Trainer};
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The elastic checkpoint (HF folder or GGUF with a manifest): the student's starting weights.
+    pub model: PathBuf,
+    /// Training text: .txt, or .jsonl with a "text" field per line.
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// Held-out text for evaluation (default: the last 5% of the training tokens).
+    #[arg(long, num_args = 1..)]
+    pub eval_data: Vec<PathBuf>,
+    /// Budgets to train, manifest names, comma-separated (default: all).
+    #[arg(long)]
+    pub budgets: Option<String>,
+    /// Output directory: model, log.jsonl, checkpoint/, summary.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Teacher (default: the input itself at its full budget, i.e. the frozen parent).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// Training tokens in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub tokens: u64,
+    /// Stage 1: sequence length and batch (uniform budget sampling).
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Stage 2: sequence length and batch (budget probabilities from --probs).
+    #[arg(long, default_value_t = 512)]
+    pub seq2: usize,
+    #[arg(long, default_value_t = 2)]
+    pub batch2: usize,
+    /// Fraction of the tokens spent in stage 1.
+    #[arg(long, default_value_t = 0.6)]
+    pub stage1: f64,
+    /// Stage-2 budget probabilities, largest budget first.
+    #[arg(long, default_value = "0.5,0.3,0.2")]
+    pub probs: String,
+    #[arg(long, default_value_t = 9e-5)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1e-2)]
+    pub router_lr: f64,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 60)]
+    pub warmup: u64,
+    /// After warm-up: cosine (to 10%) or constant.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Distillation temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub kd_temp: f64,
+    /// Weight λ of the budget loss.
+    #[arg(long, default_value_t = 1.0)]
+    pub budget_weight: f64,
+    /// Gradient clipping (global L2 norm; 0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Gumbel-softmax temperature, annealed from --tau to --tau-end.
+    #[arg(long, default_value_t = 1.0)]
+    pub tau: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub tau_end: f64,
+    /// Hard (straight-through) masks instead of soft router-weighted ones.
+    #[arg(long)]
+    pub hard: bool,
+    /// One router choice per layer (heterogeneous) for every axis but hidden.
+    #[arg(long)]
+    pub per_layer: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Evaluate held-out perplexity of every budget every K steps.
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: u64,
+    /// Held-out windows per evaluation.
+    #[arg(long, default_value_t = 8)]
+    pub eval_seqs: usize,
+    /// Checkpoint every K steps.
+    #[arg(long, default_value_t = 50)]
+    pub ckpt_every: u64,
+    /// Continue from OUT/checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many steps (checkpointed, no export), as if the run were interrupted.
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// Float format of the written model.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Replace an existing run in OUT.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+fn fnv(ids: &[u32]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &x in ids {
+        for b in x.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let dtype = parse_float_dtype(&a.dtype)?;
+    let ck = crate::models::open(&a.model)?;
+    let m = &ck.model;
+    let man = m.meta.manifest.clone().ok_or_else(|| {
+        Error::Input(format!(
+            "{} has no elastic manifest; make one with `elastica elastify`",
+            a.model.display()
+        ))
+    })?;
+    // Budgets: manifest names, kept in manifest order (largest first), nested.
+    let names: Vec<String> = match &a.budgets {
+        Some(s) => s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect(),
+        None => man.budgets.iter().map(|b| b.name.clone()).collect(),
+    };
+    let mut chosen: Vec<&NamedBudget> = vec![];
+    for n in &names {
+        let nb = man.budgets.iter().find(|b| &b.name == n).ok_or_else(|| {
+            let have: Vec<&str> = man.budgets.iter().map(|b| b.name.as_str()).collect();
+            Error::Budget(format!("no budget named {n:?} in the manifest (it has: {})", have.join(", ")))
+        })?;
+        chosen.push(nb);
+    }
+    if chosen.is_empty() {
+        return Err(Error::Budget("--budgets names no budget".into()));
+    }
+    let mut budgets = vec![];
+    for nb in &chosen {
+        budgets.push(m.budget(&nb.name)?);
+    }
+    budgets.sort_by_key(|b| std::cmp::Reverse(m.params(b).0));
+    let order: Vec<usize> = {
+        let mut idx: Vec<usize> = (0..chosen.len()).collect();
+        idx.sort_by_key(|&i| std::cmp::Reverse(m.params(&m.budget(&chosen[i].name).unwrap()).0));
+        idx
+    };
+    let chosen: Vec<&NamedBudget> = order.iter().map(|&i| chosen[i]).collect();
+    for w in 0..budgets.len().saturating_sub(1) {
+        if !budgets[w + 1].nested_in(&budgets[w]) {
+            return Err(Error::Budget(format!(
+                "budgets {:?} and {:?} are not nested (every axis of the smaller must be at most the larger's)",
+                chosen[w].name,
+                chosen[w + 1].name
+            )));
+        }
+    }
+    let probs: Vec<f64> = a
+        .probs
+        .split(',')
+        .map(|x| x.trim().parse::<f64>().map_err(|_| Error::Input(format!("--probs: {x:?} is not a number"))))
+        .collect::<Result<_>>()?;
+    if probs.iter().any(|p| *p < 0.0) || probs.iter().sum::<f64>() <= 0.0 {
+        return Err(Error::Input("--probs must be non-negative with a positive sum".into()));
+    }
+    for (name, v) in [("--seq", a.seq), ("--batch", a.batch), ("--seq2", a.seq2), ("--batch2", a.batch2)] {
+        if v == 0 {
+            return Err(Error::Input(format!("{name} must be at least 1")));
+        }
+    }
+    if !(0.0..=1.0).contains(&a.stage1) {
+        return Err(Error::Input("--stage1 must be within 0..1".into()));
+    }
+    if a.schedule != "cosine" && a.schedule != "constant" {
+        return Err(Error::Input(format!("--schedule {:?}: use cosine or constant", a.schedule)));
+    }
+    if a.tau <= 0.0 || a.tau_end <= 0.0 || a.kd_temp <= 0.0 {
+        return Err(Error::Input("--tau, --tau-end and --kd-temp must be positive".into()));
+    }
+
+    // Data: tokenized with the student's tokenizer, packed.
+    let tok = crate::generate::tokenizer::Tokenizer::for_model(m)?;
+    let texts = crate::data::read_texts(&a.data)?;
+    let mut ids = crate::data::tokenize_all(&tok, &texts)?;
+    let eval = if a.eval_data.is_empty() {
+        let n = ids.len() / 20;
+        ids.split_off(ids.len() - n)
+    } else {
+        crate::data::tokenize_all(&tok, &crate::data::read_texts(&a.eval_data)?)?
+    };
+    let teacher_model;
+    let teacher = match &a.teacher {
+        Some(p) => {
+            teacher_model = crate::models::load(p)?;
+            &teacher_model
+        }
+        None => &ck.model,
+    };
+    let cfg = Config {
+        model: format!("{} {} vocab {} params {}", m.arch(), m.full_budget().spec(&m.shape), m.vocab, m.params(&m.full_budget()).0),
+        budgets: chosen.iter().map(|b| b.name.clone()).collect(),
+        specs: budgets.iter().map(|b| b.spec(&m.shape)).collect(),
+        data: format!("{} tokens, fnv {}", ids.len(), fnv(&ids)),
+        tokens: a.tokens,
+        seq: a.seq,
+        batch: a.batch,
+        seq2: a.seq2,
+        batch2: a.batch2,
+        stage1: a.stage1,
+        probs2: probs,
+        lr: a.lr,
+        router_lr: a.router_lr,
+        warmup: a.warmup,
+        schedule: a.schedule.clone(),
+        weight_decay: a.weight_decay,
+        kd_temp: a.kd_temp,
+        budget_weight: a.budget_weight,
+        clip: a.clip,
+        tau: (a.tau, a.tau_end),
+        hard: a.hard,
+        per_layer: a.per_layer,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        eval_seqs: a.eval_seqs,
+        ckpt_every: a.ckpt_every,
+    };
+    let dir = RunDir { root: a.out.clone() };
+    if !a.resume && dir.checkpoint().exists() && !a.force {
+        return Err(Error::Input(format!(
+            "{} holds a run (use --resume to continue it or --force to start over)",
+            a.out.display()
+        )));
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let mut tr = Trainer::new(cfg, &ck, teacher, budgets, ids, eval)?;
+    if a.resume {
+        let cp = dir.checkpoint();
+        if !cp.exists() {
+            return Err(Error::Input(format!("--resume: {} does not exist", cp.display())));
+        }
+        tr.load(&cp)?;
+        dir.truncate_log(tr.state.log_lines)?;
+        eprintln!("resumed at step {}", tr.state.step);
+    } else {
+        let _ = std::fs::remove_file(dir.log());
+        let ev = tr.evaluate()?;
+        dir.log_line(&serde_json::json!({"step": 0, "eval_ppl": ev.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()}))?;
+        tr.state.log_lines += 1;
+    }
+    let total = tr.total_steps();
+    let pb = if a.no_progress {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let pb = indicatif::ProgressBar::new(total);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}").unwrap(),
+        );
+        pb
+    };
+    pb.set_position(tr.state.step);
+    let mut last_loss: std::collections::BTreeMap<String, f64> = Default::default();
+    let t0 = Instant::now();
+    let start_tokens = tr.state.tokens_seen;
+    while tr.state.step < total {
+        if a.stop_after.is_some_and(|s| tr.state.step >= s) {
+            pb.finish_and_clear();
+            eprintln!("stopped after step {} (checkpoint in {})", tr.state.step, dir.checkpoint().display());
+            return Ok(());
+        }
+        let log = tr.step()?;
+        last_loss.insert(log.budget.clone(), log.kd);
+        dir.log_line(&serde_json::to_value(&log).unwrap())?;
+        tr.state.log_lines += 1;
+        let s = tr.state.step;
+        if a.eval_every > 0 && s % a.eval_every == 0 && s < total {
+            let ev = tr.evaluate()?;
+            dir.log_line(&serde_json::json!({"step": s, "eval_ppl": ev.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()}))?;
+            tr.state.log_lines += 1;
+        }
+        if a.ckpt_every > 0 && s % a.ckpt_every == 0 {
+            tr.save(&dir.checkpoint())?;
+        }
+        let tps = (tr.state.tokens_seen - start_tokens) as f64 / t0.elapsed().as_secs_f64();
+        let losses: Vec<String> = last_loss.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+        pb.set_message(format!("{tps:.0} tok/s, kd: {}", losses.join(", ")));
+        pb.set_position(s);
+    }
+    pb.finish_and_clear();
+    let ev = tr.evaluate()?;
+    dir.log_line(&serde_json::json!({"step": tr.state.step, "eval_ppl": ev.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()}))?;
+    tr.state.log_lines += 1;
+    tr.save(&dir.checkpoint())?;
+
+    // The learned architectures into the manifest; the model in the input's format.
+    let archs = tr.architectures()?;
+    let mut manifest = Manifest {
+        format: FORMAT.into(),
+        parent: man.parent.clone(),
+        budgets: man.budgets.clone(),
+        layer_order: man.layer_order.clone(),
+    };
+    for (nb, b) in chosen.iter().zip(&archs) {
+        if let Some(x) = manifest.budgets.iter_mut().find(|x| x.name == nb.name) {
+            x.spec = b.spec(&m.shape);
+        }
+    }
+    // Budgets not trained keep their specs; keep the list nested by dropping any that no longer fit.
+    let mut kept: Vec<NamedBudget> = vec![];
+    let mut prev: Option<crate::Budget> = None;
+    let mut dropped = vec![];
+    for nb in &manifest.budgets {
+        let b = nb.spec.parse::<crate::BudgetSpec>()?.resolve(&m.shape)?;
+        if prev.as_ref().is_none_or(|p| b.nested_in(p)) {
+            prev = Some(b);
+            kept.push(nb.clone());
+        } else {
+            dropped.push(nb.name.clone());
+        }
+    }
+    manifest.budgets = kept;
+    manifest.validate(&m.shape)?;
+    let out_path = match m.meta.format {
+        Format::Gguf => a.out.join("model.gguf"),
+        Format::Hf => a.out.join("model"),
+    };
+    let w = crate::train::export::write(&ck, &tr.net, &manifest, &out_path, dtype, true, !a.no_progress)?;
+    let summary = serde_json::json!({
+        "model": out_path,
+        "steps": tr.state.step,
+        "tokens": tr.state.tokens_seen,
+        "seconds": t0.elapsed().as_secs_f64(),
+        "tok_per_s": (tr.state.tokens_seen - start_tokens) as f64 / t0.elapsed().as_secs_f64(),
+        "budgets": manifest.budgets,
+        "dropped_untrained_budgets": dropped,
+        "eval_ppl": ev.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+        "written": w,
+    });
+    let sp = a.out.join("summary.json");
+    std::fs::write(&sp, serde_json::to_string_pretty(&summary).unwrap()).map_err(|e| Error::io(&sp, e))?;
+    println!("{}", serde_json::to_string_pretty(&summary).unwrap());
+    Ok(())
+}

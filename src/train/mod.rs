@@ -1,0 +1,498 @@
+//! Nested training (method doc §4): every budget of an elastic checkpoint trained at once by
+//! distillation from the frozen parent, with a learned router choosing each budget's sizes.
+//!
+//! One step: draw a budget (stage 1 uniform at a short context, stage 2 skewed to the largest at
+//! a longer one) → the router's Gumbel-softmax decision → masks → student logits (candle graph,
+//! [`net`]) → teacher logits (the engine, full budget) → KD + budget loss → AdamW on the model
+//! (lr 9e-5) and the router (1e-2). Checkpoints hold everything needed to resume bit for bit.
+
+pub mod adamw;
+pub mod export;
+pub mod loss;
+pub mod masks;
+pub mod net;
+pub mod rng;
+pub mod router;
+
+use crate::budget::Budget;
+use crate::error::{Error, Result};
+use crate::model::{Cache, Logits, Model};
+use crate::models::Checkpoint;
+use adamw::AdamW;
+use candle_core::{DType as CD, Tensor as CT, Var};
+use net::Net;
+use rng::Rng;
+use router::Router;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Everything that defines a run; a resumed run must match it exactly.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Config {
+    /// Identity of the model: architecture, parent spec, vocabulary, parameter count.
+    pub model: String,
+    pub budgets: Vec<String>,
+    pub specs: Vec<String>,
+    pub data: String,
+    pub tokens: u64,
+    pub seq: usize,
+    pub batch: usize,
+    pub seq2: usize,
+    pub batch2: usize,
+    /// Fraction of the tokens in stage 1.
+    pub stage1: f64,
+    /// Stage-2 budget probabilities, largest budget first.
+    pub probs2: Vec<f64>,
+    pub lr: f64,
+    pub router_lr: f64,
+    pub warmup: u64,
+    /// `cosine` (to 10% of lr) or `constant` after warm-up.
+    pub schedule: String,
+    pub weight_decay: f64,
+    pub kd_temp: f64,
+    pub budget_weight: f64,
+    pub clip: f64,
+    pub tau: (f64, f64),
+    pub hard: bool,
+    pub per_layer: bool,
+    pub seed: u64,
+    pub eval_every: u64,
+    pub eval_seqs: usize,
+    pub ckpt_every: u64,
+}
+
+impl Config {
+    pub fn steps(&self) -> (u64, u64) {
+        let s1 = ((self.tokens as f64 * self.stage1) / (self.seq * self.batch) as f64).ceil() as u64;
+        let s2 = ((self.tokens as f64 * (1.0 - self.stage1)) / (self.seq2 * self.batch2) as f64).ceil() as u64;
+        (s1, s2)
+    }
+}
+
+/// Resumable state besides the tensors.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct State {
+    pub config: Config,
+    pub step: u64,
+    pub rng: Rng,
+    pub tokens_seen: u64,
+    pub opt_t: (u64, u64),
+    /// Lines of log.jsonl written up to this checkpoint (a resume truncates the rest).
+    pub log_lines: u64,
+}
+
+pub struct Trainer<'a> {
+    pub cfg: Config,
+    pub net: Net,
+    pub router: Router,
+    pub teacher: &'a Model,
+    pub budgets: Vec<Budget>,
+    pub targets: Vec<f64>,
+    pub train: Vec<u32>,
+    pub eval: Vec<u32>,
+    pub state: State,
+    model_vars: Vec<Var>,
+    router_vars: Vec<Var>,
+    opt_model: AdamW,
+    opt_router: AdamW,
+    caches: Vec<Cache>,
+}
+
+/// Per-step record (one JSONL line).
+#[derive(Clone, Debug, Serialize)]
+pub struct StepLog {
+    pub step: u64,
+    pub stage: u8,
+    pub budget: String,
+    pub tokens: u64,
+    pub kd: f64,
+    pub budget_loss: f64,
+    pub expected_params: f64,
+    pub target_params: f64,
+    pub lr: f64,
+    pub tau: f64,
+    pub grad_norm: f64,
+    pub tok_per_s: f64,
+}
+
+impl<'a> Trainer<'a> {
+    pub fn new(cfg: Config, student: &Checkpoint, teacher: &'a Model, budgets: Vec<Budget>, train: Vec<u32>, eval: Vec<u32>) -> Result<Trainer<'a>> {
+        let m = &student.model;
+        if teacher.vocab != m.vocab {
+            return Err(Error::Input(format!(
+                "the teacher's vocabulary ({}) differs from the student's ({}); distillation needs the same tokens",
+                teacher.vocab, m.vocab
+            )));
+        }
+        let need = cfg.seq.max(cfg.seq2) + 1;
+        if train.len() < need * cfg.batch.max(cfg.batch2) {
+            return Err(Error::Input(format!(
+                "the training data has {} tokens; one batch needs {}",
+                train.len(),
+                need * cfg.batch.max(cfg.batch2)
+            )));
+        }
+        let net = Net::from_model(m, &student.raw, CD::F32)?;
+        let mut rng = Rng::new(cfg.seed);
+        let router = Router::new(&m.shape, &budgets, cfg.per_layer, &mut rng, CD::F32)?;
+        router.warm_start(&budgets, 200, 0.05)?;
+        let targets = budgets.iter().map(|b| m.params(b).0 as f64).collect();
+        let model_vars: Vec<Var> = net.params.iter().filter(|p| p.trainable()).map(|p| p.var.clone()).collect();
+        let router_vars: Vec<Var> = router.vars().into_iter().cloned().collect();
+        let opt_model = AdamW::new(&model_vars, cfg.weight_decay)?;
+        let opt_router = AdamW::new(&router_vars, 0.0)?;
+        let state = State {
+            config: cfg.clone(),
+            step: 0,
+            rng,
+            tokens_seen: 0,
+            opt_t: (0, 0),
+            log_lines: 0,
+        };
+        Ok(Trainer {
+            cfg,
+            net,
+            router,
+            teacher,
+            budgets,
+            targets,
+            train,
+            eval,
+            state,
+            model_vars,
+            router_vars,
+            opt_model,
+            opt_router,
+            caches: vec![],
+        })
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        let (a, b) = self.cfg.steps();
+        a + b
+    }
+
+    /// (stage, seq, batch) of a step.
+    fn stage(&self, step: u64) -> (u8, usize, usize) {
+        let (s1, _) = self.cfg.steps();
+        if step < s1 { (1, self.cfg.seq, self.cfg.batch) } else { (2, self.cfg.seq2, self.cfg.batch2) }
+    }
+
+    fn lr(&self, step: u64, base: f64) -> f64 {
+        let w = self.cfg.warmup;
+        if step < w {
+            return base * (step + 1) as f64 / w as f64;
+        }
+        match self.cfg.schedule.as_str() {
+            "cosine" => {
+                let total = self.total_steps().max(w + 1);
+                let p = (step - w) as f64 / (total - w) as f64;
+                base * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
+            }
+            _ => base,
+        }
+    }
+
+    fn tau(&self, step: u64) -> f64 {
+        let (t0, t1) = self.cfg.tau;
+        let p = step as f64 / self.total_steps().max(1) as f64;
+        t0 * (t1 / t0).powf(p)
+    }
+
+    /// Token windows of a step: deterministic from the seed, the stage and the step, so a resumed
+    /// run reads the same data.
+    fn batch_tokens(&self, step: u64, seq: usize, batch: usize) -> Vec<u32> {
+        let windows = (self.train.len() - 1) / seq;
+        let per_epoch = (windows / batch).max(1) as u64;
+        let epoch = step / per_epoch;
+        let mut r = Rng::new(self.cfg.seed ^ (epoch.wrapping_mul(0x1000_0000_01B3)) ^ ((seq as u64) << 40));
+        let order = r.permutation(windows);
+        let i0 = ((step % per_epoch) as usize) * batch;
+        let mut out = Vec::with_capacity(seq * batch);
+        for j in 0..batch {
+            let w = order[(i0 + j) % windows];
+            out.extend_from_slice(&self.train[w * seq..(w + 1) * seq]);
+        }
+        out
+    }
+
+    fn teacher_logits(&mut self, tokens: &[u32], seq: usize) -> Result<Vec<f32>> {
+        let v = self.teacher.vocab;
+        let mut out = Vec::with_capacity(tokens.len() * v);
+        let full = self.teacher.full_budget();
+        if self.caches.first().is_none_or(|c| c.capacity() < seq) {
+            self.caches = vec![Cache::new(self.teacher, seq)];
+        }
+        let cache = &mut self.caches[0];
+        for s in tokens.chunks(seq) {
+            cache.reset();
+            out.extend_from_slice(self.teacher.forward(s, &full, cache, Logits::All)?);
+        }
+        Ok(out)
+    }
+
+    /// Budget drawn for a step: uniform in stage 1, `probs2` in stage 2.
+    fn draw_budget(&mut self, stage: u8) -> usize {
+        let n = self.budgets.len();
+        if stage == 1 || n == 1 {
+            return self.state.rng.pick(&vec![1.0; n]);
+        }
+        let p: Vec<f64> = (0..n).map(|i| self.cfg.probs2.get(i).copied().unwrap_or(0.0)).collect();
+        self.state.rng.pick(&p)
+    }
+
+    /// One training step.
+    pub fn step(&mut self) -> Result<StepLog> {
+        let t0 = Instant::now();
+        let step = self.state.step;
+        let (stage, seq, batch) = self.stage(step);
+        let bi = self.draw_budget(stage);
+        let tau = self.tau(step);
+        let dec = self.router.decide(bi, tau, Some(&mut self.state.rng), self.cfg.hard)?;
+        let shape = self.net.shape.clone();
+        let masks = self.router.masks(&dec, &self.budgets[bi], &shape, CD::F32)?;
+        let tokens = self.batch_tokens(step, seq, batch);
+        let logits = self.net.forward(&tokens, batch, seq, &masks)?;
+        let teacher = self.teacher_logits(&tokens, seq)?;
+        let student: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let (kd, g) = loss::kd(&student, &teacher, self.net.vocab, self.cfg.kd_temp);
+        let base = &self.budgets[bi];
+        let expected = self.net.param_count(
+            &|axis, l| match self.router.expected(&dec, axis, l)? {
+                Some(t) => Ok(t),
+                None => Ok(CT::new(router::size_of(base, axis, l) as f32, &net::dev())?),
+            },
+            &|l| base.layer(l).keep,
+        )?;
+        let target = self.targets[bi];
+        let bl = loss::budget_loss(&expected, target)?;
+        let blv: f64 = bl.to_dtype(CD::F64)?.to_scalar()?;
+        let name = self.cfg.budgets[bi].clone();
+        if !kd.is_finite() || !blv.is_finite() {
+            return Err(Error::Train(format!(
+                "loss is not finite at step {step} (budget {name}): kd {kd}, budget loss {blv}; the last good checkpoint is kept"
+            )));
+        }
+        let total = (loss::surrogate(&logits, g)? + (bl * self.cfg.budget_weight)?)?;
+        let grads = total.backward()?;
+        let gn = adamw::grad_norm(&self.model_vars, &grads)?;
+        if !gn.is_finite() {
+            return Err(Error::Train(format!(
+                "gradient norm is not finite at step {step} (budget {name}); the last good checkpoint is kept"
+            )));
+        }
+        let scale = (gn > self.cfg.clip && self.cfg.clip > 0.0).then(|| self.cfg.clip / gn);
+        let lr = self.lr(step, self.cfg.lr);
+        self.opt_model.step(&self.model_vars, &grads, lr, scale)?;
+        let rlr = self.lr(step, self.cfg.router_lr);
+        self.opt_router.step(&self.router_vars, &grads, rlr, None)?;
+        self.state.step += 1;
+        self.state.tokens_seen += tokens.len() as u64;
+        self.state.opt_t = (self.opt_model.t, self.opt_router.t);
+        let ev: f64 = expected.to_dtype(CD::F64)?.to_scalar()?;
+        Ok(StepLog {
+            step,
+            stage,
+            budget: name,
+            tokens: self.state.tokens_seen,
+            kd,
+            budget_loss: blv,
+            expected_params: ev,
+            target_params: target,
+            lr,
+            tau,
+            grad_norm: gn,
+            tok_per_s: tokens.len() as f64 / t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The current argmax architecture of every budget, made nested (each axis clipped to the
+    /// next larger budget's size; budgets are listed largest first).
+    pub fn architectures(&self) -> Result<Vec<Budget>> {
+        let shape = &self.net.shape;
+        let mut out: Vec<Budget> = vec![];
+        for (bi, base) in self.budgets.iter().enumerate() {
+            let spec = self.router.argmax_spec(bi, base, shape)?;
+            let mut b = spec.parse::<crate::BudgetSpec>()?.resolve(shape)?;
+            if let Some(prev) = out.last()
+                && !b.nested_in(prev)
+            {
+                b = clip_to(&b, prev, shape)?;
+            }
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    /// Held-out perplexity of every budget at its current argmax architecture (hard masks).
+    pub fn evaluate(&self) -> Result<Vec<(String, f64)>> {
+        let seq = self.cfg.seq;
+        let n = (self.eval.len().saturating_sub(1) / seq).min(self.cfg.eval_seqs);
+        let mut out = vec![];
+        if n == 0 {
+            return Ok(out);
+        }
+        let archs = self.architectures()?;
+        for (bi, b) in archs.iter().enumerate() {
+            let masks = masks::Masks::hard(&self.net.shape, b, CD::F32)?;
+            let mut nll = 0f64;
+            let mut count = 0usize;
+            for s in 0..n {
+                let toks = &self.eval[s * seq..(s + 1) * seq + 1];
+                let logits = self.net.forward(&toks[..seq], 1, seq, &masks)?.detach();
+                let lsm = router::log_softmax(&logits)?;
+                let tgt = CT::from_vec(toks[1..].to_vec(), (seq, 1), &net::dev())?;
+                let lp: Vec<f32> = lsm.gather(&tgt, 1)?.flatten_all()?.to_vec1()?;
+                // Score the second half of each window, like perplexity (llama.cpp style).
+                for v in &lp[seq / 2..] {
+                    nll -= *v as f64;
+                    count += 1;
+                }
+            }
+            out.push((self.cfg.budgets[bi].clone(), (nll / count as f64).exp()));
+        }
+        Ok(out)
+    }
+
+    // ---- checkpoints ----
+
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let mut t: HashMap<String, CT> = HashMap::new();
+        for (i, p) in self.net.params.iter().enumerate() {
+            t.insert(format!("p.{i}"), p.var.as_tensor().clone());
+        }
+        for (i, v) in self.router_vars.iter().enumerate() {
+            t.insert(format!("r.{i}"), v.as_tensor().clone());
+        }
+        for (pre, o) in [("om", &self.opt_model), ("or", &self.opt_router)] {
+            for (i, (m, v)) in o.m.iter().zip(&o.v).enumerate() {
+                t.insert(format!("{pre}.m.{i}"), m.clone());
+                t.insert(format!("{pre}.v.{i}"), v.clone());
+            }
+        }
+        let tmp = crate::formats::temp_path(dir);
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        candle_core::safetensors::save(&t, tmp.join("state.safetensors"))?;
+        let js = serde_json::to_string_pretty(&self.state).unwrap();
+        std::fs::write(tmp.join("state.json"), js).map_err(|e| Error::io(tmp.join("state.json"), e))?;
+        // Swap in: the old checkpoint is removed only after the new one is complete.
+        let old = dir.with_extension("old");
+        let _ = std::fs::remove_dir_all(&old);
+        if dir.exists() {
+            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    pub fn load(&mut self, dir: &Path) -> Result<()> {
+        let sp = dir.join("state.json");
+        let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
+        let st: State = serde_json::from_str(&text).map_err(|e| Error::format(&sp, format!("not a training state: {e}")))?;
+        if st.config != self.cfg {
+            return Err(Error::Input(format!(
+                "{}: the checkpoint is from another run configuration (model, data, budgets or options differ): checkpoint {} vs now {}",
+                sp.display(),
+                diff(&st.config, &self.cfg),
+                diff(&self.cfg, &st.config)
+            )));
+        }
+        let tp = dir.join("state.safetensors");
+        let t = candle_core::safetensors::load(&tp, &net::dev()).map_err(|e| Error::format(&tp, e.to_string()))?;
+        let get = |k: &str, like: &CT| -> Result<CT> {
+            let x = t.get(k).ok_or_else(|| Error::format(&tp, format!("tensor {k} is missing")))?;
+            if x.shape() != like.shape() {
+                return Err(Error::format(&tp, format!("tensor {k} has shape {:?}, expected {:?}", x.dims(), like.dims())));
+            }
+            Ok(x.clone())
+        };
+        for (i, p) in self.net.params.iter().enumerate() {
+            p.var.set(&get(&format!("p.{i}"), p.var.as_tensor())?)?;
+        }
+        for (i, v) in self.router_vars.iter().enumerate() {
+            v.set(&get(&format!("r.{i}"), v.as_tensor())?)?;
+        }
+        for (pre, o) in [("om", &mut self.opt_model), ("or", &mut self.opt_router)] {
+            for i in 0..o.m.len() {
+                o.m[i] = get(&format!("{pre}.m.{i}"), &o.m[i])?;
+                o.v[i] = get(&format!("{pre}.v.{i}"), &o.v[i])?;
+            }
+        }
+        self.opt_model.t = st.opt_t.0;
+        self.opt_router.t = st.opt_t.1;
+        self.state = st;
+        Ok(())
+    }
+}
+
+/// First differing field of two configs, for the refusal message.
+fn diff(a: &Config, b: &Config) -> String {
+    let (x, y) = (serde_json::to_value(a).unwrap(), serde_json::to_value(b).unwrap());
+    if let (Some(x), Some(y)) = (x.as_object(), y.as_object()) {
+        for (k, v) in x {
+            if y.get(k) != Some(v) {
+                return format!("{k}={v}");
+            }
+        }
+    }
+    String::new()
+}
+
+/// `b` with every axis clipped to `prev` (keeps budgets nested).
+fn clip_to(b: &Budget, prev: &Budget, shape: &crate::budget::Shape) -> Result<Budget> {
+    let mut spec = crate::BudgetSpec {
+        hidden: Some(b.hidden.min(prev.hidden)),
+        ..Default::default()
+    };
+    for (i, (x, p)) in b.layers.iter().zip(prev.layers.iter()).enumerate() {
+        let a = spec.per_layer.entry(i).or_default();
+        a.ffn = Some(x.ffn.min(p.ffn).max(1));
+        a.moe_ffn = Some(x.moe_ffn.min(p.moe_ffn).max(1));
+        a.experts = Some(x.experts.min(p.experts).max(1));
+        a.shared_ffn = Some(x.shared_ffn.min(p.shared_ffn).max(1));
+        a.heads = Some(x.heads.min(p.heads).max(1));
+        a.mamba_heads = Some(x.mamba_heads.min(p.mamba_heads).max(1));
+        a.mamba_head_dim = Some(x.mamba_head_dim.min(p.mamba_head_dim).max(1));
+        if !x.keep || !p.keep {
+            spec.skip.insert(i);
+        }
+    }
+    let _ = shape;
+    spec.resolve(shape)
+}
+
+/// Files of a run's output directory.
+pub struct RunDir {
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    pub fn checkpoint(&self) -> PathBuf {
+        self.root.join("checkpoint")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.root.join("log.jsonl")
+    }
+    /// Appends one JSON line.
+    pub fn log_line(&self, v: &serde_json::Value) -> Result<()> {
+        let p = self.log();
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| Error::io(&p, e))?;
+        writeln!(f, "{v}").map_err(|e| Error::io(&p, e))
+    }
+    /// Keeps the first `n` lines of the log (a resume continues from its checkpoint).
+    pub fn truncate_log(&self, n: u64) -> Result<()> {
+        let p = self.log();
+        let text = std::fs::read_to_string(&p).unwrap_or_default();
+        let kept: Vec<&str> = text.lines().take(n as usize).collect();
+        let mut s = kept.join("\n");
+        if !s.is_empty() {
+            s.push('\n');
+        }
+        std::fs::write(&p, s).map_err(|e| Error::io(&p, e))
+    }
+}
