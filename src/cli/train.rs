@@ -78,6 +78,9 @@ pub struct Args {
     /// One router choice per layer (heterogeneous) for every axis but hidden.
     #[arg(long)]
     pub per_layer: bool,
+    /// Router warm start: each budget's manifest sizes get at least this probability (0 = off).
+    #[arg(long, default_value_t = 0.9)]
+    pub router_init_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Evaluate held-out perplexity of every budget every K steps.
@@ -226,6 +229,7 @@ pub fn run(a: Args) -> Result<()> {
         tau: (a.tau, a.tau_end),
         hard: a.hard,
         per_layer: a.per_layer,
+        router_init_p: a.router_init_p,
         seed: a.seed,
         eval_every: a.eval_every,
         eval_seqs: a.eval_seqs,

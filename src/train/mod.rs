@@ -58,6 +58,8 @@ pub struct Config {
     pub tau: (f64, f64),
     pub hard: bool,
     pub per_layer: bool,
+    /// Warm start: the router gives each budget its manifest sizes with at least this probability.
+    pub router_init_p: f64,
     pub seed: u64,
     pub eval_every: u64,
     pub eval_seqs: usize,
@@ -138,7 +140,7 @@ impl<'a> Trainer<'a> {
         let net = Net::from_model(m, &student.raw, CD::F32)?;
         let mut rng = Rng::new(cfg.seed);
         let router = Router::new(&m.shape, &budgets, cfg.per_layer, &mut rng, CD::F32)?;
-        router.warm_start(&budgets, 200, 0.05)?;
+        router.warm_start(&budgets, 500, 0.002, cfg.router_init_p)?;
         let targets = budgets.iter().map(|b| m.params(b).0 as f64).collect();
         let model_vars: Vec<Var> = net.params.iter().filter(|p| p.trainable()).map(|p| p.var.clone()).collect();
         let router_vars: Vec<Var> = router.vars().into_iter().cloned().collect();

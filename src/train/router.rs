@@ -319,8 +319,9 @@ impl Router {
     }
 
     /// Supervised warm start: fits every budget's logits to its manifest sizes (cross-entropy), so
-    /// training starts from the elastify solution instead of a random architecture.
-    pub fn warm_start(&self, budgets: &[Budget], steps: usize, lr: f64) -> Result<()> {
+    /// training starts from the elastify solution instead of a random architecture. It stops at
+    /// p ≥ `p_min` for every target, so Gumbel noise still explores the neighbouring sizes.
+    pub fn warm_start(&self, budgets: &[Budget], steps: usize, lr: f64, p_min: f64) -> Result<()> {
         let vars: Vec<Var> = self.vars().into_iter().cloned().collect();
         let mut opt = super::adamw::AdamW::new(&vars, 0.0)?;
         for _ in 0..steps {
@@ -338,7 +339,12 @@ impl Router {
                     }
                     let n = tgt.len();
                     let idx = CT::from_vec(tgt, (n, 1), &dev())?;
-                    let l = lsm.gather(&idx, 1)?.sum_all()?.neg()?;
+                    let lp = lsm.gather(&idx, 1)?;
+                    let worst: f32 = lp.min_keepdim(0)?.to_dtype(CD::F32)?.flatten_all()?.to_vec1()?[0];
+                    if worst as f64 >= p_min.ln() {
+                        continue; // this slot already gives its manifest size p ≥ p_min
+                    }
+                    let l = lp.sum_all()?.neg()?;
                     loss = Some(match loss {
                         Some(x) => (x + l)?,
                         None => l,
