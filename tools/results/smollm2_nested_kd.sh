@@ -3,7 +3,7 @@
 # (budgets full/0.75/0.5) with the router, then distil each smaller budget alone with the same
 # number of tokens, and score everything on held-out text with `elastica perplexity`.
 # Usage: tools/results/smollm2_nested_kd.sh [WORK_DIR]   (default: .cache/nested-kd)
-# Env: TOKENS (default 49152 per run), CHUNKS (default 40), LR (default 2e-4).
+# Env: TOKENS (default 65536 per run), CHUNKS (default 40), LR (default 2e-4).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
@@ -13,7 +13,7 @@ z=.cache/zero-shot
 [ -f "$z/width.gguf" ] || tools/results/smollm2_zero_shot.sh "$z"
 cargo build --release --quiet
 e=./target/release/elastica
-tokens=${TOKENS:-49152}
+tokens=${TOKENS:-65536}
 chunks=${CHUNKS:-40}
 lr=${LR:-2e-4}
 common=(--data data/train.txt --eval-data data/eval.txt --tokens "$tokens" --seq 256 --batch 4 --seq2 512 --batch2 2
