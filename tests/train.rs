@@ -180,3 +180,179 @@ fn hard_router_masks_equal_budget_masks() {
         }
     }
 }
+
+// ---- the `train` command on a tiny elastic model ----
+
+fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_elastica"))
+}
+
+const SMALL: &str = "hidden=48,ffn=64,heads=2,mamba_heads=4,mamba_head_dim=8";
+
+/// A copy of the dense Nemotron-H fixture with a two-budget manifest, in a fresh temp dir.
+fn elastic_fixture(tag: &str, budgets: &[(&str, &str)]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("elastica-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("nemotron_h_dense").join(f), m.join(f)).unwrap();
+    }
+    let bs: Vec<serde_json::Value> = budgets.iter().map(|(n, s)| serde_json::json!({"name": n, "spec": s})).collect();
+    let man = serde_json::json!({"format": "elastica.manifest/1", "parent": "hidden=64,ffn=96,heads=4,mamba_heads=8,mamba_head_dim=16", "budgets": bs});
+    std::fs::write(m.join("elastic.json"), man.to_string()).unwrap();
+    dir
+}
+
+fn train_args(dir: &std::path::Path, out: &str) -> Vec<String> {
+    let s = |x: &str| x.to_string();
+    vec![
+        s("train"), dir.join("model").display().to_string(),
+        s("--data"), fixture("text/gpl-3.txt").display().to_string(),
+        s("--out"), dir.join(out).display().to_string(),
+        s("--tokens"), s("768"), s("--seq"), s("32"), s("--batch"), s("2"), s("--seq2"), s("64"), s("--batch2"), s("1"),
+        s("--stage1"), s("0.5"), s("--warmup"), s("2"), s("--lr"), s("1e-3"), s("--eval-every"), s("4"), s("--eval-seqs"), s("2"),
+        s("--ckpt-every"), s("3"), s("--no-progress"), s("-t"), s("2"),
+    ]
+}
+
+/// Log lines without the timing field.
+fn log_lines(p: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tok_per_s");
+            v
+        })
+        .collect()
+}
+
+/// A run stopped after a checkpoint and resumed writes the same log and the same model bytes as
+/// an uninterrupted run; the trained model loads in the engine, its manifest holds the learned
+/// budgets, and its masked forward (training graph) equals the engine's slice of the written file.
+#[test]
+fn resume_reproduces_the_run_and_output_is_an_elastic_checkpoint() {
+    let dir = elastic_fixture("resume", &[("full", "full"), ("small", SMALL)]);
+    let ok = |args: Vec<String>| {
+        let o = bin().args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    ok(train_args(&dir, "a"));
+    let mut b = train_args(&dir, "b");
+    b.extend(["--stop-after".to_string(), "5".to_string()]);
+    ok(b);
+    let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("b/checkpoint/state.json")).unwrap()).unwrap();
+    assert_eq!(st["step"], 3, "the last checkpoint before the stop");
+    assert!(!dir.join("b/model").exists());
+    let mut b = train_args(&dir, "b");
+    b.push("--resume".into());
+    ok(b);
+    let (la, lb) = (log_lines(&dir.join("a/log.jsonl")), log_lines(&dir.join("b/log.jsonl")));
+    assert!(la.len() > 10);
+    assert_eq!(la, lb, "resumed log differs");
+    let wa = std::fs::read(dir.join("a/model/model.safetensors")).unwrap();
+    let wb = std::fs::read(dir.join("b/model/model.safetensors")).unwrap();
+    assert!(wa == wb, "resumed weights differ");
+    assert!(dir.join("a/curves.png").exists());
+
+    // The output is an elastic checkpoint: trained weights differ from the input, the manifest
+    // names both budgets, and the training graph on the written weights equals the engine.
+    let ck = elastica::models::open(&dir.join("a/model")).unwrap();
+    let m = &ck.model;
+    let man = m.meta.manifest.as_ref().unwrap();
+    assert_eq!(man.budgets.len(), 2);
+    let orig = elastica::models::open(&dir.join("model")).unwrap();
+    let toks = tokens(24, 3);
+    let la = common::logits_all(m, &toks, "full");
+    let lo = common::logits_all(&orig.model, &toks, "full");
+    assert!(common::rel_diff(&la, &lo) > 1e-4, "training changed nothing");
+    let net = Net::from_model(m, &ck.raw, DType::F32).unwrap();
+    for nb in &man.budgets {
+        let b = m.budget(&nb.name).unwrap();
+        let got: Vec<f32> = net.forward(&toks, 1, 24, &Masks::hard(&m.shape, &b, DType::F32).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = common::logits_all(m, &toks, &nb.name).concat();
+        let mx = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let md = got.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(md / mx < 2e-5, "{}: masked vs engine {}", nb.name, md / mx);
+    }
+    // run / perplexity / slice use it directly.
+    let o = bin().args(["perplexity", &dir.join("a/model").display().to_string(), "-f", &fixture("text/gpl-3.txt").display().to_string(), "--ctx", "64", "--chunks", "2", "--budget", "small"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = bin().args(["slice", &dir.join("a/model").display().to_string(), "--budget", "small", "--out", &dir.join("small").display().to_string(), "--verify"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn refused(args: &[String], want: &str) {
+    let o = bin().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "accepted: {args:?}");
+    assert!(err.contains(want), "error {err:?} does not mention {want:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_training_input_is_refused() {
+    let dir = elastic_fixture("refuse", &[("full", "full"), ("small", SMALL)]);
+    let with = |extra: &[&str], out: &str| -> Vec<String> {
+        let mut a = train_args(&dir, out);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    // Empty and non-UTF-8 data name the file.
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "  \n").unwrap();
+    let mut a = train_args(&dir, "x");
+    let di = a.iter().position(|x| x == "--data").unwrap();
+    a[di + 1] = empty.display().to_string();
+    refused(&a, "empty.txt");
+    let bin_file = dir.join("bytes.txt");
+    std::fs::write(&bin_file, [0x66u8, 0xff, 0xfe, 0x00]).unwrap();
+    a[di + 1] = bin_file.display().to_string();
+    refused(&a, "not UTF-8");
+    // Budgets not in the manifest.
+    refused(&with(&["--budgets", "full,tiny"], "x"), "no budget named \"tiny\"");
+    // A resume from another configuration.
+    let o = bin().args(with(&["--stop-after", "3"], "r")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut a = with(&["--resume"], "r");
+    let si = a.iter().position(|x| x == "--seq").unwrap();
+    a[si + 1] = "16".into();
+    refused(&a, "another run configuration");
+    // An existing run is not overwritten without --resume/--force.
+    refused(&with(&[], "r"), "holds a run");
+    // A non-finite loss stops with the step and budget named; the last good checkpoint stays.
+    let mut a = with(&["--clip", "0"], "nan");
+    for (flag, v) in [("--lr", "1e30"), ("--ckpt-every", "1")] {
+        let i = a.iter().position(|x| x == flag).unwrap();
+        a[i + 1] = v.into();
+    }
+    let o = bin().args(&a).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("not finite at step") && err.contains("budget"), "{err}");
+    let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("nan/checkpoint/state.json")).unwrap()).unwrap();
+    assert!(st["step"].as_u64().unwrap() >= 1);
+    // Budgets that are not nested are refused when the manifest is read.
+    let bad = elastic_fixture("nonnested", &[("full", "full"), ("a", "hidden=48,ffn=96"), ("b", "hidden=56,ffn=64")]);
+    refused(&train_args(&bad, "x"), "nest");
+    let _ = std::fs::remove_dir_all(&bad);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A teacher with another vocabulary is refused.
+#[test]
+fn teacher_vocabulary_mismatch_is_refused() {
+    let ck = open("nemotron_h_dense", "");
+    let mut teacher = common::load(&fixture("llama_tiny"));
+    teacher.vocab = 200;
+    let b = vec![ck.model.budget("full").unwrap()];
+    let cfg = elastica::train::Config {
+        model: String::new(), budgets: vec!["full".into()], specs: vec![], data: String::new(), tokens: 64, seq: 8, batch: 1, seq2: 8, batch2: 1,
+        stage1: 1.0, probs2: vec![1.0], lr: 1e-4, router_lr: 1e-2, warmup: 1, schedule: "constant".into(), weight_decay: 0.0, kd_temp: 1.0,
+        budget_weight: 1.0, clip: 1.0, tau: (1.0, 0.05), hard: false, per_layer: false, router_init_p: 0.9, seed: 0, eval_every: 0, eval_seqs: 0, ckpt_every: 0,
+    };
+    let e = elastica::train::Trainer::new(cfg, &ck, &teacher, b, vec![1; 100], vec![]).err().expect("refused");
+    assert!(e.to_string().contains("vocabulary"), "{e}");
+}

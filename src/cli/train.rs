@@ -346,6 +346,9 @@ pub fn run(a: Args) -> Result<()> {
         "eval_ppl": ev.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         "written": w,
     });
+    if let Err(e) = crate::train::plot_log(&dir.log(), &a.out.join("curves.png")) {
+        eprintln!("warning: no curves.png: {e}");
+    }
     let sp = a.out.join("summary.json");
     std::fs::write(&sp, serde_json::to_string_pretty(&summary).unwrap()).map_err(|e| Error::io(&sp, e))?;
     println!("{}", serde_json::to_string_pretty(&summary).unwrap());

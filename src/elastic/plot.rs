@@ -38,7 +38,7 @@ fn register_font() -> Result<()> {
     .map_err(Error::Input)
 }
 
-type Series = Vec<(String, Vec<(f32, f32)>)>;
+pub type Series = Vec<(String, Vec<(f32, f32)>)>;
 
 fn panel(
     area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
@@ -85,14 +85,43 @@ fn panel(
     let n = series.len().max(1);
     for (i, (_, s)) in series.iter().enumerate() {
         let col = HSLColor(0.66 * i as f64 / n as f64, 0.7, 0.45);
+        let name = series[i].0.clone();
         if points {
             c.draw_series(s.iter().map(|&p| Circle::new(p, 2, col.filled())))
-                .map_err(|x| e(x.to_string()))?;
+                .map_err(|x| e(x.to_string()))?
+                .label(name)
+                .legend(move |(x, y)| Circle::new((x + 8, y), 3, col.filled()));
         } else {
             c.draw_series(LineSeries::new(s.iter().copied(), &col))
-                .map_err(|x| e(x.to_string()))?;
+                .map_err(|x| e(x.to_string()))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], col));
         }
     }
+    if series.len() > 1 && series.iter().any(|(n, _)| !n.is_empty()) {
+        c.configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Line charts side by side (training curves): (title, x label, named series) per panel.
+pub fn curves(path: &Path, panels: &[(String, String, Series)]) -> Result<()> {
+    register_font()?;
+    let w = 520 * panels.len().max(1) as u32;
+    let root = BitMapBackend::new(path, (w, 400)).into_drawing_area();
+    root.fill(&WHITE)
+        .map_err(|x| Error::Input(format!("plot: {x}")))?;
+    let areas = root.split_evenly((1, panels.len().max(1)));
+    for (a, (title, xl, s)) in areas.iter().zip(panels) {
+        panel(a, title, xl, s, false)?;
+    }
+    root.present()
+        .map_err(|x| Error::Input(format!("{}: {x}", path.display())))?;
     Ok(())
 }
 

@@ -498,3 +498,43 @@ impl RunDir {
         std::fs::write(&p, s).map_err(|e| Error::io(&p, e))
     }
 }
+
+/// Training curves from a run's log: KD loss per budget (moving average over 8 of its steps)
+/// and held-out perplexity per budget (log10), as one PNG.
+pub fn plot_log(log: &Path, png: &Path) -> Result<()> {
+    use std::collections::BTreeMap;
+    let text = std::fs::read_to_string(log).map_err(|e| Error::io(log, e))?;
+    let mut kd: BTreeMap<String, Vec<(f32, f32)>> = BTreeMap::new();
+    let mut ppl: BTreeMap<String, Vec<(f32, f32)>> = BTreeMap::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::format(log, e.to_string()))?;
+        let step = v["step"].as_f64().unwrap_or(0.0) as f32;
+        if let Some(ev) = v["eval_ppl"].as_object() {
+            for (k, x) in ev {
+                if let Some(x) = x.as_f64() {
+                    ppl.entry(k.clone()).or_default().push((step, x.log10() as f32));
+                }
+            }
+        } else if let (Some(b), Some(x)) = (v["budget"].as_str(), v["kd"].as_f64()) {
+            kd.entry(b.to_string()).or_default().push((step, x as f32));
+        }
+    }
+    let smooth = |s: &Vec<(f32, f32)>| -> Vec<(f32, f32)> {
+        (0..s.len())
+            .map(|i| {
+                let lo = i.saturating_sub(7);
+                let w = &s[lo..=i];
+                (s[i].0, w.iter().map(|p| p.1).sum::<f32>() / w.len() as f32)
+            })
+            .collect()
+    };
+    let kd: crate::elastic::plot::Series = kd.iter().map(|(k, s)| (k.clone(), smooth(s))).collect();
+    let ppl: crate::elastic::plot::Series = ppl.into_iter().collect();
+    crate::elastic::plot::curves(
+        png,
+        &[
+            ("KD loss (moving avg of 8)".into(), "step".into(), kd),
+            ("held-out log10 perplexity".into(), "step".into(), ppl),
+        ],
+    )
+}
