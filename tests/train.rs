@@ -8,20 +8,42 @@ use elastica::train::net::Net;
 use elastica::{Cache, Logits};
 
 const CASES: [(&str, &str, &str); 5] = [
-    ("nemotron_h_dense", "", "hidden=48,ffn=64,heads=2,mamba_heads=4,mamba_head_dim=8"),
-    ("nemotron_h_dense", "model-f32.gguf", "hidden=40,ffn=32,heads=2,mamba_heads=6,mamba_head_dim=12"),
-    ("nemotron_h_moe", "", "hidden=48,moe_ffn=16,experts=4,shared_ffn=24,heads=2,mamba_heads=4,mamba_head_dim=8"),
-    ("nemotron_h_moe", "model-f32.gguf", "hidden=56,moe_ffn=24,experts=6,shared_ffn=16,mamba_head_dim=8"),
+    (
+        "nemotron_h_dense",
+        "",
+        "hidden=48,ffn=64,heads=2,mamba_heads=4,mamba_head_dim=8",
+    ),
+    (
+        "nemotron_h_dense",
+        "model-f32.gguf",
+        "hidden=40,ffn=32,heads=2,mamba_heads=6,mamba_head_dim=12",
+    ),
+    (
+        "nemotron_h_moe",
+        "",
+        "hidden=48,moe_ffn=16,experts=4,shared_ffn=24,heads=2,mamba_heads=4,mamba_head_dim=8",
+    ),
+    (
+        "nemotron_h_moe",
+        "model-f32.gguf",
+        "hidden=56,moe_ffn=24,experts=6,shared_ffn=16,mamba_head_dim=8",
+    ),
     ("llama_tiny", "", "hidden=48,ffn=64,heads=2"),
 ];
 
 fn open(name: &str, file: &str) -> elastica::models::Checkpoint {
-    let p = if file.is_empty() { fixture(name) } else { fixture(name).join(file) };
+    let p = if file.is_empty() {
+        fixture(name)
+    } else {
+        fixture(name).join(file)
+    };
     elastica::models::open(&p).unwrap()
 }
 
 fn tokens(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 37 + seed * 11 + 5) % 256).collect()
+    (0..n as u32)
+        .map(|i| (i * 37 + seed * 11 + 5) % 256)
+        .collect()
 }
 
 /// The masked training forward equals the engine's forward (= the physical slice) for every
@@ -38,23 +60,43 @@ fn masked_forward_matches_engine() {
                 let masks = Masks::hard(&m.shape, &b, dt).unwrap();
                 let (nb, t) = (2, 37);
                 let toks: Vec<u32> = (0..nb).flat_map(|s| tokens(t, s as u32)).collect();
-                let got: Vec<f32> = net.forward(&toks, nb, t, &masks).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let got: Vec<f32> = net
+                    .forward(&toks, nb, t, &masks)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 let mut want = vec![];
                 for s in toks.chunks(t) {
                     let mut c = Cache::new(m, 64);
                     want.extend_from_slice(m.forward(s, &b, &mut c, Logits::All).unwrap());
                 }
                 let mx = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let md = got.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+                let md = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
                 eprintln!("{name} {file} {dt:?} {spec}: rel {:.2e}", md / mx);
-                assert!(md / mx < 2e-5, "{name} {file} {spec} {dt:?}: rel diff {}", md / mx);
+                assert!(
+                    md / mx < 2e-5,
+                    "{name} {file} {spec} {dt:?}: rel diff {}",
+                    md / mx
+                );
             }
         }
     }
 }
 
 fn flat(t: &CT) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 /// Sets element `i` of a var to `x`.
@@ -86,20 +128,35 @@ fn gradients_match_finite_differences() {
         let rw = CT::from_vec(rw, (nb * t, m.vocab), &candle_core::Device::Cpu).unwrap();
         let target = m.params(&budgets[1]).0 as f64;
         let lossf = || -> CT {
-            let dec = router.decide(1, 0.7, Some(&mut Rng::new(11)), false).unwrap();
-            let masks = router.masks(&dec, &budgets[1], &m.shape, DType::F64).unwrap();
+            let dec = router
+                .decide(1, 0.7, Some(&mut Rng::new(11)), false)
+                .unwrap();
+            let masks = router
+                .masks(&dec, &budgets[1], &m.shape, DType::F64)
+                .unwrap();
             let logits = net.forward(&toks, nb, t, &masks).unwrap();
             let e = net
                 .param_count(
-                    &|axis, l| Ok(router.expected(&dec, axis, l)?.unwrap_or(CT::new(elastica::train::router::size_of(&budgets[1], axis, l) as f64, &candle_core::Device::Cpu)?)),
+                    &|axis, l| {
+                        Ok(router.expected(&dec, axis, l)?.unwrap_or(CT::new(
+                            elastica::train::router::size_of(&budgets[1], axis, l) as f64,
+                            &candle_core::Device::Cpu,
+                        )?))
+                    },
                     &|_| true,
                 )
                 .unwrap();
-            ((logits * &rw).unwrap().sum_all().unwrap() + loss::budget_loss(&e, target).unwrap()).unwrap()
+            ((logits * &rw).unwrap().sum_all().unwrap() + loss::budget_loss(&e, target).unwrap())
+                .unwrap()
         };
         let l0 = lossf();
         let grads = l0.backward().unwrap();
-        let mut vars: Vec<(String, Var)> = net.params.iter().filter(|p| p.trainable()).map(|p| (p.name.clone(), p.var.clone())).collect();
+        let mut vars: Vec<(String, Var)> = net
+            .params
+            .iter()
+            .filter(|p| p.trainable())
+            .map(|p| (p.name.clone(), p.var.clone()))
+            .collect();
         for (i, v) in router.vars().into_iter().enumerate() {
             vars.push((format!("router.{i}"), v.clone()));
         }
@@ -107,10 +164,15 @@ fn gradients_match_finite_differences() {
         let mut worst = 0f64;
         let mut failures: Vec<String> = vec![];
         for (pname, v) in &vars {
-            let g = grads.get(v.as_tensor()).map(flat).unwrap_or_else(|| vec![0.0; v.as_tensor().elem_count()]);
+            let g = grads
+                .get(v.as_tensor())
+                .map(flat)
+                .unwrap_or_else(|| vec![0.0; v.as_tensor().elem_count()]);
             let orig = flat(v.as_tensor());
             // The largest-gradient element and two pseudo-random ones.
-            let imax = (0..g.len()).max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs())).unwrap();
+            let imax = (0..g.len())
+                .max_by(|&a, &b| g[a].abs().total_cmp(&g[b].abs()))
+                .unwrap();
             for i in [imax, (imax * 7 + 3) % g.len(), (imax * 13 + 5) % g.len()] {
                 let h = 1e-4 * orig[i].abs().max(1.0);
                 poke(v, i, orig[i] + h);
@@ -121,7 +183,10 @@ fn gradients_match_finite_differences() {
                 let fd = (lp - lm) / (2.0 * h);
                 let err = (fd - g[i]).abs() / (1e-6 + fd.abs().max(g[i].abs()));
                 if !(err < 2e-3 || (fd - g[i]).abs() < 1e-8) {
-                    failures.push(format!("{name} {pname}[{i}]: analytic {} vs finite difference {fd}", g[i]));
+                    failures.push(format!(
+                        "{name} {pname}[{i}]: analytic {} vs finite difference {fd}",
+                        g[i]
+                    ));
                 }
                 worst = worst.max(err.min((fd - g[i]).abs() * 1e8));
                 checked += 1;
@@ -137,8 +202,12 @@ fn gradients_match_finite_differences() {
 fn kd_gradient_matches_finite_differences() {
     let v = 7;
     let rows = 3;
-    let s: Vec<f32> = (0..rows * v).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
-    let t: Vec<f32> = (0..rows * v).map(|i| ((i * 17 % 13) as f32 - 6.0) * 0.25).collect();
+    let s: Vec<f32> = (0..rows * v)
+        .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
+        .collect();
+    let t: Vec<f32> = (0..rows * v)
+        .map(|i| ((i * 17 % 13) as f32 - 6.0) * 0.25)
+        .collect();
     for temp in [1.0, 2.0] {
         let (l, g) = elastica::train::loss::kd(&s, &t, v, temp);
         assert!(l > 0.0);
@@ -150,8 +219,14 @@ fn kd_gradient_matches_finite_differences() {
             sp[i] += h;
             let mut sm = s.clone();
             sm[i] -= h;
-            let fd = (elastica::train::loss::kd(&sp, &t, v, temp).0 - elastica::train::loss::kd(&sm, &t, v, temp).0) / (2.0 * h as f64);
-            assert!((fd - g[i] as f64).abs() < 1e-4 * fd.abs().max(1e-2), "T={temp} [{i}]: {} vs {fd}", g[i]);
+            let fd = (elastica::train::loss::kd(&sp, &t, v, temp).0
+                - elastica::train::loss::kd(&sm, &t, v, temp).0)
+                / (2.0 * h as f64);
+            assert!(
+                (fd - g[i] as f64).abs() < 1e-4 * fd.abs().max(1e-2),
+                "T={temp} [{i}]: {} vs {fd}",
+                g[i]
+            );
         }
     }
 }
@@ -166,12 +241,16 @@ fn hard_router_masks_equal_budget_masks() {
     let budgets = vec![m.budget("full").unwrap(), m.budget(CASES[0].2).unwrap()];
     let router = Router::new(&m.shape, &budgets, false, &mut Rng::new(1), DType::F64).unwrap();
     router.warm_start(&budgets, 2000, 0.01, 0.99).unwrap();
-    for bi in 0..2 {
-        let spec = router.argmax_spec(bi, &budgets[bi], &m.shape).unwrap();
-        assert_eq!(spec, budgets[bi].spec(&m.shape), "warm start reproduces the manifest");
+    for (bi, budget) in budgets.iter().enumerate() {
+        let spec = router.argmax_spec(bi, budget, &m.shape).unwrap();
+        assert_eq!(
+            spec,
+            budget.spec(&m.shape),
+            "warm start reproduces the manifest"
+        );
         let dec = router.decide(bi, 0.05, None, true).unwrap();
-        let got = router.masks(&dec, &budgets[bi], &m.shape, DType::F64).unwrap();
-        let want = Masks::hard(&m.shape, &budgets[bi], DType::F64).unwrap();
+        let got = router.masks(&dec, budget, &m.shape, DType::F64).unwrap();
+        let want = Masks::hard(&m.shape, budget, DType::F64).unwrap();
         assert_eq!(flat(&got.hidden), flat(&want.hidden));
         for (a, b) in got.layers.iter().zip(&want.layers) {
             for (x, y) in [(&a.ffn, &b.ffn), (&a.heads, &b.heads), (&a.inner, &b.inner)] {
@@ -195,10 +274,18 @@ fn elastic_fixture(tag: &str, budgets: &[(&str, &str)]) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     let m = dir.join("model");
     std::fs::create_dir_all(&m).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(fixture("nemotron_h_dense").join(f), m.join(f)).unwrap();
     }
-    let bs: Vec<serde_json::Value> = budgets.iter().map(|(n, s)| serde_json::json!({"name": n, "spec": s})).collect();
+    let bs: Vec<serde_json::Value> = budgets
+        .iter()
+        .map(|(n, s)| serde_json::json!({"name": n, "spec": s}))
+        .collect();
     let man = serde_json::json!({"format": "elastica.manifest/1", "parent": "hidden=64,ffn=96,heads=4,mamba_heads=8,mamba_head_dim=16", "budgets": bs});
     std::fs::write(m.join("elastic.json"), man.to_string()).unwrap();
     dir
@@ -207,12 +294,37 @@ fn elastic_fixture(tag: &str, budgets: &[(&str, &str)]) -> std::path::PathBuf {
 fn train_args(dir: &std::path::Path, out: &str) -> Vec<String> {
     let s = |x: &str| x.to_string();
     vec![
-        s("train"), dir.join("model").display().to_string(),
-        s("--data"), fixture("text/gpl-3.txt").display().to_string(),
-        s("--out"), dir.join(out).display().to_string(),
-        s("--tokens"), s("768"), s("--seq"), s("32"), s("--batch"), s("2"), s("--seq2"), s("64"), s("--batch2"), s("1"),
-        s("--stage1"), s("0.5"), s("--warmup"), s("2"), s("--lr"), s("1e-3"), s("--eval-every"), s("4"), s("--eval-seqs"), s("2"),
-        s("--ckpt-every"), s("3"), s("--no-progress"), s("-t"), s("2"),
+        s("train"),
+        dir.join("model").display().to_string(),
+        s("--data"),
+        fixture("text/gpl-3.txt").display().to_string(),
+        s("--out"),
+        dir.join(out).display().to_string(),
+        s("--tokens"),
+        s("768"),
+        s("--seq"),
+        s("32"),
+        s("--batch"),
+        s("2"),
+        s("--seq2"),
+        s("64"),
+        s("--batch2"),
+        s("1"),
+        s("--stage1"),
+        s("0.5"),
+        s("--warmup"),
+        s("2"),
+        s("--lr"),
+        s("1e-3"),
+        s("--eval-every"),
+        s("4"),
+        s("--eval-seqs"),
+        s("2"),
+        s("--ckpt-every"),
+        s("3"),
+        s("--no-progress"),
+        s("-t"),
+        s("2"),
     ]
 }
 
@@ -243,13 +355,19 @@ fn resume_reproduces_the_run_and_output_is_an_elastic_checkpoint() {
     let mut b = train_args(&dir, "b");
     b.extend(["--stop-after".to_string(), "5".to_string()]);
     ok(b);
-    let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("b/checkpoint/state.json")).unwrap()).unwrap();
+    let st: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("b/checkpoint/state.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(st["step"], 3, "the last checkpoint before the stop");
     assert!(!dir.join("b/model").exists());
     let mut b = train_args(&dir, "b");
     b.push("--resume".into());
     ok(b);
-    let (la, lb) = (log_lines(&dir.join("a/log.jsonl")), log_lines(&dir.join("b/log.jsonl")));
+    let (la, lb) = (
+        log_lines(&dir.join("a/log.jsonl")),
+        log_lines(&dir.join("b/log.jsonl")),
+    );
     assert!(la.len() > 10);
     assert_eq!(la, lb, "resumed log differs");
     let wa = std::fs::read(dir.join("a/model/model.safetensors")).unwrap();
@@ -267,20 +385,62 @@ fn resume_reproduces_the_run_and_output_is_an_elastic_checkpoint() {
     let toks = tokens(24, 3);
     let la = common::logits_all(m, &toks, "full");
     let lo = common::logits_all(&orig.model, &toks, "full");
-    assert!(common::rel_diff(&la, &lo) > 1e-4, "training changed nothing");
+    assert!(
+        common::rel_diff(&la, &lo) > 1e-4,
+        "training changed nothing"
+    );
     let net = Net::from_model(m, &ck.raw, DType::F32).unwrap();
     for nb in &man.budgets {
         let b = m.budget(&nb.name).unwrap();
-        let got: Vec<f32> = net.forward(&toks, 1, 24, &Masks::hard(&m.shape, &b, DType::F32).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = net
+            .forward(
+                &toks,
+                1,
+                24,
+                &Masks::hard(&m.shape, &b, DType::F32).unwrap(),
+            )
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let want: Vec<f32> = common::logits_all(m, &toks, &nb.name).concat();
         let mx = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let md = got.iter().zip(&want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        let md = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
         assert!(md / mx < 2e-5, "{}: masked vs engine {}", nb.name, md / mx);
     }
     // run / perplexity / slice use it directly.
-    let o = bin().args(["perplexity", &dir.join("a/model").display().to_string(), "-f", &fixture("text/gpl-3.txt").display().to_string(), "--ctx", "64", "--chunks", "2", "--budget", "small"]).output().unwrap();
+    let o = bin()
+        .args([
+            "perplexity",
+            &dir.join("a/model").display().to_string(),
+            "-f",
+            &fixture("text/gpl-3.txt").display().to_string(),
+            "--ctx",
+            "64",
+            "--chunks",
+            "2",
+            "--budget",
+            "small",
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = bin().args(["slice", &dir.join("a/model").display().to_string(), "--budget", "small", "--out", &dir.join("small").display().to_string(), "--verify"]).output().unwrap();
+    let o = bin()
+        .args([
+            "slice",
+            &dir.join("a/model").display().to_string(),
+            "--budget",
+            "small",
+            "--out",
+            &dir.join("small").display().to_string(),
+            "--verify",
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -289,7 +449,10 @@ fn refused(args: &[String], want: &str) {
     let o = bin().args(args).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "accepted: {args:?}");
-    assert!(err.contains(want), "error {err:?} does not mention {want:?}");
+    assert!(
+        err.contains(want),
+        "error {err:?} does not mention {want:?}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -313,9 +476,15 @@ fn bad_training_input_is_refused() {
     a[di + 1] = bin_file.display().to_string();
     refused(&a, "not UTF-8");
     // Budgets not in the manifest.
-    refused(&with(&["--budgets", "full,tiny"], "x"), "no budget named \"tiny\"");
+    refused(
+        &with(&["--budgets", "full,tiny"], "x"),
+        "no budget named \"tiny\"",
+    );
     // A resume from another configuration.
-    let o = bin().args(with(&["--stop-after", "3"], "r")).output().unwrap();
+    let o = bin()
+        .args(with(&["--stop-after", "3"], "r"))
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut a = with(&["--resume"], "r");
     let si = a.iter().position(|x| x == "--seq").unwrap();
@@ -331,11 +500,24 @@ fn bad_training_input_is_refused() {
     }
     let o = bin().args(&a).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("not finite at step") && err.contains("budget"), "{err}");
-    let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("nan/checkpoint/state.json")).unwrap()).unwrap();
+    assert!(
+        !o.status.success() && err.contains("not finite at step") && err.contains("budget"),
+        "{err}"
+    );
+    let st: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("nan/checkpoint/state.json")).unwrap(),
+    )
+    .unwrap();
     assert!(st["step"].as_u64().unwrap() >= 1);
     // Budgets that are not nested are refused when the manifest is read.
-    let bad = elastic_fixture("nonnested", &[("full", "full"), ("a", "hidden=48,ffn=96"), ("b", "hidden=56,ffn=64")]);
+    let bad = elastic_fixture(
+        "nonnested",
+        &[
+            ("full", "full"),
+            ("a", "hidden=48,ffn=96"),
+            ("b", "hidden=56,ffn=64"),
+        ],
+    );
     refused(&train_args(&bad, "x"), "nest");
     let _ = std::fs::remove_dir_all(&bad);
     let _ = std::fs::remove_dir_all(&dir);
@@ -349,10 +531,36 @@ fn teacher_vocabulary_mismatch_is_refused() {
     teacher.vocab = 200;
     let b = vec![ck.model.budget("full").unwrap()];
     let cfg = elastica::train::Config {
-        model: String::new(), budgets: vec!["full".into()], specs: vec![], data: String::new(), tokens: 64, seq: 8, batch: 1, seq2: 8, batch2: 1,
-        stage1: 1.0, probs2: vec![1.0], lr: 1e-4, router_lr: 1e-2, warmup: 1, schedule: "constant".into(), weight_decay: 0.0, kd_temp: 1.0,
-        budget_weight: 1.0, clip: 1.0, tau: (1.0, 0.05), hard: false, per_layer: false, router_init_p: 0.9, seed: 0, eval_every: 0, eval_seqs: 0, ckpt_every: 0,
+        model: String::new(),
+        budgets: vec!["full".into()],
+        specs: vec![],
+        data: String::new(),
+        tokens: 64,
+        seq: 8,
+        batch: 1,
+        seq2: 8,
+        batch2: 1,
+        stage1: 1.0,
+        probs2: vec![1.0],
+        lr: 1e-4,
+        router_lr: 1e-2,
+        warmup: 1,
+        schedule: "constant".into(),
+        weight_decay: 0.0,
+        kd_temp: 1.0,
+        budget_weight: 1.0,
+        clip: 1.0,
+        tau: (1.0, 0.05),
+        hard: false,
+        per_layer: false,
+        router_init_p: 0.9,
+        seed: 0,
+        eval_every: 0,
+        eval_seqs: 0,
+        ckpt_every: 0,
     };
-    let e = elastica::train::Trainer::new(cfg, &ck, &teacher, b, vec![1; 100], vec![]).err().expect("refused");
+    let e = elastica::train::Trainer::new(cfg, &ck, &teacher, b, vec![1; 100], vec![])
+        .err()
+        .expect("refused");
     assert!(e.to_string().contains("vocabulary"), "{e}");
 }

@@ -132,14 +132,21 @@ pub fn run(a: Args) -> Result<()> {
     })?;
     // Budgets: manifest names, kept in manifest order (largest first), nested.
     let names: Vec<String> = match &a.budgets {
-        Some(s) => s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect(),
+        Some(s) => s
+            .split(',')
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect(),
         None => man.budgets.iter().map(|b| b.name.clone()).collect(),
     };
     let mut chosen: Vec<&NamedBudget> = vec![];
     for n in &names {
         let nb = man.budgets.iter().find(|b| &b.name == n).ok_or_else(|| {
             let have: Vec<&str> = man.budgets.iter().map(|b| b.name.as_str()).collect();
-            Error::Budget(format!("no budget named {n:?} in the manifest (it has: {})", have.join(", ")))
+            Error::Budget(format!(
+                "no budget named {n:?} in the manifest (it has: {})",
+                have.join(", ")
+            ))
         })?;
         chosen.push(nb);
     }
@@ -169,12 +176,23 @@ pub fn run(a: Args) -> Result<()> {
     let probs: Vec<f64> = a
         .probs
         .split(',')
-        .map(|x| x.trim().parse::<f64>().map_err(|_| Error::Input(format!("--probs: {x:?} is not a number"))))
+        .map(|x| {
+            x.trim()
+                .parse::<f64>()
+                .map_err(|_| Error::Input(format!("--probs: {x:?} is not a number")))
+        })
         .collect::<Result<_>>()?;
     if probs.iter().any(|p| *p < 0.0) || probs.iter().sum::<f64>() <= 0.0 {
-        return Err(Error::Input("--probs must be non-negative with a positive sum".into()));
+        return Err(Error::Input(
+            "--probs must be non-negative with a positive sum".into(),
+        ));
     }
-    for (name, v) in [("--seq", a.seq), ("--batch", a.batch), ("--seq2", a.seq2), ("--batch2", a.batch2)] {
+    for (name, v) in [
+        ("--seq", a.seq),
+        ("--batch", a.batch),
+        ("--seq2", a.seq2),
+        ("--batch2", a.batch2),
+    ] {
         if v == 0 {
             return Err(Error::Input(format!("{name} must be at least 1")));
         }
@@ -183,10 +201,15 @@ pub fn run(a: Args) -> Result<()> {
         return Err(Error::Input("--stage1 must be within 0..1".into()));
     }
     if a.schedule != "cosine" && a.schedule != "constant" {
-        return Err(Error::Input(format!("--schedule {:?}: use cosine or constant", a.schedule)));
+        return Err(Error::Input(format!(
+            "--schedule {:?}: use cosine or constant",
+            a.schedule
+        )));
     }
     if a.tau <= 0.0 || a.tau_end <= 0.0 || a.kd_temp <= 0.0 {
-        return Err(Error::Input("--tau, --tau-end and --kd-temp must be positive".into()));
+        return Err(Error::Input(
+            "--tau, --tau-end and --kd-temp must be positive".into(),
+        ));
     }
 
     // Data: tokenized with the student's tokenizer, packed.
@@ -208,7 +231,13 @@ pub fn run(a: Args) -> Result<()> {
         None => &ck.model,
     };
     let cfg = Config {
-        model: format!("{} {} vocab {} params {}", m.arch(), m.full_budget().spec(&m.shape), m.vocab, m.params(&m.full_budget()).0),
+        model: format!(
+            "{} {} vocab {} params {}",
+            m.arch(),
+            m.full_budget().spec(&m.shape),
+            m.vocab,
+            m.params(&m.full_budget()).0
+        ),
         budgets: chosen.iter().map(|b| b.name.clone()).collect(),
         specs: budgets.iter().map(|b| b.spec(&m.shape)).collect(),
         data: format!("{} tokens, fnv {}", ids.len(), fnv(&ids)),
@@ -236,7 +265,9 @@ pub fn run(a: Args) -> Result<()> {
         eval_seqs: a.eval_seqs,
         ckpt_every: a.ckpt_every,
     };
-    let dir = RunDir { root: a.out.clone() };
+    let dir = RunDir {
+        root: a.out.clone(),
+    };
     if !a.resume && dir.checkpoint().exists() && !a.force {
         return Err(Error::Input(format!(
             "{} holds a run (use --resume to continue it or --force to start over)",
@@ -248,7 +279,10 @@ pub fn run(a: Args) -> Result<()> {
     if a.resume {
         let cp = dir.checkpoint();
         if !cp.exists() {
-            return Err(Error::Input(format!("--resume: {} does not exist", cp.display())));
+            return Err(Error::Input(format!(
+                "--resume: {} does not exist",
+                cp.display()
+            )));
         }
         tr.load(&cp)?;
         dir.truncate_log(tr.state.log_lines)?;
@@ -265,7 +299,10 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         let pb = indicatif::ProgressBar::new(total);
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}").unwrap(),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .unwrap(),
         );
         pb
     };
@@ -276,7 +313,11 @@ pub fn run(a: Args) -> Result<()> {
     while tr.state.step < total {
         if a.stop_after.is_some_and(|s| tr.state.step >= s) {
             pb.finish_and_clear();
-            eprintln!("stopped after step {} (checkpoint in {})", tr.state.step, dir.checkpoint().display());
+            eprintln!(
+                "stopped after step {} (checkpoint in {})",
+                tr.state.step,
+                dir.checkpoint().display()
+            );
             return Ok(());
         }
         let log = tr.step()?;
@@ -293,7 +334,10 @@ pub fn run(a: Args) -> Result<()> {
             tr.save(&dir.checkpoint())?;
         }
         let tps = (tr.state.tokens_seen - start_tokens) as f64 / t0.elapsed().as_secs_f64();
-        let losses: Vec<String> = last_loss.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+        let losses: Vec<String> = last_loss
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.3}"))
+            .collect();
         pb.set_message(format!("{tps:.0} tok/s, kd: {}", losses.join(", ")));
         pb.set_position(s);
     }
@@ -335,7 +379,15 @@ pub fn run(a: Args) -> Result<()> {
         Format::Gguf => a.out.join("model.gguf"),
         Format::Hf => a.out.join("model"),
     };
-    let w = crate::train::export::write(&ck, &tr.net, &manifest, &out_path, dtype, true, !a.no_progress)?;
+    let w = crate::train::export::write(
+        &ck,
+        &tr.net,
+        &manifest,
+        &out_path,
+        dtype,
+        true,
+        !a.no_progress,
+    )?;
     let summary = serde_json::json!({
         "model": out_path,
         "steps": tr.state.step,
@@ -351,7 +403,8 @@ pub fn run(a: Args) -> Result<()> {
         eprintln!("warning: no curves.png: {e}");
     }
     let sp = a.out.join("summary.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(&summary).unwrap()).map_err(|e| Error::io(&sp, e))?;
+    std::fs::write(&sp, serde_json::to_string_pretty(&summary).unwrap())
+        .map_err(|e| Error::io(&sp, e))?;
     println!("{}", serde_json::to_string_pretty(&summary).unwrap());
     Ok(())
 }

@@ -17,8 +17,14 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(vars: &[Var], weight_decay: f64) -> Result<AdamW> {
         Ok(AdamW {
-            m: vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?,
-            v: vars.iter().map(|v| v.zeros_like()).collect::<candle_core::Result<_>>()?,
+            m: vars
+                .iter()
+                .map(|v| v.zeros_like())
+                .collect::<candle_core::Result<_>>()?,
+            v: vars
+                .iter()
+                .map(|v| v.zeros_like())
+                .collect::<candle_core::Result<_>>()?,
             t: 0,
             weight_decay,
             beta1: 0.9,
@@ -28,13 +34,21 @@ impl AdamW {
     }
 
     /// One update of every var that has a gradient; `scale` multiplies the gradients (clipping).
-    pub fn step(&mut self, vars: &[Var], grads: &GradStore, lr: f64, scale: Option<f64>) -> Result<()> {
+    pub fn step(
+        &mut self,
+        vars: &[Var],
+        grads: &GradStore,
+        lr: f64,
+        scale: Option<f64>,
+    ) -> Result<()> {
         self.t += 1;
         let (b1, b2) = (self.beta1, self.beta2);
         let c1 = 1.0 - b1.powi(self.t as i32);
         let c2 = 1.0 - b2.powi(self.t as i32);
         for (i, var) in vars.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
             let g = match scale {
                 Some(s) => (g * s)?,
                 None => g.clone(),
@@ -55,7 +69,11 @@ pub fn grad_norm(vars: &[Var], grads: &GradStore) -> Result<f64> {
     let mut s = 0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            s += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            s += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
         }
     }
     Ok(s.sqrt())

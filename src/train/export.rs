@@ -17,12 +17,20 @@ pub fn values(net: &Net) -> Result<HashMap<String, Vec<f32>>> {
     let mut stacks: HashMap<String, Vec<(usize, Vec<f32>)>> = HashMap::new();
     for p in &net.params {
         let Some(src) = &p.source else { continue };
-        let mut v: Vec<f32> = p.var.as_tensor().to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut v: Vec<f32> = p
+            .var
+            .as_tensor()
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
         if p.export == Export::NegExp {
             v.iter_mut().for_each(|x| *x = -x.exp());
         }
         match src.strip_suffix(']').and_then(|s| s.rsplit_once('[')) {
-            Some((base, e)) => stacks.entry(base.to_string()).or_default().push((e.parse().unwrap_or(0), v)),
+            Some((base, e)) => stacks
+                .entry(base.to_string())
+                .or_default()
+                .push((e.parse().unwrap_or(0), v)),
             None => {
                 out.insert(src.clone(), v);
             }
@@ -35,7 +43,15 @@ pub fn values(net: &Net) -> Result<HashMap<String, Vec<f32>>> {
     Ok(out)
 }
 
-pub fn write(ck: &Checkpoint, net: &Net, manifest: &Manifest, path: &Path, dtype: DType, force: bool, progress: bool) -> Result<rewrite::Written> {
+pub fn write(
+    ck: &Checkpoint,
+    net: &Net,
+    manifest: &Manifest,
+    path: &Path,
+    dtype: DType,
+    force: bool,
+    progress: bool,
+) -> Result<rewrite::Written> {
     let vals = values(net)?;
     let get = |name: &str| vals.get(name).cloned();
     let map = IndexMap::identity(&ck.model.shape);

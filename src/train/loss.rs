@@ -24,7 +24,9 @@ pub fn kd(student: &[f32], teacher: &[f32], v: usize, temp: f64) -> (f64, Vec<f3
             let zs = &student[r * v..(r + 1) * v];
             let zt = &teacher[r * v..(r + 1) * v];
             let lse = |z: &[f32], out: &mut [f64]| -> f64 {
-                let m = z.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64 * it));
+                let m = z
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64 * it));
                 let mut s = 0f64;
                 for (o, &x) in out.iter_mut().zip(z) {
                     *o = (x as f64 * it - m).exp();

@@ -76,7 +76,10 @@ impl Masks {
             }
             if *kind == LayerKind::Mamba {
                 let per = s.mamba_heads / s.mamba_groups;
-                let hm = grouped(&prefix(per, lb.mamba_heads / s.mamba_groups), s.mamba_groups);
+                let hm = grouped(
+                    &prefix(per, lb.mamba_heads / s.mamba_groups),
+                    s.mamba_groups,
+                );
                 let dm = prefix(s.mamba_head_dim, lb.mamba_head_dim);
                 lm.inner = Some(vec_t(outer(&hm, &dm), dt)?);
             }
@@ -105,5 +108,7 @@ impl Masks {
 
 /// Flattened outer product a ⊗ b.
 pub fn outer(a: &[f32], b: &[f32]) -> Vec<f32> {
-    a.iter().flat_map(|x| b.iter().map(move |y| x * y)).collect()
+    a.iter()
+        .flat_map(|x| b.iter().map(move |y| x * y))
+        .collect()
 }

@@ -68,8 +68,10 @@ pub struct Config {
 
 impl Config {
     pub fn steps(&self) -> (u64, u64) {
-        let s1 = ((self.tokens as f64 * self.stage1) / (self.seq * self.batch) as f64).ceil() as u64;
-        let s2 = ((self.tokens as f64 * (1.0 - self.stage1)) / (self.seq2 * self.batch2) as f64).ceil() as u64;
+        let s1 =
+            ((self.tokens as f64 * self.stage1) / (self.seq * self.batch) as f64).ceil() as u64;
+        let s2 = ((self.tokens as f64 * (1.0 - self.stage1)) / (self.seq2 * self.batch2) as f64)
+            .ceil() as u64;
         (s1, s2)
     }
 }
@@ -121,7 +123,14 @@ pub struct StepLog {
 }
 
 impl<'a> Trainer<'a> {
-    pub fn new(cfg: Config, student: &Checkpoint, teacher: &'a Model, budgets: Vec<Budget>, train: Vec<u32>, eval: Vec<u32>) -> Result<Trainer<'a>> {
+    pub fn new(
+        cfg: Config,
+        student: &Checkpoint,
+        teacher: &'a Model,
+        budgets: Vec<Budget>,
+        train: Vec<u32>,
+        eval: Vec<u32>,
+    ) -> Result<Trainer<'a>> {
         let m = &student.model;
         if teacher.vocab != m.vocab {
             return Err(Error::Input(format!(
@@ -142,7 +151,12 @@ impl<'a> Trainer<'a> {
         let router = Router::new(&m.shape, &budgets, cfg.per_layer, &mut rng, CD::F32)?;
         router.warm_start(&budgets, 500, 0.002, cfg.router_init_p)?;
         let targets = budgets.iter().map(|b| m.params(b).0 as f64).collect();
-        let model_vars: Vec<Var> = net.params.iter().filter(|p| p.trainable()).map(|p| p.var.clone()).collect();
+        let model_vars: Vec<Var> = net
+            .params
+            .iter()
+            .filter(|p| p.trainable())
+            .map(|p| p.var.clone())
+            .collect();
         let router_vars: Vec<Var> = router.vars().into_iter().cloned().collect();
         let opt_model = AdamW::new(&model_vars, cfg.weight_decay)?;
         let opt_router = AdamW::new(&router_vars, 0.0)?;
@@ -180,7 +194,11 @@ impl<'a> Trainer<'a> {
     /// (stage, seq, batch) of a step.
     fn stage(&self, step: u64) -> (u8, usize, usize) {
         let (s1, _) = self.cfg.steps();
-        if step < s1 { (1, self.cfg.seq, self.cfg.batch) } else { (2, self.cfg.seq2, self.cfg.batch2) }
+        if step < s1 {
+            (1, self.cfg.seq, self.cfg.batch)
+        } else {
+            (2, self.cfg.seq2, self.cfg.batch2)
+        }
     }
 
     fn lr(&self, step: u64, base: f64) -> f64 {
@@ -210,7 +228,8 @@ impl<'a> Trainer<'a> {
         let windows = (self.train.len() - 1) / seq;
         let per_epoch = (windows / batch).max(1) as u64;
         let epoch = step / per_epoch;
-        let mut r = Rng::new(self.cfg.seed ^ (epoch.wrapping_mul(0x1000_0000_01B3)) ^ ((seq as u64) << 40));
+        let mut r =
+            Rng::new(self.cfg.seed ^ (epoch.wrapping_mul(0x1000_0000_01B3)) ^ ((seq as u64) << 40));
         let order = r.permutation(windows);
         let i0 = ((step % per_epoch) as usize) * batch;
         let mut out = Vec::with_capacity(seq * batch);
@@ -242,7 +261,9 @@ impl<'a> Trainer<'a> {
         if stage == 1 || n == 1 {
             return self.state.rng.pick(&vec![1.0; n]);
         }
-        let p: Vec<f64> = (0..n).map(|i| self.cfg.probs2.get(i).copied().unwrap_or(0.0)).collect();
+        let p: Vec<f64> = (0..n)
+            .map(|i| self.cfg.probs2.get(i).copied().unwrap_or(0.0))
+            .collect();
         self.state.rng.pick(&p)
     }
 
@@ -253,9 +274,13 @@ impl<'a> Trainer<'a> {
         let (stage, seq, batch) = self.stage(step);
         let bi = self.draw_budget(stage);
         let tau = self.tau(step);
-        let dec = self.router.decide(bi, tau, Some(&mut self.state.rng), self.cfg.hard)?;
+        let dec = self
+            .router
+            .decide(bi, tau, Some(&mut self.state.rng), self.cfg.hard)?;
         let shape = self.net.shape.clone();
-        let masks = self.router.masks(&dec, &self.budgets[bi], &shape, CD::F32)?;
+        let masks = self
+            .router
+            .masks(&dec, &self.budgets[bi], &shape, CD::F32)?;
         let tokens = self.batch_tokens(step, seq, batch);
         let logits = self.net.forward(&tokens, batch, seq, &masks)?;
         let teacher = self.teacher_logits(&tokens, seq)?;
@@ -380,7 +405,8 @@ impl<'a> Trainer<'a> {
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         candle_core::safetensors::save(&t, tmp.join("state.safetensors"))?;
         let js = serde_json::to_string_pretty(&self.state).unwrap();
-        std::fs::write(tmp.join("state.json"), js).map_err(|e| Error::io(tmp.join("state.json"), e))?;
+        std::fs::write(tmp.join("state.json"), js)
+            .map_err(|e| Error::io(tmp.join("state.json"), e))?;
         // Swap in: the old checkpoint is removed only after the new one is complete.
         let old = dir.with_extension("old");
         let _ = std::fs::remove_dir_all(&old);
@@ -395,7 +421,8 @@ impl<'a> Trainer<'a> {
     pub fn load(&mut self, dir: &Path) -> Result<()> {
         let sp = dir.join("state.json");
         let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
-        let st: State = serde_json::from_str(&text).map_err(|e| Error::format(&sp, format!("not a training state: {e}")))?;
+        let st: State = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&sp, format!("not a training state: {e}")))?;
         if st.config != self.cfg {
             return Err(Error::Input(format!(
                 "{}: the checkpoint is from another run configuration (model, data, budgets or options differ): checkpoint {} vs now {}",
@@ -405,11 +432,21 @@ impl<'a> Trainer<'a> {
             )));
         }
         let tp = dir.join("state.safetensors");
-        let t = candle_core::safetensors::load(&tp, &net::dev()).map_err(|e| Error::format(&tp, e.to_string()))?;
+        let t = candle_core::safetensors::load(&tp, &net::dev())
+            .map_err(|e| Error::format(&tp, e.to_string()))?;
         let get = |k: &str, like: &CT| -> Result<CT> {
-            let x = t.get(k).ok_or_else(|| Error::format(&tp, format!("tensor {k} is missing")))?;
+            let x = t
+                .get(k)
+                .ok_or_else(|| Error::format(&tp, format!("tensor {k} is missing")))?;
             if x.shape() != like.shape() {
-                return Err(Error::format(&tp, format!("tensor {k} has shape {:?}, expected {:?}", x.dims(), like.dims())));
+                return Err(Error::format(
+                    &tp,
+                    format!(
+                        "tensor {k} has shape {:?}, expected {:?}",
+                        x.dims(),
+                        like.dims()
+                    ),
+                ));
             }
             Ok(x.clone())
         };
@@ -434,7 +471,10 @@ impl<'a> Trainer<'a> {
 
 /// First differing field of two configs, for the refusal message.
 fn diff(a: &Config, b: &Config) -> String {
-    let (x, y) = (serde_json::to_value(a).unwrap(), serde_json::to_value(b).unwrap());
+    let (x, y) = (
+        serde_json::to_value(a).unwrap(),
+        serde_json::to_value(b).unwrap(),
+    );
     if let (Some(x), Some(y)) = (x.as_object(), y.as_object()) {
         for (k, v) in x {
             if y.get(k) != Some(v) {
@@ -483,7 +523,11 @@ impl RunDir {
     /// Appends one JSON line.
     pub fn log_line(&self, v: &serde_json::Value) -> Result<()> {
         let p = self.log();
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&p).map_err(|e| Error::io(&p, e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
         writeln!(f, "{v}").map_err(|e| Error::io(&p, e))
     }
     /// Keeps the first `n` lines of the log (a resume continues from its checkpoint).
@@ -507,12 +551,15 @@ pub fn plot_log(log: &Path, png: &Path) -> Result<()> {
     let mut kd: BTreeMap<String, Vec<(f32, f32)>> = BTreeMap::new();
     let mut ppl: BTreeMap<String, Vec<(f32, f32)>> = BTreeMap::new();
     for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::format(log, e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| Error::format(log, e.to_string()))?;
         let step = v["step"].as_f64().unwrap_or(0.0) as f32;
         if let Some(ev) = v["eval_ppl"].as_object() {
             for (k, x) in ev {
                 if let Some(x) = x.as_f64() {
-                    ppl.entry(k.clone()).or_default().push((step, x.log10() as f32));
+                    ppl.entry(k.clone())
+                        .or_default()
+                        .push((step, x.log10() as f32));
                 }
             }
         } else if let (Some(b), Some(x)) = (v["budget"].as_str(), v["kd"].as_f64()) {

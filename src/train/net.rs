@@ -138,7 +138,14 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn add(&mut self, name: String, source: Option<String>, export: Export, v: Vec<f32>, shape: &[usize]) -> Result<usize> {
+    fn add(
+        &mut self,
+        name: String,
+        source: Option<String>,
+        export: Export,
+        v: Vec<f32>,
+        shape: &[usize],
+    ) -> Result<usize> {
         let t = CT::from_vec(v, shape, &dev())?.to_dtype(self.dtype)?;
         self.params.push(Param {
             name,
@@ -155,29 +162,51 @@ impl Builder<'_> {
         } else {
             None
         };
-        self.add(t.name.clone(), src, Export::Same, t.to_f32(), &[t.rows(), t.cols()])
+        self.add(
+            t.name.clone(),
+            src,
+            Export::Same,
+            t.to_f32(),
+            &[t.rows(), t.cols()],
+        )
     }
     fn vec(&mut self, label: String, v: &[f32], src: Option<String>) -> Result<usize> {
         self.add(label, src, Export::Same, v.to_vec(), &[v.len()])
     }
     fn mlp(&mut self, m: &crate::layers::mlp::Mlp, l: usize, key: &str) -> Result<NMlp> {
-        let bias = |b: &mut Self, v: &Option<Vec<f32>>, hf: &str, gg: &str| -> Result<Option<usize>> {
-            match v {
-                None => Ok(None),
-                Some(v) => {
-                    let src = vec_name(b.raw, Some(l), &[hf], &[gg]);
-                    Ok(Some(b.vec(format!("{l}.{key}.{hf}"), v, src)?))
+        let bias =
+            |b: &mut Self, v: &Option<Vec<f32>>, hf: &str, gg: &str| -> Result<Option<usize>> {
+                match v {
+                    None => Ok(None),
+                    Some(v) => {
+                        let src = vec_name(b.raw, Some(l), &[hf], &[gg]);
+                        Ok(Some(b.vec(format!("{l}.{key}.{hf}"), v, src)?))
+                    }
                 }
-            }
-        };
+            };
         Ok(NMlp {
             up: self.mat(&m.up)?,
             gate: m.gate.as_ref().map(|g| self.mat(g)).transpose()?,
             down: self.mat(&m.down)?,
             act: m.act,
-            up_b: bias(self, &m.up_bias, &format!("{key}.up_proj.bias"), "ffn_up.bias")?,
-            gate_b: bias(self, &m.gate_bias, &format!("{key}.gate_proj.bias"), "ffn_gate.bias")?,
-            down_b: bias(self, &m.down_bias, &format!("{key}.down_proj.bias"), "ffn_down.bias")?,
+            up_b: bias(
+                self,
+                &m.up_bias,
+                &format!("{key}.up_proj.bias"),
+                "ffn_up.bias",
+            )?,
+            gate_b: bias(
+                self,
+                &m.gate_bias,
+                &format!("{key}.gate_proj.bias"),
+                "ffn_gate.bias",
+            )?,
+            down_b: bias(
+                self,
+                &m.down_bias,
+                &format!("{key}.down_proj.bias"),
+                "ffn_down.bias",
+            )?,
         })
     }
 }
@@ -193,15 +222,30 @@ impl Net {
         };
         let embed = b.mat(&m.embed)?;
         let lm_head = m.lm_head.as_ref().map(|h| b.mat(h)).transpose()?;
-        let src = vec_name(raw, None, &["backbone.norm_f.weight", "model.norm.weight"], &["output_norm.weight"]);
+        let src = vec_name(
+            raw,
+            None,
+            &["backbone.norm_f.weight", "model.norm.weight"],
+            &["output_norm.weight"],
+        );
         let norm_f = b.vec("norm_f".into(), &m.norm_f, src)?;
         let llama = m.arch() == "llama";
         let mut blocks = vec![];
         for blk in &m.blocks {
             let l = blk.layer;
             let norm_src = match (&blk.mixer, llama) {
-                (Mixer::Attention(_), true) => vec_name(raw, Some(l), &["input_layernorm.weight"], &["attn_norm.weight"]),
-                (_, true) => vec_name(raw, Some(l), &["post_attention_layernorm.weight"], &["ffn_norm.weight"]),
+                (Mixer::Attention(_), true) => vec_name(
+                    raw,
+                    Some(l),
+                    &["input_layernorm.weight"],
+                    &["attn_norm.weight"],
+                ),
+                (_, true) => vec_name(
+                    raw,
+                    Some(l),
+                    &["post_attention_layernorm.weight"],
+                    &["ffn_norm.weight"],
+                ),
                 _ => vec_name(raw, Some(l), &["norm.weight"], &["attn_norm.weight"]),
             };
             let norm = b.vec(format!("{l}.norm"), &blk.norm, norm_src)?;
@@ -219,7 +263,12 @@ impl Net {
                     .enumerate()
                     {
                         if let Some(v) = v {
-                            let src = vec_name(raw, Some(l), &[&format!("{pre}.{p}.bias")], &[&format!("{g}.bias")]);
+                            let src = vec_name(
+                                raw,
+                                Some(l),
+                                &[&format!("{pre}.{p}.bias")],
+                                &[&format!("{g}.bias")],
+                            );
                             bias[i] = Some(b.vec(format!("{l}.{p}.bias"), v, src)?);
                         }
                     }
@@ -247,12 +296,30 @@ impl Net {
                     NMixer::Mamba {
                         in_proj: b.mat(&x.in_proj)?,
                         out_proj: b.mat(&x.out_proj)?,
-                        conv_w: b.add(format!("{l}.conv_w"), v("mixer.conv1d.weight", "ssm_conv1d.weight"), Export::Same, x.conv_w.clone(), &[x.conv_dim(), x.conv_k])?,
-                        conv_b: Some(b.vec(format!("{l}.conv_b"), &x.conv_b, v("mixer.conv1d.bias", "ssm_conv1d.bias"))?),
-                        dt_bias: b.vec(format!("{l}.dt_bias"), &x.dt_bias, v("mixer.dt_bias", "ssm_dt.bias"))?,
+                        conv_w: b.add(
+                            format!("{l}.conv_w"),
+                            v("mixer.conv1d.weight", "ssm_conv1d.weight"),
+                            Export::Same,
+                            x.conv_w.clone(),
+                            &[x.conv_dim(), x.conv_k],
+                        )?,
+                        conv_b: Some(b.vec(
+                            format!("{l}.conv_b"),
+                            &x.conv_b,
+                            v("mixer.conv1d.bias", "ssm_conv1d.bias"),
+                        )?),
+                        dt_bias: b.vec(
+                            format!("{l}.dt_bias"),
+                            &x.dt_bias,
+                            v("mixer.dt_bias", "ssm_dt.bias"),
+                        )?,
                         a_log: b.add(format!("{l}.a_log"), a_src, export, a_log, &[n])?,
                         d: b.vec(format!("{l}.d"), &x.d, v("mixer.D", "ssm_d"))?,
-                        norm: b.vec(format!("{l}.mixer_norm"), &x.norm, v("mixer.norm.weight", "ssm_norm.weight"))?,
+                        norm: b.vec(
+                            format!("{l}.mixer_norm"),
+                            &x.norm,
+                            v("mixer.norm.weight", "ssm_norm.weight"),
+                        )?,
                         heads: x.heads,
                         head_dim: x.head_dim,
                         groups: x.groups,
@@ -266,16 +333,35 @@ impl Net {
                 }
                 Mixer::Mlp(x) => NMixer::Mlp(b.mlp(x, l, if llama { "mlp" } else { "mixer" })?),
                 Mixer::Moe(x) => {
-                    let src = vec_name(raw, Some(l), &["mixer.gate.weight"], &["ffn_gate_inp.weight"]);
-                    let router = b.add(format!("{l}.router"), src, Export::Same, x.router.clone(), &[x.experts, x.hidden])?;
+                    let src = vec_name(
+                        raw,
+                        Some(l),
+                        &["mixer.gate.weight"],
+                        &["ffn_gate_inp.weight"],
+                    );
+                    let router = b.add(
+                        format!("{l}.router"),
+                        src,
+                        Export::Same,
+                        x.router.clone(),
+                        &[x.experts, x.hidden],
+                    )?;
                     let up = x.up.iter().map(|t| b.mat(t)).collect::<Result<Vec<_>>>()?;
-                    let down = x.down.iter().map(|t| b.mat(t)).collect::<Result<Vec<_>>>()?;
+                    let down = x
+                        .down
+                        .iter()
+                        .map(|t| b.mat(t))
+                        .collect::<Result<Vec<_>>>()?;
                     NMixer::Moe {
                         router,
                         bias: x.bias.clone(),
                         up,
                         down,
-                        shared: x.shared.as_ref().map(|s| b.mlp(s, l, "mixer.shared_experts")).transpose()?,
+                        shared: x
+                            .shared
+                            .as_ref()
+                            .map(|s| b.mlp(s, l, "mixer.shared_experts"))
+                            .transpose()?,
                         topk: x.topk,
                         n_group: x.n_group,
                         topk_group: x.topk_group,
@@ -305,7 +391,11 @@ impl Net {
 
     /// Total parameter count as a polynomial in the axis sizes (mirrors `Model::params`), so
     /// expected sizes give the expected count. `size(axis, layer)` returns a scalar tensor.
-    pub fn param_count(&self, size: &dyn Fn(&str, usize) -> Result<CT>, keep: &dyn Fn(usize) -> bool) -> Result<CT> {
+    pub fn param_count(
+        &self,
+        size: &dyn Fn(&str, usize) -> Result<CT>,
+        keep: &dyn Fn(usize) -> bool,
+    ) -> Result<CT> {
         let h = size("hidden", 0)?;
         let v = self.vocab as f64;
         let heads = if self.lm_head.is_some() { 2.0 } else { 1.0 };
@@ -316,7 +406,12 @@ impl Net {
                 continue;
             }
             let t = match &blk.mixer {
-                NMixer::Attn { bias, kv_heads, head_dim, .. } => {
+                NMixer::Attn {
+                    bias,
+                    kv_heads,
+                    head_dim,
+                    ..
+                } => {
                     let q = (size("heads", l)? * *head_dim as f64)?;
                     let kv = (kv_heads * head_dim) as f64;
                     let mut t = ((&q * &h)? * 2.0)?;
@@ -332,13 +427,19 @@ impl Net {
                     }
                     t
                 }
-                NMixer::Mamba { groups, state, conv_k, .. } => {
+                NMixer::Mamba {
+                    groups,
+                    state,
+                    conv_k,
+                    ..
+                } => {
                     let na = size("mamba_heads", l)?;
                     let ni = (&na * &size("mamba_head_dim", l)?)?;
                     let gn = (groups * state) as f64;
                     let cw = (&ni + 2.0 * gn)?;
                     let inp = (((&ni * 2.0)? + &na)? + 2.0 * gn)?;
-                    ((((((inp * &h)? + (&cw * *conv_k as f64)?)? + cw)? + (&na * 3.0)?)? + &ni)? + (&h * &ni)?)?
+                    ((((((inp * &h)? + (&cw * *conv_k as f64)?)? + cw)? + (&na * 3.0)?)? + &ni)?
+                        + (&h * &ni)?)?
                 }
                 NMixer::Mlp(m) => {
                     let k = if m.gate.is_some() { 3.0 } else { 2.0 };
@@ -365,12 +466,18 @@ impl Net {
     /// Logits [B·T, vocab] of `b` sequences of `t` tokens (row-major in `tokens`) under `masks`.
     pub fn forward(&self, tokens: &[u32], b: usize, t: usize, masks: &Masks) -> Result<CT> {
         if tokens.len() != b * t {
-            return Err(Error::Train(format!("{} tokens for {b} sequences of {t}", tokens.len())));
+            return Err(Error::Train(format!(
+                "{} tokens for {b} sequences of {t}",
+                tokens.len()
+            )));
         }
         let ids = CT::from_vec(tokens.to_vec(), tokens.len(), &dev())?;
         let mh = &masks.hidden;
         let count = mh.sum_all()?;
-        let mut x = self.p(self.embed).index_select(&ids, 0)?.broadcast_mul(mh)?;
+        let mut x = self
+            .p(self.embed)
+            .index_select(&ids, 0)?
+            .broadcast_mul(mh)?;
         for blk in &self.blocks {
             let lm = &masks.layers[blk.layer];
             if !lm.keep {
@@ -413,9 +520,23 @@ impl Net {
     }
 
     fn attention(&self, mx: &NMixer, x: &CT, b: usize, t: usize, lm: &LayerMasks) -> Result<CT> {
-        let NMixer::Attn { q, k, v, o, bias, heads, kv_heads, head_dim, rope } = mx else { unreachable!() };
+        let NMixer::Attn {
+            q,
+            k,
+            v,
+            o,
+            bias,
+            heads,
+            kv_heads,
+            head_dim,
+            rope,
+        } = mx
+        else {
+            unreachable!()
+        };
         let (nh, kv, d) = (*heads, *kv_heads, *head_dim);
-        let split = |y: CT, n: usize| -> Result<CT> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?) };
+        let split =
+            |y: CT, n: usize| -> Result<CT> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?) };
         let mut qh = split(self.linear(x, *q, bias[0])?, nh)?;
         let mut kh = split(self.linear(x, *k, bias[1])?, kv)?;
         let vh = split(self.linear(x, *v, bias[2])?, kv)?;
@@ -426,7 +547,9 @@ impl Net {
         }
         let per = nh / kv;
         let expand = |z: CT| -> Result<CT> {
-            Ok(z.unsqueeze(2)?.broadcast_as((b, kv, per, t, d))?.reshape((b, nh, t, d))?)
+            Ok(z.unsqueeze(2)?
+                .broadcast_as((b, kv, per, t, d))?
+                .reshape((b, nh, t, d))?)
         };
         let kh = expand(kh)?.contiguous()?;
         let vh = expand(vh)?.contiguous()?;
@@ -443,7 +566,28 @@ impl Net {
     }
 
     fn mamba(&self, mx: &NMixer, x: &CT, b: usize, t: usize, lm: &LayerMasks) -> Result<CT> {
-        let NMixer::Mamba { in_proj, out_proj, conv_w, conv_b, dt_bias, a_log, d, norm, heads, head_dim, groups, state, conv_k, chunk, dt_min, dt_max, eps } = mx else { unreachable!() };
+        let NMixer::Mamba {
+            in_proj,
+            out_proj,
+            conv_w,
+            conv_b,
+            dt_bias,
+            a_log,
+            d,
+            norm,
+            heads,
+            head_dim,
+            groups,
+            state,
+            conv_k,
+            chunk,
+            dt_min,
+            dt_max,
+            eps,
+        } = mx
+        else {
+            unreachable!()
+        };
         let (nh, p, g, n, k) = (*heads, *head_dim, *groups, *state, *conv_k);
         let di = nh * p;
         let cd = di + 2 * g * n;
@@ -454,9 +598,13 @@ impl Net {
         // Causal depthwise conv (spec §2.3.2): y_t = b + Σ_q w_q · x_{t−K+1+q}.
         let xp = xbc.pad_with_zeros(1, k - 1, 0)?;
         let w = self.p(*conv_w);
-        let mut acc = xp.narrow(1, 0, t)?.broadcast_mul(&w.narrow(1, 0, 1)?.reshape(cd)?)?;
+        let mut acc = xp
+            .narrow(1, 0, t)?
+            .broadcast_mul(&w.narrow(1, 0, 1)?.reshape(cd)?)?;
         for q in 1..k {
-            acc = (acc + xp.narrow(1, q, t)?.broadcast_mul(&w.narrow(1, q, 1)?.reshape(cd)?)?)?;
+            acc = (acc
+                + xp.narrow(1, q, t)?
+                    .broadcast_mul(&w.narrow(1, q, 1)?.reshape(cd)?)?)?;
         }
         if let Some(cb) = conv_b {
             acc = acc.broadcast_add(self.p(*cb))?;
@@ -468,10 +616,17 @@ impl Net {
         }
         let bm = xbc.narrow(1, di, g * n)?;
         let cm = xbc.narrow(1, di + g * n, g * n)?;
-        let dt = softplus(&dt.broadcast_add(self.p(*dt_bias))?)?.clamp(*dt_min as f64, (*dt_max as f64).min(1e30))?;
+        let dt = softplus(&dt.broadcast_add(self.p(*dt_bias))?)?
+            .clamp(*dt_min as f64, (*dt_max as f64).min(1e30))?;
         let a = self.p(*a_log).exp()?.neg()?;
         let y = ssd(&xs, &dt, &a, &bm, &cm, b, t, nh, p, g, n, *chunk)?; // [b·t, di]
-        let y = (y + xs.broadcast_mul(&self.p(*d).reshape((nh, 1))?.broadcast_as((nh, p))?.reshape(di)?)?)?;
+        let y = (y + xs.broadcast_mul(
+            &self
+                .p(*d)
+                .reshape((nh, 1))?
+                .broadcast_as((nh, p))?
+                .reshape(di)?,
+        )?)?;
         // Gated grouped RMSNorm over the active channels of each group (spec §2.3.8, doc §3.2).
         let y = (y * z.silu()?)?;
         let gs = di / g;
@@ -479,12 +634,20 @@ impl Net {
         let (num, cnt) = match &lm.inner {
             Some(im) => {
                 let img = im.reshape((g, gs))?;
-                (yg.sqr()?.broadcast_mul(&img)?.sum_keepdim(2)?, img.sum_keepdim(1)?)
+                (
+                    yg.sqr()?.broadcast_mul(&img)?.sum_keepdim(2)?,
+                    img.sum_keepdim(1)?,
+                )
             }
-            None => (yg.sqr()?.sum_keepdim(2)?, CT::full(gs as f64, (g, 1), &dev())?.to_dtype(self.dtype)?),
+            None => (
+                yg.sqr()?.sum_keepdim(2)?,
+                CT::full(gs as f64, (g, 1), &dev())?.to_dtype(self.dtype)?,
+            ),
         };
         let ms = num.broadcast_div(&cnt)?;
-        let yn = yg.broadcast_mul(&(ms + *eps as f64)?.sqrt()?.recip()?)?.reshape((b * t, di))?;
+        let yn = yg
+            .broadcast_mul(&(ms + *eps as f64)?.sqrt()?.recip()?)?
+            .reshape((b * t, di))?;
         let mut wn = self.p(*norm).clone();
         if let Some(im) = &lm.inner {
             wn = (wn * im)?;
@@ -494,7 +657,21 @@ impl Net {
     }
 
     fn moe(&self, mx: &NMixer, x: &CT, lm: &LayerMasks) -> Result<CT> {
-        let NMixer::Moe { router, bias, up, down, shared, topk, n_group, topk_group, norm_topk, scale } = mx else { unreachable!() };
+        let NMixer::Moe {
+            router,
+            bias,
+            up,
+            down,
+            shared,
+            topk,
+            n_group,
+            topk_group,
+            norm_topk,
+            scale,
+        } = mx
+        else {
+            unreachable!()
+        };
         let e = up.len();
         let nt = x.dim(0)?;
         let logits = x.matmul(&self.p(*router).t()?)?;
@@ -507,7 +684,11 @@ impl Net {
         let mut choice = vec![0f32; e];
         for ti in 0..nt {
             for j in 0..e {
-                choice[j] = if lm.expert_on[j] { sv[ti * e + j] + bias[j] } else { f32::NEG_INFINITY };
+                choice[j] = if lm.expert_on[j] {
+                    sv[ti * e + j] + bias[j]
+                } else {
+                    f32::NEG_INFINITY
+                };
             }
             if *n_group > 1 {
                 let per = e / n_group;
@@ -515,7 +696,11 @@ impl Net {
                     .map(|gi| {
                         let mut v: Vec<f32> = choice[gi * per..(gi + 1) * per].to_vec();
                         v.sort_by(|a, b| b.total_cmp(a));
-                        let s = if v.len() > 1 && v[1] > f32::NEG_INFINITY { v[0] + v[1] } else { v[0] };
+                        let s = if v.len() > 1 && v[1] > f32::NEG_INFINITY {
+                            v[0] + v[1]
+                        } else {
+                            v[0]
+                        };
                         (s, gi)
                     })
                     .collect();
@@ -555,7 +740,9 @@ impl Net {
         }
         w = (w * *scale as f64)?;
         if let Some(em) = &lm.experts {
-            w = (w * em.index_select(&idx_t.flatten_all()?, 0)?.reshape((nt, k))?)?;
+            w = (w * em
+                .index_select(&idx_t.flatten_all()?, 0)?
+                .reshape((nt, k))?)?;
         }
         let wf = w.flatten_all()?;
         let mut out = x.zeros_like()?;
@@ -564,7 +751,11 @@ impl Net {
                 continue;
             }
             let toks = CT::from_vec(l.iter().map(|p| p.0).collect::<Vec<u32>>(), l.len(), &dev())?;
-            let pos = CT::from_vec(l.iter().map(|p| p.0 * k as u32 + p.1).collect::<Vec<u32>>(), l.len(), &dev())?;
+            let pos = CT::from_vec(
+                l.iter().map(|p| p.0 * k as u32 + p.1).collect::<Vec<u32>>(),
+                l.len(),
+                &dev(),
+            )?;
             let xs = x.index_select(&toks, 0)?;
             let mut h = xs.matmul(&self.p(up[j]).t()?)?.relu()?.sqr()?;
             if let Some(fm) = &lm.moe_ffn {
@@ -584,7 +775,11 @@ impl Net {
 /// RMSNorm over the active channels (method doc §3.2): mean of x² over the soft count of the
 /// hidden mask, weight masked so inactive channels stay exactly zero.
 fn rmsnorm(x: &CT, w: &CT, mask: &CT, count: &CT, eps: f32) -> Result<CT> {
-    let ms = x.sqr()?.broadcast_mul(mask)?.sum_keepdim(D::Minus1)?.broadcast_div(count)?;
+    let ms = x
+        .sqr()?
+        .broadcast_mul(mask)?
+        .sum_keepdim(D::Minus1)?
+        .broadcast_div(count)?;
     let r = (ms + eps as f64)?.sqrt()?.recip()?;
     Ok(x.broadcast_mul(&r)?.broadcast_mul(&(w * mask)?)?)
 }
@@ -604,7 +799,9 @@ fn softplus(x: &CT) -> Result<CT> {
 }
 
 fn causal_bias(t: usize, dt: CD) -> Result<CT> {
-    let v: Vec<f32> = (0..t * t).map(|i| if i % t > i / t { -1e30 } else { 0.0 }).collect();
+    let v: Vec<f32> = (0..t * t)
+        .map(|i| if i % t > i / t { -1e30 } else { 0.0 })
+        .collect();
     Ok(CT::from_vec(v, (t, t), &dev())?.to_dtype(dt)?)
 }
 
@@ -649,28 +846,54 @@ fn apply_rope(x: &CT, cos: &CT, sin: &CT, interleaved: bool) -> Result<CT> {
 /// The SSD chunked scan (spec §2.3.7) as a differentiable graph: x [b·t, nh·p] (already masked),
 /// dt [b·t, nh], A [nh], B/C [b·t, g·n]; returns y [b·t, nh·p] without the D skip.
 #[allow(clippy::too_many_arguments)]
-fn ssd(x: &CT, dt: &CT, a: &CT, bm: &CT, cm: &CT, b: usize, t: usize, nh: usize, p: usize, g: usize, n: usize, chunk: usize) -> Result<CT> {
+fn ssd(
+    x: &CT,
+    dt: &CT,
+    a: &CT,
+    bm: &CT,
+    cm: &CT,
+    b: usize,
+    t: usize,
+    nh: usize,
+    p: usize,
+    g: usize,
+    n: usize,
+    chunk: usize,
+) -> Result<CT> {
     let q = chunk.clamp(1, 256).min(t);
     let nc = t.div_ceil(q);
     let tp = nc * q;
     let dtype = x.dtype();
     // Pad the time axis to whole chunks (zeros add nothing to the state; causal, so earlier outputs
     // are unchanged) and expand B/C from groups to heads.
-    let pad = |z: CT, w: usize| -> Result<CT> { Ok(z.reshape((b, t, w))?.pad_with_zeros(1, 0, tp - t)?) };
+    let pad =
+        |z: CT, w: usize| -> Result<CT> { Ok(z.reshape((b, t, w))?.pad_with_zeros(1, 0, tp - t)?) };
     let hg: Vec<u32> = (0..nh).map(|h| (h / (nh / g)) as u32).collect();
     let hg = CT::from_vec(hg, nh, &dev())?;
     let per_head = |z: &CT| -> Result<CT> {
-        let z = pad(z.clone(), g * n)?.reshape((b, tp, g, n))?.index_select(&hg, 2)?; // [b,tp,nh,n]
-        Ok(z.reshape((b, nc, q, nh, n))?.permute((0, 1, 3, 2, 4))?.contiguous()?) // [b,nc,nh,q,n]
+        let z = pad(z.clone(), g * n)?
+            .reshape((b, tp, g, n))?
+            .index_select(&hg, 2)?; // [b,tp,nh,n]
+        Ok(z.reshape((b, nc, q, nh, n))?
+            .permute((0, 1, 3, 2, 4))?
+            .contiguous()?) // [b,nc,nh,q,n]
     };
     let bh = per_head(bm)?;
     let ch = per_head(cm)?;
-    let xh = pad(x.clone(), nh * p)?.reshape((b, nc, q, nh, p))?.permute((0, 1, 3, 2, 4))?.contiguous()?;
-    let dtc = pad(dt.clone(), nh)?.reshape((b, nc, q, nh))?.permute((0, 1, 3, 2))?.contiguous()?; // [b,nc,nh,q]
+    let xh = pad(x.clone(), nh * p)?
+        .reshape((b, nc, q, nh, p))?
+        .permute((0, 1, 3, 2, 4))?
+        .contiguous()?;
+    let dtc = pad(dt.clone(), nh)?
+        .reshape((b, nc, q, nh))?
+        .permute((0, 1, 3, 2))?
+        .contiguous()?; // [b,nc,nh,q]
     let adt = dtc.broadcast_mul(&a.reshape((1, 1, nh, 1))?)?;
     let cs = adt.cumsum(3)?; // [b,nc,nh,q]
     // L[i,j] = exp(cs_i − cs_j) for j ≤ i, 0 above the diagonal.
-    let tril: Vec<f32> = (0..q * q).map(|i| if i % q <= i / q { 1.0 } else { 0.0 }).collect();
+    let tril: Vec<f32> = (0..q * q)
+        .map(|i| if i % q <= i / q { 1.0 } else { 0.0 })
+        .collect();
     let tril = CT::from_vec(tril, (q, q), &dev())?.to_dtype(dtype)?;
     let neg = ((&tril - 1.0)? * 1e30)?;
     let seg = cs.unsqueeze(4)?.broadcast_sub(&cs.unsqueeze(3)?)?;
@@ -693,7 +916,9 @@ fn ssd(x: &CT, dt: &CT, a: &CT, bm: &CT, cm: &CT, b: usize, t: usize, nh: usize,
         s = (s.broadcast_mul(&e)? + states.narrow(1, c, 1)?.squeeze(1)?)?;
     }
     let yoff = CT::stack(&yoff, 1)?; // [b,nc,nh,q,p]
-    let y = (ydiag + yoff)?.permute((0, 1, 3, 2, 4))?.reshape((b, tp, nh * p))?;
+    let y = (ydiag + yoff)?
+        .permute((0, 1, 3, 2, 4))?
+        .reshape((b, tp, nh * p))?;
     Ok(y.narrow(1, 0, t)?.reshape((b * t, nh * p))?)
 }
 
@@ -707,7 +932,10 @@ fn bmm(a: &CT, b: &CT) -> Result<CT> {
     }
     let batch: usize = ad[..r - 2].iter().product();
     let (m, k, n) = (ad[r - 2], ad[r - 1], bd[r - 1]);
-    let y = a.contiguous()?.reshape((batch, m, k))?.matmul(&b.contiguous()?.reshape((batch, k, n))?)?;
+    let y = a
+        .contiguous()?
+        .reshape((batch, m, k))?
+        .matmul(&b.contiguous()?.reshape((batch, k, n))?)?;
     let mut od = ad[..r - 2].to_vec();
     od.extend([m, n]);
     Ok(y.reshape(od)?)

@@ -45,16 +45,29 @@ impl Axis {
 /// Which layers carry an axis, its parent size, its group count.
 fn axis_info(s: &Shape, name: &str) -> (Vec<usize>, usize, usize) {
     let ls = |f: &dyn Fn(LayerKind) -> bool| -> Vec<usize> {
-        s.layers.iter().enumerate().filter(|(_, k)| f(**k)).map(|(i, _)| i).collect()
+        s.layers
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| f(**k))
+            .map(|(i, _)| i)
+            .collect()
     };
     match name {
         "hidden" => (vec![], s.hidden, 1),
         "ffn" => (ls(&|k| k.has_mlp()), s.ffn, 1),
         "heads" => (ls(&|k| k.has_attention()), s.heads, s.kv_heads),
-        "mamba_heads" => (ls(&|k| k == LayerKind::Mamba), s.mamba_heads, s.mamba_groups),
+        "mamba_heads" => (
+            ls(&|k| k == LayerKind::Mamba),
+            s.mamba_heads,
+            s.mamba_groups,
+        ),
         "mamba_head_dim" => (ls(&|k| k == LayerKind::Mamba), s.mamba_head_dim, 1),
         "moe_ffn" => (ls(&|k| k == LayerKind::Moe), s.moe_ffn, 1),
-        "experts" => (ls(&|k| k == LayerKind::Moe), s.experts, s.expert_groups.max(1)),
+        "experts" => (
+            ls(&|k| k == LayerKind::Moe),
+            s.experts,
+            s.expert_groups.max(1),
+        ),
         "shared_ffn" => (ls(&|k| k == LayerKind::Moe), s.shared_ffn, 1),
         _ => unreachable!(),
     }
@@ -90,14 +103,24 @@ pub struct Decision {
 impl Router {
     /// Axes that vary across `budgets` (the others stay at the parent's size); allowed sizes are
     /// eighths of the parent (rounded to whole groups) plus every size a budget names.
-    pub fn new(shape: &Shape, budgets: &[Budget], per_layer: bool, rng: &mut Rng, dt: CD) -> Result<Router> {
+    pub fn new(
+        shape: &Shape,
+        budgets: &[Budget],
+        per_layer: bool,
+        rng: &mut Rng,
+        dt: CD,
+    ) -> Result<Router> {
         let mut axes = vec![];
         for name in crate::budget::AXES {
             let (layers, parent, groups) = axis_info(shape, name);
             if parent == 0 || (name != "hidden" && layers.is_empty()) {
                 continue;
             }
-            let probe: Vec<usize> = if name == "hidden" { vec![0] } else { layers.clone() };
+            let probe: Vec<usize> = if name == "hidden" {
+                vec![0]
+            } else {
+                layers.clone()
+            };
             let mut sizes = std::collections::BTreeSet::new();
             for b in budgets {
                 for &l in &probe {
@@ -120,8 +143,12 @@ impl Router {
             let k = choices.len();
             let lin = |rng: &mut Rng, o: usize, i: usize| -> Result<Var> {
                 let bound = 1.0 / (i as f32).sqrt();
-                let v: Vec<f32> = (0..o * i).map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * bound).collect();
-                Ok(Var::from_tensor(&CT::from_vec(v, (o, i), &dev())?.to_dtype(dt)?)?)
+                let v: Vec<f32> = (0..o * i)
+                    .map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * bound)
+                    .collect();
+                Ok(Var::from_tensor(
+                    &CT::from_vec(v, (o, i), &dev())?.to_dtype(dt)?,
+                )?)
             };
             let w1 = lin(rng, HIDDEN, nb)?;
             let b1 = Var::from_tensor(&CT::zeros((1, HIDDEN), dt, &dev())?)?;
@@ -153,15 +180,25 @@ impl Router {
         let mut oh = vec![0f32; self.n_budgets];
         oh[bi] = 1.0;
         let x = CT::from_vec(oh, (1, self.n_budgets), &dev())?.to_dtype(dt)?;
-        let h = x.matmul(&ax.vars[0].as_tensor().t()?)?.broadcast_add(ax.vars[1].as_tensor())?;
+        let h = x
+            .matmul(&ax.vars[0].as_tensor().t()?)?
+            .broadcast_add(ax.vars[1].as_tensor())?;
         let h = h.maximum(&(&h * 0.01)?)?; // LeakyReLU
-        let z = h.matmul(&ax.vars[2].as_tensor().t()?)?.broadcast_add(ax.vars[3].as_tensor())?;
+        let z = h
+            .matmul(&ax.vars[2].as_tensor().t()?)?
+            .broadcast_add(ax.vars[3].as_tensor())?;
         Ok(z.reshape((ax.slots(), ax.choices.len()))?)
     }
 
     /// Gumbel-softmax at temperature `tau` (noise from `rng`; `None` = no noise); `hard` uses the
     /// argmax one-hot forward with the soft gradient (straight-through).
-    pub fn decide(&self, bi: usize, tau: f64, rng: Option<&mut Rng>, hard: bool) -> Result<Decision> {
+    pub fn decide(
+        &self,
+        bi: usize,
+        tau: f64,
+        rng: Option<&mut Rng>,
+        hard: bool,
+    ) -> Result<Decision> {
         let mut pi = vec![];
         let mut rng = rng;
         for ax in &self.axes {
@@ -171,9 +208,9 @@ impl Router {
                 Some(r) => {
                     let g: Vec<f32> = (0..s * k).map(|_| r.gumbel() as f32).collect();
                     {
-                    let dt = z.dtype();
-                    (z + CT::from_vec(g, (s, k), &dev())?.to_dtype(dt)?)?
-                }
+                        let dt = z.dtype();
+                        (z + CT::from_vec(g, (s, k), &dev())?.to_dtype(dt)?)?
+                    }
                 }
                 None => z,
             };
@@ -233,7 +270,9 @@ impl Router {
                 if ax.groups == 1 {
                     return Ok(r);
                 }
-                Ok(r.unsqueeze(0)?.broadcast_as((ax.groups, per))?.flatten_all()?)
+                Ok(r.unsqueeze(0)?
+                    .broadcast_as((ax.groups, per))?
+                    .flatten_all()?)
             };
             if ax.name == "hidden" {
                 m.hidden = rows.squeeze(0)?;
@@ -250,7 +289,12 @@ impl Router {
                     "experts" => {
                         // Routing picks among the argmax choice's experts; their outputs carry the
                         // soft weight.
-                        let c = ax.choices[pi.narrow(0, ax.slot(l), 1)?.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?[0] as usize];
+                        let c = ax.choices[pi
+                            .narrow(0, ax.slot(l), 1)?
+                            .argmax_keepdim(D::Minus1)?
+                            .flatten_all()?
+                            .to_vec1::<u32>()?[0]
+                            as usize];
                         let on = grouped(&prefix(per, c / ax.groups), ax.groups);
                         lm.expert_on = on.iter().map(|&v| v > 0.0).collect();
                         lm.experts = Some(r);
@@ -275,14 +319,23 @@ impl Router {
                     Some(i) => self.row(i, &d.pi[i], l, dt)?,
                     None => {
                         let per = shape.mamba_heads / shape.mamba_groups;
-                        vec_t(grouped(&prefix(per, lb.mamba_heads / shape.mamba_groups), shape.mamba_groups), dt)?
+                        vec_t(
+                            grouped(
+                                &prefix(per, lb.mamba_heads / shape.mamba_groups),
+                                shape.mamba_groups,
+                            ),
+                            dt,
+                        )?
                     }
                 };
                 let dims = match id {
                     Some(i) => self.row(i, &d.pi[i], l, dt)?,
                     None => vec_t(prefix(shape.mamba_head_dim, lb.mamba_head_dim), dt)?,
                 };
-                let inner = heads.unsqueeze(1)?.broadcast_mul(&dims.unsqueeze(0)?)?.flatten_all()?;
+                let inner = heads
+                    .unsqueeze(1)?
+                    .broadcast_mul(&dims.unsqueeze(0)?)?
+                    .flatten_all()?;
                 m.layers[l].inner = Some(inner);
             }
         }
@@ -302,7 +355,9 @@ impl Router {
         if ax.groups == 1 {
             return Ok(r);
         }
-        Ok(r.unsqueeze(0)?.broadcast_as((ax.groups, per))?.flatten_all()?)
+        Ok(r.unsqueeze(0)?
+            .broadcast_as((ax.groups, per))?
+            .flatten_all()?)
     }
 
     /// Expected size of an axis at a layer: Σ_k π_k c_k (a scalar tensor), or None if the router
@@ -332,15 +387,30 @@ impl Router {
                     let lsm = log_softmax(&z)?;
                     let mut tgt = vec![];
                     for s in 0..ax.slots() {
-                        let l = if ax.name == "hidden" { 0 } else if ax.per_layer { ax.layers[s] } else { ax.layers[0] };
+                        let l = if ax.name == "hidden" {
+                            0
+                        } else if ax.per_layer {
+                            ax.layers[s]
+                        } else {
+                            ax.layers[0]
+                        };
                         let want = size_of(b, ax.name, l);
-                        let k = ax.choices.iter().position(|&c| c == want).ok_or_else(|| Error::Train(format!("{} size {want} is not an allowed choice", ax.name)))?;
+                        let k = ax.choices.iter().position(|&c| c == want).ok_or_else(|| {
+                            Error::Train(format!(
+                                "{} size {want} is not an allowed choice",
+                                ax.name
+                            ))
+                        })?;
                         tgt.push(k as u32);
                     }
                     let n = tgt.len();
                     let idx = CT::from_vec(tgt, (n, 1), &dev())?;
                     let lp = lsm.gather(&idx, 1)?;
-                    let worst: f32 = lp.min_keepdim(0)?.to_dtype(CD::F32)?.flatten_all()?.to_vec1()?[0];
+                    let worst: f32 = lp
+                        .min_keepdim(0)?
+                        .to_dtype(CD::F32)?
+                        .flatten_all()?
+                        .to_vec1()?[0];
                     if worst as f64 >= p_min.ln() {
                         continue; // this slot already gives its manifest size p ≥ p_min
                     }
