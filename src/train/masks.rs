@@ -107,7 +107,7 @@ impl Masks {
 }
 
 /// Flattened outer product a ⊗ b.
-pub fn outer(a: &[f32], b: &[f32]) -> Vec<f32> {
+fn outer(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter()
         .flat_map(|x| b.iter().map(move |y| x * y))
         .collect()

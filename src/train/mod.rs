@@ -504,7 +504,6 @@ fn clip_to(b: &Budget, prev: &Budget, shape: &crate::budget::Shape) -> Result<Bu
             spec.skip.insert(i);
         }
     }
-    let _ = shape;
     spec.resolve(shape)
 }
 

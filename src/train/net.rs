@@ -7,7 +7,6 @@
 use super::masks::{LayerMasks, Masks};
 use crate::budget::Shape;
 use crate::error::{Error, Result};
-use crate::layers::mlp::Act;
 use crate::model::{Mixer, Model};
 use crate::models::Raw;
 use candle_core::{D, DType as CD, Device, Tensor as CT, Var};
@@ -40,7 +39,6 @@ struct NMlp {
     up: usize,
     gate: Option<usize>,
     down: usize,
-    act: Act,
     up_b: Option<usize>,
     gate_b: Option<usize>,
     down_b: Option<usize>,
@@ -188,7 +186,6 @@ impl Builder<'_> {
             up: self.mat(&m.up)?,
             gate: m.gate.as_ref().map(|g| self.mat(g)).transpose()?,
             down: self.mat(&m.down)?,
-            act: m.act,
             up_b: bias(
                 self,
                 &m.up_bias,
@@ -508,10 +505,10 @@ impl Net {
     fn mlp(&self, m: &NMlp, x: &CT, mask: Option<&CT>) -> Result<CT> {
         let u = self.linear(x, m.up, m.up_b)?;
         let h = match m.gate {
+            // Llama's SwiGLU when gated, Nemotron-H's relu² otherwise (layers/mlp.rs).
             Some(g) => (u * self.linear(x, g, m.gate_b)?.silu()?)?,
             None => u.relu()?.sqr()?,
         };
-        let _ = m.act;
         let h = match mask {
             Some(mk) => h.broadcast_mul(mk)?,
             None => h,

@@ -4,7 +4,7 @@
 //! the argmax prefix with π's gradient (hard, straight-through). The expected sizes Σ_k π_k c_k
 //! give the expected parameter count for the budget loss (§4.2).
 
-use super::masks::{LayerMasks, Masks, grouped, outer, prefix, vec_t};
+use super::masks::{LayerMasks, Masks, grouped, prefix, vec_t};
 use super::net::dev;
 use super::rng::Rng;
 use crate::budget::{Budget, LayerKind, Shape};
@@ -339,7 +339,6 @@ impl Router {
                 m.layers[l].inner = Some(inner);
             }
         }
-        let _ = outer;
         Ok(m)
     }
 
