@@ -74,17 +74,9 @@ fn masked_forward_matches_engine() {
                     let mut c = Cache::new(m, 64);
                     want.extend_from_slice(m.forward(s, &b, &mut c, Logits::All).unwrap());
                 }
-                let mx = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-                let md = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-                eprintln!("{name} {file} {dt:?} {spec}: rel {:.2e}", md / mx);
-                assert!(
-                    md / mx < 2e-5,
-                    "{name} {file} {spec} {dt:?}: rel diff {}",
-                    md / mx
-                );
+                let rel = common::rel_diff(&[got], &[want]);
+                eprintln!("{name} {file} {dt:?} {spec}: rel {rel:.2e}");
+                assert!(rel < 2e-5, "{name} {file} {spec} {dt:?}: rel diff {}", rel);
             }
         }
     }
@@ -405,12 +397,8 @@ fn resume_reproduces_the_run_and_output_is_an_elastic_checkpoint() {
             .to_vec1()
             .unwrap();
         let want: Vec<f32> = common::logits_all(m, &toks, &nb.name).concat();
-        let mx = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let md = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-        assert!(md / mx < 2e-5, "{}: masked vs engine {}", nb.name, md / mx);
+        let rel = common::rel_diff(&[got], &[want]);
+        assert!(rel < 2e-5, "{}: masked vs engine {rel}", nb.name);
     }
     // run / perplexity / slice use it directly.
     let o = bin()
@@ -475,6 +463,17 @@ fn bad_training_input_is_refused() {
     std::fs::write(&bin_file, [0x66u8, 0xff, 0xfe, 0x00]).unwrap();
     a[di + 1] = bin_file.display().to_string();
     refused(&a, "not UTF-8");
+    // Malformed options.
+    let set = |flag: &str, v: &str| -> Vec<String> {
+        let mut a = train_args(&dir, "x");
+        let i = a.iter().position(|x| x == flag).unwrap();
+        a[i + 1] = v.into();
+        a
+    };
+    refused(&with(&["--probs", "0.5,x"], "x"), "--probs");
+    refused(&with(&["--schedule", "linear"], "x"), "--schedule");
+    refused(&set("--seq", "0"), "--seq must be at least 1");
+    refused(&with(&["--dtype", "q4"], "x"), "q4");
     // Budgets not in the manifest.
     refused(
         &with(&["--budgets", "full,tiny"], "x"),

@@ -603,21 +603,14 @@ impl Importance {
 
 /// Random group-preserving permutations of every axis (the "random order" baseline).
 pub fn random_order(shape: &Shape, seed: u64) -> IndexMap {
-    let mut st = seed ^ 0x9E37_79B9_7F4A_7C15;
-    let mut next = move || {
-        st = st.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = st;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+    let mut rng = crate::rng::Rng::new(seed);
     let mut perm = |n: usize, groups: usize| -> Vec<usize> {
         let per = n / groups.max(1);
         let mut v: Vec<usize> = (0..n).collect();
         for g in 0..groups.max(1) {
             let s = &mut v[g * per..(g + 1) * per];
             for i in (1..s.len()).rev() {
-                let j = (next() % (i as u64 + 1)) as usize;
+                let j = (rng.next_u64() % (i as u64 + 1)) as usize;
                 s.swap(i, j);
             }
         }

@@ -25,14 +25,14 @@ impl Default for SamplerConfig {
 
 pub struct Sampler {
     pub cfg: SamplerConfig,
-    rng: u64,
+    rng: crate::rng::Rng,
     idx: Vec<u32>,
     prob: Vec<f32>,
 }
 
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Sampler {
-        let rng = cfg.seed ^ 0x9E37_79B9_7F4A_7C15;
+        let rng = crate::rng::Rng::new(cfg.seed);
         Sampler {
             cfg,
             rng,
@@ -41,14 +41,9 @@ impl Sampler {
         }
     }
 
-    /// splitmix64 → uniform in [0, 1).
+    /// Uniform in [0, 1), 24 bits.
     fn uniform(&mut self) -> f32 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32
+        (self.rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {

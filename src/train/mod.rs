@@ -11,7 +11,7 @@ pub mod export;
 pub mod loss;
 pub mod masks;
 pub mod net;
-pub mod rng;
+pub use crate::rng;
 pub mod router;
 
 use crate::budget::Budget;

@@ -256,52 +256,33 @@ impl Router {
     /// does not own).
     pub fn masks(&self, d: &Decision, base: &Budget, shape: &Shape, dt: CD) -> Result<Masks> {
         let mut m = Masks::hard(shape, base, dt)?;
-        for (ax, pi) in self.axes.iter().zip(&d.pi) {
-            // P[k, i] = 1 if i < c_k (per group).
-            let per = ax.parent / ax.groups;
-            let k = ax.choices.len();
-            let mut pm = Vec::with_capacity(k * per);
-            for &c in &ax.choices {
-                pm.extend(prefix(per, c / ax.groups));
-            }
-            let pmat = CT::from_vec(pm, (k, per), &dev())?.to_dtype(dt)?;
-            let rows = pi.matmul(&pmat)?; // [slots, per]
-            let tile = |r: CT| -> Result<CT> {
-                if ax.groups == 1 {
-                    return Ok(r);
-                }
-                Ok(r.unsqueeze(0)?
-                    .broadcast_as((ax.groups, per))?
-                    .flatten_all()?)
-            };
+        for (i, (ax, pi)) in self.axes.iter().zip(&d.pi).enumerate() {
             if ax.name == "hidden" {
-                m.hidden = rows.squeeze(0)?;
+                m.hidden = self.row(i, pi, 0, dt)?;
                 continue;
             }
             for &l in &ax.layers {
-                let r = tile(rows.narrow(0, ax.slot(l), 1)?.squeeze(0)?)?;
                 let lm: &mut LayerMasks = &mut m.layers[l];
                 match ax.name {
-                    "ffn" => lm.ffn = Some(r),
-                    "heads" => lm.heads = Some(r),
-                    "moe_ffn" => lm.moe_ffn = Some(r),
-                    "shared_ffn" => lm.shared_ffn = Some(r),
+                    "ffn" => lm.ffn = Some(self.row(i, pi, l, dt)?),
+                    "heads" => lm.heads = Some(self.row(i, pi, l, dt)?),
+                    "moe_ffn" => lm.moe_ffn = Some(self.row(i, pi, l, dt)?),
+                    "shared_ffn" => lm.shared_ffn = Some(self.row(i, pi, l, dt)?),
                     "experts" => {
                         // Routing picks among the argmax choice's experts; their outputs carry the
                         // soft weight.
-                        let c = ax.choices[pi
+                        let k = pi
                             .narrow(0, ax.slot(l), 1)?
                             .argmax_keepdim(D::Minus1)?
                             .flatten_all()?
-                            .to_vec1::<u32>()?[0]
-                            as usize];
-                        let on = grouped(&prefix(per, c / ax.groups), ax.groups);
+                            .to_vec1::<u32>()?[0] as usize;
+                        let per = ax.parent / ax.groups;
+                        let on = grouped(&prefix(per, ax.choices[k] / ax.groups), ax.groups);
                         lm.expert_on = on.iter().map(|&v| v > 0.0).collect();
-                        lm.experts = Some(r);
+                        lm.experts = Some(self.row(i, pi, l, dt)?);
                     }
-                    "mamba_heads" | "mamba_head_dim" => {
-                        // inner = heads ⊗ head_dim; rebuilt from both axes below.
-                    }
+                    // inner = heads ⊗ head_dim; built from both axes below.
+                    "mamba_heads" | "mamba_head_dim" => {}
                     _ => unreachable!(),
                 }
             }
@@ -342,6 +323,8 @@ impl Router {
         Ok(m)
     }
 
+    /// The soft mask of axis `i` at layer `l`: π_slot · P with P[k, j] = 1 if j < c_k (per group),
+    /// repeated over the groups.
     fn row(&self, i: usize, pi: &CT, l: usize, dt: CD) -> Result<CT> {
         let ax = &self.axes[i];
         let per = ax.parent / ax.groups;

@@ -1,5 +1,5 @@
-//! The one random stream of a training run (budget sampling, Gumbel noise, data order): SplitMix64,
-//! whose whole state is one u64, so checkpoints restore it exactly.
+//! SplitMix64, the project's one random stream (sampling, random orders, training): its whole
+//! state is one u64, so training checkpoints restore it exactly.
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rng {
