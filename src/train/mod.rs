@@ -7,6 +7,7 @@
 //! (lr 9e-5) and the router (1e-2). Checkpoints hold everything needed to resume bit for bit.
 
 pub mod adamw;
+pub mod denormal;
 pub mod export;
 pub mod loss;
 pub mod masks;
@@ -131,6 +132,7 @@ impl<'a> Trainer<'a> {
         train: Vec<u32>,
         eval: Vec<u32>,
     ) -> Result<Trainer<'a>> {
+        denormal::flush_everywhere();
         let m = &student.model;
         if teacher.vocab != m.vocab {
             return Err(Error::Input(format!(
