@@ -65,6 +65,9 @@ mod tests {
         candle_core::utils::with_threadpool(|| rayon::broadcast(|_| note()));
         let seen = seen.into_inner().unwrap();
         assert!(seen.len() >= 4, "{seen:?}");
-        assert!(seen.iter().all(|&f| f), "a thread still computes denormals: {seen:?}");
+        assert!(
+            seen.iter().all(|&f| f),
+            "a thread still computes denormals: {seen:?}"
+        );
     }
 }
