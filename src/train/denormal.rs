@@ -32,14 +32,19 @@ pub fn flushing_on_this_thread() -> bool {
     std::hint::black_box(tiny * 0.5) == 0.0
 }
 
-/// Flush on every thread training computes on: this one, elastica's pool (the teacher, the KD
-/// loss), candle's barrier pool and rayon's pools (candle's element-wise ops and GEMM).
+/// Runs `f` once on every thread training computes on: this one, elastica's pool (the teacher,
+/// the KD loss), candle's barrier pool and rayon's pools (candle's element-wise ops and GEMM).
+fn on_every_thread(f: impl Fn() + Sync) {
+    f();
+    crate::kernels::pool::pool().run(|_| f());
+    candle_core::utils::barrier_pool().execute(|_| f());
+    rayon::broadcast(|_| f());
+    candle_core::utils::with_threadpool(|| rayon::broadcast(|_| f()));
+}
+
+/// Flush denormals on every thread training computes on.
 pub fn flush_everywhere() {
-    flush_on_this_thread();
-    crate::kernels::pool::pool().run(|_| flush_on_this_thread());
-    candle_core::utils::barrier_pool().execute(|_| flush_on_this_thread());
-    rayon::broadcast(|_| flush_on_this_thread());
-    candle_core::utils::with_threadpool(|| rayon::broadcast(|_| flush_on_this_thread()));
+    on_every_thread(flush_on_this_thread);
 }
 
 #[cfg(test)]
@@ -51,18 +56,11 @@ mod tests {
     #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
     fn every_training_thread_flushes() {
         // Start every pool first: a thread spawned after the flush would inherit the mode anyway.
-        crate::kernels::pool::pool().run(|_| ());
-        candle_core::utils::barrier_pool().execute(|_| ());
-        rayon::broadcast(|_| ());
-        candle_core::utils::with_threadpool(|| rayon::broadcast(|_| ()));
+        on_every_thread(|| ());
         flush_everywhere();
         assert!(flushing_on_this_thread());
         let seen = Mutex::new(vec![]);
-        let note = || seen.lock().unwrap().push(flushing_on_this_thread());
-        crate::kernels::pool::pool().run(|_| note());
-        candle_core::utils::barrier_pool().execute(|_| note());
-        rayon::broadcast(|_| note());
-        candle_core::utils::with_threadpool(|| rayon::broadcast(|_| note()));
+        on_every_thread(|| seen.lock().unwrap().push(flushing_on_this_thread()));
         let seen = seen.into_inner().unwrap();
         assert!(seen.len() >= 4, "{seen:?}");
         assert!(
