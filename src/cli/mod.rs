@@ -23,7 +23,7 @@ use std::process::ExitCode;
     about = "One checkpoint, many models: nested-budget inference for Nemotron-H and Llama"
 )]
 struct Cli {
-    /// Worker threads for the kernels (default: all cores).
+    /// Worker threads for the kernels (default: the physical cores; at most the logical CPUs).
     #[arg(short = 't', long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
@@ -74,6 +74,15 @@ pub fn main() -> ExitCode {
             eprintln!("error: --threads must be at least 1");
             return ExitCode::from(2);
         }
+        let cpus = crate::kernels::pool::logical_cpus();
+        let t = if t > cpus {
+            eprintln!(
+                "warning: --threads {t} is more than the {cpus} logical CPUs this process may use; using {cpus}"
+            );
+            cpus
+        } else {
+            t
+        };
         crate::kernels::pool::init(t);
     }
     let r = match cli.cmd {

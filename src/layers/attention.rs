@@ -6,7 +6,7 @@ use super::{Observer, Scratch, SyncPtr, add_bias, buf, linear};
 use crate::budget::LayerBudget;
 use crate::kernels::gemm::gemm_nt;
 use crate::kernels::ops::{dot, softmax};
-use crate::kernels::pool::{pool, split};
+use crate::kernels::pool::pool;
 
 pub struct Rope {
     /// Inverse frequencies, head_dim/2 of them.
@@ -152,7 +152,7 @@ impl Attention {
             if len * nq * d < 1 << 15 {
                 (0..nq).for_each(work);
             } else {
-                pool().run(|tid| split(nq, threads, tid, 1).for_each(work));
+                pool().for_each(nq, work);
             }
         } else {
             // V transposed per KV head, [kv][d][len], for the P·V product.
@@ -167,9 +167,9 @@ impl Attention {
             }
             let vt = &*vt;
             let scp = SyncPtr(scores.as_mut_ptr());
-            pool().run(|tid| {
+            pool().for_chunks(nq, 1, |tid, heads| {
                 let sc = unsafe { scp.slice(tid * t * len, t * len) };
-                for h in split(nq, threads, tid, 1) {
+                for h in heads {
                     let g = h / per_group;
                     let kbase = g * kvr.cap * d;
                     gemm_nt(t, len, d, &q[h * d..], nq * d, &kvr.k[kbase..], d, sc, len);

@@ -8,7 +8,7 @@ use super::{Observer, Scratch, SyncPtr, buf, linear};
 use crate::budget::LayerBudget;
 use crate::kernels::gemm::gemm_nt;
 use crate::kernels::ops::{silu, softplus};
-use crate::kernels::pool::{pool, split};
+use crate::kernels::pool::pool;
 use crate::tensor::Tensor;
 
 pub struct Mamba2 {
@@ -184,11 +184,10 @@ impl Mamba2 {
                 self.scan(h, &io, ssm, yp);
             }
         };
-        let threads = pool().threads();
         if t * na * pa * n < 1 << 14 {
             (0..na).for_each(work);
         } else {
-            pool().run(|tid| split(na, threads, tid, 1).for_each(work));
+            pool().for_each(na, work);
         }
 
         // Gated RMSNorm, gate before norm, G groups over the active channels (spec §2.3.8).

@@ -2,7 +2,7 @@
 //! loss on the router's expected parameter count.
 
 use crate::error::Result;
-use crate::kernels::pool::{pool, split};
+use crate::kernels::pool::pool;
 use candle_core::Tensor as CT;
 
 /// Forward KL(p_teacher ‖ p_student) at temperature `temp`, scaled by temp² and averaged over
@@ -11,16 +11,16 @@ use candle_core::Tensor as CT;
 pub fn kd(student: &[f32], teacher: &[f32], v: usize, temp: f64) -> (f64, Vec<f32>) {
     let rows = student.len() / v;
     let mut grad = vec![0f32; student.len()];
-    let threads = pool().threads();
-    let mut part = vec![0f64; threads];
+    // One partial per row, summed in order: the loss does not depend on the thread count.
+    let mut part = vec![0f64; rows];
     let gp = crate::layers::SyncPtr(grad.as_mut_ptr());
     let pp = crate::layers::SyncPtr(part.as_mut_ptr());
     let it = 1.0 / temp;
-    pool().run(|tid| {
-        let mut acc = 0f64;
+    pool().for_range(rows, 1, |range| {
         let mut q = vec![0f64; v];
         let mut p = vec![0f64; v];
-        for r in split(rows, threads, tid, 1) {
+        for r in range {
+            let mut acc = 0f64;
             let zs = &student[r * v..(r + 1) * v];
             let zt = &teacher[r * v..(r + 1) * v];
             let lse = |z: &[f32], out: &mut [f64]| -> f64 {
@@ -45,8 +45,8 @@ pub fn kd(student: &[f32], teacher: &[f32], v: usize, temp: f64) -> (f64, Vec<f3
                 }
                 g[j] = (temp * (q[j] - p[j]) / rows as f64) as f32;
             }
+            unsafe { pp.slice(r, 1)[0] = acc };
         }
-        unsafe { pp.slice(tid, 1)[0] = acc };
     });
     let loss = part.iter().sum::<f64>() * temp * temp / rows as f64;
     (loss, grad)
