@@ -203,3 +203,24 @@ fn gen_data_writes_seeded_jsonl() {
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--force"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn threads_capped_at_logical_cpus() {
+    // More threads than CPUs used to spin the pool into a crawl; now they are capped, with a warning.
+    let d = fixture("llama_tiny");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let out = Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args(["bench", d.to_str().unwrap(), "-t", "1000", "-p", "8", "-n", "4", "-r", "1"])
+        .arg("--json")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("--threads 1000") && err.contains("logical CPUs"), "{err}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["threads"].as_u64().unwrap() as usize, cpus);
+    // The default is the physical cores, never more than the CPUs.
+    let v = run(&["bench", d.to_str().unwrap(), "-p", "8", "-n", "4", "-r", "1", "--json"]);
+    let t = v["threads"].as_u64().unwrap() as usize;
+    assert!((1..=cpus).contains(&t), "{t}");
+}
