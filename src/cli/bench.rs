@@ -12,15 +12,26 @@ pub struct Args {
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     n_gen: usize,
     /// Repetitions (after one warm-up); medians are reported.
-    #[arg(short = 'r', long, default_value_t = 5)]
+    #[arg(short = 'r', long, default_value_t = 5, value_parser = super::at_least_one::<usize>)]
     reps: usize,
+    /// Allow -p or -n above the model's trained context (with a warning).
+    #[arg(long)]
+    force_ctx: bool,
+    /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let (m, b) = super::load(&a.m)?;
-    let r = crate::eval::bench(&m, &b, a.n_prompt, a.n_gen, a.reps.max(1), 42)?;
+    // pp and tg each start from an empty cache: the longer of the two must fit.
+    super::check_ctx(
+        &m,
+        &format!("-p {} / -n {}", a.n_prompt, a.n_gen),
+        a.n_prompt.max(a.n_gen),
+        a.force_ctx,
+    )?;
+    let r = crate::eval::bench(&m, &b, a.n_prompt, a.n_gen, a.reps, 42)?;
     let threads = crate::kernels::pool::pool().threads();
     let bytes = m.bytes_per_token(&b);
     let (pt, pa) = m.params(&b);

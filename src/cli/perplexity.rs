@@ -1,6 +1,6 @@
 use super::ModelArgs;
+use crate::Result;
 use crate::generate::tokenizer::Tokenizer;
-use crate::{Error, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -10,25 +10,24 @@ pub struct Args {
     /// UTF-8 text file.
     #[arg(short, long)]
     file: PathBuf,
-    /// Tokens per chunk (llama-perplexity's -c).
+    /// Tokens per chunk (llama-perplexity's -c; at least 3).
     #[arg(short, long, default_value_t = 512)]
     ctx: usize,
-    /// Evaluate at most this many chunks.
+    /// Allow a --ctx above the model's trained context (with a warning).
     #[arg(long)]
+    force_ctx: bool,
+    /// Evaluate at most this many chunks.
+    #[arg(long, value_parser = super::at_least_one::<usize>)]
     chunks: Option<usize>,
+    /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let (m, b) = super::load(&a.m)?;
-    let bytes = std::fs::read(&a.file).map_err(|e| Error::io(&a.file, e))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        Error::format(
-            &a.file,
-            format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
-        )
-    })?;
+    super::check_ctx(&m, &format!("--ctx {}", a.ctx), a.ctx, a.force_ctx)?;
+    let text = super::read_text(&a.file)?;
     let tok = Tokenizer::for_model(&m)?;
     let tokens = tok.encode(&text, true)?;
     let bos = if tok.add_bos { tok.bos } else { None };
