@@ -10,9 +10,10 @@ pub struct Args {
     /// UTF-8 text file.
     #[arg(short, long)]
     file: PathBuf,
-    /// Tokens per chunk (llama-perplexity's -c; at least 3).
-    #[arg(short, long, default_value_t = 512)]
-    ctx: usize,
+    /// Tokens per chunk (llama-perplexity's -c; at least 3) [default: 512, or the model's trained
+    /// context if smaller].
+    #[arg(short, long)]
+    ctx: Option<usize>,
     /// Allow a --ctx above the model's trained context (with a warning).
     #[arg(long)]
     force_ctx: bool,
@@ -26,7 +27,8 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let (m, b) = super::load(&a.m)?;
-    super::check_ctx(&m, &format!("--ctx {}", a.ctx), a.ctx, a.force_ctx)?;
+    let ctx = a.ctx.unwrap_or(m.meta.context.min(512));
+    super::check_ctx(&m, &format!("--ctx {ctx}"), ctx, a.force_ctx)?;
     let text = super::read_text(&a.file)?;
     let tok = Tokenizer::for_model(&m)?;
     let tokens = tok.encode(&text, true)?;
@@ -38,7 +40,7 @@ pub fn run(a: Args) -> Result<()> {
         )
         .unwrap(),
     );
-    let r = crate::eval::perplexity(&m, &b, &tokens, a.ctx, bos, a.chunks, |done, total, ppl| {
+    let r = crate::eval::perplexity(&m, &b, &tokens, ctx, bos, a.chunks, |done, total, ppl| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
         pb.set_message(format!("ppl {ppl:.4}"));

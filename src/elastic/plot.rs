@@ -43,6 +43,12 @@ pub type Series = Vec<(String, Vec<(f32, f32)>)>;
 /// Legend entries at most; with more series, evenly spaced ones are named (layers in order).
 const LEGEND_MAX: usize = 8;
 
+/// Whether series `i` of `n` is named in the legend: all when they fit, else LEGEND_MAX evenly
+/// spaced ones, first and last included.
+fn in_legend(i: usize, n: usize) -> bool {
+    n <= LEGEND_MAX || i * (LEGEND_MAX - 1) % (n - 1) < LEGEND_MAX - 1
+}
+
 fn panel(
     area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
     title: &str,
@@ -89,7 +95,6 @@ fn panel(
         .draw()
         .map_err(|x| e(x.to_string()))?;
     let n = series.len().max(1);
-    let named = |i: usize| n <= LEGEND_MAX || i * (LEGEND_MAX - 1) % (n - 1) < LEGEND_MAX - 1;
     for (i, (name, s)) in series.iter().enumerate() {
         let col = HSLColor(0.66 * i as f64 / n as f64, 0.7, 0.45);
         let drawn = if points {
@@ -98,7 +103,7 @@ fn panel(
             c.draw_series(LineSeries::new(s.iter().copied(), &col))
         }
         .map_err(|x| e(x.to_string()))?;
-        if named(i) && !name.is_empty() {
+        if in_legend(i, n) && !name.is_empty() {
             drawn.label(name.clone()).legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 16, y)], col.stroke_width(2))
             });
@@ -244,4 +249,21 @@ pub fn plot(imp: &Importance, path: &Path) -> Result<()> {
     root.present()
         .map_err(|x| Error::Input(format!("plot {}: {x}", path.display())))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legend_fits() {
+        for n in [1, 3, LEGEND_MAX] {
+            assert!((0..n).all(|i| in_legend(i, n)));
+        }
+        for n in [LEGEND_MAX + 1, 24, 30, 52, 200] {
+            let named: Vec<usize> = (0..n).filter(|&i| in_legend(i, n)).collect();
+            assert_eq!(named.len(), LEGEND_MAX, "{n}: {named:?}");
+            assert_eq!((named[0], *named.last().unwrap()), (0, n - 1));
+        }
+    }
 }
