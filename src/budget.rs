@@ -123,11 +123,16 @@ pub struct BudgetSpec {
 impl std::str::FromStr for BudgetSpec {
     type Err = Error;
     /// `key=value` pairs separated by commas; `AXIS.LAYER=N` for one layer; `skip=3+7+9` drops layers.
-    /// `full` (or an empty string) is the parent.
+    /// `full` is the parent; an empty string is refused.
     fn from_str(s: &str) -> Result<BudgetSpec> {
         let mut spec = BudgetSpec::default();
         let s = s.trim();
-        if s.is_empty() || s == "full" {
+        if s.is_empty() {
+            return Err(Error::Budget(
+                "the budget is empty: give `full`, a manifest name or sizes like hidden=384".into(),
+            ));
+        }
+        if s == "full" {
             return Ok(spec);
         }
         for part in s.split(',') {
@@ -569,6 +574,8 @@ mod tests {
             ("hidden=0", "positive"),
             ("skip=0+1+2+3", "every layer"),
             ("hidden", "key=value"),
+            ("", "empty"),
+            (" ", "empty"),
         ] {
             let e = spec
                 .parse::<BudgetSpec>()

@@ -29,8 +29,14 @@ pub fn perplexity(
     max_chunks: Option<usize>,
     mut progress: impl FnMut(usize, usize, f64),
 ) -> Result<Perplexity> {
-    if ctx < 2 {
-        return Err(Error::Input(format!("--ctx {ctx} is too small")));
+    // The second half of a chunk is scored: ctx - 1 - ctx/2 tokens, none below 3.
+    if ctx < 3 {
+        return Err(Error::Input(format!(
+            "--ctx {ctx} scores no token: perplexity needs a context of at least 3"
+        )));
+    }
+    if max_chunks == Some(0) {
+        return Err(Error::Input("--chunks 0 scores no token".into()));
     }
     if tokens.len() < 2 * ctx {
         return Err(Error::Input(format!(
@@ -41,7 +47,7 @@ pub fn perplexity(
     }
     let n_chunk = (tokens.len() / ctx).min(max_chunks.unwrap_or(usize::MAX));
     let first = ctx / 2;
-    let mut cache = Cache::new(model, ctx);
+    let mut cache = Cache::try_new(model, ctx)?;
     let (mut nll, mut nll2, mut count) = (0f64, 0f64, 0usize);
     let t0 = Instant::now();
     let mut chunk = vec![0u32; ctx];
@@ -119,7 +125,12 @@ pub fn bench(
     reps: usize,
     seed: u64,
 ) -> Result<Bench> {
-    let mut cache = Cache::new(model, n_prompt.max(n_gen).max(1));
+    if n_prompt == 0 && n_gen == 0 {
+        return Err(Error::Input(
+            "nothing to measure: -p and -n are both 0".into(),
+        ));
+    }
+    let mut cache = Cache::try_new(model, n_prompt.max(n_gen))?;
     let mut s = seed.wrapping_add(1);
     let mut rnd = || {
         s ^= s << 13;

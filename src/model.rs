@@ -109,15 +109,58 @@ pub struct Snapshot {
 }
 
 impl Cache {
+    /// A cache for `cap` tokens; panics when the memory cannot be had. Sizes a user chooses go
+    /// through [`Cache::try_new`].
     pub fn new(model: &Model, cap: usize) -> Cache {
+        Cache::try_new(model, cap).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A cache for `cap` tokens, or an error naming the context and its bytes when they cannot
+    /// be allocated.
+    pub fn try_new(model: &Model, cap: usize) -> Result<Cache> {
+        let max_heads = model
+            .blocks
+            .iter()
+            .filter_map(|b| match &b.mixer {
+                Mixer::Attention(a) => Some(a.heads),
+                _ => None,
+            })
+            .fold(1, usize::max);
+        // Scores of one query row over the context, plus router scratch.
+        let scratch = max_heads
+            .checked_mul(cap)
+            .and_then(|x| x.checked_add(4 * model.shape.experts.max(1) + 1024));
+        let bytes = scratch
+            .and_then(|s| {
+                model.blocks.iter().try_fold(s, |n, b| match &b.mixer {
+                    Mixer::Attention(a) => a
+                        .kv_heads
+                        .checked_mul(a.head_dim)?
+                        .checked_mul(cap)?
+                        .checked_mul(2)?
+                        .checked_add(n),
+                    _ => Some(n),
+                })
+            })
+            .and_then(|n| n.checked_mul(4));
+        let fail = || {
+            Error::Input(match bytes {
+                Some(b) => format!(
+                    "a context of {cap} tokens needs {b} bytes ({:.1} GiB) of cache, which could not be allocated",
+                    b as f64 / (1u64 << 30) as f64
+                ),
+                None => format!(
+                    "a context of {cap} tokens needs more cache memory than this machine can address"
+                ),
+            })
+        };
+        bytes.ok_or_else(fail)?;
         let mut kv = vec![];
         let mut mamba = vec![];
-        let mut max_heads = 1;
         for b in &model.blocks {
             match &b.mixer {
                 Mixer::Attention(a) => {
-                    kv.push(KvCache::new(a.kv_heads, a.head_dim, cap));
-                    max_heads = max_heads.max(a.heads);
+                    kv.push(KvCache::try_new(a.kv_heads, a.head_dim, cap).ok_or_else(fail)?)
                 }
                 Mixer::Mamba(m) => mamba.push(m.new_state()),
                 _ => {}
@@ -126,14 +169,15 @@ impl Cache {
         let mut ws = Work::default();
         // Pre-size what grows with the position so decode never reallocates.
         ws.s.e
-            .reserve(max_heads * cap + 4 * model.shape.experts.max(1) + 1024);
-        Cache {
+            .try_reserve(scratch.ok_or_else(fail)?)
+            .map_err(|_| fail())?;
+        Ok(Cache {
             pos: 0,
             cap,
             kv,
             mamba,
             ws,
-        }
+        })
     }
     pub fn capacity(&self) -> usize {
         self.cap

@@ -413,3 +413,314 @@ fn bad_manifests() {
     std::fs::write(d.join("elastic.json"), "{").unwrap();
     fails(&["info", m], &["elastic.json", "invalid JSON"]);
 }
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Like [`fails`], for commands that may warn before the error.
+fn fails_after_warning(args: &[&str], needles: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded; stderr: {err}");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    let body: Vec<&str> = err
+        .lines()
+        .skip_while(|l| l.starts_with("warning: "))
+        .collect();
+    assert!(
+        body.first().is_some_and(|l| l.starts_with("error: ")),
+        "{args:?}: unexpected stderr {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: {n:?} not in {err:?}");
+    }
+}
+
+#[test]
+fn context_is_bounded() {
+    let d = fixture("llama_tiny");
+    let m = s(&d);
+    // Above the trained context (256): refused without --force-ctx, by every command that sizes
+    // a cache from the command line.
+    let ctx = [
+        "--ctx 100000",
+        "exceeds the model's trained context of 256",
+        "--force-ctx",
+    ];
+    fails(&["run", m, "-p", "hi", "--ctx", "100000"], &ctx);
+    let t = tmpdir("ctx");
+    let text = t.join("t.txt");
+    std::fs::write(&text, "the quick brown fox. ".repeat(40)).unwrap();
+    fails(&["perplexity", m, "-f", s(&text), "--ctx", "100000"], &ctx);
+    let prompts = t.join("p.txt");
+    std::fs::write(&prompts, "hi\n").unwrap();
+    let out = t.join("o.jsonl");
+    fails(
+        &[
+            "gen-data",
+            m,
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(&out),
+            "--ctx",
+            "100000",
+        ],
+        &ctx,
+    );
+    fails(
+        &["bench", m, "-p", "100000", "-n", "1"],
+        &["-p 100000", "trained context of 256"],
+    );
+    let long: Vec<String> = (0..300).map(|i| (i % 200).to_string()).collect();
+    fails(
+        &["logits", m, "--tokens", &long.join(",")],
+        &["300 tokens", "trained context of 256"],
+    );
+    // Forced: memory that cannot be had is a clear error naming the context and its bytes (it
+    // used to abort with "memory allocation of ... bytes failed").
+    fails_after_warning(
+        &[
+            "run",
+            m,
+            "-p",
+            "hi",
+            "--ctx",
+            "1000000000000000",
+            "--force-ctx",
+        ],
+        &[
+            "context of 1000000000000000 tokens needs",
+            "bytes",
+            "could not be allocated",
+        ],
+    );
+    fails_after_warning(
+        &[
+            "run",
+            m,
+            "-p",
+            "hi",
+            "--ctx",
+            &u64::MAX.to_string(),
+            "--force-ctx",
+        ],
+        &["more cache memory than this machine can address"],
+    );
+    fails_after_warning(
+        &[
+            "bench",
+            m,
+            "-p",
+            "1000000000000000",
+            "-n",
+            "0",
+            "--force-ctx",
+        ],
+        &["could not be allocated"],
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn numeric_flags_are_bounded() {
+    let d = fixture("llama_tiny");
+    let m = s(&d);
+    // Negative numbers parse as values and are refused by name (not "unexpected argument").
+    fails(
+        &["run", m, "-p", "hi", "--temp", "-1"],
+        &["'-1'", "--temp", ">= 0"],
+    );
+    fails(
+        &["run", m, "-p", "hi", "--temp", "nan"],
+        &["--temp", "finite"],
+    );
+    fails(
+        &["run", m, "-p", "hi", "--top-p", "1.5"],
+        &["--top-p", "[0, 1]"],
+    );
+    fails(&["run", m, "-p", "hi", "-n", "-1"], &["'-1'", "--n"]);
+    fails(
+        &["run", m, "-p", "hi", "--ctx", "0"],
+        &["--ctx", "at least 1"],
+    );
+    // An empty budget is not the parent.
+    fails(
+        &["run", m, "-p", "hi", "--budget", ""],
+        &["budget is empty"],
+    );
+    fails(
+        &["logits", m, "--tokens", "1", "--budget", " "],
+        &["budget is empty"],
+    );
+    // Perplexity that would score no token.
+    let t = tmpdir("flags");
+    let text = t.join("t.txt");
+    std::fs::write(&text, "the quick brown fox. ".repeat(40)).unwrap();
+    fails(
+        &[
+            "perplexity",
+            m,
+            "-f",
+            s(&text),
+            "--ctx",
+            "64",
+            "--chunks",
+            "0",
+        ],
+        &["--chunks", "at least 1"],
+    );
+    fails(
+        &["perplexity", m, "-f", s(&text), "--ctx", "2"],
+        &["--ctx 2 scores no token"],
+    );
+    // Bench: nothing to measure, no repetitions.
+    fails(&["bench", m, "-p", "0", "-n", "0"], &["nothing to measure"]);
+    fails(
+        &["bench", m, "-p", "8", "-n", "1", "-r", "0"],
+        &["--reps", "at least 1"],
+    );
+    // gen-data writing nothing.
+    let prompts = t.join("p.txt");
+    std::fs::write(&prompts, "hi\n").unwrap();
+    let out = t.join("o.jsonl");
+    for (flag, v) in [("-n", "0"), ("--max-tokens", "0"), ("--temp", "-0.5")] {
+        fails(
+            &[
+                "gen-data",
+                m,
+                "--prompts",
+                s(&prompts),
+                "--out",
+                s(&out),
+                flag,
+                v,
+            ],
+            &[flag.trim_start_matches('-')],
+        );
+    }
+    // rank: more samples than the text has windows (used to allocate without bound), and a depth
+    // sequence too short to score.
+    let calib = fixture("text/gpl-3.txt");
+    let imp = t.join("imp.json");
+    let rank = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "rank",
+            m,
+            "--calib",
+            s(&calib),
+            "--seq",
+            "32",
+            "--out",
+            s(&imp),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let args = rank(&["--samples", "1000000000"]);
+    fails(
+        &strs(&args),
+        &["only", "distinct samples of 32", "1000000000 asked"],
+    );
+    let args = rank(&["--samples", "2", "--depth-seq", "0"]);
+    fails(&strs(&args), &["--depth-seq 0"]);
+    assert!(!imp.exists());
+    // elastify: a count above the parent's, a measured search of unbounded length.
+    let args = rank(&["--samples", "2", "--depth-samples", "0"]);
+    let o = Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let el = t.join("el");
+    let elastify = |extra: &[&str]| -> Vec<String> {
+        let mut a = vec!["elastify", m, "--importance", s(&imp), "--out", s(&el)];
+        a.extend(extra);
+        a.into_iter().map(String::from).collect()
+    };
+    fails(
+        &strs(&elastify(&["--budgets", "full,1e300"])),
+        &["\"1e300\"", "more than the parent's"],
+    );
+    fails(
+        &strs(&elastify(&[
+            "--budgets",
+            "full,0.5",
+            "--calib",
+            s(&calib),
+            "--solve-seq",
+            "0",
+        ])),
+        &["--solve-seq 0"],
+    );
+    fails(
+        &strs(&elastify(&[
+            "--budgets",
+            "full,0.5",
+            "--calib",
+            s(&calib),
+            "--solve-samples",
+            "100000000000",
+        ])),
+        &["distinct samples"],
+    );
+    // train: NaN, out-of-range and contextless values are refused before any step.
+    let o = Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args(elastify(&["--budgets", "full,0.5"]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = t.join("run");
+    let train = |flag: &str, v: &str| {
+        let a = [
+            "train",
+            s(&el),
+            "--data",
+            s(&calib),
+            "--out",
+            s(&run),
+            "--seq",
+            "32",
+            "--seq2",
+            "32",
+            "--batch",
+            "2",
+            "--batch2",
+            "2",
+            "--tokens",
+            "256",
+            "--no-progress",
+            flag,
+            v,
+        ];
+        a.map(String::from)
+    };
+    for (flag, v, needle) in [
+        ("--probs", "nan,1", "--probs must be finite"),
+        ("--kd-temp", "nan", "--kd-temp"),
+        ("--tau", "-1", "--tau"),
+        ("--lr", "inf", "--lr"),
+        ("--router-init-p", "2", "--router-init-p"),
+        ("--stop-after", "0", "--stop-after"),
+        ("--clip", "-1", "--clip"),
+    ] {
+        let a = train(flag, v);
+        fails(&strs(&a), &[needle]);
+    }
+    // --tokens 0 used to export an untrained model; --seq above the context used to run on.
+    let mut a = train("--eval-seqs", "1");
+    a[a.iter().position(|x| x == "--tokens").unwrap() + 1] = "0".into();
+    fails(&strs(&a), &["--tokens", "at least 1"]);
+    let mut a = train("--eval-seqs", "1");
+    a[a.iter().position(|x| x == "--seq").unwrap() + 1] = "10000".into();
+    fails(&strs(&a), &["--seq 10000", "trained context of 256"]);
+    assert!(!run.join("checkpoint").exists());
+    std::fs::remove_dir_all(&t).ok();
+}

@@ -210,17 +210,130 @@ fn threads_capped_at_logical_cpus() {
     let d = fixture("llama_tiny");
     let cpus = std::thread::available_parallelism().unwrap().get();
     let out = Command::new(env!("CARGO_BIN_EXE_elastica"))
-        .args(["bench", d.to_str().unwrap(), "-t", "1000", "-p", "8", "-n", "4", "-r", "1"])
+        .args([
+            "bench",
+            d.to_str().unwrap(),
+            "-t",
+            "1000",
+            "-p",
+            "8",
+            "-n",
+            "4",
+            "-r",
+            "1",
+        ])
         .arg("--json")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("--threads 1000") && err.contains("logical CPUs"), "{err}");
+    assert!(
+        err.contains("--threads 1000") && err.contains("logical CPUs"),
+        "{err}"
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["threads"].as_u64().unwrap() as usize, cpus);
     // The default is the physical cores, never more than the CPUs.
-    let v = run(&["bench", d.to_str().unwrap(), "-p", "8", "-n", "4", "-r", "1", "--json"]);
+    let v = run(&[
+        "bench",
+        d.to_str().unwrap(),
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--json",
+    ]);
     let t = v["threads"].as_u64().unwrap() as usize;
     assert!((1..=cpus).contains(&t), "{t}");
+}
+
+fn elastica(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn run_prompt_file_zero_tokens_and_stop_words() {
+    let d = fixture("llama_tiny");
+    let m = d.to_str().unwrap();
+    // -n 0 processes the prompt and generates nothing.
+    let v = run(&["run", m, "-p", "hello", "-n", "0", "--json"]);
+    assert_eq!(v["tokens"].as_array().unwrap().len(), 0);
+    assert_eq!(v["text"], "");
+    assert_eq!(v["stop_reason"], "length");
+    // -f reads the prompt from a file: the same generation as -p.
+    let dir = std::env::temp_dir().join(format!("elastica-f-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("prompt.txt");
+    std::fs::write(&p, "hello there").unwrap();
+    let a = run(&["run", m, "-p", "hello there", "-n", "4", "--json"]);
+    let b = run(&["run", m, "-f", p.to_str().unwrap(), "-n", "4", "--json"]);
+    assert_eq!(a["tokens"], b["tokens"]);
+    assert_eq!(b["prompt_tokens"], 11);
+    // A missing or non-UTF-8 prompt file is named; -p and -f together are refused.
+    let missing = dir.join("none.txt");
+    let o = elastica(&["run", m, "-f", missing.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("none.txt"));
+    let bin = dir.join("bin.txt");
+    std::fs::write(&bin, [0x68u8, 0xff, 0xfe]).unwrap();
+    let o = elastica(&["run", m, "-f", bin.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("bin.txt") && err.contains("UTF-8"),
+        "{err}"
+    );
+    let o = elastica(&["run", m, "-f", p.to_str().unwrap(), "-p", "x"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot be used"));
+    // The stats line says why generation stopped in words (--json keeps snake_case names).
+    let o = elastica(&["run", m, "-p", "hello", "-n", "3", "--ignore-eos"]);
+    assert!(o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("stop: max tokens,"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(p: &std::path::Path) -> (u32, u32) {
+    let b = std::fs::read(p).unwrap();
+    assert_eq!(&b[1..4], b"PNG");
+    let be = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().unwrap());
+    (be(16), be(20))
+}
+
+#[test]
+fn importance_plot_draws_the_models_axes() {
+    let dir = std::env::temp_dir().join(format!("elastica-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let calib = fixture("text/gpl-3.txt");
+    // (fixture, panels): llama = hidden, depth, FFN, heads; the hybrid MoE (no dense FFN) adds
+    // expert, shared-expert and Mamba head channels, Mamba heads and routed experts.
+    for (name, cols, rows) in [("llama_tiny", 2, 2), ("nemotron_h_moe", 3, 3)] {
+        let png = dir.join(format!("{name}.png"));
+        let o = elastica(&[
+            "rank",
+            fixture(name).to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--samples",
+            "2",
+            "--seq",
+            "32",
+            "--depth-samples",
+            "1",
+            "--depth-seq",
+            "16",
+            "--out",
+            dir.join(format!("{name}.json")).to_str().unwrap(),
+            "--plot",
+            png.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(png_size(&png), (500 * cols, 420 * rows), "{name}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -8,8 +8,8 @@
 mod common;
 use common::*;
 use elastica::generate::sampler::{Sampler, SamplerConfig};
-use elastica::{Cache, Logits};
 use elastica::kernels::pool::pool;
+use elastica::{Cache, Logits};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};

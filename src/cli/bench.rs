@@ -5,22 +5,35 @@ use crate::Result;
 pub struct Args {
     #[command(flatten)]
     m: ModelArgs,
-    /// Prompt tokens for the prefill test (pp).
-    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
-    n_prompt: usize,
+    /// Prompt tokens for the prefill test (pp) [default: 512, or the model's trained context if
+    /// smaller].
+    #[arg(short = 'p', long = "n-prompt")]
+    n_prompt: Option<usize>,
     /// Generated tokens for the decode test (tg).
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     n_gen: usize,
     /// Repetitions (after one warm-up); medians are reported.
-    #[arg(short = 'r', long, default_value_t = 5)]
+    #[arg(short = 'r', long, default_value_t = 5, value_parser = super::at_least_one::<usize>)]
     reps: usize,
+    /// Allow -p or -n above the model's trained context (with a warning).
+    #[arg(long)]
+    force_ctx: bool,
+    /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let (m, b) = super::load(&a.m)?;
-    let r = crate::eval::bench(&m, &b, a.n_prompt, a.n_gen, a.reps.max(1), 42)?;
+    let n_prompt = a.n_prompt.unwrap_or(m.meta.context.min(512));
+    // pp and tg each start from an empty cache: the longer of the two must fit.
+    super::check_ctx(
+        &m,
+        &format!("-p {n_prompt} / -n {}", a.n_gen),
+        n_prompt.max(a.n_gen),
+        a.force_ctx,
+    )?;
+    let r = crate::eval::bench(&m, &b, n_prompt, a.n_gen, a.reps, 42)?;
     let threads = crate::kernels::pool::pool().threads();
     let bytes = m.bytes_per_token(&b);
     let (pt, pa) = m.params(&b);
@@ -41,8 +54,8 @@ pub fn run(a: Args) -> Result<()> {
             crate::kernels::isa(),
             bytes as f64 / (1 << 20) as f64
         );
-        if a.n_prompt > 0 {
-            println!("pp{:<5} {:8.1} tok/s", a.n_prompt, r.pp);
+        if n_prompt > 0 {
+            println!("pp{:<5} {:8.1} tok/s", n_prompt, r.pp);
         }
         if a.n_gen > 0 {
             println!(

@@ -33,14 +33,16 @@ pub struct Args {
     /// logit error of each candidate budget (normalised MSE) instead of by importance mass.
     #[arg(long, num_args = 1..)]
     calib: Vec<PathBuf>,
-    /// Sequences, and tokens per sequence, of calibration text the measured search runs.
-    #[arg(long, default_value_t = 4)]
+    /// Sequences of calibration text the measured search runs.
+    #[arg(long, default_value_t = 4, value_parser = super::at_least_one::<usize>)]
     solve_samples: usize,
+    /// Tokens per sequence of the measured search (2 to 512).
     #[arg(long, default_value_t = 128)]
     solve_seq: usize,
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
+    /// Print one JSON report instead of text.
     #[arg(long)]
     json: bool,
 }
@@ -61,6 +63,23 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let targets = solver::parse_targets(&a.budgets)?;
+    let (pt, pa) = m.params(&m.full_budget());
+    for t in targets.iter().filter(|t| t.value > 1.0) {
+        let have = if t.active { pa } else { pt };
+        if t.value > have as f64 {
+            return Err(Error::Budget(format!(
+                "target {:?} asks for {:.4e} parameters, more than the parent's {have}",
+                t.name, t.value
+            )));
+        }
+    }
+    if !a.calib.is_empty() && !(2..=crate::model::UBATCH).contains(&a.solve_seq) {
+        return Err(Error::Input(format!(
+            "--solve-seq {} must be within 2..={}",
+            a.solve_seq,
+            crate::model::UBATCH
+        )));
+    }
     let axes: Vec<String> = a
         .axes
         .clone()

@@ -17,22 +17,33 @@ pub struct Args {
     #[arg(long)]
     prompts: PathBuf,
     /// Samples to write (prompts are cycled).
-    #[arg(short = 'n', long, default_value_t = 16)]
+    #[arg(short = 'n', long, default_value_t = 16, value_parser = super::at_least_one::<usize>)]
     samples: usize,
     /// Tokens per sample at most.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = super::at_least_one::<usize>)]
     max_tokens: usize,
-    #[arg(long, default_value_t = 0.8)]
-    temp: f32,
-    #[arg(long, default_value_t = 0.95)]
-    top_p: f32,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8, value_parser = super::non_negative)]
+    temp: f64,
+    /// Sample only from the smallest set of tokens whose probability reaches P (1 = all).
+    #[arg(long, default_value_t = 0.95, value_parser = super::unit)]
+    top_p: f64,
+    /// Random seed (sample i uses seed + i).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Context size per sample, prompt included (default: the model's, at most 4096).
+    #[arg(long, value_parser = super::at_least_one::<usize>)]
+    ctx: Option<usize>,
+    /// Allow a --ctx above the model's trained context (with a warning).
+    #[arg(long)]
+    force_ctx: bool,
     /// Wrap prompts in the chat template (the text is then the assistant's answer).
     #[arg(long)]
     chat: bool,
+    /// Output JSONL file.
     #[arg(short, long)]
     out: PathBuf,
+    /// Replace an existing output.
     #[arg(long)]
     force: bool,
 }
@@ -43,11 +54,6 @@ pub fn run(a: Args) -> Result<()> {
             "{} exists (use --force to replace it)",
             a.out.display()
         )));
-    }
-    if !(a.temp >= 0.0 && a.temp.is_finite() && (0.0..=1.0).contains(&a.top_p)) {
-        return Err(Error::Input(
-            "--temp must be >= 0 and --top-p within [0, 1]".into(),
-        ));
     }
     let prompts: Vec<String> = if a.prompts.extension().is_some_and(|e| e == "jsonl") {
         crate::data::read_texts(std::slice::from_ref(&a.prompts))?
@@ -62,7 +68,9 @@ pub fn run(a: Args) -> Result<()> {
     let m = crate::models::load(&a.model)?;
     let tok = Tokenizer::for_model(&m)?;
     let b = m.full_budget();
-    let mut cache = Cache::new(&m, m.meta.context.min(4096));
+    let ctx = a.ctx.unwrap_or(m.meta.context.min(4096));
+    super::check_ctx(&m, &format!("--ctx {ctx}"), ctx, a.force_ctx)?;
+    let mut cache = Cache::try_new(&m, ctx)?;
     let tmp = crate::formats::temp_path(&a.out);
     let result = (|| -> Result<()> {
         let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -98,9 +106,9 @@ pub fn run(a: Args) -> Result<()> {
             let cfg = GenConfig {
                 max_tokens: a.max_tokens,
                 sampler: SamplerConfig {
-                    temperature: a.temp,
+                    temperature: a.temp as f32,
                     top_k: 0,
-                    top_p: a.top_p,
+                    top_p: a.top_p as f32,
                     seed: a.seed.wrapping_add(i as u64),
                 },
                 stop: vec![],

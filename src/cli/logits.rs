@@ -15,6 +15,9 @@ pub struct Args {
     /// Print {"tokens": [...], "logits": [[...] per position]}.
     #[arg(long)]
     json: bool,
+    /// Allow more tokens than the model's trained context (with a warning).
+    #[arg(long)]
+    force_ctx: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -34,7 +37,13 @@ pub fn run(a: Args) -> Result<()> {
     if tokens.is_empty() {
         return Err(Error::Input("no tokens given".into()));
     }
-    let mut cache = Cache::new(&m, tokens.len());
+    super::check_ctx(
+        &m,
+        &format!("the input of {} tokens", tokens.len()),
+        tokens.len(),
+        a.force_ctx,
+    )?;
+    let mut cache = Cache::try_new(&m, tokens.len())?;
     let logits = m.forward(&tokens, &b, &mut cache, Logits::All)?;
     if a.json {
         use std::io::Write;

@@ -12,8 +12,9 @@ mod run;
 mod slice;
 mod train;
 
-use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use crate::{Error, Model, Result};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -43,7 +44,9 @@ pub struct ModelArgs {
 enum Cmd {
     /// Architecture, dimensions, parameter counts of the parent and of each manifest budget.
     Info {
+        /// An HF checkpoint folder (config.json + safetensors) or a .gguf file.
         model: PathBuf,
+        /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -67,8 +70,22 @@ enum Cmd {
     Train(train::Args),
 }
 
+/// The command line. Values that look like negative numbers parse as values (`--temp -1`), so
+/// each flag's own check refuses them by name instead of clap calling them unknown arguments.
+pub fn command() -> clap::Command {
+    Cli::command().mut_subcommands(|c| {
+        c.mut_args(|a| {
+            if a.get_action().takes_values() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+    })
+}
+
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     if let Some(t) = cli.threads {
         if t == 0 {
             eprintln!("error: --threads must be at least 1");
@@ -106,8 +123,105 @@ pub fn main() -> ExitCode {
     }
 }
 
-pub(crate) fn load(a: &ModelArgs) -> crate::Result<(crate::Model, crate::Budget)> {
+pub(crate) fn load(a: &ModelArgs) -> Result<(Model, crate::Budget)> {
     let m = crate::models::load(&a.model)?;
     let b = m.budget(&a.budget)?;
     Ok((m, b))
+}
+
+/// Refuses a context (`what`, e.g. "--ctx 9000") above the model's trained one unless `force`,
+/// which warns instead.
+pub(crate) fn check_ctx(m: &Model, what: &str, ctx: usize, force: bool) -> Result<()> {
+    let trained = m.meta.context;
+    if ctx <= trained {
+        return Ok(());
+    }
+    if !force {
+        return Err(Error::Input(format!(
+            "{what} exceeds the model's trained context of {trained} tokens (--force-ctx allows it)"
+        )));
+    }
+    eprintln!(
+        "warning: {what} exceeds the model's trained context of {trained} tokens; output past it may degrade"
+    );
+    Ok(())
+}
+
+/// A UTF-8 text file, refused by name when missing or not UTF-8.
+pub(crate) fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    String::from_utf8(bytes).map_err(|e| {
+        Error::format(
+            path,
+            format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+        )
+    })
+}
+
+// Value parsers: each refuses out-of-range values with the flag named by clap.
+
+fn float(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| "not a number".to_string())?;
+    if !v.is_finite() {
+        return Err("must be a finite number".into());
+    }
+    Ok(v)
+}
+
+/// A finite number >= 0.
+pub(crate) fn non_negative(s: &str) -> std::result::Result<f64, String> {
+    let v = float(s)?;
+    if v < 0.0 {
+        return Err("must be >= 0".into());
+    }
+    Ok(v)
+}
+
+/// A finite number > 0.
+pub(crate) fn positive(s: &str) -> std::result::Result<f64, String> {
+    let v = float(s)?;
+    if v <= 0.0 {
+        return Err("must be > 0".into());
+    }
+    Ok(v)
+}
+
+/// A number within [0, 1].
+pub(crate) fn unit(s: &str) -> std::result::Result<f64, String> {
+    let v = float(s)?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err("must be within [0, 1]".into());
+    }
+    Ok(v)
+}
+
+/// A count of at least 1.
+pub(crate) fn at_least_one<T: std::str::FromStr + Default + PartialEq>(
+    s: &str,
+) -> std::result::Result<T, String> {
+    let v: T = s
+        .trim()
+        .parse()
+        .map_err(|_| "not a non-negative integer".to_string())?;
+    if v == T::default() {
+        return Err("must be at least 1".into());
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_argument_has_help() {
+        let mut blank = vec![];
+        for sub in super::command().get_subcommands() {
+            for a in sub.get_arguments() {
+                let id = a.get_id().as_str();
+                if id != "help" && a.get_help().is_none() {
+                    blank.push(format!("{} {id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(blank.is_empty(), "arguments without --help text: {blank:?}");
+    }
 }

@@ -1,6 +1,6 @@
 use super::ModelArgs;
+use crate::Result;
 use crate::generate::tokenizer::Tokenizer;
-use crate::{Error, Result};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -10,25 +10,26 @@ pub struct Args {
     /// UTF-8 text file.
     #[arg(short, long)]
     file: PathBuf,
-    /// Tokens per chunk (llama-perplexity's -c).
-    #[arg(short, long, default_value_t = 512)]
-    ctx: usize,
-    /// Evaluate at most this many chunks.
+    /// Tokens per chunk (llama-perplexity's -c; at least 3) [default: 512, or the model's trained
+    /// context if smaller].
+    #[arg(short, long)]
+    ctx: Option<usize>,
+    /// Allow a --ctx above the model's trained context (with a warning).
     #[arg(long)]
+    force_ctx: bool,
+    /// Evaluate at most this many chunks.
+    #[arg(long, value_parser = super::at_least_one::<usize>)]
     chunks: Option<usize>,
+    /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let (m, b) = super::load(&a.m)?;
-    let bytes = std::fs::read(&a.file).map_err(|e| Error::io(&a.file, e))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        Error::format(
-            &a.file,
-            format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
-        )
-    })?;
+    let ctx = a.ctx.unwrap_or(m.meta.context.min(512));
+    super::check_ctx(&m, &format!("--ctx {ctx}"), ctx, a.force_ctx)?;
+    let text = super::read_text(&a.file)?;
     let tok = Tokenizer::for_model(&m)?;
     let tokens = tok.encode(&text, true)?;
     let bos = if tok.add_bos { tok.bos } else { None };
@@ -39,7 +40,7 @@ pub fn run(a: Args) -> Result<()> {
         )
         .unwrap(),
     );
-    let r = crate::eval::perplexity(&m, &b, &tokens, a.ctx, bos, a.chunks, |done, total, ppl| {
+    let r = crate::eval::perplexity(&m, &b, &tokens, ctx, bos, a.chunks, |done, total, ppl| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
         pb.set_message(format!("ppl {ppl:.4}"));

@@ -10,16 +10,17 @@ pub struct Args {
     /// Calibration text: .txt files, or .jsonl with a "text" field per line.
     #[arg(long, required = true, num_args = 1..)]
     calib: Vec<PathBuf>,
-    /// Calibration sequences.
-    #[arg(long, default_value_t = 64)]
+    /// Calibration sequences (windows spread evenly over the text).
+    #[arg(long, default_value_t = 64, value_parser = super::at_least_one::<usize>)]
     samples: usize,
     /// Tokens per sequence (at most 512).
     #[arg(long, default_value_t = 256)]
     seq: usize,
-    /// Sequences used for the depth ranking (iterative layer removal; 0 = no depth ranking).
+    /// Sequences used for the depth ranking (iterative layer removal; 0 = no depth ranking; at
+    /// most --samples are used).
     #[arg(long, default_value_t = 2)]
     depth_samples: usize,
-    /// Tokens per depth sequence.
+    /// Tokens per depth sequence (at least 2; at most --seq are used).
     #[arg(long, default_value_t = 128)]
     depth_seq: usize,
     /// Where to write the importance JSON.
@@ -47,6 +48,12 @@ pub fn run(a: Args) -> Result<()> {
             "--seq {} must be within 2..={}",
             a.seq,
             crate::model::UBATCH
+        )));
+    }
+    if a.depth_samples > 0 && a.depth_seq < 2 {
+        return Err(Error::Input(format!(
+            "--depth-seq {} must be at least 2 (or --depth-samples 0)",
+            a.depth_seq
         )));
     }
     let m = crate::models::load(&a.model)?;

@@ -5,30 +5,38 @@ use crate::generate::tokenizer::Tokenizer;
 use crate::generate::{GenConfig, generate};
 use crate::{Cache, Error, Result};
 use std::io::Write;
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "file"])))]
 pub struct Args {
     #[command(flatten)]
     m: ModelArgs,
     /// The prompt (or the user message with --chat).
     #[arg(short, long)]
-    prompt: String,
+    prompt: Option<String>,
+    /// Read the prompt (or the user message with --chat) from this UTF-8 file.
+    #[arg(short, long)]
+    file: Option<PathBuf>,
     /// Wrap the prompt in the model's chat template.
     #[arg(long)]
     chat: bool,
     /// System message (with --chat).
     #[arg(long)]
     system: Option<String>,
-    /// Tokens to generate at most.
+    /// Tokens to generate at most (0 = only process the prompt).
     #[arg(short = 'n', long, default_value_t = 128)]
     n: usize,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
-    temp: f32,
+    #[arg(long, default_value_t = 0.0, value_parser = super::non_negative)]
+    temp: f64,
+    /// Sample only among the K most likely tokens (0 = all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
-    #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
+    /// Sample only from the smallest set of tokens whose probability reaches P (1 = all).
+    #[arg(long, default_value_t = 1.0, value_parser = super::unit)]
+    top_p: f64,
+    /// Random seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop when this string is generated (repeatable).
@@ -38,20 +46,25 @@ pub struct Args {
     #[arg(long)]
     ignore_eos: bool,
     /// Context size (default: the model's, at most 4096).
-    #[arg(long)]
+    #[arg(long, value_parser = super::at_least_one::<usize>)]
     ctx: Option<usize>,
+    /// Allow a --ctx above the model's trained context (with a warning).
+    #[arg(long)]
+    force_ctx: bool,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
+    let prompt = match (&a.prompt, &a.file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => super::read_text(f)?,
+        (None, None) => return Err(Error::Input("give --prompt TEXT or --file FILE".into())),
+    };
     let (m, b) = super::load(&a.m)?;
-    if !(0.0..=1.0).contains(&a.top_p) || a.temp < 0.0 || !a.temp.is_finite() {
-        return Err(Error::Input(
-            "--temp must be >= 0 and --top-p within [0, 1]".into(),
-        ));
-    }
+    let ctx = a.ctx.unwrap_or(m.meta.context.min(4096));
+    super::check_ctx(&m, &format!("--ctx {ctx}"), ctx, a.force_ctx)?;
     let tok = Tokenizer::for_model(&m)?;
     let text = if a.chat {
         let tpl = m
@@ -68,7 +81,7 @@ pub fn run(a: Args) -> Result<()> {
         }
         msgs.push(Message {
             role: "user".into(),
-            content: a.prompt.clone(),
+            content: prompt,
         });
         let bos = m
             .meta
@@ -83,17 +96,16 @@ pub fn run(a: Args) -> Result<()> {
             .unwrap_or_default();
         render(tpl, &msgs, true, &bos, &eos)?
     } else {
-        a.prompt.clone()
+        prompt
     };
     let prompt = tok.encode(&text, true)?;
-    let ctx = a.ctx.unwrap_or(m.meta.context.min(4096));
-    let mut cache = Cache::new(&m, ctx);
+    let mut cache = Cache::try_new(&m, ctx)?;
     let cfg = GenConfig {
         max_tokens: a.n,
         sampler: SamplerConfig {
-            temperature: a.temp,
+            temperature: a.temp as f32,
             top_k: a.top_k,
-            top_p: a.top_p,
+            top_p: a.top_p as f32,
             seed: a.seed,
         },
         stop: a.stop.clone(),
@@ -113,12 +125,12 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         println!();
         eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {:?}, budget {}]",
+            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {}, budget {}]",
             g.prompt_tokens,
             g.prompt_tokens as f64 / g.prefill_seconds.max(1e-9),
             g.tokens.len(),
             g.tokens.len().saturating_sub(1) as f64 / g.decode_seconds.max(1e-9),
-            g.stop_reason,
+            g.stop_reason.describe(),
             b.spec(&m.shape)
         );
     }

@@ -25,6 +25,7 @@ pub struct Args {
     /// Replace an existing output.
     #[arg(long)]
     force: bool,
+    /// Print one JSON report instead of text.
     #[arg(long)]
     json: bool,
 }

@@ -203,14 +203,27 @@ fn axis(scores: Vec<f32>, groups: usize) -> Axis {
 /// Calibration samples: `n` windows of `len` tokens spread evenly over the token stream (BOS
 /// first when the model adds one).
 pub fn samples(tokens: &[u32], n: usize, len: usize, bos: Option<u32>) -> Result<Vec<Vec<u32>>> {
+    if n == 0 || len < 2 {
+        return Err(Error::Input(format!(
+            "{n} samples of {len} tokens: need at least 1 sample of at least 2 tokens"
+        )));
+    }
     let body = len - bos.is_some() as usize;
-    if tokens.len() < body || n == 0 || len < 2 {
+    if tokens.len() < body {
         return Err(Error::Input(format!(
             "the calibration text has {} tokens; {n} samples of {len} need at least {body}",
             tokens.len()
         )));
     }
     let span = tokens.len() - body;
+    // More samples than start positions would only repeat windows.
+    if n > span + 1 {
+        return Err(Error::Input(format!(
+            "the calibration text has {} tokens, only {} distinct samples of {len}; {n} asked",
+            tokens.len(),
+            span + 1
+        )));
+    }
     Ok((0..n)
         .map(|i| {
             let start = if n == 1 { 0 } else { span * i / (n - 1) };

@@ -40,15 +40,25 @@ fn register_font() -> Result<()> {
 
 pub type Series = Vec<(String, Vec<(f32, f32)>)>;
 
+/// Legend entries at most; with more series, evenly spaced ones are named (layers in order).
+const LEGEND_MAX: usize = 8;
+
+/// Whether series `i` of `n` is named in the legend: all when they fit, else LEGEND_MAX evenly
+/// spaced ones, first and last included.
+fn in_legend(i: usize, n: usize) -> bool {
+    n <= LEGEND_MAX || i * (LEGEND_MAX - 1) % (n - 1) < LEGEND_MAX - 1
+}
+
 fn panel(
     area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
     title: &str,
     xlabel: &str,
     series: &Series,
     points: bool,
+    x_max: Option<f32>,
 ) -> Result<()> {
     let e = |x: String| Error::Input(format!("plot: {x}"));
-    let (mut x1, mut y0, mut y1) = (1f32, f32::MAX, f32::MIN);
+    let (mut x1, mut y0, mut y1) = (x_max.unwrap_or(1f32), f32::MAX, f32::MIN);
     for (_, s) in series {
         for &(x, y) in s {
             x1 = x1.max(x);
@@ -63,43 +73,45 @@ fn panel(
     if y1 - y0 < 1e-12 {
         y1 = y0 + 1.0;
     }
+    let xr = if points {
+        -0.5f32..x1 + 0.5
+    } else {
+        0f32..x1 * 1.02
+    };
+    // x is an index (channel rank, layer, step): whole-number labels, at most one per unit.
+    let x_labels = ((xr.end - xr.start) as usize).clamp(2, 10);
     let mut c = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 18))
         .margin(8)
-        .x_label_area_size(28)
+        .x_label_area_size(36)
         .y_label_area_size(48)
-        .build_cartesian_2d(
-            if points {
-                -0.5f32..x1 + 0.5
-            } else {
-                0f32..x1 * 1.02
-            },
-            y0..y1 + (y1 - y0) * 0.05,
-        )
+        .build_cartesian_2d(xr, y0..y1 + (y1 - y0) * 0.05)
         .map_err(|x| e(x.to_string()))?;
     c.configure_mesh()
         .x_desc(xlabel)
+        .x_labels(x_labels)
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(|x| e(x.to_string()))?;
     let n = series.len().max(1);
-    for (i, (_, s)) in series.iter().enumerate() {
+    for (i, (name, s)) in series.iter().enumerate() {
         let col = HSLColor(0.66 * i as f64 / n as f64, 0.7, 0.45);
-        let name = series[i].0.clone();
-        if points {
+        let drawn = if points {
             c.draw_series(s.iter().map(|&p| Circle::new(p, 2, col.filled())))
-                .map_err(|x| e(x.to_string()))?
-                .label(name)
-                .legend(move |(x, y)| Circle::new((x + 8, y), 3, col.filled()));
         } else {
             c.draw_series(LineSeries::new(s.iter().copied(), &col))
-                .map_err(|x| e(x.to_string()))?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], col));
+        }
+        .map_err(|x| e(x.to_string()))?;
+        if in_legend(i, n) && !name.is_empty() {
+            drawn.label(name.clone()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 16, y)], col.stroke_width(2))
+            });
         }
     }
     if series.len() > 1 && series.iter().any(|(n, _)| !n.is_empty()) {
         c.configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .label_font(("sans-serif", 13))
@@ -118,7 +130,7 @@ pub fn curves(path: &Path, panels: &[(String, String, Series)]) -> Result<()> {
         .map_err(|x| Error::Input(format!("plot: {x}")))?;
     let areas = root.split_evenly((1, panels.len().max(1)));
     for (a, (title, xl, s)) in areas.iter().zip(panels) {
-        panel(a, title, xl, s, false)?;
+        panel(a, title, xl, s, false, None)?;
     }
     root.present()
         .map_err(|x| Error::Input(format!("{}: {x}", path.display())))?;
@@ -135,25 +147,23 @@ fn sorted_norm(scores: &[f32]) -> Vec<(f32, f32)> {
         .collect()
 }
 
+/// One panel per ranked axis the model has (hidden, depth when ranked, FFN, expert and shared
+/// channels, query heads, Mamba heads and head channels, routed experts).
 pub fn plot(imp: &Importance, path: &Path) -> Result<()> {
+    use super::importance::{Axis, LayerImportance};
     register_font()?;
-    let root = BitMapBackend::new(path, (1500, 900)).into_drawing_area();
-    root.fill(&WHITE)
-        .map_err(|x| Error::Input(format!("plot: {x}")))?;
-    let areas = root.split_evenly((2, 3));
-    let per_layer = |get: &dyn Fn(
-        &super::importance::LayerImportance,
-    ) -> Option<&super::importance::Axis>|
-     -> Series {
+    type Get = fn(&LayerImportance) -> Option<&Axis>;
+    let layers = imp.layers.len().max(1);
+    let last = (layers - 1) as f32;
+    // Sorted scores of each layer that has the axis, one line per layer.
+    let per_layer = |get: Get| -> Series {
         imp.layers
             .iter()
-            .filter_map(|l| get(l).map(|a| (format!("{}", l.layer), sorted_norm(&a.scores))))
+            .filter_map(|l| get(l).map(|a| (format!("layer {}", l.layer), sorted_norm(&a.scores))))
             .collect()
     };
-    let by_layer = |get: &dyn Fn(
-        &super::importance::LayerImportance,
-    ) -> Option<&super::importance::Axis>|
-     -> Series {
+    // Every component's score over its layer's largest, as points at the layer.
+    let by_layer = |get: Get| -> Series {
         vec![(
             "".into(),
             imp.layers
@@ -170,64 +180,90 @@ pub fn plot(imp: &Importance, path: &Path) -> Result<()> {
                 .collect(),
         )]
     };
-    panel(
-        &areas[0],
-        "hidden channels (sorted)",
+    // (title, x label, series, points, x extent)
+    let mut panels: Vec<(&str, &str, Series, bool, Option<f32>)> = vec![(
+        "hidden channels (sorted, / max)",
         "channel rank",
-        &vec![("hidden".into(), sorted_norm(&imp.hidden.scores))],
+        vec![("hidden".into(), sorted_norm(&imp.hidden.scores))],
         false,
-    )?;
-    match &imp.depth {
-        Some(d) => {
-            let pts: Vec<(f32, f32)> = d
-                .scores
-                .iter()
-                .enumerate()
-                .map(|(i, &s)| (i as f32, (s.max(1e-9)).log10()))
-                .collect();
-            panel(
-                &areas[1],
-                "depth: log10 NMSE when removed",
-                "layer",
-                &vec![("depth".into(), pts)],
-                true,
-            )?
-        }
-        None => panel(&areas[1], "depth: not ranked", "layer", &vec![], true)?,
+        None,
+    )];
+    if let Some(d) = &imp.depth {
+        let pts = d
+            .scores
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (i as f32, (s.max(1e-9)).log10()))
+            .collect();
+        panels.push((
+            "depth: log10 NMSE when removed",
+            "layer",
+            vec![("".into(), pts)],
+            true,
+            Some(last),
+        ));
     }
-    panel(
-        &areas[2],
-        "FFN / expert channels per layer (sorted, / max)",
-        "channel rank",
-        &{
-            let mut s = per_layer(&|l| l.ffn.as_ref());
-            s.extend(per_layer(&|l| l.moe_ffn.as_ref()));
-            s
-        },
-        false,
-    )?;
-    panel(
-        &areas[3],
-        "attention query heads (/ layer max)",
-        "layer",
-        &by_layer(&|l| l.heads.as_ref()),
-        true,
-    )?;
-    panel(
-        &areas[4],
-        "Mamba heads (/ layer max)",
-        "layer",
-        &by_layer(&|l| l.mamba_heads.as_ref()),
-        true,
-    )?;
-    panel(
-        &areas[5],
-        "routed experts, REAP (/ layer max)",
-        "layer",
-        &by_layer(&|l| l.experts.as_ref()),
-        true,
-    )?;
+    let lines: [(&str, Get); 4] = [
+        ("FFN channels per layer (sorted, / max)", |l| l.ffn.as_ref()),
+        ("routed-expert channels per layer (sorted, / max)", |l| {
+            l.moe_ffn.as_ref()
+        }),
+        ("shared-expert channels per layer (sorted, / max)", |l| {
+            l.shared_ffn.as_ref()
+        }),
+        ("Mamba head channels per layer (sorted, / max)", |l| {
+            l.mamba_head_dim.as_ref()
+        }),
+    ];
+    for (title, get) in lines {
+        let s = per_layer(get);
+        if !s.is_empty() {
+            panels.push((title, "channel rank", s, false, None));
+        }
+    }
+    let dots: [(&str, Get); 3] = [
+        ("attention query heads (/ layer max)", |l| l.heads.as_ref()),
+        ("Mamba heads (/ layer max)", |l| l.mamba_heads.as_ref()),
+        ("routed experts, REAP (/ layer max)", |l| l.experts.as_ref()),
+    ];
+    for (title, get) in dots {
+        let s = by_layer(get);
+        if !s[0].1.is_empty() {
+            panels.push((title, "layer", s, true, Some(last)));
+        }
+    }
+    let n = panels.len();
+    let cols = match n {
+        1..=3 => n,
+        4 => 2,
+        _ => 3,
+    };
+    let rows = n.div_ceil(cols);
+    let root = BitMapBackend::new(path, (500 * cols as u32, 420 * rows as u32)).into_drawing_area();
+    root.fill(&WHITE)
+        .map_err(|x| Error::Input(format!("plot: {x}")))?;
+    let areas = root.split_evenly((rows, cols));
+    for (a, (title, xl, s, points, x_max)) in areas.iter().zip(&panels) {
+        panel(a, title, xl, s, *points, *x_max)?;
+    }
     root.present()
         .map_err(|x| Error::Input(format!("plot {}: {x}", path.display())))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legend_fits() {
+        for n in [1, 3, LEGEND_MAX] {
+            assert!((0..n).all(|i| in_legend(i, n)));
+        }
+        for n in [LEGEND_MAX + 1, 24, 30, 52, 200] {
+            let named: Vec<usize> = (0..n).filter(|&i| in_legend(i, n)).collect();
+            assert_eq!(named.len(), LEGEND_MAX, "{n}: {named:?}");
+            assert_eq!((named[0], *named.last().unwrap()), (0, n - 1));
+        }
+    }
 }

@@ -30,6 +30,18 @@ pub enum StopReason {
     Context,
 }
 
+impl StopReason {
+    /// Words for the stats line (`--json` keeps the snake_case names).
+    pub fn describe(self) -> &'static str {
+        match self {
+            StopReason::Eos => "end of sequence",
+            StopReason::StopString => "stop string",
+            StopReason::Length => "max tokens",
+            StopReason::Context => "context full",
+        }
+    }
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Generation {
     pub text: String,
@@ -74,6 +86,11 @@ pub fn generate(
     let max_stop = cfg.stop.iter().map(|s| s.len()).max().unwrap_or(0);
     let stop_reason;
     loop {
+        // Reached only with max_tokens = 0 (prefill only); otherwise checked after each token.
+        if out.len() >= cfg.max_tokens {
+            stop_reason = StopReason::Length;
+            break;
+        }
         if !cfg.ignore_eos && tok.eos.contains(&next) {
             stop_reason = StopReason::Eos;
             break;

@@ -47,11 +47,12 @@ impl Sampler {
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.cfg.temperature <= 0.0 {
+        let inv_t = 1.0 / self.cfg.temperature;
+        // A temperature so small that 1/T overflows is greedy too (not NaN probabilities).
+        if self.cfg.temperature <= 0.0 || !inv_t.is_finite() {
             return argmax(logits);
         }
         let n = logits.len();
-        let inv_t = 1.0 / self.cfg.temperature;
         self.idx.clear();
         self.idx.extend(0..n as u32);
         let k = if self.cfg.top_k > 0 {
@@ -141,5 +142,11 @@ mod tests {
             seed: 1,
         });
         assert!((0..20).all(|_| s.sample(&l) == 1));
+        // A denormal temperature (1/T = inf) is greedy, not NaN probabilities.
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1e-45,
+            ..SamplerConfig::default()
+        });
+        assert_eq!(s.sample(&l), 1);
     }
 }

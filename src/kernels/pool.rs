@@ -27,7 +27,10 @@ const MAX_CHUNKS: usize = (1 << COUNT_BITS) - 1;
 const BROADCAST: u64 = 1 << 31;
 
 fn pack(epoch: u32, broadcast: bool, count: usize, next: usize) -> u64 {
-    ((epoch as u64) << 32) | if broadcast { BROADCAST } else { 0 } | ((count as u64) << 16) | next as u64
+    ((epoch as u64) << 32)
+        | if broadcast { BROADCAST } else { 0 }
+        | ((count as u64) << 16)
+        | next as u64
 }
 fn epoch_of(s: u64) -> u32 {
     (s >> 32) as u32
@@ -169,7 +172,8 @@ impl Pool {
         unsafe { *s.job.get() = Some(job) };
         s.done.store(0, Ordering::Relaxed);
         let epoch = epoch_of(s.state.load(Ordering::Relaxed)).wrapping_add(1);
-        s.state.store(pack(epoch, broadcast, count, 0), Ordering::SeqCst);
+        s.state
+            .store(pack(epoch, broadcast, count, 0), Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.cv.notify_all();
@@ -339,7 +343,10 @@ pub fn logical_cpus() -> usize {
 /// The default thread count: physical cores this process may run on (SMT siblings count once),
 /// at most `logical_cpus()`, like llama.cpp's default.
 pub fn default_threads() -> usize {
-    physical_cores().unwrap_or(usize::MAX).min(logical_cpus()).max(1)
+    physical_cores()
+        .unwrap_or(usize::MAX)
+        .min(logical_cpus())
+        .max(1)
 }
 
 /// Distinct cores among the CPUs in this process's affinity list (Linux sysfs), if readable.
@@ -443,7 +450,10 @@ mod tests {
     }
     #[test]
     fn cpu_lists() {
-        assert_eq!(parse_cpu_list("0-3,8,10-11"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
         assert_eq!(parse_cpu_list("5"), Some(vec![5]));
         assert_eq!(parse_cpu_list("x"), None);
         assert!(default_threads() >= 1 && default_threads() <= logical_cpus());

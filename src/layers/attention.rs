@@ -65,12 +65,14 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(kv_heads: usize, head_dim: usize, cap: usize) -> KvCache {
-        KvCache {
-            k: vec![0.0; kv_heads * cap * head_dim],
-            v: vec![0.0; kv_heads * cap * head_dim],
+    /// None when the memory cannot be allocated (or its size overflows).
+    pub fn try_new(kv_heads: usize, head_dim: usize, cap: usize) -> Option<KvCache> {
+        let n = kv_heads.checked_mul(cap)?.checked_mul(head_dim)?;
+        Some(KvCache {
+            k: super::try_zeroed(n)?,
+            v: super::try_zeroed(n)?,
             cap,
-        }
+        })
     }
 }
 

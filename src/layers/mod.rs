@@ -87,6 +87,21 @@ pub fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
+/// `n` zeros, or None when the allocator refuses (like `vec![0.0; n]`, whose untouched pages the
+/// OS supplies lazily, but fallible).
+pub fn try_zeroed(n: usize) -> Option<Vec<f32>> {
+    if n == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(n).ok()?;
+    // Safety: the layout has a non-zero size; zeroed bytes are valid f32s; the vector takes over
+    // an allocation of the global allocator with exactly this layout.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut f32;
+        (!p.is_null()).then(|| Vec::from_raw_parts(p, n, n))
+    }
+}
+
 #[derive(Clone, Copy)]
 pub(crate) struct SyncPtr<T>(pub *mut T);
 unsafe impl<T> Send for SyncPtr<T> {}
