@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Decode on a busy machine: elastica and llama.cpp side by side on the same GGUF, idle and with
 # competing busy-loop processes, interleaved in one run (medians of REPS rounds).
-# Usage: scripts/bench-busy.sh [-t THREADS] [-c COMPETITORS] [-r ROUNDS] [-m GGUF]
+# Usage: scripts/bench-busy.sh [-t THREADS] [-c COMPETITORS] [-r ROUNDS] [-m GGUF] [-e ELASTICA_BINARY]
 # Defaults: -t 2, -c 1, -r 3, SmolLM2-135M-Instruct Q8_0 (requantized from the Q4_1 original).
 # Also runs -t (THREADS+1), more threads than cores, idle. Writes bench-out/busy.md and busy.json.
 # The goal (Hardening issue): busy decode at least 0.45x the idle figure with one competitor.
@@ -12,8 +12,9 @@ threads=2
 competitors=1
 rounds=3
 model=""
-while getopts "t:c:r:m:" o; do
-  case $o in t) threads=$OPTARG ;; c) competitors=$OPTARG ;; r) rounds=$OPTARG ;; m) model=$OPTARG ;; *) exit 2 ;; esac
+elastica=./target/release/elastica
+while getopts "t:c:r:m:e:" o; do
+  case $o in t) threads=$OPTARG ;; c) competitors=$OPTARG ;; r) rounds=$OPTARG ;; m) model=$OPTARG ;; e) elastica=$OPTARG ;; *) exit 2 ;; esac
 done
 cargo build --release --quiet
 scripts/build-llama-cpp.sh
@@ -43,15 +44,15 @@ stop_competitors() {
 trap stop_competitors EXIT
 measure() { # condition threads
   local cond=$1 t=$2
-  "$bin/llama-bench" -m "$model" -t "$t" -p 128 -n 128 -r 1 -o json 2>/dev/null |
+  timeout 300 "$bin/llama-bench" -m "$model" -t "$t" -p 128 -n 128 -r 1 -o json 2>/dev/null |
     python3 -c 'import sys,json
 for r in json.load(sys.stdin):
-    print(json.dumps({"engine":"llama.cpp","cond":sys.argv[1],"threads":int(sys.argv[2]),"test":"pp" if r["n_gen"]==0 else "tg","tps":r["avg_ts"]}))' "$cond" "$t" >>"$out"
-  ./target/release/elastica bench "$model" -t "$t" -p 128 -n 128 -r 1 --json 2>/dev/null |
+    print(json.dumps({"engine":"llama.cpp","cond":sys.argv[1],"threads":int(sys.argv[2]),"test":"pp" if r["n_gen"]==0 else "tg","tps":r["avg_ts"]}))' "$cond" "$t" >>"$out"  || true
+  timeout 300 "$elastica" bench "$model" -t "$t" -p 128 -n 128 -r 1 --json 2>/dev/null |
     python3 -c 'import sys,json
 r=json.load(sys.stdin)
 for k in ("pp","tg"):
-    print(json.dumps({"engine":"elastica","cond":sys.argv[1],"threads":int(sys.argv[2]),"test":k,"tps":r[k],"pool":r["threads"]}))' "$cond" "$t" >>"$out"
+    print(json.dumps({"engine":"elastica","cond":sys.argv[1],"threads":int(sys.argv[2]),"test":k,"tps":r[k],"pool":r["threads"]}))' "$cond" "$t" >>"$out" || true
 }
 for i in $(seq "$rounds"); do
   echo "round $i/$rounds: idle -t $threads" >&2
