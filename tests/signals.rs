@@ -139,7 +139,7 @@ fn sigterm_during_slice_leaves_nothing() {
     assert_eq!(st.code(), Some(143), "{st}: {err}");
     assert!(
         err.trim_end()
-            .ends_with("interrupted by SIGTERM; removed 1 temporary output(s)"),
+            .ends_with("interrupted by SIGTERM; removed 1 unfinished output(s)"),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

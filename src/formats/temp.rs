@@ -276,7 +276,11 @@ pub fn remove_on_signals() -> Result<()> {
             } else {
                 ""
             };
-            eprintln!("{lead}interrupted by {name}; removed {removed} temporary output(s)");
+            let what = match removed {
+                0 => String::new(),
+                n => format!("; removed {n} unfinished output(s)"),
+            };
+            eprintln!("{lead}interrupted by {name}{what}");
             std::process::exit(128 + sig);
         })
         .map_err(|e| Error::Input(format!("signal thread: {e}")))?;
