@@ -366,6 +366,24 @@ fn resume_reproduces_the_run_and_output_is_an_elastic_checkpoint() {
     let wb = std::fs::read(dir.join("b/model/model.safetensors")).unwrap();
     assert!(wa == wb, "resumed weights differ");
     assert!(dir.join("a/curves.png").exists());
+    // Model, curves and summary committed together; no temporary left in either run.
+    for run in ["a", "b"] {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join(run))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "checkpoint",
+                "curves.png",
+                "log.jsonl",
+                "model",
+                "summary.json"
+            ]
+        );
+    }
 
     // The output is an elastic checkpoint: trained weights differ from the input, the manifest
     // names both budgets, and the training graph on the written weights equals the engine.

@@ -141,11 +141,7 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         // The measured search runs budgets on the re-ordered model: write it first (checked),
         // solve on it, then write the final checkpoint with its manifest.
-        let stage = a.out.with_file_name(format!(
-            ".{}.stage-{}",
-            a.out.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
+        let stage = crate::formats::temp::Temp::stage(&a.out)?;
         let result = (|| -> crate::Result<_> {
             let first = rewrite::Output {
                 values: None,
@@ -180,11 +176,7 @@ pub fn run(a: Args) -> Result<()> {
             };
             Ok((rewrite::write(&staged, &identity, &last)?, manifest))
         })();
-        let _ = if stage.is_dir() {
-            std::fs::remove_dir_all(&stage)
-        } else {
-            std::fs::remove_file(&stage)
-        };
+        drop(stage);
         result?
     };
     let out = crate::models::load(&a.out)?;

@@ -1,4 +1,5 @@
 use crate::error::{Error, Result};
+use crate::formats::temp::{self, Temp};
 use crate::generate::chat::{Message, render};
 use crate::generate::sampler::SamplerConfig;
 use crate::generate::tokenizer::Tokenizer;
@@ -65,14 +66,14 @@ pub fn run(a: Args) -> Result<()> {
             .map(String::from)
             .collect()
     };
+    let tmp = Temp::new(&a.out)?;
     let m = crate::models::load(&a.model)?;
     let tok = Tokenizer::for_model(&m)?;
     let b = m.full_budget();
     let ctx = a.ctx.unwrap_or(m.meta.context.min(4096));
     super::check_ctx(&m, &format!("--ctx {ctx}"), ctx, a.force_ctx)?;
     let mut cache = Cache::try_new(&m, ctx)?;
-    let tmp = crate::formats::temp_path(&a.out);
-    let result = (|| -> Result<()> {
+    {
         let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut w = std::io::BufWriter::new(f);
         let pb = indicatif::ProgressBar::new(a.samples as u64);
@@ -128,13 +129,9 @@ pub fn run(a: Args) -> Result<()> {
         w.into_inner()
             .map_err(|e| Error::io(&tmp, e.into_error()))?
             .sync_all()
-            .map_err(|e| Error::io(&tmp, e))
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+            .map_err(|e| Error::io(&tmp, e))?;
     }
-    std::fs::rename(&tmp, &a.out).map_err(|e| Error::io(&a.out, e))?;
+    temp::commit([tmp])?;
     eprintln!("wrote {} samples to {}", a.samples, a.out.display());
     Ok(())
 }

@@ -1,5 +1,6 @@
 use crate::elastic::importance::{RankOptions, rank, samples};
 use crate::error::{Error, Result};
+use crate::formats::temp::{self, Temp};
 use crate::generate::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
@@ -56,6 +57,9 @@ pub fn run(a: Args) -> Result<()> {
             a.depth_seq
         )));
     }
+    // Both outputs go to temporaries, renamed into place together at the end: all or none.
+    let out_tmp = Temp::new(&a.out)?;
+    let plot_tmp = a.plot.as_deref().map(Temp::with_ext).transpose()?;
     let m = crate::models::load(&a.model)?;
     let tok = Tokenizer::for_model(&m)?;
     let texts = crate::data::read_texts(&a.calib)?;
@@ -89,23 +93,12 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     pb.finish_and_clear();
-    let tmp = crate::formats::temp_path(&a.out);
-    std::fs::write(&tmp, serde_json::to_string_pretty(&imp).unwrap())
-        .map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &a.out).map_err(|e| Error::io(&a.out, e))?;
-    if let Some(p) = &a.plot {
-        let tmp = p.with_file_name(format!(
-            ".{}.tmp-{}.png",
-            p.file_name().unwrap_or_default().to_string_lossy(),
-            std::process::id()
-        ));
-        let r = crate::elastic::plot::plot(&imp, &tmp)
-            .and_then(|()| std::fs::rename(&tmp, p).map_err(|e| Error::io(p, e)));
-        if r.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        r?;
+    std::fs::write(&out_tmp, serde_json::to_string_pretty(&imp).unwrap())
+        .map_err(|e| Error::io(&out_tmp, e))?;
+    if let Some(t) = &plot_tmp {
+        crate::elastic::plot::plot(&imp, t)?;
     }
+    temp::commit(std::iter::once(out_tmp).chain(plot_tmp))?;
     eprintln!(
         "ranked {} ({} samples x {} tokens{}) -> {}",
         a.model.display(),

@@ -42,6 +42,23 @@ pub fn run(a: Args) -> Result<()> {
     let convert = a.dtype.as_deref().map(parse_float_dtype).transpose()?;
     let b = m.budget(&a.budget)?;
     let map = IndexMap::from_budget(&m.shape, &b);
+    // --verify runs on the finished temporary: a slice that fails it is not kept.
+    let tol = if convert.is_some_and(|c| c != crate::tensor::DType::F32) {
+        3e-2
+    } else {
+        1e-4
+    };
+    let diff = std::cell::Cell::new(None);
+    let verify = |p: &std::path::Path| -> Result<()> {
+        let d = crate::elastic::verify_slice(m, &b, p)?;
+        diff.set(Some(d));
+        if d > tol {
+            return Err(Error::Input(format!(
+                "--verify: the slice's logits differ from the budget view by {d:.2e} (relative to the largest logit; limit {tol:.0e}); nothing written"
+            )));
+        }
+        Ok(())
+    };
     let w = rewrite::write(
         &ck,
         &map,
@@ -52,7 +69,7 @@ pub fn run(a: Args) -> Result<()> {
             manifest: None,
             force: a.force,
             progress: !a.json,
-            check: None,
+            check: if a.verify { Some(&verify) } else { None },
             format,
         },
     )?;
@@ -64,19 +81,8 @@ pub fn run(a: Args) -> Result<()> {
         "seconds": w.seconds,
         "gb_per_s": w.bytes as f64 / w.seconds.max(1e-9) / 1e9,
     });
-    if a.verify {
-        let d = crate::elastic::verify_slice(m, &b, &a.out)?;
-        let tol = if convert.is_some_and(|c| c != crate::tensor::DType::F32) {
-            3e-2
-        } else {
-            1e-4
-        };
+    if let Some(d) = diff.get() {
         report["verify_max_rel_diff"] = d.into();
-        if d > tol {
-            return Err(Error::Input(format!(
-                "--verify: the slice's logits differ from the budget view by {d:.2e} (relative to the largest logit; limit {tol:.0e})"
-            )));
-        }
     }
     if a.json {
         println!("{report}");

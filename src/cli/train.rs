@@ -2,6 +2,7 @@
 
 use crate::elastic::parse_float_dtype;
 use crate::error::{Error, Result};
+use crate::formats::temp::{self, Temp};
 use crate::manifest::{FORMAT, Manifest, NamedBudget};
 use crate::model::Format;
 use crate::train::{Config, RunDir, Trainer};
@@ -283,6 +284,17 @@ pub fn run(a: Args) -> Result<()> {
         )));
     }
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    // Temporaries that a killed run left in RUN.
+    for f in [
+        "checkpoint",
+        "model",
+        "model.gguf",
+        "curves.png",
+        "summary.json",
+        "log.jsonl",
+    ] {
+        temp::sweep(&a.out.join(f));
+    }
     let mut tr = Trainer::new(cfg, &ck, teacher, budgets, ids, eval)?;
     if a.resume {
         let cp = dir.checkpoint();
@@ -387,11 +399,13 @@ pub fn run(a: Args) -> Result<()> {
         Format::Gguf => a.out.join("model.gguf"),
         Format::Hf => a.out.join("model"),
     };
+    // The model, curves and summary are renamed into place together.
+    let model_tmp = Temp::new(&out_path)?;
     let w = crate::train::export::write(
         &ck,
         &tr.net,
         &manifest,
-        &out_path,
+        &model_tmp,
         dtype,
         true,
         !a.no_progress,
@@ -407,12 +421,18 @@ pub fn run(a: Args) -> Result<()> {
         "eval_ppl": ev.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         "written": w,
     });
-    if let Err(e) = crate::train::plot_log(&dir.log(), &a.out.join("curves.png")) {
-        eprintln!("warning: no curves.png: {e}");
-    }
-    let sp = a.out.join("summary.json");
+    let curves = Temp::with_ext(&a.out.join("curves.png"))?;
+    let curves = match crate::train::plot_log(&dir.log(), &curves) {
+        Ok(()) => Some(curves),
+        Err(e) => {
+            eprintln!("warning: no curves.png: {e}");
+            None
+        }
+    };
+    let sp = Temp::new(&a.out.join("summary.json"))?;
     std::fs::write(&sp, serde_json::to_string_pretty(&summary).unwrap())
         .map_err(|e| Error::io(&sp, e))?;
+    temp::commit([model_tmp, sp].into_iter().chain(curves))?;
     println!("{}", serde_json::to_string_pretty(&summary).unwrap());
     Ok(())
 }

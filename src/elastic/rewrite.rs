@@ -6,7 +6,7 @@
 
 use super::{GatherPlan, IndexMap, Role, SliceDims, encode};
 use crate::error::{Error, Result};
-use crate::formats::{OutTensor, gguf, safetensors, temp_path};
+use crate::formats::{OutTensor, gguf, safetensors, temp};
 use crate::kernels::quant;
 use crate::manifest::Manifest;
 use crate::model::Format;
@@ -281,9 +281,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
         pb.set_message(p.out.name.clone());
         Ok(b)
     };
-    let tmp = temp_path(out.path);
-    let _ = std::fs::remove_dir_all(&tmp);
-    let _ = std::fs::remove_file(&tmp);
+    let tmp = temp::Temp::new(out.path)?;
     let result = (|| -> Result<()> {
         match to {
             Format::Hf => {
@@ -350,21 +348,8 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
         }
     })();
     pb.finish_and_clear();
-    let result = result.and_then(|()| out.check.map_or(Ok(()), |c| c(&tmp)));
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    if out.path.exists() {
-        let r = if out.path.is_dir() {
-            std::fs::remove_dir_all(out.path)
-        } else {
-            std::fs::remove_file(out.path)
-        };
-        r.map_err(|e| Error::io(out.path, e))?;
-    }
-    std::fs::rename(&tmp, out.path).map_err(|e| Error::io(out.path, e))?;
+    result.and_then(|()| out.check.map_or(Ok(()), |c| c(&tmp)))?;
+    temp::commit([tmp])?;
     Ok(Written {
         tensors: outs.len(),
         bytes: total,

@@ -3,6 +3,7 @@
 
 pub mod gguf;
 pub mod safetensors;
+pub mod temp;
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -51,13 +52,4 @@ impl OutTensor {
         let rows: usize = self.shape.iter().rev().skip(1).product();
         self.dtype.row_bytes(cols).expect("whole blocks") * rows
     }
-}
-
-/// A sibling temporary path for `dest` (written, then renamed over `dest`).
-pub fn temp_path(dest: &std::path::Path) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }

@@ -17,6 +17,7 @@ pub mod router;
 
 use crate::budget::Budget;
 use crate::error::{Error, Result};
+use crate::formats::temp::{self, Temp};
 use crate::model::{Cache, Logits, Model};
 use crate::models::Checkpoint;
 use adamw::AdamW;
@@ -402,22 +403,14 @@ impl<'a> Trainer<'a> {
                 t.insert(format!("{pre}.v.{i}"), v.clone());
             }
         }
-        let tmp = crate::formats::temp_path(dir);
-        let _ = std::fs::remove_dir_all(&tmp);
+        let tmp = Temp::new(dir)?;
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         candle_core::safetensors::save(&t, tmp.join("state.safetensors"))?;
         let js = serde_json::to_string_pretty(&self.state).unwrap();
         std::fs::write(tmp.join("state.json"), js)
             .map_err(|e| Error::io(tmp.join("state.json"), e))?;
-        // Swap in: the old checkpoint is removed only after the new one is complete.
-        let old = dir.with_extension("old");
-        let _ = std::fs::remove_dir_all(&old);
-        if dir.exists() {
-            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        // Swapped in whole: the old checkpoint goes only once the new one is complete.
+        temp::commit([tmp])
     }
 
     pub fn load(&mut self, dir: &Path) -> Result<()> {
@@ -540,7 +533,9 @@ impl RunDir {
         if !s.is_empty() {
             s.push('\n');
         }
-        std::fs::write(&p, s).map_err(|e| Error::io(&p, e))
+        let tmp = Temp::new(&p)?;
+        std::fs::write(&tmp, s).map_err(|e| Error::io(&tmp, e))?;
+        temp::commit([tmp])
     }
 }
 
