@@ -86,7 +86,7 @@ fn wait(ready: impl Fn() -> bool, mut park: impl FnMut()) {
             return;
         }
         i = i.wrapping_add(1);
-        if i % 64 != 0 {
+        if !i.is_multiple_of(64) {
             std::hint::spin_loop();
             continue;
         }
