@@ -50,7 +50,7 @@ pub fn run(a: Args) -> Result<()> {
             convert,
             manifest: None,
             force: a.force,
-            progress: !a.json,
+            progress: &crate::progress::Progress::new("slice", a.json),
             check: None,
             format,
         },

@@ -200,3 +200,83 @@ impl Q8Act {
         }
     }
 }
+
+/// The block format a re-ordered quantized tensor is written in: its own for the 32-element
+/// formats; Q8_0 for the K-quants (their quantizers are not implemented; Q8_0 is finer).
+pub fn requant_type(dtype: DType) -> DType {
+    match dtype {
+        DType::Q4K | DType::Q5K | DType::Q6K => DType::Q8_0,
+        d => d,
+    }
+}
+
+/// Whether [`quantize_row`] can write this format.
+pub fn can_quantize(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1
+    )
+}
+
+/// Quantizes `x` (a whole number of 32-value blocks) into `out` with ggml's reference rounding
+/// (`quantize_row_*_ref`, which gguf-py reproduces bit for bit).
+pub fn quantize_row(dtype: DType, x: &[f32], out: &mut Vec<u8>) {
+    assert!(can_quantize(dtype) && x.len().is_multiple_of(32));
+    let f16b = |v: f32| f16::from_f32(v).to_le_bytes();
+    for b in x.chunks_exact(32) {
+        match dtype {
+            DType::Q8_0 => {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16b(d));
+                out.extend(b.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+            DType::Q4_0 | DType::Q5_0 => {
+                // The value of largest magnitude (the first one on ties) maps to -8 / -16.
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in b {
+                    if v.abs() > amax {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                let five = dtype == DType::Q5_0;
+                let (lv, top) = if five { (-16.0, 31) } else { (-8.0, 15) };
+                let d = max / lv;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q: Vec<u8> = b
+                    .iter()
+                    .map(|v| ((v * id + (-lv + 0.5)).trunc() as i32).clamp(0, top) as u8)
+                    .collect();
+                out.extend_from_slice(&f16b(d));
+                push_nibbles(&q, five, out);
+            }
+            _ => {
+                let min = b.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+                let max = b.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let five = dtype == DType::Q5_1;
+                let top = if five { 31 } else { 15 };
+                let d = (max - min) / top as f32;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q: Vec<u8> = b
+                    .iter()
+                    .map(|v| (((v - min) * id + 0.5).trunc() as i32).clamp(0, top) as u8)
+                    .collect();
+                out.extend_from_slice(&f16b(d));
+                out.extend_from_slice(&f16b(min));
+                push_nibbles(&q, five, out);
+            }
+        }
+    }
+}
+
+/// Packs 32 quants: (Q5: the fifth bits as a little-endian u32, then) low nibbles of values i and
+/// i + 16 in byte i.
+fn push_nibbles(q: &[u8], five: bool, out: &mut Vec<u8>) {
+    if five {
+        let qh = (0..32).fold(0u32, |h, j| h | (((q[j] >> 4) as u32 & 1) << j));
+        out.extend_from_slice(&qh.to_le_bytes());
+    }
+    out.extend((0..16).map(|i| (q[i] & 0xF) | ((q[i + 16] & 0xF) << 4)));
+}
