@@ -203,7 +203,8 @@ impl GatherPlan {
     /// as they are) when the innermost dimension is kept whole or as a block-aligned prefix;
     /// otherwise values are dequantized and re-encoded: floats keep their format, quantized
     /// matrices are re-quantized ([`quant::requant_type`]), anything else becomes F32. `convert`
-    /// turns every matrix (2+ dimensions) into that format.
+    /// turns every matrix (2+ dimensions) into that format (block formats: where rows are whole
+    /// blocks).
     pub fn new(
         t: &Tensor,
         role: &Role,
@@ -256,12 +257,14 @@ impl GatherPlan {
             }
             rows = next;
         }
-        let want = convert.filter(|_| matrix);
+        let bl_fits = |d: DType| idx.last().unwrap().len().is_multiple_of(d.block_len());
+        // A block format applies to the matrices whose rows are whole blocks (not conv taps).
+        let want = convert.filter(|w| matrix && bl_fits(*w));
         let (dtype, row_copy) = if row_copy && want.is_none_or(|w| w == t.dtype) {
             (t.dtype, true)
         } else {
             let requant = quant::requant_type(t.dtype);
-            let fits = |d: DType| inner.len().is_multiple_of(d.block_len());
+            let fits = bl_fits;
             let dt = match want {
                 Some(w) => w,
                 None if matches!(t.dtype, DType::F16 | DType::BF16 | DType::F32) => t.dtype,
