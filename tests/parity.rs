@@ -157,6 +157,32 @@ fn quantizers_match_gguf_py() {
         for (b, (g, w)) in got.chunks(bb).zip(want.chunks(bb)).enumerate() {
             assert_eq!(g, w, "{name}: block {b} differs from gguf-py");
         }
+        // The searched blocks elastify writes: never worse than the reference, block by block,
+        // and better on the whole row.
+        let mut best = vec![];
+        elastica::kernels::quant::quantize_row_best(dt, &x, &mut best);
+        let mut rb = vec![0f32; x.len()];
+        let mut bb_ = vec![0f32; x.len()];
+        dequant_row(dt, &got, 0, &mut rb);
+        dequant_row(dt, &best, 0, &mut bb_);
+        let sse = |y: &[f32], r: std::ops::Range<usize>| -> f64 {
+            r.map(|i| ((x[i] - y[i]) as f64).powi(2)).sum()
+        };
+        for b in 0..x.len() / 32 {
+            let r = 32 * b..32 * b + 32;
+            assert!(
+                sse(&bb_, r.clone()) <= sse(&rb, r.clone()),
+                "{name} block {b}: searched {} > reference {}",
+                sse(&bb_, r.clone()),
+                sse(&rb, r)
+            );
+        }
+        if dt != DType::Q8_0 {
+            assert!(
+                sse(&bb_, 0..x.len()) < sse(&rb, 0..x.len()),
+                "{name}: no gain"
+            );
+        }
         let mut back = vec![0f32; x.len()];
         dequant_row(dt, &got, 0, &mut back);
         for (b, (xb, yb)) in x.chunks(32).zip(back.chunks(32)).enumerate() {

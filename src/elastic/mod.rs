@@ -330,7 +330,7 @@ pub fn encode(v: &[f32], dt: DType, out: &mut Vec<u8>) {
         DType::BF16 => v
             .iter()
             .for_each(|x| out.extend_from_slice(&quant::f32_to_bf16(*x).to_le_bytes())),
-        other => quant::quantize_row(other, v, out),
+        other => quant::quantize_row_best(other, v, out),
     }
 }
 
