@@ -108,8 +108,9 @@ impl Shared {
 
     /// Prints a line when the interval has passed since the last one.
     fn maybe(&self, st: &mut State) {
+        // The first line after one interval too: quick commands stay quiet.
         if matches!(self.mode, Mode::Lines | Mode::Json)
-            && st.last.is_none_or(|t| t.elapsed() >= self.every)
+            && st.last.unwrap_or(self.t0).elapsed() >= self.every
         {
             self.emit(st);
         }
