@@ -24,6 +24,7 @@ pub mod layers;
 pub mod manifest;
 pub mod model;
 pub mod models;
+pub mod progress;
 pub mod rng;
 pub mod tensor;
 pub mod train;

@@ -238,7 +238,7 @@ impl Model {
     }
 
     /// Quantized blocks cannot be split: every cut input dimension must fall on a block boundary.
-    fn check_alignment(&self, b: &Budget) -> Result<()> {
+    pub fn check_alignment(&self, b: &Budget) -> Result<()> {
         let check = |t: &Tensor, cols: &[Range<usize>], axis: &str| -> Result<()> {
             let bl = t.dtype.block_len();
             if bl == 1 {

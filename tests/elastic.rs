@@ -157,7 +157,12 @@ fn solver_constraints_and_manifest() {
     ];
     let active = [false, false, false, true, false];
     let mut prev: Option<elastica::Budget> = None;
-    for (i, b) in budgets.iter().enumerate() {
+    for b in budgets {
+        // Written largest first; mixed total/active targets may swap places.
+        let i = ["a", "b", "c", "d", "e"]
+            .iter()
+            .position(|n| b["name"] == *n)
+            .unwrap();
         let bud = m.budget(b["name"].as_str().unwrap()).unwrap();
         let (t, a) = m.params(&bud);
         let n = if active[i] { a } else { t } as f64;
@@ -627,4 +632,261 @@ fn measured_solver() {
             .flatten()
             .all(|e| !e.file_name().to_string_lossy().contains(".stage-"))
     );
+}
+
+/// The newcomer's flow: `elastify` without `--calib` runs the measured solver on the calibration
+/// text `rank` recorded (absolute paths, so another working folder finds it); `--objective mass`
+/// still reaches the importance-mass rule; a recorded file that is gone is a clear error.
+#[test]
+fn measured_solver_is_the_default() {
+    let dir = tmp("default-obj");
+    let src = fixture("nemotron_h_dense");
+    // A relative --calib, from the fixture folder.
+    let text = calib();
+    let imp = dir.join("importance.json");
+    ok(exe().current_dir(text.parent().unwrap()).args([
+        "rank",
+        s(&src),
+        "--calib",
+        text.file_name().unwrap().to_str().unwrap(),
+        "--samples",
+        "4",
+        "--seq",
+        "32",
+        "--depth-samples",
+        "0",
+        "--out",
+        s(&imp),
+    ]));
+    let el = |extra: &[&str], imp: &Path| {
+        let mut c = exe();
+        c.args([
+            "elastify",
+            s(&src),
+            "--importance",
+            s(imp),
+            "--budgets",
+            "full,0.7",
+            "--solve-samples",
+            "2",
+            "--solve-seq",
+            "32",
+            "--out",
+            s(&dir.join("el")),
+            "--force",
+            "--json",
+        ])
+        .args(extra);
+        c
+    };
+    let v: Value = serde_json::from_str(&ok(&mut el(&[], &imp))).unwrap();
+    assert_eq!(v["objective"], "logits");
+    assert_eq!(
+        std::fs::canonicalize(v["calib"][0].as_str().unwrap()).unwrap(),
+        std::fs::canonicalize(&text).unwrap()
+    );
+    let v: Value = serde_json::from_str(&ok(&mut el(&["--objective", "mass"], &imp))).unwrap();
+    assert_eq!(v["objective"], "mass");
+    fails(
+        &mut el(&["--objective", "guess"], &imp),
+        &["--objective", "guess"],
+    );
+    // The recorded text is gone: the error names the importance file, the text and --calib.
+    let mut j: Value = serde_json::from_str(&std::fs::read_to_string(&imp).unwrap()).unwrap();
+    j["calibration"]["files"] = serde_json::json!([s(&dir.join("gone.txt"))]);
+    let moved = dir.join("moved.json");
+    std::fs::write(&moved, j.to_string()).unwrap();
+    fails(
+        &mut el(&[], &moved),
+        &["moved.json", "gone.txt", "--calib", "--objective mass"],
+    );
+    // --calib overrides it.
+    let v: Value = serde_json::from_str(&ok(&mut el(&["--calib", s(&text)], &moved))).unwrap();
+    assert_eq!(v["objective"], "logits");
+}
+
+/// Without a terminal, long commands print progress lines (JSON lines with --json) on stderr.
+#[test]
+fn progress_without_a_terminal() {
+    let dir = tmp("progress");
+    let src = fixture("nemotron_h_dense");
+    let imp = dir.join("importance.json");
+    let run = |args: &[&str]| -> String {
+        let o = exe()
+            .env("ELASTICA_PROGRESS_SECS", "0")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stderr).unwrap()
+    };
+    let e = run(&[
+        "rank",
+        s(&src),
+        "--calib",
+        s(&calib()),
+        "--samples",
+        "4",
+        "--seq",
+        "32",
+        "--depth-samples",
+        "1",
+        "--depth-seq",
+        "16",
+        "--out",
+        s(&imp),
+    ]);
+    assert!(e.contains("rank: activations 1/"), "{e}");
+    assert!(e.contains("rank: depth"), "{e}");
+    let out = dir.join("el");
+    let e = run(&[
+        "elastify",
+        s(&src),
+        "--importance",
+        s(&imp),
+        "--budgets",
+        "full,0.7",
+        "--solve-samples",
+        "2",
+        "--solve-seq",
+        "32",
+        "--out",
+        s(&out),
+    ]);
+    assert!(e.contains("elastify: write "), "{e}");
+    assert!(
+        e.contains("elastify: solve ") && e.contains("evaluations"),
+        "{e}"
+    );
+    // JSON lines: every stderr line is an object, the progress ones name command and stage.
+    let e = run(&[
+        "slice",
+        s(&out),
+        "--budget",
+        "0.7",
+        "--out",
+        s(&dir.join("s")),
+        "--json",
+    ]);
+    let lines: Vec<Value> = e
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|v| v["progress"] == "slice"
+            && v["stage"] == "write"
+            && v["total"].as_u64() > Some(0)),
+        "{e}"
+    );
+    let e = run(&[
+        "perplexity",
+        s(&out),
+        "--file",
+        s(&calib()),
+        "--ctx",
+        "32",
+        "--chunks",
+        "2",
+    ]);
+    assert!(e.contains("perplexity: score 1/2 chunks"), "{e}");
+}
+
+/// A quantized input gives a quantized elastic file (re-quantized after re-ordering): its
+/// matrices, and those of its budget slices, stay in the input's block format, and the logit
+/// change against the input is reported.
+#[test]
+fn quantized_input_stays_quantized() {
+    let dir = tmp("requant");
+    let f32_gguf = fixture("nemotron_h_dense").join("model-f32.gguf");
+    for dt in ["q4_1", "q8_0"] {
+        let q = dir.join(format!("{dt}.gguf"));
+        ok(exe().args([
+            "slice",
+            s(&f32_gguf),
+            "--budget",
+            "full",
+            "--dtype",
+            dt,
+            "--out",
+            s(&q),
+            "--force",
+        ]));
+        let want = dt.to_uppercase();
+        let dtypes = |p: &Path| -> Vec<String> {
+            let m = load(p);
+            m.matrices()
+                .iter()
+                .map(|t| t.dtype.name().to_string())
+                .collect()
+        };
+        assert!(dtypes(&q).iter().all(|d| *d == want), "{:?}", dtypes(&q));
+        let imp = dir.join("importance.json");
+        rank(&q, &imp);
+        let el = dir.join(format!("el-{dt}.gguf"));
+        let v: Value = serde_json::from_str(&ok(exe().args([
+            "elastify",
+            s(&q),
+            "--importance",
+            s(&imp),
+            "--budgets",
+            "full,0.6",
+            "--solve-samples",
+            "2",
+            "--solve-seq",
+            "32",
+            "--out",
+            s(&el),
+            "--force",
+            "--json",
+        ])))
+        .unwrap();
+        assert_eq!(v["requantized"], true);
+        let d = &v["logit_diff"];
+        assert!(
+            d["rms_rel"].as_f64().unwrap() > 0.0 && d["rms_rel"].as_f64().unwrap() < 0.5,
+            "{d}"
+        );
+        assert!(
+            dtypes(&el).iter().all(|d| *d == want),
+            "{dt}: {:?}",
+            dtypes(&el)
+        );
+        // Not bigger than the input.
+        let size = |p: &Path| std::fs::metadata(p).unwrap().len() as f64;
+        assert!(size(&el) < 1.05 * size(&q), "{} vs {}", size(&el), size(&q));
+        // A budget slice of it is quantized too, and equals the budget view.
+        let sl = dir.join(format!("s-{dt}.gguf"));
+        ok(exe().args([
+            "slice",
+            s(&el),
+            "--budget",
+            "0.6",
+            "--out",
+            s(&sl),
+            "--verify",
+            "--force",
+        ]));
+        assert!(dtypes(&sl).iter().all(|d| *d == want), "{:?}", dtypes(&sl));
+        assert!(size(&sl) < size(&el));
+        // --dtype still chooses a float format.
+        let fl = dir.join(format!("f-{dt}.gguf"));
+        let v: Value = serde_json::from_str(&ok(exe().args([
+            "elastify",
+            s(&q),
+            "--importance",
+            s(&imp),
+            "--budgets",
+            "full",
+            "--dtype",
+            "f32",
+            "--out",
+            s(&fl),
+            "--force",
+            "--json",
+        ])))
+        .unwrap();
+        assert_eq!(v["requantized"], false);
+        assert!(v["max_logit_diff"].as_f64().unwrap() < 1e-4);
+        assert!(dtypes(&fl).iter().any(|d| d == "F32"));
+    }
 }

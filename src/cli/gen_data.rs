@@ -76,7 +76,12 @@ pub fn run(a: Args) -> Result<()> {
     {
         let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         let mut w = std::io::BufWriter::new(f);
-        let pb = indicatif::ProgressBar::new(a.samples as u64);
+        let pb = crate::progress::Progress::new("gen-data", false);
+        pb.stage(
+            "sample",
+            a.samples as u64,
+            crate::progress::Unit::Count("samples"),
+        );
         for i in 0..a.samples {
             let p = &prompts[i % prompts.len()];
             let text = if a.chat {
@@ -125,7 +130,7 @@ pub fn run(a: Args) -> Result<()> {
             writeln!(w, "{line}").map_err(|e| Error::io(&tmp, e))?;
             pb.inc(1);
         }
-        pb.finish_and_clear();
+        pb.finish();
         w.into_inner()
             .map_err(|e| Error::io(&tmp, e.into_error()))?
             .sync_all()

@@ -33,19 +33,12 @@ pub fn run(a: Args) -> Result<()> {
     let tok = Tokenizer::for_model(&m)?;
     let tokens = tok.encode(&text, true)?;
     let bos = if tok.add_bos { tok.bos } else { None };
-    let pb = indicatif::ProgressBar::new(0);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} chunks {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap(),
-    );
+    let pb = crate::progress::Progress::new("perplexity", a.json);
+    pb.stage("score", 0, crate::progress::Unit::Count("chunks"));
     let r = crate::eval::perplexity(&m, &b, &tokens, ctx, bos, a.chunks, |done, total, ppl| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-        pb.set_message(format!("ppl {ppl:.4}"));
+        pb.status(done as u64, total as u64, format!("ppl {ppl:.4}"));
     })?;
-    pb.finish_and_clear();
+    pb.finish();
     if a.json {
         let mut v = serde_json::to_value(&r).unwrap();
         v["budget"] = b.spec(&m.shape).into();

@@ -33,6 +33,9 @@ pub struct Args {
     /// Replace existing outputs.
     #[arg(long)]
     force: bool,
+    /// Progress as JSON lines on stderr.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -66,18 +69,20 @@ pub fn run(a: Args) -> Result<()> {
     let ids = crate::data::tokenize_all(&tok, &texts)?;
     let bos = if tok.add_bos { tok.bos } else { None };
     let cal = samples(&ids, a.samples, a.seq, bos)?;
+    // Absolute paths, so that `elastify` finds the same text from another folder.
+    let files: Vec<String> = a
+        .calib
+        .iter()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        .map(|p| p.display().to_string())
+        .collect();
     let info = serde_json::json!({
-        "files": a.calib.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "files": files,
         "samples": a.samples, "seq": a.seq, "tokens_available": ids.len(),
         "depth_samples": a.depth_samples, "depth_seq": a.depth_seq,
     });
-    let pb = indicatif::ProgressBar::new(0);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap(),
-    );
+    let pb = crate::progress::Progress::new("rank", a.json);
+    let stage = std::cell::RefCell::new(String::new());
     let imp = rank(
         &m,
         &cal,
@@ -86,13 +91,15 @@ pub fn run(a: Args) -> Result<()> {
             depth_seq: a.depth_seq,
         },
         info,
-        |d, t, stage| {
-            pb.set_length(t as u64);
-            pb.set_position(d as u64);
-            pb.set_message(stage.to_string());
+        |d, t, s| {
+            if *stage.borrow() != s {
+                pb.stage(s, t as u64, crate::progress::Unit::Count("forwards"));
+                *stage.borrow_mut() = s.to_string();
+            }
+            pb.status(d as u64, t as u64, "");
         },
     )?;
-    pb.finish_and_clear();
+    pb.finish();
     std::fs::write(&out_tmp, serde_json::to_string_pretty(&imp).unwrap())
         .map_err(|e| Error::io(&out_tmp, e))?;
     if let Some(t) = &plot_tmp {

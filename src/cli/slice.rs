@@ -68,7 +68,7 @@ pub fn run(a: Args) -> Result<()> {
             convert,
             manifest: None,
             force: a.force,
-            progress: !a.json,
+            progress: &crate::progress::Progress::new("slice", a.json),
             check: if a.verify { Some(&verify) } else { None },
             format,
         },

@@ -314,25 +314,15 @@ pub fn run(a: Args) -> Result<()> {
         tr.state.log_lines += 1;
     }
     let total = tr.total_steps();
-    let pb = if a.no_progress {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let pb = indicatif::ProgressBar::new(total);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .unwrap(),
-        );
-        pb
-    };
-    pb.set_position(tr.state.step);
+    let pb = crate::progress::Progress::new_if(!a.no_progress, "train", false);
+    pb.stage("train", total, crate::progress::Unit::Count("steps"));
+    pb.set(tr.state.step);
     let mut last_loss: std::collections::BTreeMap<String, f64> = Default::default();
     let t0 = Instant::now();
     let start_tokens = tr.state.tokens_seen;
     while tr.state.step < total {
         if a.stop_after.is_some_and(|s| tr.state.step >= s) {
-            pb.finish_and_clear();
+            pb.finish();
             eprintln!(
                 "stopped after step {} (checkpoint in {})",
                 tr.state.step,
@@ -358,10 +348,13 @@ pub fn run(a: Args) -> Result<()> {
             .iter()
             .map(|(k, v)| format!("{k} {v:.3}"))
             .collect();
-        pb.set_message(format!("{tps:.0} tok/s, kd: {}", losses.join(", ")));
-        pb.set_position(s);
+        pb.status(
+            s,
+            total,
+            format!("{tps:.0} tok/s, kd: {}", losses.join(", ")),
+        );
     }
-    pb.finish_and_clear();
+    pb.finish();
     let ev = tr.evaluate()?;
     dir.log_line(&serde_json::json!({"step": tr.state.step, "eval_ppl": ev.iter().cloned().collect::<std::collections::BTreeMap<_, _>>()}))?;
     tr.state.log_lines += 1;

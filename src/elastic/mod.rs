@@ -201,8 +201,10 @@ pub struct GatherPlan {
 impl GatherPlan {
     /// Plans gathering `t` along its dimensions. Rows are copied as bytes (quantized formats stay
     /// as they are) when the innermost dimension is kept whole or as a block-aligned prefix;
-    /// otherwise values are dequantized and written as floats (F32 unless the tensor already was
-    /// F16/BF16). `convert` turns every matrix (2+ dimensions) into that float format.
+    /// otherwise values are dequantized and re-encoded: floats keep their format, quantized
+    /// matrices are re-quantized ([`quant::requant_type`]), anything else becomes F32. `convert`
+    /// turns every matrix (2+ dimensions) into that format (block formats: where rows are whole
+    /// blocks).
     pub fn new(
         t: &Tensor,
         role: &Role,
@@ -255,19 +257,27 @@ impl GatherPlan {
             }
             rows = next;
         }
-        let want = convert.filter(|_| matrix);
+        let bl_fits = |d: DType| idx.last().unwrap().len().is_multiple_of(d.block_len());
+        // A block format applies to the matrices whose rows are whole blocks (not conv taps).
+        let want = convert.filter(|w| matrix && bl_fits(*w));
         let (dtype, row_copy) = if row_copy && want.is_none_or(|w| w == t.dtype) {
             (t.dtype, true)
         } else {
+            let requant = quant::requant_type(t.dtype);
+            let fits = bl_fits;
             let dt = match want {
                 Some(w) => w,
                 None if matches!(t.dtype, DType::F16 | DType::BF16 | DType::F32) => t.dtype,
+                // Quantized matrices are re-quantized (K-quants into Q8_0); others become F32.
+                None if matrix && quant::can_quantize(requant) && fits(requant) => requant,
                 None => DType::F32,
             };
-            if dt.is_quantized() {
+            if dt.is_quantized() && !(quant::can_quantize(dt) && fits(dt)) {
                 return Err(Error::Tensor {
                     name: t.name.clone(),
-                    msg: format!("cannot write {dt} (re-quantization is not supported)"),
+                    msg: format!(
+                        "cannot write {dt} here (quantizers: Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, in whole blocks of 32 values)"
+                    ),
                 });
             }
             (dt, false)
@@ -308,7 +318,7 @@ impl GatherPlan {
     }
 }
 
-/// f32 values to little-endian bytes of a float format.
+/// f32 values to little-endian bytes of a float format, or to quantized blocks.
 pub fn encode(v: &[f32], dt: DType, out: &mut Vec<u8>) {
     match dt {
         DType::F32 => v
@@ -320,18 +330,24 @@ pub fn encode(v: &[f32], dt: DType, out: &mut Vec<u8>) {
         DType::BF16 => v
             .iter()
             .for_each(|x| out.extend_from_slice(&quant::f32_to_bf16(*x).to_le_bytes())),
-        other => panic!("encode: {other} is not a float format"),
+        other => quant::quantize_row_best(other, v, out),
     }
 }
 
-/// Parses `f32`, `f16`, `bf16`.
+/// Parses `f32`, `f16`, `bf16`, or a block format elastica can quantize into (`q8_0`, `q5_1`,
+/// `q5_0`, `q4_1`, `q4_0`; GGUF outputs only).
 pub fn parse_float_dtype(s: &str) -> Result<DType> {
     match s.to_ascii_lowercase().as_str() {
         "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
         "bf16" => Ok(DType::BF16),
+        "q8_0" => Ok(DType::Q8_0),
+        "q5_1" => Ok(DType::Q5_1),
+        "q5_0" => Ok(DType::Q5_0),
+        "q4_1" => Ok(DType::Q4_1),
+        "q4_0" => Ok(DType::Q4_0),
         other => Err(Error::Input(format!(
-            "--dtype {other:?}: use f32, f16 or bf16"
+            "--dtype {other:?}: use f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0"
         ))),
     }
 }
@@ -455,22 +471,54 @@ pub fn compare_logits(
     bb: &Budget,
     seqs: &[Vec<u32>],
 ) -> Result<f32> {
+    Ok(logit_diff(a, ba, b, bb, seqs)?.max_rel)
+}
+
+/// How far two models' logits are apart over all positions of some sequences.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct LogitDiff {
+    /// max |Δ| / max |logit|.
+    pub max_rel: f32,
+    /// RMS of Δ / RMS of the logits.
+    pub rms_rel: f32,
+    /// Fraction of positions where both pick the same top token.
+    pub top1: f32,
+}
+
+/// [`compare_logits`] with the RMS and top-1 measures too (exact mode).
+pub fn logit_diff(
+    a: &crate::model::Model,
+    ba: &Budget,
+    b: &crate::model::Model,
+    bb: &Budget,
+    seqs: &[Vec<u32>],
+) -> Result<LogitDiff> {
     let prev = crate::kernels::gemm::set_exact(true);
     let r = compare_exact(a, ba, b, bb, seqs);
     crate::kernels::gemm::set_exact(prev);
     r
 }
 
-/// max |Δ| / max |logit| between two (model, budget) pairs over all positions of the sequences.
 fn compare_exact(
     a: &crate::model::Model,
     ba: &Budget,
     b: &crate::model::Model,
     bb: &Budget,
     seqs: &[Vec<u32>],
-) -> Result<f32> {
+) -> Result<LogitDiff> {
     use crate::model::{Cache, Logits};
     let (mut md, mut mx) = (0f32, 0f32);
+    let (mut sd, mut sx, mut same, mut n) = (0f64, 0f64, 0usize, 0usize);
+    let mut finite = true;
+    let argmax = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |m, (i, &v)| if v > m.1 { (i, v) } else { m },
+            )
+            .0
+    };
     for s in seqs {
         let mut ca = Cache::new(a, s.len());
         let la = a.forward(s, ba, &mut ca, Logits::All)?.to_vec();
@@ -482,9 +530,23 @@ fn compare_exact(
             ));
         }
         for (x, y) in la.iter().zip(lb) {
+            finite &= x.is_finite() && y.is_finite();
             md = md.max((x - y).abs());
             mx = mx.max(x.abs());
+            sd += ((x - y) as f64).powi(2);
+            sx += (*x as f64).powi(2);
+        }
+        let v = a.vocab;
+        for (ra, rb) in la.chunks(v).zip(lb.chunks(v)) {
+            same += (argmax(ra) == argmax(rb)) as usize;
+            n += 1;
         }
     }
-    Ok(md / mx.max(f32::MIN_POSITIVE))
+    let max_rel = md / mx.max(f32::MIN_POSITIVE);
+    Ok(LogitDiff {
+        // NaN anywhere makes the comparison fail rather than pass.
+        max_rel: if finite { max_rel } else { f32::INFINITY },
+        rms_rel: (sd / sx.max(f64::MIN_POSITIVE)).sqrt() as f32,
+        top1: same as f32 / n.max(1) as f32,
+    })
 }

@@ -26,7 +26,7 @@ pub struct Output<'a> {
     pub manifest: Option<&'a Manifest>,
     /// Replace an existing output.
     pub force: bool,
-    pub progress: bool,
+    pub progress: &'a crate::progress::Progress,
     /// Called on the finished temporary output before it is renamed into place; an error
     /// discards it.
     pub check: Option<&'a Check<'a>>,
@@ -225,15 +225,8 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
     let kept = crate::models::kept_layers(map);
     let outs: Vec<OutTensor> = planned.iter().map(|p| p.out.clone()).collect();
     let total: u64 = outs.iter().map(|o| o.nbytes() as u64).sum();
-    let pb = if out.progress {
-        let pb = indicatif::ProgressBar::new(total);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} [{elapsed_precise}<{eta_precise}] {msg}").unwrap(),
-        );
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let pb = out.progress;
+    pb.stage("write", total, crate::progress::Unit::Bytes);
     // Test hook: fail while writing tensor N, to check that nothing partial is left behind.
     let fail_at: Option<usize> = std::env::var("ELASTICA_FAIL_AT_TENSOR")
         .ok()
@@ -277,8 +270,8 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             tensors.get(&piece.src)?.release();
         }
         let b = transform(b, p.out.dtype, p.xform, &p.out.shape);
+        pb.message(p.out.name.clone());
         pb.inc(b.len() as u64);
-        pb.set_message(p.out.name.clone());
         Ok(b)
     };
     let tmp = temp::Temp::new(out.path)?;
@@ -347,7 +340,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             }
         }
     })();
-    pb.finish_and_clear();
+    pb.finish();
     result.and_then(|()| out.check.map_or(Ok(()), |c| c(&tmp)))?;
     temp::commit([tmp])?;
     Ok(Written {

@@ -63,7 +63,7 @@ pub fn write(
             convert: Some(dtype),
             manifest: Some(manifest),
             force,
-            progress,
+            progress: &crate::progress::Progress::new_if(progress, "train", false),
             check: None,
             format: None,
             values: Some(&get),
