@@ -19,12 +19,12 @@ t=2
 [ -f "$w/importance.json" ] || $e rank "$m" --calib data/calib.txt --samples 64 --seq 256 --depth-samples 2 --depth-seq 128 \
   --out "$w/importance.json" --plot "$w/importance.png" -t $t
 # Importance order, width axes (the default) and depth only, at 75% and 50% of parameters.
-[ -f "$w/width.gguf" ] || $e elastify "$m" --importance "$w/importance.json" --budgets full,0.75,0.5 --calib data/calib.txt --out "$w/width.gguf" --json -t $t > "$w/width.json"
-[ -f "$w/depth.gguf" ] || $e elastify "$m" --importance "$w/importance.json" --budgets full,0.75,0.5 --axes depth --calib data/calib.txt --out "$w/depth.gguf" --json -t $t > "$w/depth.json"
+[ -f "$w/width.gguf" ] || $e elastify "$m" --importance "$w/importance.json" --budgets full,0.75,0.5 --calib data/calib.txt --dtype f32 --out "$w/width.gguf" --json -t $t > "$w/width.json"
+[ -f "$w/depth.gguf" ] || $e elastify "$m" --importance "$w/importance.json" --budgets full,0.75,0.5 --axes depth --calib data/calib.txt --dtype f32 --out "$w/depth.gguf" --json -t $t > "$w/depth.json"
 # The same width budgets on the natural order and a random order (both written as F32, like the
 # importance-ordered file, so all three share numerics).
 [ -f "$w/natural.gguf" ] || $e elastify "$m" --importance "$w/importance.json" --budgets full --order natural --dtype f32 --out "$w/natural.gguf" --json -t $t > "$w/natural.json"
-[ -f "$w/random.gguf" ] || $e elastify "$m" --importance "$w/importance.json" --budgets full --order random --seed 1 --out "$w/random.gguf" --json -t $t > "$w/random.json"
+[ -f "$w/random.gguf" ] || $e elastify "$m" --importance "$w/importance.json" --budgets full --order random --seed 1 --dtype f32 --out "$w/random.gguf" --json -t $t > "$w/random.json"
 spec() { python3 -c "import json,sys; print([b['spec'] for b in json.load(open(sys.argv[1]))['budgets'] if b['name']==sys.argv[2]][0])" "$1" "$2"; }
 ppl() { $e perplexity "$1" -f data/eval.txt --ctx 512 --chunks "$chunks" --budget "$2" --json -t $t; }
 : > "$w/ppl.jsonl"
