@@ -38,11 +38,11 @@ pub fn perplexity(
     if max_chunks == Some(0) {
         return Err(Error::Input("--chunks 0 scores no token".into()));
     }
-    if tokens.len() < 2 * ctx {
+    if tokens.len() < ctx.saturating_mul(2) {
         return Err(Error::Input(format!(
             "the text has {} tokens; perplexity with a context of {ctx} needs at least {}",
             tokens.len(),
-            2 * ctx
+            ctx.saturating_mul(2)
         )));
     }
     let n_chunk = (tokens.len() / ctx).min(max_chunks.unwrap_or(usize::MAX));

@@ -149,7 +149,8 @@ impl Progress {
             .ok()
             .and_then(|v| v.parse::<f64>().ok())
             .filter(|v| v.is_finite() && *v >= 0.0)
-            .unwrap_or(5.0);
+            .unwrap_or(5.0)
+            .min(86400.0);
         let s = Arc::new(Shared {
             cmd,
             mode,

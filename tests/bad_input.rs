@@ -582,8 +582,22 @@ fn numeric_flags_are_bounded() {
     fails(&["bench", m, "-p", "0", "-n", "0"], &["nothing to measure"]);
     fails(
         &["bench", m, "-p", "8", "-n", "1", "-r", "0"],
-        &["--reps", "at least 1"],
+        &["--reps", "not in 1..=1000"],
     );
+    fails(
+        &[
+            "bench",
+            m,
+            "-p",
+            "8",
+            "-n",
+            "1",
+            "-r",
+            "18446744073709551615",
+        ],
+        &["--reps"],
+    );
+    fails(&["bench", m, "-t", "-1", "-p", "8"], &["--threads", "'-1'"]);
     // gen-data writing nothing.
     let prompts = t.join("p.txt");
     std::fs::write(&prompts, "hi\n").unwrap();
@@ -659,6 +673,16 @@ fn numeric_flags_are_bounded() {
             "0",
         ])),
         &["--solve-seq 0"],
+    );
+    // The same bound without --calib (the text recorded in the importance file).
+    fails(
+        &strs(&elastify(&[
+            "--budgets",
+            "full,0.5",
+            "--solve-seq",
+            "1000000",
+        ])),
+        &["--solve-seq 1000000"],
     );
     fails(
         &strs(&elastify(&[

@@ -9,12 +9,13 @@ pub struct Args {
     /// smaller].
     #[arg(short = 'p', long = "n-prompt")]
     n_prompt: Option<usize>,
-    /// Generated tokens for the decode test (tg).
-    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
-    n_gen: usize,
-    /// Repetitions (after one warm-up); medians are reported.
-    #[arg(short = 'r', long, default_value_t = 5, value_parser = super::at_least_one::<usize>)]
-    reps: usize,
+    /// Generated tokens for the decode test (tg) [default: 128, or the model's trained context if
+    /// smaller].
+    #[arg(short = 'n', long = "n-gen")]
+    n_gen: Option<usize>,
+    /// Repetitions (after one warm-up), 1..=1000; medians are reported.
+    #[arg(short = 'r', long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    reps: u32,
     /// Allow -p or -n above the model's trained context (with a warning).
     #[arg(long)]
     force_ctx: bool,
@@ -26,14 +27,15 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let (m, b) = super::load(&a.m)?;
     let n_prompt = a.n_prompt.unwrap_or(m.meta.context.min(512));
+    let n_gen = a.n_gen.unwrap_or(m.meta.context.min(128));
     // pp and tg each start from an empty cache: the longer of the two must fit.
     super::check_ctx(
         &m,
-        &format!("-p {n_prompt} / -n {}", a.n_gen),
-        n_prompt.max(a.n_gen),
+        &format!("-p {n_prompt} / -n {n_gen}"),
+        n_prompt.max(n_gen),
         a.force_ctx,
     )?;
-    let r = crate::eval::bench(&m, &b, n_prompt, a.n_gen, a.reps, 42)?;
+    let r = crate::eval::bench(&m, &b, n_prompt, n_gen, a.reps as usize, 42)?;
     let threads = crate::kernels::pool::pool().threads();
     let bytes = m.bytes_per_token(&b);
     let (pt, pa) = m.params(&b);
@@ -57,10 +59,10 @@ pub fn run(a: Args) -> Result<()> {
         if n_prompt > 0 {
             println!("pp{:<5} {:8.1} tok/s", n_prompt, r.pp);
         }
-        if a.n_gen > 0 {
+        if n_gen > 0 {
             println!(
                 "tg{:<5} {:8.1} tok/s  ({:.1} GB/s of weights)",
-                a.n_gen,
+                n_gen,
                 r.tg,
                 r.tg * bytes as f64 / 1e9
             );

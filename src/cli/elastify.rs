@@ -113,7 +113,7 @@ pub fn run(a: Args) -> Result<()> {
             )));
         }
     }
-    if !a.calib.is_empty() && !(2..=crate::model::UBATCH).contains(&a.solve_seq) {
+    if !(2..=crate::model::UBATCH).contains(&a.solve_seq) {
         return Err(Error::Input(format!(
             "--solve-seq {} must be within 2..={}",
             a.solve_seq,

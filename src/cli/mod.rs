@@ -25,7 +25,7 @@ use std::process::ExitCode;
 )]
 struct Cli {
     /// Worker threads for the kernels (default: the physical cores; at most the logical CPUs).
-    #[arg(short = 't', long, global = true)]
+    #[arg(short = 't', long, global = true, allow_negative_numbers = true)]
     threads: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,

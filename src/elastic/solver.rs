@@ -595,7 +595,7 @@ pub fn solve(
                 continue;
             }
             let mut c = parent.clone();
-            c.v[a] = (c.v[a] - p.step[a]).max(p.min[a]);
+            c.v[a] = c.v[a].saturating_sub(p.step[a]).max(p.min[a]);
             if let Ok((n, _)) = p.params(&c)
                 && n < pt
             {

@@ -12,8 +12,10 @@
 //! Results do not depend on which thread runs a chunk: chunk bounds depend only on `n`, `align`
 //! and `threads()`, never on timing.
 
-use std::cell::UnsafeCell;
+use std::any::Any;
+use std::cell::{Cell, UnsafeCell};
 use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -62,6 +64,29 @@ struct Shared {
     caller_parked: AtomicBool,
     done_lock: Mutex<()>,
     done_cv: Condvar,
+    /// The first panic of a job in this epoch, re-raised on the caller once every chunk is done.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+}
+
+thread_local! {
+    /// Set on pool workers, and on the caller while it dispatches.
+    static IN_JOB: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Releases `busy` however `dispatch` ends.
+struct Busy<'a>(&'a AtomicBool);
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Runs one share of a job; a panic is kept for the caller instead of unwinding through the pool.
+fn run_share(s: &Shared, f: &(dyn Fn(usize, usize) + Sync), tid: usize, c: usize) {
+    if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(tid, c))) {
+        let mut slot = s.panic.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(p);
+    }
 }
 
 // The job pointer is written only by the dispatching thread before it publishes a new epoch, and
@@ -115,6 +140,7 @@ impl Pool {
             caller_parked: AtomicBool::new(false),
             done_lock: Mutex::new(()),
             done_cv: Condvar::new(),
+            panic: Mutex::new(None),
         });
         let handles = (1..n)
             .map(|tid| {
@@ -138,35 +164,45 @@ impl Pool {
     }
 
     /// Runs `f(tid, chunk)` for every chunk in `0..count` on the pool's threads (claimed
-    /// dynamically) and waits for all. A nested or concurrent call runs serially on the caller.
+    /// dynamically) and waits for all. A nested or concurrent call runs serially on the caller
+    /// (every chunk with tid 0: a tid is unique within one call only). A panic in `f` is
+    /// re-raised here once every chunk has finished.
     pub fn chunks<F: Fn(usize, usize) + Sync>(&self, count: usize, f: F) {
-        if count <= 1 || self.n == 1 || self.busy.swap(true, Ordering::Acquire) {
+        if count <= 1
+            || count > MAX_CHUNKS
+            || self.n == 1
+            || self.busy.swap(true, Ordering::Acquire)
+        {
             (0..count).for_each(|c| f(0, c));
             return;
         }
-        assert!(count <= MAX_CHUNKS, "chunk count {count} over {MAX_CHUNKS}");
+        let _busy = Busy(&self.busy);
         self.dispatch(count, false, &f);
-        self.busy.store(false, Ordering::Release);
     }
 
     /// Runs `f(tid)` once on every thread of the pool (the caller is thread 0) and waits for all;
-    /// for per-thread set-up such as floating-point modes.
+    /// for per-thread set-up such as floating-point modes. Not from inside a pool job.
     pub fn broadcast<F: Fn(usize) + Sync>(&self, f: F) {
         if self.n == 1 {
             f(0);
             return;
         }
+        assert!(
+            !IN_JOB.get(),
+            "Pool::broadcast called from inside a pool job (it would wait for itself)"
+        );
         // Every worker must take part: wait for a concurrent user rather than run serially.
         while self.busy.swap(true, Ordering::Acquire) {
             std::thread::yield_now();
         }
+        let _busy = Busy(&self.busy);
         let g = |tid: usize, _c: usize| f(tid);
         self.dispatch(self.n - 1, true, &g);
-        self.busy.store(false, Ordering::Release);
     }
 
     fn dispatch(&self, count: usize, broadcast: bool, f: &(dyn Fn(usize, usize) + Sync)) {
         let s = &*self.shared;
+        IN_JOB.set(true);
         // Erase the lifetime: we do not return before every claimed chunk has finished.
         let job: Job = unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), Job>(f) };
         unsafe { *s.job.get() = Some(job) };
@@ -179,7 +215,7 @@ impl Pool {
             s.cv.notify_all();
         }
         if broadcast {
-            f(0, 0);
+            run_share(s, f, 0, 0);
         } else {
             claim(s, epoch, 0);
         }
@@ -194,6 +230,11 @@ impl Pool {
                 s.caller_parked.store(false, Ordering::SeqCst);
             },
         );
+        IN_JOB.set(false);
+        let panic = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(p) = panic {
+            resume_unwind(p);
+        }
     }
 
     /// Splits `0..n` into contiguous chunks aligned to `align` and runs `f(range)` on each.
@@ -248,7 +289,7 @@ fn claim(s: &Shared, epoch: u32, tid: usize) {
             Ok(_) => {
                 // Safety: the chunk is claimed, so its epoch's job stays set until it finishes.
                 let f = unsafe { &*(*s.job.get()).expect("job set before epoch") };
-                f(tid, next_of(st));
+                run_share(s, f, tid, next_of(st));
                 finish(s, count_of(st));
                 st = s.state.load(Ordering::Acquire);
             }
@@ -276,6 +317,7 @@ pub fn split(n: usize, parts: usize, tid: usize, align: usize) -> Range<usize> {
 }
 
 fn worker(s: Arc<Shared>, tid: usize) {
+    IN_JOB.set(true);
     let mut seen = 0u32;
     loop {
         wait(
@@ -299,7 +341,7 @@ fn worker(s: Arc<Shared>, tid: usize) {
         if st & BROADCAST != 0 {
             // Safety: the caller waits for every worker to finish a broadcast.
             let job = unsafe { &*(*s.job.get()).expect("job set before epoch") };
-            job(tid, 0);
+            run_share(&s, job, tid, 0);
             finish(&s, count_of(st));
         } else {
             // `claim` reads the job only after claiming a chunk of this epoch.
@@ -435,6 +477,31 @@ mod tests {
             })
         });
         assert_eq!(c.load(Ordering::Relaxed), 64);
+    }
+    #[test]
+    fn a_panicking_job_reaches_the_caller_and_the_pool_survives() {
+        let p = Pool::new(3);
+        for bad in [0, 5, 11] {
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                p.for_each(12, |i| assert!(i != bad, "job {i} fails"));
+            }));
+            let msg = r.unwrap_err();
+            let msg = msg.downcast_ref::<String>().unwrap();
+            assert!(msg.contains(&format!("job {bad} fails")), "{msg}");
+            // The pool still runs in parallel (not stuck busy), and broadcasts still return.
+            let c = AtomicUsize::new(0);
+            p.broadcast(|_| {
+                c.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(c.load(Ordering::Relaxed), 3);
+        }
+    }
+    #[test]
+    fn broadcast_inside_a_job_is_refused() {
+        let p = Pool::new(2);
+        let r = catch_unwind(AssertUnwindSafe(|| p.for_each(4, |_| p.broadcast(|_| ()))));
+        assert!(r.is_err());
+        p.broadcast(|_| ());
     }
     #[test]
     fn split_covers_range() {
