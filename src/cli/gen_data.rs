@@ -74,7 +74,7 @@ pub fn run(a: Args) -> Result<()> {
     super::check_ctx(&m, &format!("--ctx {ctx}"), ctx, a.force_ctx)?;
     let mut cache = Cache::try_new(&m, ctx)?;
     {
-        let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let f = temp::create_file(&tmp)?;
         let mut w = std::io::BufWriter::new(f);
         let pb = crate::progress::Progress::new("gen-data", false);
         pb.stage(

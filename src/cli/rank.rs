@@ -100,9 +100,10 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     pb.finish();
-    std::fs::write(&out_tmp, serde_json::to_string_pretty(&imp).unwrap())
-        .map_err(|e| Error::io(&out_tmp, e))?;
+    temp::write(&out_tmp, serde_json::to_string_pretty(&imp).unwrap())?;
     if let Some(t) = &plot_tmp {
+        // The plotting library creates the file itself.
+        let _g = temp::creating();
         crate::elastic::plot::plot(&imp, t)?;
     }
     temp::commit(std::iter::once(out_tmp).chain(plot_tmp))?;

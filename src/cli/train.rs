@@ -415,7 +415,12 @@ pub fn run(a: Args) -> Result<()> {
         "written": w,
     });
     let curves = Temp::with_ext(&a.out.join("curves.png"))?;
-    let curves = match crate::train::plot_log(&dir.log(), &curves) {
+    let plotted = {
+        // The plotting library creates the file itself.
+        let _g = temp::creating();
+        crate::train::plot_log(&dir.log(), &curves)
+    };
+    let curves = match plotted {
         Ok(()) => Some(curves),
         Err(e) => {
             eprintln!("warning: no curves.png: {e}");
@@ -423,8 +428,7 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     let sp = Temp::new(&a.out.join("summary.json"))?;
-    std::fs::write(&sp, serde_json::to_string_pretty(&summary).unwrap())
-        .map_err(|e| Error::io(&sp, e))?;
+    temp::write(&sp, serde_json::to_string_pretty(&summary).unwrap())?;
     temp::commit([model_tmp, sp].into_iter().chain(curves))?;
     println!("{}", serde_json::to_string_pretty(&summary).unwrap());
     Ok(())

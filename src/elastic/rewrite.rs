@@ -278,7 +278,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
     let result = (|| -> Result<()> {
         match to {
             Format::Hf => {
-                std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                temp::create_dir_all(&tmp)?;
                 let mut cfg = match (&ck.raw, llama) {
                     (Raw::Hf { config, .. }, true) => {
                         crate::models::llama::hf_config(config, &dims)?

@@ -571,7 +571,7 @@ pub fn write(
     while h.len() % ALIGN != 0 {
         h.push(0);
     }
-    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let f = super::temp::create_file(path)?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
     let io = |e| Error::io(path, e);
     w.write_all(&h).map_err(io)?;

@@ -167,7 +167,7 @@ pub fn write(
     while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
-    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let f = super::temp::create_file(path)?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
     let io = |e| Error::io(path, e);
     w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;

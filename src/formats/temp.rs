@@ -100,6 +100,30 @@ impl Drop for Temp {
     }
 }
 
+/// Held while a file or folder is created: the signal thread takes the registry and never gives
+/// it back, so nothing is created after it removed the temporaries.
+pub fn creating() -> impl Drop {
+    registry()
+}
+
+/// `File::create` under [`creating`].
+pub fn create_file(p: &Path) -> Result<std::fs::File> {
+    let _g = creating();
+    std::fs::File::create(p).map_err(|e| Error::io(p, e))
+}
+
+/// `create_dir_all` under [`creating`].
+pub fn create_dir_all(p: &Path) -> Result<()> {
+    let _g = creating();
+    std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))
+}
+
+/// `fs::write` under [`creating`] (the file is created, then written, with the registry held).
+pub fn write(p: &Path, contents: impl AsRef<[u8]>) -> Result<()> {
+    let _g = creating();
+    std::fs::write(p, contents).map_err(|e| Error::io(p, e))
+}
+
 /// Renames every temporary onto its destination, all or none: an existing destination is moved
 /// aside first and put back if a later rename fails; a signal cannot fall in between.
 pub fn commit(temps: impl IntoIterator<Item = Temp>) -> Result<()> {
@@ -314,6 +338,23 @@ mod tests {
         c.id()
     }
 
+    #[test]
+    fn nothing_is_created_while_the_registry_is_held() {
+        // The signal thread holds the registry from its clean-up until the process exits.
+        let d = scratch("hold");
+        let f = d.join("f");
+        let held = creating();
+        let t = {
+            let f = f.clone();
+            std::thread::spawn(move || create_file(&f).map(drop))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!f.exists(), "created while the registry was held");
+        drop(held);
+        t.join().unwrap().unwrap();
+        assert!(f.exists());
+        std::fs::remove_dir_all(&d).ok();
+    }
     #[test]
     fn temp_names() {
         assert_eq!(temp_of(".a.gguf.tmp-12", "a.gguf"), Some(("tmp", vec![12])));

@@ -404,7 +404,7 @@ impl<'a> Trainer<'a> {
             }
         }
         let tmp = Temp::new(dir)?;
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        temp::create_dir_all(&tmp)?;
         candle_core::safetensors::save(&t, tmp.join("state.safetensors"))?;
         let js = serde_json::to_string_pretty(&self.state).unwrap();
         std::fs::write(tmp.join("state.json"), js)
@@ -534,7 +534,7 @@ impl RunDir {
             s.push('\n');
         }
         let tmp = Temp::new(&p)?;
-        std::fs::write(&tmp, s).map_err(|e| Error::io(&tmp, e))?;
+        temp::write(&tmp, s)?;
         temp::commit([tmp])
     }
 }
