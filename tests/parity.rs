@@ -160,7 +160,7 @@ fn quantizers_match_gguf_py() {
         // The searched blocks elastify writes: never worse than the reference, block by block,
         // and better on the whole row.
         let mut best = vec![];
-        elastica::kernels::quant::quantize_row_best(dt, &x, &mut best);
+        elastica::kernels::quant::quantize_row_best(dt, &x, None, &mut best);
         let mut rb = vec![0f32; x.len()];
         let mut bb_ = vec![0f32; x.len()];
         dequant_row(dt, &got, 0, &mut rb);

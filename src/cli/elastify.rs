@@ -158,6 +158,12 @@ pub fn run(a: Args) -> Result<()> {
             bos,
         )?)
     };
+    // Re-quantized matrices minimise the error weighted by their inputs' moments on that text.
+    let quantizes = requant || convert.is_some_and(|c| c.is_quantized());
+    let imx = match &cal_seqs {
+        Some(s) if quantizes => Some(crate::elastic::imatrix::collect(m, s)?),
+        _ => None,
+    };
     let pb = Progress::new("elastify", a.json);
     let probes = cal_seqs
         .clone()
@@ -210,6 +216,7 @@ pub fn run(a: Args) -> Result<()> {
             progress: &pb,
             check: Some(&check),
             format: None,
+            imatrix: imx.as_ref(),
         };
         (rewrite::write(&ck, &map, &out)?, manifest)
     } else {
@@ -226,6 +233,7 @@ pub fn run(a: Args) -> Result<()> {
                 progress: &pb,
                 check: Some(&check),
                 format: None,
+                imatrix: imx.as_ref(),
             };
             rewrite::write(&ck, &map, &first)?;
             let staged = crate::models::open(&stage)?;
@@ -250,6 +258,7 @@ pub fn run(a: Args) -> Result<()> {
                 progress: &pb,
                 check: None,
                 format: None,
+                imatrix: None,
             };
             Ok((rewrite::write(&staged, &identity, &last)?, manifest))
         })();

@@ -71,6 +71,7 @@ pub fn run(a: Args) -> Result<()> {
             progress: &crate::progress::Progress::new("slice", a.json),
             check: if a.verify { Some(&verify) } else { None },
             format,
+            imatrix: None,
         },
     )?;
     let mut report = serde_json::json!({

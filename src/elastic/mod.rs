@@ -6,6 +6,7 @@
 //! elastic axis ([`Dim`]), and an [`IndexMap`] gives, per axis, the list of parent indices to
 //! keep in order — a permutation for elastify, a kept prefix for slice.
 
+pub mod imatrix;
 pub mod importance;
 pub mod plot;
 pub mod rewrite;
@@ -292,8 +293,9 @@ impl GatherPlan {
         })
     }
 
-    /// The gathered bytes.
-    pub fn run(&self, t: &Tensor) -> Vec<u8> {
+    /// The gathered bytes. `w`: a weight per source column for the error a re-quantized row
+    /// minimises (see [`quant::quantize_row_best`]), permuted with the columns.
+    pub fn run(&self, t: &Tensor, w: Option<&[f32]>) -> Vec<u8> {
         let cols = self.src_cols;
         let rb = t.dtype.row_bytes(cols).unwrap();
         let src = t.bytes();
@@ -308,11 +310,17 @@ impl GatherPlan {
         let mut full = vec![0f32; cols];
         let mut vals = Vec::with_capacity(self.inner.len());
         let mut out = Vec::with_capacity(self.rows.len() * self.inner.len() * 4);
+        let w: Option<Vec<f32>> = w
+            .filter(|w| w.len() == cols && self.dtype.is_quantized())
+            .map(|w| self.inner.iter().map(|&i| w[i]).collect());
         for &r in &self.rows {
             quant::dequant_row(t.dtype, &src[r * rb..(r + 1) * rb], 0, &mut full);
             vals.clear();
             vals.extend(self.inner.iter().map(|&i| full[i]));
-            encode(&vals, self.dtype, &mut out);
+            match &w {
+                Some(w) => quant::quantize_row_best(self.dtype, &vals, Some(w), &mut out),
+                None => encode(&vals, self.dtype, &mut out),
+            }
         }
         out
     }
@@ -330,7 +338,7 @@ pub fn encode(v: &[f32], dt: DType, out: &mut Vec<u8>) {
         DType::BF16 => v
             .iter()
             .for_each(|x| out.extend_from_slice(&quant::f32_to_bf16(*x).to_le_bytes())),
-        other => quant::quantize_row_best(other, v, out),
+        other => quant::quantize_row_best(other, v, None, out),
     }
 }
 

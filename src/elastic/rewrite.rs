@@ -35,6 +35,8 @@ pub struct Output<'a> {
     /// Replacement values for source tensors (by source name, full source shape), e.g. trained
     /// weights; the others are read from the input.
     pub values: Option<&'a Values<'a>>,
+    /// Input moments weighting the error of re-quantized matrices (by source name).
+    pub imatrix: Option<&'a super::imatrix::Imatrix>,
 }
 
 /// Source tensor name → replacement f32 values.
@@ -258,7 +260,10 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
                 None => t,
             };
             match &piece.plan {
-                Some(plan) => b.extend(plan.run(t)),
+                Some(plan) => {
+                    let w = out.imatrix.filter(|_| piece.sub.is_none());
+                    b.extend(plan.run(t, w.and_then(|m| m.get(&piece.src)).map(Vec::as_slice)))
+                }
                 // A replaced tensor without an elastic role keeps its format (floats only).
                 None if t.dtype != p.out.dtype && !p.out.dtype.is_quantized() => {
                     super::encode(&t.to_f32(), p.out.dtype, &mut b)

@@ -286,8 +286,9 @@ fn push_nibbles(q: &[u8], five: bool, out: &mut Vec<u8>) {
 /// reference's range scaled by 0.8 .. 1.2), measured after the f16 rounding of the scales. Never
 /// worse than the reference block by block; what elastify writes, since re-ordering puts values of
 /// different original blocks together and the reference min/max rule then wastes levels on
-/// outliers.
-pub fn quantize_row_best(dtype: DType, x: &[f32], out: &mut Vec<u8>) {
+/// outliers. `w` (one weight per value, e.g. the mean square of the matrix's input channel on
+/// calibration text, as llama.cpp's imatrix) makes the error Σ wⱼ(xⱼ − qⱼ)²; `None`: all 1.
+pub fn quantize_row_best(dtype: DType, x: &[f32], w: Option<&[f32]>, out: &mut Vec<u8>) {
     if dtype == DType::Q8_0 {
         return quantize_row(dtype, x, out);
     }
@@ -295,11 +296,16 @@ pub fn quantize_row_best(dtype: DType, x: &[f32], out: &mut Vec<u8>) {
     let mut cand = Vec::with_capacity(bb);
     let mut best = Vec::with_capacity(bb);
     let mut y = [0f32; 32];
-    for b in x.chunks_exact(32) {
+    for (i, b) in x.chunks_exact(32).enumerate() {
+        // A block weighted all zero (channels never active) falls back to the plain error.
+        let wb = w
+            .map(|w| &w[32 * i..32 * i + 32])
+            .filter(|w| w.iter().any(|&v| v > 0.0))
+            .unwrap_or(&[1.0; 32]);
         best.clear();
         quantize_row(dtype, b, &mut best);
         dequant_block(dtype, &best, &mut y);
-        let mut best_err = sse(b, &y);
+        let mut best_err = sse(b, &y, wb);
         if best_err == 0.0 {
             out.extend_from_slice(&best);
             continue;
@@ -307,9 +313,9 @@ pub fn quantize_row_best(dtype: DType, x: &[f32], out: &mut Vec<u8>) {
         for i in 0..=8 {
             let f = 0.8 + 0.05 * i as f32;
             cand.clear();
-            encode_scaled(dtype, b, f, &mut cand);
+            encode_scaled(dtype, b, wb, f, &mut cand);
             dequant_block(dtype, &cand, &mut y);
-            let e = sse(b, &y);
+            let e = sse(b, &y, wb);
             if e < best_err {
                 best_err = e;
                 std::mem::swap(&mut best, &mut cand);
@@ -319,13 +325,17 @@ pub fn quantize_row_best(dtype: DType, x: &[f32], out: &mut Vec<u8>) {
     }
 }
 
-fn sse(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum()
+fn sse(a: &[f32], b: &[f32], w: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .zip(w)
+        .map(|((x, y), w)| *w as f64 * ((x - y) as f64).powi(2))
+        .sum()
 }
 
 /// One block with the reference's step scaled by `f`, then the scale (and minimum) refitted by
-/// least squares to the levels chosen.
-fn encode_scaled(dtype: DType, b: &[f32], f: f32, out: &mut Vec<u8>) {
+/// (weighted) least squares to the levels chosen.
+fn encode_scaled(dtype: DType, b: &[f32], w: &[f32], f: f32, out: &mut Vec<u8>) {
     let offset = matches!(dtype, DType::Q4_1 | DType::Q5_1);
     let five = matches!(dtype, DType::Q5_0 | DType::Q5_1);
     let top: i32 = if five { 31 } else { 15 };
@@ -348,14 +358,14 @@ fn encode_scaled(dtype: DType, b: &[f32], f: f32, out: &mut Vec<u8>) {
         };
         assign(d, m, &mut q);
         // Least squares of v ≈ d·q + m over the block.
-        let n = 32.0f64;
-        let (mut sq, mut sqq, mut sv, mut sqv) = (0f64, 0f64, 0f64, 0f64);
-        for (&qi, &v) in q.iter().zip(b) {
-            let (qf, vf) = (qi as f64, v as f64);
-            sq += qf;
-            sqq += qf * qf;
-            sv += vf;
-            sqv += qf * vf;
+        let (mut n, mut sq, mut sqq, mut sv, mut sqv) = (0f64, 0f64, 0f64, 0f64, 0f64);
+        for ((&qi, &v), &wi) in q.iter().zip(b).zip(w) {
+            let (qf, vf, wf) = (qi as f64, v as f64, wi as f64);
+            n += wf;
+            sq += wf * qf;
+            sqq += wf * qf * qf;
+            sv += wf * vf;
+            sqv += wf * qf * vf;
         }
         let det = n * sqq - sq * sq;
         let (d, m) = if det > 0.0 {
@@ -390,10 +400,10 @@ fn encode_scaled(dtype: DType, b: &[f32], f: f32, out: &mut Vec<u8>) {
         let d = f * max / -(half as f32);
         assign(d, &mut q);
         let (mut num, mut den) = (0f64, 0f64);
-        for (&qi, &v) in q.iter().zip(b) {
+        for ((&qi, &v), &wi) in q.iter().zip(b).zip(w) {
             let l = qi as f64 - half as f64;
-            num += l * v as f64;
-            den += l * l;
+            num += wi as f64 * l * v as f64;
+            den += wi as f64 * l * l;
         }
         let d = f16r(if den > 0.0 { (num / den) as f32 } else { d });
         assign(d, &mut q);
@@ -404,4 +414,37 @@ fn encode_scaled(dtype: DType, b: &[f32], f: f32, out: &mut Vec<u8>) {
         out.extend_from_slice(&f16::from_f32(m).to_le_bytes());
     }
     push_nibbles(&q, five, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A heavily weighted value (an input channel with large activations) is kept closer than
+    /// the plain search keeps it, and the weighted error of the whole row drops.
+    #[test]
+    fn weighted_search_favours_heavy_channels() {
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 64) as f32 / 64.0 - 0.5) * if i == 9 { 3.0 } else { 1.0 })
+            .collect();
+        let mut w = vec![1.0f32; 64];
+        w[9] = 1000.0;
+        w[40] = 500.0;
+        for dt in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1] {
+            let (mut plain, mut weighted) = (vec![], vec![]);
+            quantize_row_best(dt, &x, None, &mut plain);
+            quantize_row_best(dt, &x, Some(&w), &mut weighted);
+            let (mut yp, mut yw) = (vec![0f32; 64], vec![0f32; 64]);
+            dequant_row(dt, &plain, 0, &mut yp);
+            dequant_row(dt, &weighted, 0, &mut yw);
+            let (ep, ew) = (sse(&x, &yp, &w), sse(&x, &yw, &w));
+            assert!(ew < 0.5 * ep, "{dt}: weighted error {ew} vs plain {ep}");
+            for j in [9, 40] {
+                assert!(
+                    (x[j] - yw[j]).abs() < (x[j] - yp[j]).abs(),
+                    "{dt}: value {j} not kept closer"
+                );
+            }
+        }
+    }
 }

@@ -66,6 +66,7 @@ pub fn write(
             progress: &crate::progress::Progress::new_if(progress, "train", false),
             check: None,
             format: None,
+            imatrix: None,
             values: Some(&get),
         },
     )
