@@ -4,6 +4,20 @@
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 
+/// A UTF-8 text file, refused by name when missing or not UTF-8.
+pub fn read_text(f: &Path) -> Result<String> {
+    let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
+    String::from_utf8(bytes).map_err(|e| {
+        Error::format(
+            f,
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })
+}
+
 /// Reads every document of the given files, refusing empty or non-UTF-8 input by name.
 pub fn read_texts(files: &[PathBuf]) -> Result<Vec<String>> {
     if files.is_empty() {
@@ -11,16 +25,7 @@ pub fn read_texts(files: &[PathBuf]) -> Result<Vec<String>> {
     }
     let mut out = vec![];
     for f in files {
-        let bytes = std::fs::read(f).map_err(|e| Error::io(f, e))?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            Error::format(
-                f,
-                format!(
-                    "not UTF-8 text (invalid byte at offset {})",
-                    e.utf8_error().valid_up_to()
-                ),
-            )
-        })?;
+        let text = read_text(f)?;
         let before = out.len();
         if is_jsonl(f) {
             for (i, line) in text.lines().enumerate() {

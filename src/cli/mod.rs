@@ -14,7 +14,7 @@ mod train;
 
 use crate::{Error, Model, Result};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -145,17 +145,6 @@ pub(crate) fn check_ctx(m: &Model, what: &str, ctx: usize, force: bool) -> Resul
         "warning: {what} exceeds the model's trained context of {trained} tokens; output past it may degrade"
     );
     Ok(())
-}
-
-/// A UTF-8 text file, refused by name when missing or not UTF-8.
-pub(crate) fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    String::from_utf8(bytes).map_err(|e| {
-        Error::format(
-            path,
-            format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
-        )
-    })
 }
 
 // Value parsers: each refuses out-of-range values with the flag named by clap.

@@ -29,7 +29,7 @@ pub fn run(a: Args) -> Result<()> {
     let (m, b) = super::load(&a.m)?;
     let ctx = a.ctx.unwrap_or(m.meta.context.min(512));
     super::check_ctx(&m, &format!("--ctx {ctx}"), ctx, a.force_ctx)?;
-    let text = super::read_text(&a.file)?;
+    let text = crate::data::read_text(&a.file)?;
     let tok = Tokenizer::for_model(&m)?;
     let tokens = tok.encode(&text, true)?;
     let bos = if tok.add_bos { tok.bos } else { None };

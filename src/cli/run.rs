@@ -59,7 +59,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let prompt = match (&a.prompt, &a.file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => super::read_text(f)?,
+        (None, Some(f)) => crate::data::read_text(f)?,
         (None, None) => return Err(Error::Input("give --prompt TEXT or --file FILE".into())),
     };
     let (m, b) = super::load(&a.m)?;

@@ -86,19 +86,24 @@ pub fn collect(model: &Model, seqs: &[Vec<u32>]) -> Result<Imatrix> {
     }
     for (i, l) in obs.0.iter().enumerate() {
         let norm = |k: usize| l.norms.get(k).map(Moment::mean);
+        // q, k, v, o, gate, up, down read: attention norm, attention output, MLP norm, activation.
         let inputs = [
-            (["attn_q", "self_attn.q_proj"], norm(0)),
-            (["attn_k", "self_attn.k_proj"], norm(0)),
-            (["attn_v", "self_attn.v_proj"], norm(0)),
-            (["attn_output", "self_attn.o_proj"], Some(l.attn.mean())),
-            (["ffn_gate", "mlp.gate_proj"], norm(1)),
-            (["ffn_up", "mlp.up_proj"], norm(1)),
-            (["ffn_down", "mlp.down_proj"], Some(l.down.mean())),
+            norm(0),
+            norm(0),
+            norm(0),
+            Some(l.attn.mean()),
+            norm(1),
+            norm(1),
+            Some(l.down.mean()),
         ];
-        for ([gguf, hf], w) in inputs {
+        for (names, w) in crate::models::llama::matrix_names(i)
+            .into_iter()
+            .zip(inputs)
+        {
             if let Some(w) = w.filter(|w| !w.is_empty()) {
-                out.insert(format!("blk.{i}.{gguf}.weight"), w.clone());
-                out.insert(format!("model.layers.{i}.{hf}.weight"), w);
+                for name in names {
+                    out.insert(name, w.clone());
+                }
             }
         }
     }

@@ -518,15 +518,7 @@ fn compare_exact(
     let (mut md, mut mx) = (0f32, 0f32);
     let (mut sd, mut sx, mut same, mut n) = (0f64, 0f64, 0usize, 0usize);
     let mut finite = true;
-    let argmax = |r: &[f32]| {
-        r.iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |m, (i, &v)| if v > m.1 { (i, v) } else { m },
-            )
-            .0
-    };
+    let argmax = crate::generate::sampler::argmax;
     for s in seqs {
         let mut ca = Cache::new(a, s.len());
         let la = a.forward(s, ba, &mut ca, Logits::All)?.to_vec();

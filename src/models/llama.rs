@@ -113,6 +113,20 @@ const GGUF: Names = Names {
     down: "blk.{}.ffn_down",
 };
 
+/// Layer `i`'s matrix weights in both layouts (GGUF, HF), in the order q, k, v, o, gate, up, down.
+pub fn matrix_names(i: usize) -> [[String; 2]; 7] {
+    let w = |f: fn(&Names) -> &'static str| [GGUF, HF].map(|t| format!("{}.weight", n(f(&t), i)));
+    [
+        w(|t| t.q),
+        w(|t| t.k),
+        w(|t| t.v),
+        w(|t| t.o),
+        w(|t| t.gate),
+        w(|t| t.up),
+        w(|t| t.down),
+    ]
+}
+
 fn n(pat: &str, i: usize) -> String {
     pat.replace("{}", &i.to_string())
 }
