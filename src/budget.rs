@@ -9,58 +9,10 @@
 //! and the head size of attention are never cut. A budget equal to the parent is the parent.
 
 use crate::error::{Error, Result};
+pub use crate::shape::{Axis, AxisMap, LayerKind, Shape};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
-
-/// What kind of mixer a layer has (Llama layers are attention + MLP).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LayerKind {
-    Mamba,
-    Attention,
-    Mlp,
-    Moe,
-    /// Llama-style layer: attention block then gated MLP block.
-    Transformer,
-}
-
-impl LayerKind {
-    pub fn has_attention(self) -> bool {
-        matches!(self, LayerKind::Attention | LayerKind::Transformer)
-    }
-    pub fn has_mlp(self) -> bool {
-        matches!(self, LayerKind::Mlp | LayerKind::Transformer)
-    }
-    pub fn pattern_char(self) -> char {
-        match self {
-            LayerKind::Mamba => 'M',
-            LayerKind::Attention => '*',
-            LayerKind::Mlp => '-',
-            LayerKind::Moe => 'E',
-            LayerKind::Transformer => 'T',
-        }
-    }
-}
-
-/// The parent's dimensions along every elastic axis (what a budget is resolved against).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Shape {
-    pub hidden: usize,
-    pub layers: Vec<LayerKind>,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub ffn: usize,
-    pub moe_ffn: usize,
-    pub experts: usize,
-    pub experts_per_tok: usize,
-    pub expert_groups: usize,
-    pub shared_ffn: usize,
-    pub mamba_heads: usize,
-    pub mamba_head_dim: usize,
-    pub mamba_groups: usize,
-    pub ssm_state: usize,
-}
 
 /// Sizes along each axis; `None` means "the parent's".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

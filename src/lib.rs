@@ -26,6 +26,7 @@ pub mod model;
 pub mod models;
 pub mod progress;
 pub mod rng;
+pub mod shape;
 pub mod tensor;
 pub mod train;
 
