@@ -179,7 +179,30 @@ pub struct LayerBudget {
     pub expert_ids: Vec<Range<usize>>,
 }
 
+impl LayerBudget {
+    /// The active size along a per-layer axis (0 where the layer lacks it).
+    pub fn size(&self, a: Axis) -> usize {
+        match a {
+            Axis::Hidden => panic!("hidden is global: read Budget::hidden"),
+            Axis::Ffn => self.ffn,
+            Axis::MoeFfn => self.moe_ffn,
+            Axis::Experts => self.experts,
+            Axis::SharedFfn => self.shared_ffn,
+            Axis::Heads => self.heads,
+            Axis::MambaHeads => self.mamba_heads,
+            Axis::MambaHeadDim => self.mamba_head_dim,
+        }
+    }
+}
+
 impl Budget {
+    /// The active size along an axis in layer `l`.
+    pub fn size(&self, a: Axis, l: usize) -> usize {
+        match a {
+            Axis::Hidden => self.hidden,
+            _ => self.layers[l].size(a),
+        }
+    }
     pub fn full(shape: &Shape) -> Budget {
         BudgetSpec::default()
             .resolve(shape)
