@@ -32,7 +32,7 @@ pub fn read_texts(files: &[PathBuf]) -> Result<Vec<String>> {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let v: serde_json::Value = serde_json::from_str(line)
+                let v: serde_json::Value = crate::formats::json::from_str(line)
                     .map_err(|e| Error::format(f, format!("line {}: invalid JSON: {e}", i + 1)))?;
                 let t = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
                     Error::format(f, format!("line {}: no \"text\" string", i + 1))

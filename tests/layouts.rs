@@ -209,3 +209,67 @@ fn per_layer_budget_syntax() {
         "{spec}"
     );
 }
+
+/// Nemotron-H configs as transformers writes them with default values (tools/ref/gen_python_config.py):
+/// transformers 5's `{"__float__": "Infinity"}` and Python json's bare `Infinity` (transformers 4,
+/// NVIDIA's hub configs). `time_step_limit` [0, inf] leaves Δ unclamped.
+#[test]
+fn configs_as_python_writes_them() {
+    for file in ["config.json", "config_json.json"] {
+        let d = tmp(&format!("python-{file}"));
+        let src = fixture("nemotron_h_dense");
+        std::fs::copy(src.join("model.safetensors"), d.join("model.safetensors")).unwrap();
+        std::fs::copy(fixture("python_config").join(file), d.join("config.json")).unwrap();
+        let m = load(&d);
+        let mut mamba = 0;
+        for b in &m.blocks {
+            if let elastica::model::Mixer::Mamba(x) = &b.mixer {
+                assert_eq!((x.dt_min, x.dt_max), (0.0, f32::INFINITY), "{file}");
+                mamba += 1;
+            }
+        }
+        assert_eq!(mamba, 3, "{file}");
+        same_as_reference("nemotron_h_dense", &d);
+    }
+}
+
+/// A finite `time_step_limit` clamps Δ = softplus(dt + dt_bias) (nemotron-h.md §2.3 step 4): the limit [c, c] gives
+/// the same logits as Δ = c made by the weights (dt rows of in_proj zero, dt_bias = softplus⁻¹(c)),
+/// and a limit around every Δ of the fixture (0.077..1.58, tools/ref/README.md) changes nothing.
+#[test]
+fn time_step_limit_clamps_delta() {
+    let src = fixture("nemotron_h_dense");
+    let r = reference("nemotron_h_dense");
+    let c = 0.3f32;
+    let with = |tag: &str, limit: Value, t: &Tensors| {
+        let d = tmp(&format!("dt-{tag}"));
+        write(&d.join("model.safetensors"), t);
+        let mut cfg = config(&src);
+        cfg["time_step_limit"] = limit;
+        std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+        logits_all(&load(&d), &r.tokens, "full")
+    };
+    let t = read(&src);
+    let clamped = with("clamped", json!([c, c]), &t);
+    assert!(rel_diff(&clamped, &r.logits) > 1e-2);
+    let loose = with("loose", json!([0.05, 2.0]), &t);
+    assert!(rel_diff(&loose, &r.logits) < 1e-4);
+
+    let mut t2 = t.clone();
+    let heads = config(&src)["mamba_num_heads"].as_u64().unwrap() as usize;
+    for l in [0, 3, 6] {
+        let (shape, w) = t2
+            .get_mut(&format!("backbone.layers.{l}.mixer.in_proj.weight"))
+            .unwrap();
+        let keep = (shape[0] - heads) * shape[1] * 4;
+        w[keep..].fill(0);
+        let bias = (c.exp() - 1.0).ln().to_le_bytes().repeat(heads);
+        t2.insert(
+            format!("backbone.layers.{l}.mixer.dt_bias"),
+            (vec![heads], bias),
+        );
+    }
+    let by_weights = with("weights", json!([0.0, "Infinity"]), &t2);
+    let d = rel_diff(&clamped, &by_weights);
+    assert!(d < 1e-4, "{d}");
+}

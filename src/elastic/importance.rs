@@ -435,7 +435,7 @@ fn depth_order(model: &Model, seqs: &[Vec<u32>], mut progress: impl FnMut(usize)
 impl Importance {
     pub fn load(path: &std::path::Path) -> Result<Importance> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let imp: Importance = serde_json::from_str(&text)
+        let imp: Importance = crate::formats::json::from_str(&text)
             .map_err(|e| Error::format(path, format!("not an importance file: {e}")))?;
         if imp.format != FORMAT {
             return Err(Error::format(

@@ -2,6 +2,7 @@
 //! Both yield a [`TensorMap`] of memory-mapped tensors plus the metadata a model reads.
 
 pub mod gguf;
+pub mod json;
 pub mod safetensors;
 pub mod temp;
 

@@ -71,9 +71,7 @@ pub fn load_dir(dir: &Path) -> Result<TensorMap> {
         });
     }
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&index, format!("invalid JSON: {e}")))?;
+        let v: serde_json::Value = super::json::read(&index)?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())

@@ -9,7 +9,8 @@ pub mod nemotron_h;
 
 use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
-use crate::formats::{TensorMap, safetensors};
+pub use crate::formats::json::parse_float;
+use crate::formats::{TensorMap, json, safetensors};
 use crate::manifest::Manifest;
 use crate::model::{Format, Meta, Model};
 use serde_json::Value as Json;
@@ -62,9 +63,7 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
 
 fn load_hf(dir: &Path) -> Result<Checkpoint> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let v: Json = serde_json::from_str(&text)
-        .map_err(|e| Error::format(&cfg_path, format!("invalid JSON: {e}")))?;
+    let v: Json = json::read(&cfg_path)?;
     let cfg = Cfg {
         v: &v,
         path: &cfg_path,
@@ -106,7 +105,7 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let arch = g.str("general.architecture")?.to_string();
     let manifest = match g.get("elastica.manifest").and_then(|v| v.as_str()) {
         Some(s) => {
-            let j: Json = serde_json::from_str(s)
+            let j: Json = json::from_str(s)
                 .map_err(|e| Error::format(path, format!("elastica.manifest is not JSON: {e}")))?;
             Some(Manifest::from_json(
                 &j,
@@ -172,23 +171,9 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
 }
 
 fn side_manifest(p: &Path) -> Result<Option<Manifest>> {
-    if !p.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-    let j: Json =
-        serde_json::from_str(&text).map_err(|e| Error::format(p, format!("invalid JSON: {e}")))?;
-    Ok(Some(Manifest::from_json(&j, &p.display().to_string())?))
-}
-
-fn read_json(p: &Path) -> Result<Option<Json>> {
-    if !p.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| Error::format(p, format!("invalid JSON: {e}")))
+    json::read_opt(p)?
+        .map(|j| Manifest::from_json(&j, &p.display().to_string()))
+        .transpose()
 }
 
 fn ids(v: Option<&Json>) -> Vec<u32> {
@@ -205,8 +190,8 @@ fn ids(v: Option<&Json>) -> Vec<u32> {
 
 /// Metadata of an HF folder: special ids, chat template, manifest, context.
 fn hf_meta(dir: &Path, cfg: &Json) -> Result<Meta> {
-    let gen_cfg = read_json(&dir.join("generation_config.json"))?;
-    let tok_cfg = read_json(&dir.join("tokenizer_config.json"))?;
+    let gen_cfg = json::read_opt::<Json>(&dir.join("generation_config.json"))?;
+    let tok_cfg = json::read_opt::<Json>(&dir.join("tokenizer_config.json"))?;
     let mut eos = ids(cfg.get("eos_token_id"));
     if let Some(g) = &gen_cfg {
         for e in ids(g.get("eos_token_id")) {
@@ -320,21 +305,6 @@ impl Cfg<'_> {
     }
     pub fn err(&self, k: &str, msg: impl Into<String>) -> Error {
         Error::config(self.field(k), msg)
-    }
-}
-
-/// A JSON number, or Python's special floats as json.dumps / transformers write them
-/// ("Infinity", {"__float__": "Infinity"}).
-pub fn parse_float(x: &Json) -> Option<f64> {
-    match x {
-        Json::Number(n) => n.as_f64(),
-        Json::String(s) => match s.as_str() {
-            "Infinity" | "inf" | "+inf" => Some(f64::INFINITY),
-            "-Infinity" | "-inf" => Some(f64::NEG_INFINITY),
-            s => s.parse().ok(),
-        },
-        Json::Object(o) => o.get("__float__").and_then(parse_float),
-        _ => None,
     }
 }
 
