@@ -5,6 +5,7 @@
 
 use crate::budget::{Budget, BudgetSpec, Shape};
 use crate::error::{Error, Result};
+use crate::formats::tokenizer::Specials;
 use crate::kernels::ops::rmsnorm;
 use crate::kernels::quant::dequant_row;
 use crate::layers::attention::{Attention, KvCache};
@@ -53,6 +54,25 @@ pub struct Meta {
     pub manifest: Option<Manifest>,
     /// GGUF metadata (tokenizer arrays live here), if the model came from a GGUF file.
     pub gguf: Option<std::collections::BTreeMap<String, crate::formats::gguf::Value>>,
+}
+
+impl Meta {
+    /// The GGUF metadata (tokenizer arrays live here) of a model loaded from GGUF.
+    pub fn gguf(&self) -> Result<&std::collections::BTreeMap<String, crate::formats::gguf::Value>> {
+        let e = || Error::Tokenizer(format!("{}: GGUF metadata not kept", self.path.display()));
+        self.gguf.as_ref().ok_or_else(e)
+    }
+    pub fn specials(&self) -> Specials<'_> {
+        let (bos, eos, add_bos, context) = (self.bos, &self.eos[..], self.add_bos, self.context);
+        let chat_template = self.chat_template.as_deref();
+        Specials {
+            bos,
+            eos,
+            add_bos,
+            chat_template,
+            context,
+        }
+    }
 }
 
 pub struct Model {

@@ -193,21 +193,6 @@ impl Tensor {
         Ok(())
     }
 
-    /// All elements as f32 (for small tensors: norms, biases, per-head scalars).
-    pub fn to_f32(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.numel()];
-        let cols = self.cols();
-        for r in 0..self.rows() {
-            crate::kernels::quant::dequant_row(
-                self.dtype,
-                self.row(r),
-                0,
-                &mut out[r * cols..(r + 1) * cols],
-            );
-        }
-        out
-    }
-
     /// Row `r` of the outermost dimension as a tensor of one dimension less (a view, no copy).
     pub fn index(&self, r: usize) -> Tensor {
         let inner: usize = self.shape[1..].iter().product();

@@ -6,8 +6,8 @@
 
 use super::{GatherPlan, IndexMap, Role, SliceDims, encode};
 use crate::error::{Error, Result};
-use crate::formats::{OutTensor, gguf, safetensors, temp};
-use crate::kernels::quant;
+use crate::formats::{OutTensor, gguf, safetensors, temp, tokenizer};
+use crate::kernels::quant::{self, ToF32};
 use crate::manifest::Manifest;
 use crate::model::Format;
 use crate::models::{Checkpoint, Raw};
@@ -314,7 +314,9 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
                         }
                     }
                 } else {
-                    for (f, text) in crate::generate::tokenizer::hf_files_from_gguf(m)? {
+                    for (f, text) in
+                        tokenizer::hf_files_from_gguf(m.meta.gguf()?, &m.meta.specials())?
+                    {
                         std::fs::write(tmp.join(f), text).map_err(|e| Error::io(tmp.join(f), e))?;
                     }
                 }
@@ -332,7 +334,11 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
                     }
                 };
                 if from == Format::Hf {
-                    meta.extend(crate::generate::tokenizer::gguf_meta_from_hf(m)?);
+                    meta.extend(tokenizer::gguf_meta_from_hf(
+                        &m.meta.path,
+                        m.vocab,
+                        &m.meta.specials(),
+                    )?);
                 }
                 meta.retain(|(k, _)| k != "elastica.manifest");
                 if let Some(man) = out.manifest {

@@ -5,6 +5,7 @@ pub mod gguf;
 pub mod json;
 pub mod safetensors;
 pub mod temp;
+pub mod tokenizer;
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;

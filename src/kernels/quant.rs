@@ -1,7 +1,7 @@
 //! Block formats (GGUF/ggml layouts) and their scalar reference dequantization, plus the
 //! per-token q8 quantization of activations used by the integer dot products.
 
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
 use half::{bf16, f16};
 
 #[inline]
@@ -198,6 +198,27 @@ impl Q8Act {
             self.d[b] = d;
             self.sum[b] = s;
         }
+    }
+}
+
+/// All elements of a tensor as f32 (for small tensors: norms, biases, per-head scalars).
+pub trait ToF32 {
+    fn to_f32(&self) -> Vec<f32>;
+}
+
+impl ToF32 for Tensor {
+    fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        let cols = self.cols();
+        for r in 0..self.rows() {
+            dequant_row(
+                self.dtype,
+                self.row(r),
+                0,
+                &mut out[r * cols..(r + 1) * cols],
+            );
+        }
+        out
     }
 }
 

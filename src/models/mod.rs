@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
 pub use crate::formats::json::parse_float;
 use crate::formats::{TensorMap, json, safetensors};
+use crate::kernels::quant::ToF32;
 use crate::manifest::Manifest;
 use crate::model::{Format, Meta, Model};
 use serde_json::Value as Json;

@@ -8,6 +8,7 @@ use crate::budget::{LayerKind, Shape};
 use crate::error::{Error, Result};
 use crate::formats::TensorMap;
 use crate::formats::gguf::Gguf;
+use crate::kernels::quant::ToF32;
 use crate::layers::attention::Attention;
 use crate::layers::mamba2::Mamba2;
 use crate::layers::mlp::{Act, Mlp};

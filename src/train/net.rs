@@ -7,6 +7,7 @@
 use super::masks::{LayerMasks, Masks};
 use crate::budget::Shape;
 use crate::error::{Error, Result};
+use crate::kernels::quant::ToF32;
 use crate::model::{Mixer, Model};
 use crate::models::Raw;
 use candle_core::{D, DType as CD, Device, Tensor as CT, Var};
