@@ -241,64 +241,38 @@ impl BudgetSpec {
                     )));
                 }
             }
-            let [heads, mamba_heads, mamba_head_dim, experts] = [
-                Axis::Heads,
-                Axis::MambaHeads,
-                Axis::MambaHeadDim,
-                Axis::Experts,
-            ]
-            .map(|a| sizes[a]);
-            let mut q_rows = vec![];
-            if kind.has_attention() {
-                let per = shape.heads / shape.kv_heads;
-                let keep = heads / shape.kv_heads;
-                let d = shape.head_dim;
-                q_rows = (0..shape.kv_heads)
-                    .map(|g| g * per * d..(g * per + keep) * d)
-                    .collect();
-                merge(&mut q_rows);
+            let experts = sizes[Axis::Experts];
+            if *kind == LayerKind::Moe && experts < shape.experts_per_tok {
+                return Err(Error::Budget(format!(
+                    "experts={experts} is fewer than the {} experts each token is routed to",
+                    shape.experts_per_tok
+                )));
             }
-            let (mut inner, mut mheads) = (vec![], vec![]);
-            if *kind == LayerKind::Mamba {
-                let per = shape.mamba_heads / shape.mamba_groups;
-                let keep = mamba_heads / shape.mamba_groups;
-                let p = shape.mamba_head_dim;
-                for g in 0..shape.mamba_groups {
-                    for h in g * per..g * per + keep {
-                        inner.push(h * p..h * p + mamba_head_dim);
-                    }
-                    mheads.push(g * per..g * per + keep);
-                }
-                merge(&mut inner);
-                merge(&mut mheads);
-            }
+            let kept = |a: Axis| shape.kept(a, sizes[a]);
+            let (d, p) = (shape.head_dim, shape.mamba_head_dim);
+            let q_rows = merge(kept(Axis::Heads).into_iter().map(|h| h * d..(h + 1) * d));
+            let mheads = merge(kept(Axis::MambaHeads).into_iter().map(|h| h..h + 1));
+            let pa = sizes[Axis::MambaHeadDim];
+            let inner = merge(
+                kept(Axis::MambaHeads)
+                    .into_iter()
+                    .map(|h| h * p..h * p + pa),
+            );
+            let expert_ids = merge(kept(Axis::Experts).into_iter().map(|e| e..e + 1));
             let mut in_rows = vec![];
             if *kind == LayerKind::Mamba {
-                let di = shape.mamba_heads * shape.mamba_head_dim;
+                // z and x of the active channels, all of B/C, dt of the active heads.
+                let di = shape.mamba_heads * p;
                 let gn = shape.mamba_groups * shape.ssm_state;
-                in_rows.extend(inner.iter().cloned());
-                in_rows.extend(inner.iter().map(|s| s.start + di..s.end + di));
-                in_rows.push(2 * di..2 * di + 2 * gn);
-                in_rows.extend(
-                    mheads
+                let off = |o: usize| move |s: &Range<usize>| s.start + o..s.end + o;
+                in_rows = merge(
+                    inner
                         .iter()
-                        .map(|s| s.start + 2 * di + 2 * gn..s.end + 2 * di + 2 * gn),
+                        .map(off(0))
+                        .chain(inner.iter().map(off(di)))
+                        .chain([2 * di..2 * di + 2 * gn])
+                        .chain(mheads.iter().map(off(2 * di + 2 * gn))),
                 );
-                merge(&mut in_rows);
-            }
-            let mut expert_ids = vec![];
-            if *kind == LayerKind::Moe {
-                if experts < shape.experts_per_tok {
-                    return Err(Error::Budget(format!(
-                        "experts={experts} is fewer than the {} experts each token is routed to",
-                        shape.experts_per_tok
-                    )));
-                }
-                let g = shape.expert_groups.max(1);
-                let per = shape.experts / g;
-                let keep = experts / g;
-                expert_ids = (0..g).map(|i| i * per..i * per + keep).collect();
-                merge(&mut expert_ids);
             }
             layers.push(LayerBudget {
                 keep: !self.skip.contains(&i),
@@ -317,19 +291,16 @@ impl BudgetSpec {
     }
 }
 
-/// Joins touching ranges (a full budget becomes one segment).
-fn merge(v: &mut Vec<Range<usize>>) {
-    let mut out: Vec<Range<usize>> = Vec::with_capacity(v.len());
-    for r in v.drain(..) {
-        if r.is_empty() {
-            continue;
-        }
+/// Joins touching ranges (a full budget becomes one segment); drops empty ones.
+fn merge(v: impl IntoIterator<Item = Range<usize>>) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = vec![];
+    for r in v.into_iter().filter(|r| !r.is_empty()) {
         match out.last_mut() {
             Some(last) if last.end == r.start => last.end = r.end,
             _ => out.push(r),
         }
     }
-    *v = out;
+    out
 }
 
 #[cfg(test)]

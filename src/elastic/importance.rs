@@ -475,7 +475,7 @@ impl Importance {
             }
             Ok(())
         };
-        perm(&self.hidden, s.hidden, "hidden")?;
+        perm(&self.hidden, s.hidden, Axis::Hidden.name())?;
         if self.layers.len() != s.layers.len() {
             return Err(Error::format(path, "layer count differs from the model"));
         }
