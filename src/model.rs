@@ -246,14 +246,10 @@ impl Model {
             }
             for c in cols {
                 if c.start % bl != 0 || c.end % bl != 0 {
-                    let axis: Vec<_> = axes.iter().map(|a| a.name()).collect();
+                    let axis = axes.iter().map(|a| a.name()).collect::<Vec<_>>().join("/");
                     return Err(Error::Budget(format!(
-                        "{}: tensor {} is {} with blocks of {bl} values, so the kept inputs must be whole blocks (got {}..{})",
-                        axis.join("/"),
-                        t.name,
-                        t.dtype,
-                        c.start,
-                        c.end
+                        "{axis}: tensor {} is {} with blocks of {bl} values, so the kept inputs must be whole blocks (got {}..{})",
+                        t.name, t.dtype, c.start, c.end
                     )));
                 }
             }
