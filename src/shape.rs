@@ -270,4 +270,35 @@ mod tests {
             3
         );
     }
+
+    #[test]
+    fn serializes_by_name_and_keeps_group_prefixes() {
+        let mut m = AxisMap::<Option<u8>>::default();
+        m[Axis::MambaHeadDim] = Some(3);
+        let j = serde_json::to_string(&m).unwrap();
+        assert_eq!(j, r#"{"mamba_head_dim":3}"#);
+        assert_eq!(serde_json::from_str::<AxisMap<Option<u8>>>(&j).unwrap(), m);
+        let e = serde_json::from_str::<AxisMap<Option<u8>>>(r#"{"colour":1}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown axis"), "{e}");
+        let s = Shape {
+            hidden: 8,
+            layers: vec![LayerKind::Attention],
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 4,
+            ffn: 0,
+            moe_ffn: 0,
+            experts: 0,
+            experts_per_tok: 0,
+            expert_groups: 0,
+            shared_ffn: 0,
+            mamba_heads: 0,
+            mamba_head_dim: 0,
+            mamba_groups: 0,
+            ssm_state: 0,
+        };
+        assert_eq!(s.kept(Axis::Heads, 4), vec![0, 1, 3, 4]);
+        assert_eq!(s.kept(Axis::Hidden, 3), vec![0, 1, 2]);
+        assert_eq!(s.kept(Axis::Experts, 0), Vec::<usize>::new());
+    }
 }
