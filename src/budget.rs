@@ -15,58 +15,12 @@ use std::ops::Range;
 use std::sync::Arc;
 
 /// Sizes along each axis; `None` means "the parent's".
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Axes {
-    pub ffn: Option<usize>,
-    pub moe_ffn: Option<usize>,
-    pub experts: Option<usize>,
-    pub shared_ffn: Option<usize>,
-    pub heads: Option<usize>,
-    pub mamba_heads: Option<usize>,
-    pub mamba_head_dim: Option<usize>,
-}
-
-pub const AXES: [&str; 8] = [
-    "hidden",
-    "ffn",
-    "moe_ffn",
-    "experts",
-    "shared_ffn",
-    "heads",
-    "mamba_heads",
-    "mamba_head_dim",
-];
-
-impl Axes {
-    fn slot(&mut self, axis: &str) -> Option<&mut Option<usize>> {
-        Some(match axis {
-            "ffn" => &mut self.ffn,
-            "moe_ffn" => &mut self.moe_ffn,
-            "experts" => &mut self.experts,
-            "shared_ffn" => &mut self.shared_ffn,
-            "heads" => &mut self.heads,
-            "mamba_heads" => &mut self.mamba_heads,
-            "mamba_head_dim" => &mut self.mamba_head_dim,
-            _ => return None,
-        })
-    }
-    fn over(self, base: Axes) -> Axes {
-        Axes {
-            ffn: self.ffn.or(base.ffn),
-            moe_ffn: self.moe_ffn.or(base.moe_ffn),
-            experts: self.experts.or(base.experts),
-            shared_ffn: self.shared_ffn.or(base.shared_ffn),
-            heads: self.heads.or(base.heads),
-            mamba_heads: self.mamba_heads.or(base.mamba_heads),
-            mamba_head_dim: self.mamba_head_dim.or(base.mamba_head_dim),
-        }
-    }
-}
+pub type Axes = AxisMap<Option<usize>>;
 
 /// A budget as written by a user or a manifest.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BudgetSpec {
-    pub hidden: Option<usize>,
+    /// Sizes for every layer (and `hidden`, which is global only).
     pub global: Axes,
     pub per_layer: BTreeMap<usize, Axes>,
     pub skip: BTreeSet<usize>,
@@ -119,35 +73,24 @@ impl std::str::FromStr for BudgetSpec {
                 }
                 None => (k, None),
             };
-            if axis == "hidden" {
-                if layer.is_some() {
+            let axis: Axis = axis.parse().map_err(|_| {
+                Error::Budget(format!(
+                    "unknown axis {axis:?} (known: {}, skip)",
+                    Axis::names()
+                ))
+            })?;
+            let target = match layer {
+                Some(_) if axis == Axis::Hidden => {
                     return Err(Error::Budget("hidden is global (channels are indexed across all layers); no per-layer value".into()));
                 }
-                spec.hidden = Some(n);
-                continue;
-            }
-            let target = match layer {
                 Some(l) => spec.per_layer.entry(l).or_default(),
                 None => &mut spec.global,
             };
-            *target.slot(axis).ok_or_else(|| {
-                Error::Budget(format!(
-                    "unknown axis {axis:?} (known: {}, skip)",
-                    AXES.join(", ")
-                ))
-            })? = Some(n);
+            target[axis] = Some(n);
         }
         Ok(spec)
     }
 }
-
-/// (name, per-layer getter, which layer kinds have the axis, parent size) for spec printing.
-type AxisView<'a> = (
-    &'a str,
-    fn(&LayerBudget) -> usize,
-    fn(LayerKind) -> bool,
-    usize,
-);
 
 /// A resolved budget: the active size of every axis in every layer, and the index segments the
 /// kernels read. Cheap to clone; built once per budget, not per token.
@@ -160,13 +103,8 @@ pub struct Budget {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerBudget {
     pub keep: bool,
-    pub ffn: usize,
-    pub moe_ffn: usize,
-    pub experts: usize,
-    pub shared_ffn: usize,
-    pub heads: usize,
-    pub mamba_heads: usize,
-    pub mamba_head_dim: usize,
+    /// Active size along every axis (0 where the layer lacks it; `Hidden`: the global width).
+    pub sizes: AxisMap<usize>,
     /// Attention: rows of q_proj (= columns of o_proj) of the active query heads.
     pub q_rows: Vec<Range<usize>>,
     /// Mamba: active (head, channel) indices of d_inner, as segments.
@@ -180,28 +118,16 @@ pub struct LayerBudget {
 }
 
 impl LayerBudget {
-    /// The active size along a per-layer axis (0 where the layer lacks it).
+    /// The active size along an axis (0 where the layer lacks it).
     pub fn size(&self, a: Axis) -> usize {
-        match a {
-            Axis::Hidden => panic!("hidden is global: read Budget::hidden"),
-            Axis::Ffn => self.ffn,
-            Axis::MoeFfn => self.moe_ffn,
-            Axis::Experts => self.experts,
-            Axis::SharedFfn => self.shared_ffn,
-            Axis::Heads => self.heads,
-            Axis::MambaHeads => self.mamba_heads,
-            Axis::MambaHeadDim => self.mamba_head_dim,
-        }
+        self.sizes[a]
     }
 }
 
 impl Budget {
     /// The active size along an axis in layer `l`.
     pub fn size(&self, a: Axis, l: usize) -> usize {
-        match a {
-            Axis::Hidden => self.hidden,
-            _ => self.layers[l].size(a),
-        }
+        self.layers[l].size(a)
     }
     pub fn full(shape: &Shape) -> Budget {
         BudgetSpec::default()
@@ -215,49 +141,15 @@ impl Budget {
     /// values are the most common per-layer value; other layers get `AXIS.LAYER=N`.
     pub fn spec(&self, shape: &Shape) -> String {
         let mut parts = vec![format!("hidden={}", self.hidden)];
-        let axes: [AxisView; 7] = [
-            ("ffn", |l| l.ffn, LayerKind::has_mlp, shape.ffn),
-            (
-                "moe_ffn",
-                |l| l.moe_ffn,
-                |k| k == LayerKind::Moe,
-                shape.moe_ffn,
-            ),
-            (
-                "experts",
-                |l| l.experts,
-                |k| k == LayerKind::Moe,
-                shape.experts,
-            ),
-            (
-                "shared_ffn",
-                |l| l.shared_ffn,
-                |k| k == LayerKind::Moe,
-                shape.shared_ffn,
-            ),
-            ("heads", |l| l.heads, LayerKind::has_attention, shape.heads),
-            (
-                "mamba_heads",
-                |l| l.mamba_heads,
-                |k| k == LayerKind::Mamba,
-                shape.mamba_heads,
-            ),
-            (
-                "mamba_head_dim",
-                |l| l.mamba_head_dim,
-                |k| k == LayerKind::Mamba,
-                shape.mamba_head_dim,
-            ),
-        ];
-        for (name, get, applies, parent) in axes {
+        for axis in Axis::LAYER {
             let vals: Vec<(usize, usize)> = shape
                 .layers
                 .iter()
                 .enumerate()
-                .filter(|(_, k)| applies(**k))
-                .map(|(i, _)| (i, get(&self.layers[i])))
+                .filter(|(_, k)| axis.applies(**k))
+                .map(|(i, _)| (i, self.size(axis, i)))
                 .collect();
-            if vals.is_empty() || parent == 0 {
+            if vals.is_empty() || shape.size(axis) == 0 {
                 continue;
             }
             let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
@@ -270,10 +162,10 @@ impl Budget {
                 .max_by_key(|(v, c)| (**c, **v))
                 .map(|(v, _)| *v)
                 .unwrap();
-            parts.push(format!("{name}={global}"));
+            parts.push(format!("{axis}={global}"));
             for (i, v) in vals {
                 if v != global {
-                    parts.push(format!("{name}.{i}={v}"));
+                    parts.push(format!("{axis}.{i}={v}"));
                 }
             }
         }
@@ -297,32 +189,16 @@ impl Budget {
     pub fn nested_in(&self, other: &Budget) -> bool {
         self.hidden <= other.hidden
             && self.layers.iter().zip(other.layers.iter()).all(|(a, b)| {
-                (!a.keep || b.keep)
-                    && a.ffn <= b.ffn
-                    && a.moe_ffn <= b.moe_ffn
-                    && a.experts <= b.experts
-                    && a.shared_ffn <= b.shared_ffn
-                    && a.heads <= b.heads
-                    && a.mamba_heads <= b.mamba_heads
-                    && a.mamba_head_dim <= b.mamba_head_dim
+                (!a.keep || b.keep) && Axis::ALL.iter().all(|&x| a.size(x) <= b.size(x))
             })
     }
 }
 
-fn check(name: &str, layer: Option<usize>, v: usize, parent: usize) -> Result<()> {
+fn check(axis: Axis, layer: Option<usize>, v: usize, parent: usize) -> Result<()> {
     if v > parent {
         let at = layer.map_or(String::new(), |l| format!(" in layer {l}"));
         return Err(Error::Budget(format!(
-            "{name}={v}{at} exceeds the parent's {parent}"
-        )));
-    }
-    Ok(())
-}
-
-fn check_group(name: &str, v: usize, groups: usize, what: &str) -> Result<()> {
-    if groups > 0 && !v.is_multiple_of(groups) {
-        return Err(Error::Budget(format!(
-            "{name}={v} breaks the group structure: it must be a multiple of the {groups} {what} (the same number kept in each)"
+            "{axis}={v}{at} exceeds the parent's {parent}"
         )));
     }
     Ok(())
@@ -331,8 +207,8 @@ fn check_group(name: &str, v: usize, groups: usize, what: &str) -> Result<()> {
 impl BudgetSpec {
     pub fn resolve(&self, shape: &Shape) -> Result<Budget> {
         let n = shape.layers.len();
-        let hidden = self.hidden.unwrap_or(shape.hidden);
-        check("hidden", None, hidden, shape.hidden)?;
+        let hidden = self.global[Axis::Hidden].unwrap_or(shape.hidden);
+        check(Axis::Hidden, None, hidden, shape.hidden)?;
         for &l in self.per_layer.keys().chain(self.skip.iter()) {
             if l >= n {
                 return Err(Error::Budget(format!(
@@ -345,114 +221,62 @@ impl BudgetSpec {
         }
         let mut layers = Vec::with_capacity(n);
         for (i, kind) in shape.layers.iter().enumerate() {
-            let a = self
-                .per_layer
-                .get(&i)
-                .copied()
-                .unwrap_or_default()
-                .over(self.global);
-            let lay = if self.per_layer.contains_key(&i) {
-                Some(i)
-            } else {
-                None
-            };
-            let ffn = a.ffn.unwrap_or(shape.ffn);
-            let moe_ffn = a.moe_ffn.unwrap_or(shape.moe_ffn);
-            let experts = a.experts.unwrap_or(shape.experts);
-            let shared_ffn = a.shared_ffn.unwrap_or(shape.shared_ffn);
-            let heads = a.heads.unwrap_or(shape.heads);
-            let mamba_heads = a.mamba_heads.unwrap_or(shape.mamba_heads);
-            let mamba_head_dim = a.mamba_head_dim.unwrap_or(shape.mamba_head_dim);
-            if kind.has_mlp() {
-                check("ffn", lay, ffn, shape.ffn)?;
-            }
-            let mut q_rows = vec![];
-            if kind.has_attention() {
-                check("heads", lay, heads, shape.heads)?;
-                check_group("heads", heads, shape.kv_heads, "KV groups")?;
-                let per = shape.heads / shape.kv_heads;
-                let keep = heads / shape.kv_heads;
-                let d = shape.head_dim;
-                q_rows = (0..shape.kv_heads)
-                    .map(|g| g * per * d..(g * per + keep) * d)
-                    .collect();
-                merge(&mut q_rows);
-            }
-            let (mut inner, mut mheads) = (vec![], vec![]);
-            if *kind == LayerKind::Mamba {
-                check("mamba_heads", lay, mamba_heads, shape.mamba_heads)?;
-                check("mamba_head_dim", lay, mamba_head_dim, shape.mamba_head_dim)?;
-                check_group(
-                    "mamba_heads",
-                    mamba_heads,
-                    shape.mamba_groups,
-                    "Mamba groups",
-                )?;
-                let per = shape.mamba_heads / shape.mamba_groups;
-                let keep = mamba_heads / shape.mamba_groups;
-                let p = shape.mamba_head_dim;
-                for g in 0..shape.mamba_groups {
-                    for h in g * per..g * per + keep {
-                        inner.push(h * p..h * p + mamba_head_dim);
-                    }
-                    mheads.push(g * per..g * per + keep);
-                }
-                merge(&mut inner);
-                merge(&mut mheads);
-            }
-            let mut in_rows = vec![];
-            if *kind == LayerKind::Mamba {
-                let di = shape.mamba_heads * shape.mamba_head_dim;
-                let gn = shape.mamba_groups * shape.ssm_state;
-                in_rows.extend(inner.iter().cloned());
-                in_rows.extend(inner.iter().map(|s| s.start + di..s.end + di));
-                in_rows.push(2 * di..2 * di + 2 * gn);
-                in_rows.extend(
-                    mheads
-                        .iter()
-                        .map(|s| s.start + 2 * di + 2 * gn..s.end + 2 * di + 2 * gn),
-                );
-                merge(&mut in_rows);
-            }
-            let mut expert_ids = vec![];
-            if *kind == LayerKind::Moe {
-                check("moe_ffn", lay, moe_ffn, shape.moe_ffn)?;
-                check("experts", lay, experts, shape.experts)?;
-                check("shared_ffn", lay, shared_ffn, shape.shared_ffn)?;
-                check_group("experts", experts, shape.expert_groups, "routing groups")?;
-                if experts < shape.experts_per_tok {
+            let own = self.per_layer.get(&i);
+            let sizes = AxisMap::from_fn(|a| match a {
+                Axis::Hidden => hidden,
+                _ if !a.applies(*kind) => 0,
+                _ => own
+                    .and_then(|o| o[a])
+                    .or(self.global[a])
+                    .unwrap_or(shape.size(a)),
+            });
+            for a in Axis::LAYER.into_iter().filter(|a| a.applies(*kind)) {
+                let v = sizes[a];
+                check(a, own.map(|_| i), v, shape.size(a))?;
+                let g = shape.groups(a);
+                if !v.is_multiple_of(g) {
                     return Err(Error::Budget(format!(
-                        "experts={experts} is fewer than the {} experts each token is routed to",
-                        shape.experts_per_tok
+                        "{a}={v} breaks the group structure: it must be a multiple of the {g} {} (the same number kept in each)",
+                        a.groups_name()
                     )));
                 }
-                let g = shape.expert_groups.max(1);
-                let per = shape.experts / g;
-                let keep = experts / g;
-                expert_ids = (0..g).map(|i| i * per..i * per + keep).collect();
-                merge(&mut expert_ids);
+            }
+            let experts = sizes[Axis::Experts];
+            if *kind == LayerKind::Moe && experts < shape.experts_per_tok {
+                return Err(Error::Budget(format!(
+                    "experts={experts} is fewer than the {} experts each token is routed to",
+                    shape.experts_per_tok
+                )));
+            }
+            let kept = |a: Axis| shape.kept(a, sizes[a]);
+            let (d, p) = (shape.head_dim, shape.mamba_head_dim);
+            let q_rows = merge(kept(Axis::Heads).into_iter().map(|h| h * d..(h + 1) * d));
+            let mheads = merge(kept(Axis::MambaHeads).into_iter().map(|h| h..h + 1));
+            let pa = sizes[Axis::MambaHeadDim];
+            let inner = merge(
+                kept(Axis::MambaHeads)
+                    .into_iter()
+                    .map(|h| h * p..h * p + pa),
+            );
+            let expert_ids = merge(kept(Axis::Experts).into_iter().map(|e| e..e + 1));
+            let mut in_rows = vec![];
+            if *kind == LayerKind::Mamba {
+                // z and x of the active channels, all of B/C, dt of the active heads.
+                let di = shape.mamba_heads * p;
+                let gn = shape.mamba_groups * shape.ssm_state;
+                let off = |o: usize| move |s: &Range<usize>| s.start + o..s.end + o;
+                in_rows = merge(
+                    inner
+                        .iter()
+                        .map(off(0))
+                        .chain(inner.iter().map(off(di)))
+                        .chain([2 * di..2 * di + 2 * gn])
+                        .chain(mheads.iter().map(off(2 * di + 2 * gn))),
+                );
             }
             layers.push(LayerBudget {
                 keep: !self.skip.contains(&i),
-                ffn: if kind.has_mlp() { ffn } else { 0 },
-                moe_ffn: if *kind == LayerKind::Moe { moe_ffn } else { 0 },
-                experts: if *kind == LayerKind::Moe { experts } else { 0 },
-                shared_ffn: if *kind == LayerKind::Moe {
-                    shared_ffn
-                } else {
-                    0
-                },
-                heads: if kind.has_attention() { heads } else { 0 },
-                mamba_heads: if *kind == LayerKind::Mamba {
-                    mamba_heads
-                } else {
-                    0
-                },
-                mamba_head_dim: if *kind == LayerKind::Mamba {
-                    mamba_head_dim
-                } else {
-                    0
-                },
+                sizes,
                 q_rows,
                 inner,
                 mheads,
@@ -467,19 +291,16 @@ impl BudgetSpec {
     }
 }
 
-/// Joins touching ranges (a full budget becomes one segment).
-fn merge(v: &mut Vec<Range<usize>>) {
-    let mut out: Vec<Range<usize>> = Vec::with_capacity(v.len());
-    for r in v.drain(..) {
-        if r.is_empty() {
-            continue;
-        }
+/// Joins touching ranges (a full budget becomes one segment); drops empty ones.
+fn merge(v: impl IntoIterator<Item = Range<usize>>) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = vec![];
+    for r in v.into_iter().filter(|r| !r.is_empty()) {
         match out.last_mut() {
             Some(last) if last.end == r.start => last.end = r.end,
             _ => out.push(r),
         }
     }
-    *v = out;
+    out
 }
 
 #[cfg(test)]
@@ -519,7 +340,7 @@ mod tests {
                 .parse()
                 .unwrap();
         let b = spec.resolve(&s).unwrap();
-        assert_eq!(b.layer(2).ffn, 64);
+        assert_eq!(b.layer(2).size(Axis::Ffn), 64);
         assert!(!b.layer(1).keep);
         assert_eq!(b.layer(1).q_rows, vec![0..16, 32..48]);
         assert_eq!(b.layer(0).mheads, vec![0..2, 4..6]);

@@ -3,7 +3,7 @@
 //! layers are one block each. Architecture files in `models/` only map checkpoints onto this.
 //! Every forward takes a [`Budget`] and reads prefixes of the one loaded copy of the weights.
 
-use crate::budget::{Budget, BudgetSpec, Shape};
+use crate::budget::{Axis, Budget, BudgetSpec, Shape};
 use crate::error::{Error, Result};
 use crate::formats::tokenizer::Specials;
 use crate::kernels::ops::rmsnorm;
@@ -259,13 +259,14 @@ impl Model {
 
     /// Quantized blocks cannot be split: every cut input dimension must fall on a block boundary.
     pub fn check_alignment(&self, b: &Budget) -> Result<()> {
-        let check = |t: &Tensor, cols: &[Range<usize>], axis: &str| -> Result<()> {
+        let check = |t: &Tensor, cols: &[Range<usize>], axes: &[Axis]| -> Result<()> {
             let bl = t.dtype.block_len();
             if bl == 1 {
                 return Ok(());
             }
             for c in cols {
                 if c.start % bl != 0 || c.end % bl != 0 {
+                    let axis = axes.iter().map(|a| a.name()).collect::<Vec<_>>().join("/");
                     return Err(Error::Budget(format!(
                         "{axis}: tensor {} is {} with blocks of {bl} values, so the kept inputs must be whole blocks (got {}..{})",
                         t.name, t.dtype, c.start, c.end
@@ -276,32 +277,36 @@ impl Model {
         };
         let hid = [0..b.hidden];
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        check(head, &hid, "hidden")?;
+        check(head, &hid, &[Axis::Hidden])?;
         for blk in &self.blocks {
             let lb = b.layer(blk.layer);
             match &blk.mixer {
                 Mixer::Attention(a) => {
-                    check(&a.q, &hid, "hidden")?;
-                    check(&a.k, &hid, "hidden")?;
-                    check(&a.v, &hid, "hidden")?;
-                    check(&a.o, &lb.q_rows, "heads")?;
+                    check(&a.q, &hid, &[Axis::Hidden])?;
+                    check(&a.k, &hid, &[Axis::Hidden])?;
+                    check(&a.v, &hid, &[Axis::Hidden])?;
+                    check(&a.o, &lb.q_rows, &[Axis::Heads])?;
                 }
                 Mixer::Mamba(m) => {
-                    check(&m.in_proj, &hid, "hidden")?;
-                    check(&m.out_proj, &lb.inner, "mamba_heads/mamba_head_dim")?;
+                    check(&m.in_proj, &hid, &[Axis::Hidden])?;
+                    check(
+                        &m.out_proj,
+                        &lb.inner,
+                        &[Axis::MambaHeads, Axis::MambaHeadDim],
+                    )?;
                 }
                 Mixer::Mlp(m) => {
-                    check(&m.up, &hid, "hidden")?;
-                    check(&m.down, &[0..lb.ffn], "ffn")?;
+                    check(&m.up, &hid, &[Axis::Hidden])?;
+                    check(&m.down, &[0..lb.size(Axis::Ffn)], &[Axis::Ffn])?;
                 }
                 Mixer::Moe(m) => {
                     for (u, d) in m.up.iter().zip(&m.down) {
-                        check(u, &hid, "hidden")?;
-                        check(d, &[0..lb.moe_ffn], "moe_ffn")?;
+                        check(u, &hid, &[Axis::Hidden])?;
+                        check(d, &[0..lb.size(Axis::MoeFfn)], &[Axis::MoeFfn])?;
                     }
                     if let Some(s) = &m.shared {
-                        check(&s.up, &hid, "hidden")?;
-                        check(&s.down, &[0..lb.shared_ffn], "shared_ffn")?;
+                        check(&s.up, &hid, &[Axis::Hidden])?;
+                        check(&s.down, &[0..lb.size(Axis::SharedFfn)], &[Axis::SharedFfn])?;
                     }
                 }
             }
@@ -326,7 +331,7 @@ impl Model {
             let mut t = h; // block norm
             match &blk.mixer {
                 Mixer::Attention(a) => {
-                    let q = (lb.heads * a.head_dim) as u64;
+                    let q = (lb.size(Axis::Heads) * a.head_dim) as u64;
                     let kv = (a.kv_heads * a.head_dim) as u64;
                     t += 2 * q * h + 2 * kv * h;
                     t += a.q_bias.as_ref().map_or(0, |_| q)
@@ -334,8 +339,8 @@ impl Model {
                     t += a.o_bias.as_ref().map_or(0, |_| h);
                 }
                 Mixer::Mamba(m) => {
-                    let ni = (lb.mamba_heads * lb.mamba_head_dim) as u64;
-                    let na = lb.mamba_heads as u64;
+                    let ni = (lb.size(Axis::MambaHeads) * lb.size(Axis::MambaHeadDim)) as u64;
+                    let na = lb.size(Axis::MambaHeads) as u64;
                     let gn = (m.groups * m.state) as u64;
                     let cw = ni + 2 * gn;
                     t += (2 * ni + 2 * gn + na) * h
@@ -346,17 +351,17 @@ impl Model {
                         + h * ni;
                 }
                 Mixer::Mlp(m) => {
-                    let f = lb.ffn as u64;
+                    let f = lb.size(Axis::Ffn) as u64;
                     t += if m.gate.is_some() { 3 } else { 2 } * f * h;
                 }
                 Mixer::Moe(m) => {
-                    let e = lb.experts as u64;
-                    let f = lb.moe_ffn as u64;
+                    let e = lb.size(Axis::Experts) as u64;
+                    let f = lb.size(Axis::MoeFfn) as u64;
                     t += e * h + e; // router + bias
                     if m.shared.is_some() {
-                        t += 2 * lb.shared_ffn as u64 * h;
+                        t += 2 * lb.size(Axis::SharedFfn) as u64 * h;
                     }
-                    let k = m.topk.min(lb.experts) as u64;
+                    let k = m.topk.min(lb.size(Axis::Experts)) as u64;
                     total += t + e * 2 * f * h;
                     active += t + k * 2 * f * h;
                     continue;
@@ -461,7 +466,15 @@ impl Model {
                     Mixer::Mamba(m) => {
                         m.forward(lb, hd, xn, y, &mut cache.mamba[blk.slot], &mut ws.s, obs, l)
                     }
-                    Mixer::Mlp(m) => m.forward(lb.ffn, hd, xn, y, &mut ws.s, obs, (l, Ffn::Dense)),
+                    Mixer::Mlp(m) => m.forward(
+                        lb.size(Axis::Ffn),
+                        hd,
+                        xn,
+                        y,
+                        &mut ws.s,
+                        obs,
+                        (l, Ffn::Dense),
+                    ),
                     Mixer::Moe(m) => m.forward(lb, hd, xn, y, &mut ws.s, obs, l),
                 }
                 for (hv, yv) in h.iter_mut().zip(y.iter()) {
@@ -546,29 +559,32 @@ impl Model {
             }
             n += match &blk.mixer {
                 Mixer::Attention(a) => {
-                    let q = lb.heads * a.head_dim;
+                    let q = lb.size(Axis::Heads) * a.head_dim;
                     let kv = a.kv_heads * a.head_dim;
                     cut(&a.q, q, h) + cut(&a.k, kv, h) + cut(&a.v, kv, h) + cut(&a.o, h, q)
                 }
                 Mixer::Mamba(m) => {
-                    let ni = lb.mamba_heads * lb.mamba_head_dim;
+                    let ni = lb.size(Axis::MambaHeads) * lb.size(Axis::MambaHeadDim);
                     cut(
                         &m.in_proj,
-                        2 * ni + 2 * m.groups * m.state + lb.mamba_heads,
+                        2 * ni + 2 * m.groups * m.state + lb.size(Axis::MambaHeads),
                         h,
                     ) + cut(&m.out_proj, h, ni)
                 }
                 Mixer::Mlp(m) => {
-                    cut(&m.up, lb.ffn, h)
-                        + cut(&m.down, h, lb.ffn)
-                        + m.gate.as_ref().map_or(0, |g| cut(g, lb.ffn, h))
+                    cut(&m.up, lb.size(Axis::Ffn), h)
+                        + cut(&m.down, h, lb.size(Axis::Ffn))
+                        + m.gate.as_ref().map_or(0, |g| cut(g, lb.size(Axis::Ffn), h))
                 }
                 Mixer::Moe(m) => {
-                    let k = m.topk.min(lb.experts) as u64;
-                    let e = k * (cut(&m.up[0], lb.moe_ffn, h) + cut(&m.down[0], h, lb.moe_ffn));
-                    e + (lb.experts * h * 4) as u64
+                    let k = m.topk.min(lb.size(Axis::Experts)) as u64;
+                    let e = k
+                        * (cut(&m.up[0], lb.size(Axis::MoeFfn), h)
+                            + cut(&m.down[0], h, lb.size(Axis::MoeFfn)));
+                    e + (lb.size(Axis::Experts) * h * 4) as u64
                         + m.shared.as_ref().map_or(0, |s| {
-                            cut(&s.up, lb.shared_ffn, h) + cut(&s.down, h, lb.shared_ffn)
+                            cut(&s.up, lb.size(Axis::SharedFfn), h)
+                                + cut(&s.down, h, lb.size(Axis::SharedFfn))
                         })
                 }
             };

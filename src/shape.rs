@@ -104,6 +104,16 @@ impl Axis {
         }
     }
 
+    /// What the groups of a grouped axis are (error messages).
+    pub fn groups_name(self) -> &'static str {
+        match self {
+            Axis::Heads => "KV groups",
+            Axis::MambaHeads => "Mamba groups",
+            Axis::Experts => "routing groups",
+            _ => "groups",
+        }
+    }
+
     /// The known names, for error messages.
     pub fn names() -> String {
         Axis::ALL.map(Axis::name).join(", ")
@@ -126,6 +136,21 @@ impl std::str::FromStr for Axis {
     }
 }
 
+/// Axes serialize by name (importance files key their scores by it).
+impl serde::Serialize for Axis {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Axis {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Axis, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// One value per axis.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AxisMap<T>(pub [T; Axis::COUNT]);
@@ -139,6 +164,20 @@ impl<T> AxisMap<T> {
     }
     pub fn map<U>(&self, mut f: impl FnMut(Axis, &T) -> U) -> AxisMap<U> {
         AxisMap::from_fn(|a| f(a, &self[a]))
+    }
+}
+
+/// A map of the present axes, keyed by name.
+impl<T: serde::Serialize> serde::Serialize for AxisMap<Option<T>> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_map(self.iter().filter_map(|(a, v)| Some((a, v.as_ref()?))))
+    }
+}
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for AxisMap<Option<T>> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let mut m = std::collections::BTreeMap::<Axis, T>::deserialize(d)?;
+        Ok(AxisMap::from_fn(|a| m.remove(&a)))
     }
 }
 
@@ -190,6 +229,12 @@ impl Shape {
             Axis::MambaHeadDim => self.mamba_head_dim,
         }
     }
+    /// The parent indices a budget of `k` keeps along an axis: the same prefix of every group.
+    pub fn kept(&self, a: Axis, k: usize) -> Vec<usize> {
+        let g = self.groups(a);
+        let per = self.size(a) / g;
+        (0..g).flat_map(|i| i * per..i * per + k / g).collect()
+    }
     /// The number of groups an axis is cut evenly across (1 where ungrouped).
     pub fn groups(&self, a: Axis) -> usize {
         match a {
@@ -224,5 +269,36 @@ mod tests {
             m.map(|a, v| (a == Axis::Heads) as usize * v)[Axis::Heads],
             3
         );
+    }
+
+    #[test]
+    fn serializes_by_name_and_keeps_group_prefixes() {
+        let mut m = AxisMap::<Option<u8>>::default();
+        m[Axis::MambaHeadDim] = Some(3);
+        let j = serde_json::to_string(&m).unwrap();
+        assert_eq!(j, r#"{"mamba_head_dim":3}"#);
+        assert_eq!(serde_json::from_str::<AxisMap<Option<u8>>>(&j).unwrap(), m);
+        let e = serde_json::from_str::<AxisMap<Option<u8>>>(r#"{"colour":1}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown axis"), "{e}");
+        let s = Shape {
+            hidden: 8,
+            layers: vec![LayerKind::Attention],
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 4,
+            ffn: 0,
+            moe_ffn: 0,
+            experts: 0,
+            experts_per_tok: 0,
+            expert_groups: 0,
+            shared_ffn: 0,
+            mamba_heads: 0,
+            mamba_head_dim: 0,
+            mamba_groups: 0,
+            ssm_state: 0,
+        };
+        assert_eq!(s.kept(Axis::Heads, 4), vec![0, 1, 3, 4]);
+        assert_eq!(s.kept(Axis::Hidden, 3), vec![0, 1, 2]);
+        assert_eq!(s.kept(Axis::Experts, 0), Vec::<usize>::new());
     }
 }

@@ -3,6 +3,7 @@
 
 mod common;
 use common::*;
+use elastica::budget::Axis;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -179,14 +180,14 @@ fn solver_constraints_and_manifest() {
             use elastica::budget::LayerKind::*;
             match k {
                 Moe => {
-                    assert!(lb.moe_ffn % 16 == 0 && lb.shared_ffn % 16 == 0);
+                    assert!(lb.size(Axis::MoeFfn) % 16 == 0 && lb.size(Axis::SharedFfn) % 16 == 0);
                     assert!(
-                        lb.experts % m.shape.expert_groups == 0
-                            && lb.experts >= m.shape.experts_per_tok
+                        lb.size(Axis::Experts) % m.shape.expert_groups == 0
+                            && lb.size(Axis::Experts) >= m.shape.experts_per_tok
                     );
                 }
-                Attention => assert!(lb.heads % m.shape.kv_heads == 0),
-                Mamba => assert!(lb.mamba_heads % m.shape.mamba_groups == 0),
+                Attention => assert!(lb.size(Axis::Heads) % m.shape.kv_heads == 0),
+                Mamba => assert!(lb.size(Axis::MambaHeads) % m.shape.mamba_groups == 0),
                 _ => {}
             }
         }

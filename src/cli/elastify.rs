@@ -54,7 +54,7 @@ pub struct Args {
     out: PathBuf,
     /// Axes the budgets may shrink (default: every width axis; add `depth` to drop layers).
     #[arg(long, value_delimiter = ',')]
-    axes: Option<Vec<String>>,
+    axes: Option<Vec<solver::Knob>>,
     /// Component order: `importance` (default), or the `natural` / `random` baselines.
     #[arg(long, default_value = "importance")]
     order: String,
@@ -120,10 +120,7 @@ pub fn run(a: Args) -> Result<()> {
             crate::model::UBATCH
         )));
     }
-    let axes: Vec<String> = a
-        .axes
-        .clone()
-        .unwrap_or_else(|| solver::WIDTH_AXES.iter().map(|s| s.to_string()).collect());
+    let axes = a.axes.clone().unwrap_or_else(solver::Knob::widths);
     let sorted = imp.permuted(&map);
     let convert = a.dtype.as_deref().map(parse_float_dtype).transpose()?;
     // Quantized matrices are re-quantized after re-ordering unless --dtype says otherwise.

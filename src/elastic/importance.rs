@@ -3,8 +3,8 @@
 //! the orders that sort every axis by decreasing importance (within groups where the structure
 //! needs it). Depth: normalised MSE of the logits with a layer skipped, removed iteratively.
 
-use super::{IndexMap, LayerMap};
-use crate::budget::{BudgetSpec, LayerKind, Shape};
+use super::IndexMap;
+use crate::budget::{Axis, AxisMap, BudgetSpec, LayerKind, Shape};
 use crate::error::{Error, Result};
 use crate::layers::{Ffn, Observer};
 use crate::model::{Cache, Logits, Model, UBATCH};
@@ -14,7 +14,7 @@ pub const FORMAT: &str = "elastica.importance/1";
 
 /// Scores of one axis and the order (parent indices, most important first) they give.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Axis {
+pub struct Scores {
     pub scores: Vec<f32>,
     pub order: Vec<usize>,
 }
@@ -23,24 +23,10 @@ pub struct Axis {
 pub struct LayerImportance {
     pub layer: usize,
     pub kind: char,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ffn: Option<Axis>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub moe_ffn: Option<Axis>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub shared_ffn: Option<Axis>,
-    /// REAP saliency per routed expert; order within each routing group.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub experts: Option<Axis>,
-    /// Query heads; order within each KV group.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub heads: Option<Axis>,
-    /// Mamba heads; order within each B/C group.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mamba_heads: Option<Axis>,
-    /// Mamba head channels (one order shared by every head).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mamba_head_dim: Option<Axis>,
+    /// The axes the layer has, keyed by name. Grouped axes (experts: REAP saliency; query
+    /// heads; Mamba heads) are ordered within each group; Mamba head channels share one order.
+    #[serde(flatten)]
+    pub axes: AxisMap<Option<Scores>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -52,11 +38,11 @@ pub struct Importance {
     pub pattern: String,
     pub parent: String,
     pub calibration: serde_json::Value,
-    pub hidden: Axis,
+    pub hidden: Scores,
     pub layers: Vec<LayerImportance>,
     /// Per layer: NMSE of the logits at the step it was removed; order = most important first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub depth: Option<Axis>,
+    pub depth: Option<Scores>,
 }
 
 /// Sum of |x| per channel and a token count, for the per-sample mean.
@@ -191,13 +177,13 @@ pub fn argsort_grouped(s: &[f32], groups: usize) -> Vec<usize> {
         .collect()
 }
 
-fn axis(scores: Vec<f32>, groups: usize) -> Axis {
+fn axis(scores: Vec<f32>, groups: usize) -> Scores {
     let order = if groups > 1 {
         argsort_grouped(&scores, groups)
     } else {
         argsort_desc(&scores)
     };
-    Axis { scores, order }
+    Scores { scores, order }
 }
 
 /// Calibration samples: `n` windows of `len` tokens spread evenly over the token stream (BOS
@@ -293,7 +279,7 @@ pub fn rank(
             ..Default::default()
         };
         if kind.has_mlp() {
-            li.ffn = Some(axis(acc.dense.l2(), 1));
+            li.axes[Axis::Ffn] = Some(axis(acc.dense.l2(), 1));
         }
         if kind.has_attention() {
             let a = acc.attn.l2();
@@ -302,7 +288,7 @@ pub fn rank(
                 .chunks(d)
                 .map(|h| h.iter().map(|v| v * v).sum::<f32>().sqrt())
                 .collect();
-            li.heads = Some(axis(scores, shape.kv_heads));
+            li.axes[Axis::Heads] = Some(axis(scores, shape.kv_heads));
         }
         if *kind == LayerKind::Mamba {
             // a[h][p]: channels ranked by the L2 across heads; heads by the L2 over the top half
@@ -327,13 +313,13 @@ pub fn rank(
                         .sqrt()
                 })
                 .collect();
-            li.mamba_heads = Some(axis(hs, shape.mamba_groups));
-            li.mamba_head_dim = Some(ch_axis);
+            li.axes[Axis::MambaHeads] = Some(axis(hs, shape.mamba_groups));
+            li.axes[Axis::MambaHeadDim] = Some(ch_axis);
         }
         if *kind == LayerKind::Moe {
-            li.moe_ffn = Some(axis(acc.experts.l2(), 1));
+            li.axes[Axis::MoeFfn] = Some(axis(acc.experts.l2(), 1));
             if shape.shared_ffn > 0 {
-                li.shared_ffn = Some(axis(acc.shared.l2(), 1));
+                li.axes[Axis::SharedFfn] = Some(axis(acc.shared.l2(), 1));
             }
             let reap: Vec<f32> = (0..shape.experts)
                 .map(|e| match (acc.reap_sum.get(e), acc.reap_n.get(e)) {
@@ -341,7 +327,7 @@ pub fn rank(
                     _ => 0.0,
                 })
                 .collect();
-            li.experts = Some(axis(reap, shape.expert_groups));
+            li.axes[Axis::Experts] = Some(axis(reap, shape.expert_groups));
         }
         layers.push(li);
     }
@@ -372,7 +358,11 @@ pub fn rank(
 
 /// Iterative layer removal (method doc §2.4): at each step drop the layer whose removal (on top
 /// of those already dropped) changes the logits least, s_j = Σ(M − M₋ⱼ)² / Σ M².
-fn depth_order(model: &Model, seqs: &[Vec<u32>], mut progress: impl FnMut(usize)) -> Result<Axis> {
+fn depth_order(
+    model: &Model,
+    seqs: &[Vec<u32>],
+    mut progress: impl FnMut(usize),
+) -> Result<Scores> {
     let n = model.shape.layers.len();
     let full = model.full_budget();
     let max_len = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
@@ -426,7 +416,7 @@ fn depth_order(model: &Model, seqs: &[Vec<u32>], mut progress: impl FnMut(usize)
         .filter(|v| v.is_finite())
         .fold(0f32, |a, &b| a.max(b));
     score[last] = 2.0 * maxf.max(1e-12);
-    Ok(Axis {
+    Ok(Scores {
         scores: score,
         order,
     })
@@ -470,7 +460,7 @@ impl Importance {
             ));
         }
         let s = &model.shape;
-        let perm = |a: &Axis, n: usize, what: &str| -> Result<()> {
+        let perm = |a: &Scores, n: usize, what: &str| -> Result<()> {
             let mut seen = vec![false; n];
             if a.order.len() != n
                 || a.scores.len() != n
@@ -485,68 +475,33 @@ impl Importance {
             }
             Ok(())
         };
-        perm(&self.hidden, s.hidden, "hidden")?;
+        perm(&self.hidden, s.hidden, Axis::Hidden.name())?;
         if self.layers.len() != s.layers.len() {
             return Err(Error::format(path, "layer count differs from the model"));
         }
         for (l, li) in self.layers.iter().enumerate() {
-            let k = s.layers[l];
-            let need = |x: &Option<Axis>, n: usize, what: &str, has: bool| -> Result<()> {
-                match (x, has) {
-                    (Some(a), true) => perm(a, n, &format!("layer {l} {what}")),
-                    (None, true) => {
-                        Err(Error::format(path, format!("layer {l}: {what} is missing")))
+            for a in Axis::LAYER {
+                let n = s.size(a);
+                let Some(x) = &li.axes[a] else {
+                    if a.applies(s.layers[l]) && n > 0 {
+                        return Err(Error::format(path, format!("layer {l}: {a} is missing")));
                     }
-                    _ => Ok(()),
+                    continue;
+                };
+                perm(x, n, &format!("layer {l} {a}"))?;
+                // Grouped orders must keep every component in its group.
+                let per = n / s.groups(a);
+                if x.order
+                    .iter()
+                    .enumerate()
+                    .any(|(pos, &i)| pos / per != i / per)
+                {
+                    return Err(Error::format(
+                        path,
+                        format!("layer {l} {a}: the order moves components between groups"),
+                    ));
                 }
-            };
-            need(&li.ffn, s.ffn, "ffn", k.has_mlp())?;
-            need(&li.heads, s.heads, "heads", k.has_attention())?;
-            need(
-                &li.mamba_heads,
-                s.mamba_heads,
-                "mamba_heads",
-                k == LayerKind::Mamba,
-            )?;
-            need(
-                &li.mamba_head_dim,
-                s.mamba_head_dim,
-                "mamba_head_dim",
-                k == LayerKind::Mamba,
-            )?;
-            need(&li.moe_ffn, s.moe_ffn, "moe_ffn", k == LayerKind::Moe)?;
-            need(&li.experts, s.experts, "experts", k == LayerKind::Moe)?;
-            need(
-                &li.shared_ffn,
-                s.shared_ffn,
-                "shared_ffn",
-                k == LayerKind::Moe && s.shared_ffn > 0,
-            )?;
-            // Grouped orders must keep every component in its group.
-            let grouped = |x: &Option<Axis>, n: usize, g: usize, what: &str| -> Result<()> {
-                if let Some(a) = x {
-                    let per = n / g.max(1);
-                    if a.order
-                        .iter()
-                        .enumerate()
-                        .any(|(pos, &i)| pos / per != i / per)
-                    {
-                        return Err(Error::format(
-                            path,
-                            format!("layer {l} {what}: the order moves components between groups"),
-                        ));
-                    }
-                }
-                Ok(())
-            };
-            grouped(&li.heads, s.heads, s.kv_heads, "heads")?;
-            grouped(
-                &li.mamba_heads,
-                s.mamba_heads,
-                s.mamba_groups,
-                "mamba_heads",
-            )?;
-            grouped(&li.experts, s.experts, s.expert_groups, "experts")?;
+            }
         }
         if let Some(d) = &self.depth {
             perm(d, s.layers.len(), "depth")?;
@@ -556,25 +511,16 @@ impl Importance {
 
     /// The permutation that sorts every axis by importance.
     pub fn reorder(&self, shape: &Shape) -> IndexMap {
-        let ord = |a: &Option<Axis>, n: usize| {
-            a.as_ref()
-                .map_or_else(|| (0..n).collect(), |a| a.order.clone())
-        };
         IndexMap {
             hidden: self.hidden.order.clone(),
             layers: self
                 .layers
                 .iter()
                 .map(|li| {
-                    Some(LayerMap {
-                        ffn: ord(&li.ffn, shape.ffn),
-                        moe_ffn: ord(&li.moe_ffn, shape.moe_ffn),
-                        shared_ffn: ord(&li.shared_ffn, shape.shared_ffn),
-                        experts: ord(&li.experts, shape.experts),
-                        q_heads: ord(&li.heads, shape.heads),
-                        mamba_heads: ord(&li.mamba_heads, shape.mamba_heads),
-                        mamba_channels: ord(&li.mamba_head_dim, shape.mamba_head_dim),
-                    })
+                    Some(li.axes.map(|a, x| {
+                        x.as_ref()
+                            .map_or_else(|| (0..shape.size(a)).collect(), |x| x.order.clone())
+                    }))
                 })
                 .collect(),
         }
@@ -583,11 +529,10 @@ impl Importance {
     /// The scores as seen by a model re-ordered with `map` (position i holds parent component
     /// map[i]); orders become the identity. With `reorder()` this sorts every axis.
     pub fn permuted(&self, map: &IndexMap) -> Importance {
-        let p = |a: &Axis, ix: &[usize]| Axis {
+        let p = |a: &Scores, ix: &[usize]| Scores {
             scores: ix.iter().map(|&i| a.scores[i]).collect(),
             order: (0..ix.len()).collect(),
         };
-        let o = |a: &Option<Axis>, ix: &[usize]| a.as_ref().map(|a| p(a, ix));
         Importance {
             hidden: p(&self.hidden, &map.hidden),
             layers: self
@@ -599,13 +544,7 @@ impl Importance {
                     LayerImportance {
                         layer: l.layer,
                         kind: l.kind,
-                        ffn: o(&l.ffn, &m.ffn),
-                        moe_ffn: o(&l.moe_ffn, &m.moe_ffn),
-                        shared_ffn: o(&l.shared_ffn, &m.shared_ffn),
-                        experts: o(&l.experts, &m.experts),
-                        heads: o(&l.heads, &m.q_heads),
-                        mamba_heads: o(&l.mamba_heads, &m.mamba_heads),
-                        mamba_head_dim: o(&l.mamba_head_dim, &m.mamba_channels),
+                        axes: l.axes.map(|a, x| x.as_ref().map(|x| p(x, &m[a]))),
                     }
                 })
                 .collect(),
@@ -634,15 +573,10 @@ pub fn random_order(shape: &Shape, seed: u64) -> IndexMap {
         .layers
         .iter()
         .map(|_| {
-            Some(LayerMap {
-                ffn: perm(shape.ffn, 1),
-                moe_ffn: perm(shape.moe_ffn, 1),
-                shared_ffn: perm(shape.shared_ffn, 1),
-                experts: perm(shape.experts, shape.expert_groups),
-                q_heads: perm(shape.heads, shape.kv_heads),
-                mamba_heads: perm(shape.mamba_heads, shape.mamba_groups),
-                mamba_channels: perm(shape.mamba_head_dim, 1),
-            })
+            Some(AxisMap::from_fn(|a| match a {
+                Axis::Hidden => hidden.clone(),
+                _ => perm(shape.size(a), shape.groups(a)),
+            }))
         })
         .collect();
     IndexMap { hidden, layers }

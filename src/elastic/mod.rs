@@ -12,7 +12,7 @@ pub mod plot;
 pub mod rewrite;
 pub mod solver;
 
-use crate::budget::{Budget, LayerKind, Shape};
+use crate::budget::{Axis, AxisMap, Budget, LayerKind, Shape};
 use crate::error::{Error, Result};
 use crate::kernels::quant;
 use crate::tensor::{DType, Tensor};
@@ -73,20 +73,8 @@ pub struct IndexMap {
     pub layers: Vec<Option<LayerMap>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct LayerMap {
-    pub ffn: Vec<usize>,
-    pub moe_ffn: Vec<usize>,
-    pub shared_ffn: Vec<usize>,
-    pub experts: Vec<usize>,
-    pub q_heads: Vec<usize>,
-    pub mamba_heads: Vec<usize>,
-    pub mamba_channels: Vec<usize>,
-}
-
-fn flat(segs: &[std::ops::Range<usize>]) -> Vec<usize> {
-    segs.iter().flat_map(|r| r.clone()).collect()
-}
+/// Parent indices kept along every axis of one layer (empty where the layer lacks the axis).
+pub type LayerMap = AxisMap<Vec<usize>>;
 
 impl IndexMap {
     /// The identity (every component, natural order).
@@ -100,23 +88,12 @@ impl IndexMap {
             .layers
             .iter()
             .map(|lb| {
-                lb.keep.then(|| LayerMap {
-                    ffn: (0..lb.ffn).collect(),
-                    moe_ffn: (0..lb.moe_ffn).collect(),
-                    shared_ffn: (0..lb.shared_ffn).collect(),
-                    experts: flat(&lb.expert_ids),
-                    q_heads: flat(&lb.q_rows)
-                        .into_iter()
-                        .step_by(shape.head_dim.max(1))
-                        .map(|r| r / shape.head_dim.max(1))
-                        .collect(),
-                    mamba_heads: flat(&lb.mheads),
-                    mamba_channels: (0..lb.mamba_head_dim).collect(),
-                })
+                lb.keep
+                    .then(|| AxisMap::from_fn(|a| shape.kept(a, lb.size(a))))
             })
             .collect();
         IndexMap {
-            hidden: (0..b.hidden).collect(),
+            hidden: shape.kept(Axis::Hidden, b.hidden),
             layers,
         }
     }
@@ -139,10 +116,10 @@ impl IndexMap {
         let di = shape.mamba_heads * shape.mamba_head_dim;
         let gn = shape.mamba_groups * shape.ssm_state;
         let inner = |lm: &LayerMap| -> Vec<usize> {
-            lm.mamba_heads
+            lm[Axis::MambaHeads]
                 .iter()
                 .flat_map(|&h| {
-                    lm.mamba_channels
+                    lm[Axis::MambaHeadDim]
                         .iter()
                         .map(move |&c| h * shape.mamba_head_dim + c)
                 })
@@ -151,19 +128,18 @@ impl IndexMap {
         let v = match dim {
             Dim::Whole => (0..len).collect(),
             Dim::Hidden => self.hidden.clone(),
-            Dim::Ffn(l) => self.layer(l)?.ffn.clone(),
-            Dim::MoeFfn(l) => self.layer(l)?.moe_ffn.clone(),
-            Dim::SharedFfn(l) => self.layer(l)?.shared_ffn.clone(),
-            Dim::Experts(l) => self.layer(l)?.experts.clone(),
+            Dim::Ffn(l) => self.layer(l)?[Axis::Ffn].clone(),
+            Dim::MoeFfn(l) => self.layer(l)?[Axis::MoeFfn].clone(),
+            Dim::SharedFfn(l) => self.layer(l)?[Axis::SharedFfn].clone(),
+            Dim::Experts(l) => self.layer(l)?[Axis::Experts].clone(),
             Dim::QHeads(l) => {
                 let d = shape.head_dim;
-                self.layer(l)?
-                    .q_heads
+                self.layer(l)?[Axis::Heads]
                     .iter()
                     .flat_map(|&h| h * d..(h + 1) * d)
                     .collect()
             }
-            Dim::MambaHeads(l) => self.layer(l)?.mamba_heads.clone(),
+            Dim::MambaHeads(l) => self.layer(l)?[Axis::MambaHeads].clone(),
             Dim::MambaInner(l) => inner(self.layer(l)?),
             Dim::MambaConv(l) => {
                 let mut v = inner(self.layer(l)?);
@@ -176,7 +152,7 @@ impl IndexMap {
                 let mut v = i.clone();
                 v.extend(i.iter().map(|x| x + di));
                 v.extend(2 * di..2 * di + 2 * gn);
-                v.extend(lm.mamba_heads.iter().map(|h| h + 2 * di + 2 * gn));
+                v.extend(lm[Axis::MambaHeads].iter().map(|h| h + 2 * di + 2 * gn));
                 v
             }
         };
@@ -391,13 +367,13 @@ impl SliceDims {
                     (
                         *k,
                         LayerSizes {
-                            ffn: lm.ffn.len(),
-                            moe_ffn: lm.moe_ffn.len(),
-                            shared_ffn: lm.shared_ffn.len(),
-                            experts: lm.experts.len(),
-                            heads: lm.q_heads.len(),
-                            mamba_heads: lm.mamba_heads.len(),
-                            mamba_head_dim: lm.mamba_channels.len(),
+                            ffn: lm[Axis::Ffn].len(),
+                            moe_ffn: lm[Axis::MoeFfn].len(),
+                            shared_ffn: lm[Axis::SharedFfn].len(),
+                            experts: lm[Axis::Experts].len(),
+                            heads: lm[Axis::Heads].len(),
+                            mamba_heads: lm[Axis::MambaHeads].len(),
+                            mamba_head_dim: lm[Axis::MambaHeadDim].len(),
                         },
                     )
                 })

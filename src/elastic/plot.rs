@@ -150,25 +150,28 @@ fn sorted_norm(scores: &[f32]) -> Vec<(f32, f32)> {
 /// One panel per ranked axis the model has (hidden, depth when ranked, FFN, expert and shared
 /// channels, query heads, Mamba heads and head channels, routed experts).
 pub fn plot(imp: &Importance, path: &Path) -> Result<()> {
-    use super::importance::{Axis, LayerImportance};
+    use crate::budget::Axis;
     register_font()?;
-    type Get = fn(&LayerImportance) -> Option<&Axis>;
     let layers = imp.layers.len().max(1);
     let last = (layers - 1) as f32;
     // Sorted scores of each layer that has the axis, one line per layer.
-    let per_layer = |get: Get| -> Series {
+    let per_layer = |axis: Axis| -> Series {
         imp.layers
             .iter()
-            .filter_map(|l| get(l).map(|a| (format!("layer {}", l.layer), sorted_norm(&a.scores))))
+            .filter_map(|l| {
+                l.axes[axis]
+                    .as_ref()
+                    .map(|a| (format!("layer {}", l.layer), sorted_norm(&a.scores)))
+            })
             .collect()
     };
     // Every component's score over its layer's largest, as points at the layer.
-    let by_layer = |get: Get| -> Series {
+    let by_layer = |axis: Axis| -> Series {
         vec![(
             "".into(),
             imp.layers
                 .iter()
-                .filter_map(|l| get(l).map(|a| (l.layer, a)))
+                .filter_map(|l| l.axes[axis].as_ref().map(|a| (l.layer, a)))
                 .flat_map(|(l, a)| {
                     let m = a
                         .scores
@@ -184,7 +187,7 @@ pub fn plot(imp: &Importance, path: &Path) -> Result<()> {
     let mut panels: Vec<(&str, &str, Series, bool, Option<f32>)> = vec![(
         "hidden channels (sorted, / max)",
         "channel rank",
-        vec![("hidden".into(), sorted_norm(&imp.hidden.scores))],
+        vec![(Axis::Hidden.to_string(), sorted_norm(&imp.hidden.scores))],
         false,
         None,
     )];
@@ -203,31 +206,34 @@ pub fn plot(imp: &Importance, path: &Path) -> Result<()> {
             Some(last),
         ));
     }
-    let lines: [(&str, Get); 4] = [
-        ("FFN channels per layer (sorted, / max)", |l| l.ffn.as_ref()),
-        ("routed-expert channels per layer (sorted, / max)", |l| {
-            l.moe_ffn.as_ref()
-        }),
-        ("shared-expert channels per layer (sorted, / max)", |l| {
-            l.shared_ffn.as_ref()
-        }),
-        ("Mamba head channels per layer (sorted, / max)", |l| {
-            l.mamba_head_dim.as_ref()
-        }),
+    let lines = [
+        ("FFN channels per layer (sorted, / max)", Axis::Ffn),
+        (
+            "routed-expert channels per layer (sorted, / max)",
+            Axis::MoeFfn,
+        ),
+        (
+            "shared-expert channels per layer (sorted, / max)",
+            Axis::SharedFfn,
+        ),
+        (
+            "Mamba head channels per layer (sorted, / max)",
+            Axis::MambaHeadDim,
+        ),
     ];
-    for (title, get) in lines {
-        let s = per_layer(get);
+    for (title, axis) in lines {
+        let s = per_layer(axis);
         if !s.is_empty() {
             panels.push((title, "channel rank", s, false, None));
         }
     }
-    let dots: [(&str, Get); 3] = [
-        ("attention query heads (/ layer max)", |l| l.heads.as_ref()),
-        ("Mamba heads (/ layer max)", |l| l.mamba_heads.as_ref()),
-        ("routed experts, REAP (/ layer max)", |l| l.experts.as_ref()),
+    let dots = [
+        ("attention query heads (/ layer max)", Axis::Heads),
+        ("Mamba heads (/ layer max)", Axis::MambaHeads),
+        ("routed experts, REAP (/ layer max)", Axis::Experts),
     ];
-    for (title, get) in dots {
-        let s = by_layer(get);
+    for (title, axis) in dots {
+        let s = by_layer(axis);
         if !s[0].1.is_empty() {
             panels.push((title, "layer", s, true, Some(last)));
         }

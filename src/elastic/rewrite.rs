@@ -5,6 +5,7 @@
 //! everything succeeded.
 
 use super::{GatherPlan, IndexMap, Role, SliceDims, encode};
+use crate::budget::Axis;
 use crate::error::{Error, Result};
 use crate::formats::{OutTensor, gguf, safetensors, temp, tokenizer};
 use crate::kernels::quant::{self, ToF32};
@@ -118,7 +119,7 @@ fn rename(name: &str, role: Option<&Role>, map: &IndexMap) -> Option<String> {
         }
         if let Some(e) = role.and_then(|r| r.expert) {
             let lm = map.layers[l].as_ref()?;
-            let pos = lm.experts.iter().position(|&x| x == e)?;
+            let pos = lm[Axis::Experts].iter().position(|&x| x == e)?;
             let from = format!("experts.{e}.");
             let p = out.find(&from)?;
             out.replace_range(p..p + from.len(), &format!("experts.{pos}."));
@@ -503,7 +504,7 @@ fn convert_layout(
                 "down_proj"
             };
             let _ = src_layer;
-            for (p, &e) in lm.experts.iter().enumerate() {
+            for (p, &e) in lm[Axis::Experts].iter().enumerate() {
                 let view = src_t.index(e);
                 let plan = GatherPlan::new(&view, &sub_role, map, &m.shape, convert)?;
                 out.push(Planned {

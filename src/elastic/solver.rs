@@ -21,33 +21,63 @@
 //! taken further to the next block boundary).
 
 use super::importance::Importance;
-use crate::budget::{BudgetSpec, LayerKind};
+use crate::budget::{Axis, BudgetSpec};
 use crate::error::{Error, Result};
 use crate::manifest::{self, Manifest, NamedBudget};
 use crate::model::Model;
 use crate::progress::Progress;
 
-pub const AXES: [&str; 9] = [
-    "hidden",
-    "ffn",
-    "moe_ffn",
-    "shared_ffn",
-    "experts",
-    "heads",
-    "mamba_heads",
-    "mamba_head_dim",
-    "depth",
+/// What the solver may shrink: one width axis, or the depth (layers kept in importance order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Knob {
+    Width(Axis),
+    Depth,
+}
+
+/// Every knob, in search order: ties between equally good steps go to the earlier knob, so this
+/// order is part of the solver's results (it predates [`Axis::ALL`], hence shared_ffn before experts).
+pub const KNOBS: [Knob; 9] = [
+    Knob::Width(Axis::Hidden),
+    Knob::Width(Axis::Ffn),
+    Knob::Width(Axis::MoeFfn),
+    Knob::Width(Axis::SharedFfn),
+    Knob::Width(Axis::Experts),
+    Knob::Width(Axis::Heads),
+    Knob::Width(Axis::MambaHeads),
+    Knob::Width(Axis::MambaHeadDim),
+    Knob::Depth,
 ];
-pub const WIDTH_AXES: [&str; 8] = [
-    "hidden",
-    "ffn",
-    "moe_ffn",
-    "shared_ffn",
-    "experts",
-    "heads",
-    "mamba_heads",
-    "mamba_head_dim",
-];
+
+impl Knob {
+    /// Every width axis (the default of `--axes`).
+    pub fn widths() -> Vec<Knob> {
+        Axis::ALL.map(Knob::Width).to_vec()
+    }
+}
+
+impl std::fmt::Display for Knob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Knob::Width(a) => a.fmt(f),
+            Knob::Depth => f.write_str("depth"),
+        }
+    }
+}
+
+impl std::str::FromStr for Knob {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Knob> {
+        match s {
+            "depth" => Ok(Knob::Depth),
+            _ => s.parse().map(Knob::Width).map_err(|_| {
+                Error::Budget(format!(
+                    "unknown axis {s:?} (known: {}, depth)",
+                    Axis::names()
+                ))
+            }),
+        }
+    }
+}
 
 /// A parameter target.
 #[derive(Clone, Debug, PartialEq)]
@@ -103,14 +133,10 @@ pub fn parse_targets(s: &str) -> Result<Vec<Target>> {
     Ok(out)
 }
 
-/// Homogeneous sizes along every axis plus the number of layers kept.
+/// Homogeneous sizes along every axis plus the number of layers kept, in [`KNOBS`] order.
 #[derive(Clone, Debug, PartialEq)]
 struct Config {
     v: [usize; 9],
-}
-
-fn idx(axis: &str) -> usize {
-    AXES.iter().position(|a| *a == axis).unwrap()
 }
 
 /// Calibration sequences, the parent's logits on them, and their energy Σ M².
@@ -160,62 +186,23 @@ impl<'a> Problem<'a> {
     fn parent(&self) -> Config {
         let s = &self.model.shape;
         Config {
-            v: [
-                s.hidden,
-                s.ffn,
-                s.moe_ffn,
-                s.shared_ffn,
-                s.experts,
-                s.heads,
-                s.mamba_heads,
-                s.mamba_head_dim,
-                s.layers.len(),
-            ],
+            v: KNOBS.map(|k| match k {
+                Knob::Width(a) => s.size(a),
+                Knob::Depth => s.layers.len(),
+            }),
         }
-    }
-
-    fn spec(&self, c: &Config) -> BudgetSpec {
-        let v = c.v;
-        let mut spec: BudgetSpec = format!(
-            "hidden={},ffn={},moe_ffn={},shared_ffn={},experts={},heads={},mamba_heads={},mamba_head_dim={}",
-            v[0],
-            v[1].max(1),
-            v[2].max(1),
-            v[3].max(1),
-            v[4].max(1),
-            v[5].max(1),
-            v[6].max(1),
-            v[7].max(1)
-        )
-        .parse()
-        .unwrap();
-        let n = self.layer_order.len();
-        spec.skip.extend(self.layer_order[v[8]..n].iter().copied());
-        spec
     }
 
     /// The budget of a configuration (axes the model lacks left at the parent's).
     fn resolve(&self, c: &Config) -> Result<crate::budget::Budget> {
         let s = &self.model.shape;
-        let mut sp = self.spec(c);
-        // Axes a model does not have would fail the range checks at their placeholder 1.
-        let g = &mut sp.global;
-        if s.ffn == 0 {
-            g.ffn = None;
-        }
-        if s.moe_ffn == 0 {
-            g.moe_ffn = None;
-            g.experts = None;
-        }
-        if s.shared_ffn == 0 {
-            g.shared_ffn = None;
-        }
-        if s.heads == 0 {
-            g.heads = None;
-        }
-        if s.mamba_heads == 0 {
-            g.mamba_heads = None;
-            g.mamba_head_dim = None;
+        let mut sp = BudgetSpec::default();
+        for (k, &v) in KNOBS.iter().zip(&c.v) {
+            match *k {
+                Knob::Width(a) if s.size(a) > 0 => sp.global[a] = Some(v.max(1)),
+                Knob::Width(_) => {}
+                Knob::Depth => sp.skip.extend(self.layer_order[v..].iter().copied()),
+            }
         }
         let b = sp.resolve(s)?;
         self.model.check_alignment(&b)?;
@@ -227,7 +214,7 @@ impl<'a> Problem<'a> {
     }
 
     /// Importance fraction kept by a prefix, averaged over the layers with the axis.
-    fn retained(&self, axis: usize, k: usize) -> f64 {
+    fn retained(&self, knob: Knob, k: usize) -> f64 {
         let frac = |scores: &[f32], k: usize, groups: usize| -> f64 {
             let per = scores.len() / groups.max(1);
             let keep = k / groups.max(1);
@@ -253,27 +240,17 @@ impl<'a> Problem<'a> {
                 xs.iter().sum::<f64>() / xs.len() as f64
             }
         };
-        let li = &self.imp.layers;
-        // The axis' kept fraction averaged over the layers that have it.
-        let per_layer =
-            |get: fn(&super::importance::LayerImportance) -> Option<&super::importance::Axis>,
-             groups: usize| {
-                avg(li
-                    .iter()
-                    .filter_map(get)
-                    .map(|a| frac(&a.scores, k, groups))
-                    .collect())
-            };
-        match AXES[axis] {
-            "hidden" => frac(&self.imp.hidden.scores, k, 1),
-            "ffn" => per_layer(|l| l.ffn.as_ref(), 1),
-            "moe_ffn" => per_layer(|l| l.moe_ffn.as_ref(), 1),
-            "shared_ffn" => per_layer(|l| l.shared_ffn.as_ref(), 1),
-            "experts" => per_layer(|l| l.experts.as_ref(), s.expert_groups),
-            "heads" => per_layer(|l| l.heads.as_ref(), s.kv_heads),
-            "mamba_heads" => per_layer(|l| l.mamba_heads.as_ref(), s.mamba_groups),
-            "mamba_head_dim" => per_layer(|l| l.mamba_head_dim.as_ref(), 1),
-            _ => match &self.imp.depth {
+        match knob {
+            Knob::Width(Axis::Hidden) => frac(&self.imp.hidden.scores, k, 1),
+            // The axis' kept fraction averaged over the layers that have it.
+            Knob::Width(a) => avg(self
+                .imp
+                .layers
+                .iter()
+                .filter_map(|l| l.axes[a].as_ref())
+                .map(|x| frac(&x.scores, k, s.groups(a)))
+                .collect()),
+            Knob::Depth => match &self.imp.depth {
                 Some(d) => {
                     let total: f64 = d.scores.iter().map(|&x| x.max(0.0) as f64).sum();
                     let kept: f64 = self.layer_order[..k]
@@ -298,7 +275,7 @@ impl<'a> Problem<'a> {
         cap: &Config,
         t: &Target,
         want: f64,
-        axes: &[String],
+        axes: &[Knob],
     ) -> Result<Config> {
         let count = |c: &Config| -> Result<f64> {
             let (tot, act) = self.params(c)?;
@@ -320,7 +297,10 @@ impl<'a> Problem<'a> {
                 let ok = loop {
                     c.v[a] = c.v[a].saturating_sub(k * self.step[a]).max(self.min[a]);
                     k = 1;
-                    if [idx("hidden"), idx("ffn"), idx("moe_ffn"), idx("shared_ffn")].contains(&a) {
+                    // Channel widths snap to whole granules.
+                    if let Knob::Width(Axis::Hidden | Axis::Ffn | Axis::MoeFfn | Axis::SharedFfn) =
+                        KNOBS[a]
+                    {
                         c.v[a] = c.v[a] / self.step[a] * self.step[a];
                     }
                     if self.resolve(&c).is_ok() {
@@ -354,7 +334,10 @@ impl<'a> Problem<'a> {
                         t.text,
                         want,
                         if t.active { "active " } else { "" },
-                        axes.join(","),
+                        axes.iter()
+                            .map(Knob::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
                         base_n
                     )));
                 }
@@ -447,7 +430,7 @@ impl<'a> Problem<'a> {
         }
         (0..9)
             .filter(|&a| self.step[a] > 0)
-            .map(|a| 1.0 - self.retained(a, c.v[a]))
+            .map(|a| 1.0 - self.retained(KNOBS[a], c.v[a]))
             .sum()
     }
 }
@@ -458,20 +441,12 @@ pub fn solve(
     model: &Model,
     imp: &Importance,
     targets: &[Target],
-    axes: &[String],
+    axes: &[Knob],
     objective: Objective,
     progress: &Progress,
 ) -> Result<Manifest> {
     let s = &model.shape;
-    for a in axes {
-        if !AXES.contains(&a.as_str()) {
-            return Err(Error::Budget(format!(
-                "unknown axis {a:?} (known: {})",
-                AXES.join(", ")
-            )));
-        }
-    }
-    if axes.iter().any(|a| a == "depth") && imp.depth.is_none() {
+    if axes.contains(&Knob::Depth) && imp.depth.is_none() {
         return Err(Error::Budget(
             "the depth axis needs a depth ranking (run `elastica rank` without --no-depth)".into(),
         ));
@@ -488,77 +463,32 @@ pub fn solve(
         .max()
         .unwrap_or(1);
     let g16 = lcm(16, block);
-    let has = |k: LayerKind| s.layers.contains(&k);
-    let allowed = |a: &str| axes.iter().any(|x| x == a);
+    let pd = g16.min(s.mamba_head_dim.max(1));
     let mut step = [0usize; 9];
     let mut min = [0usize; 9];
-    let set =
-        |step: &mut [usize; 9], min: &mut [usize; 9], a: &str, st: usize, mn: usize, ok: bool| {
-            if ok && allowed(a) && st > 0 {
-                step[idx(a)] = st;
-                min[idx(a)] = mn;
+    for (i, knob) in KNOBS.into_iter().enumerate() {
+        let (st, mn, ok) = match knob {
+            Knob::Depth => (1, 1, s.layers.len() > 1),
+            Knob::Width(a) => {
+                // Granules: whole groups, Mamba head channels in blocks, other widths in g16.
+                let st = match a {
+                    Axis::Heads | Axis::MambaHeads | Axis::Experts => s.groups(a),
+                    Axis::MambaHeadDim => pd,
+                    _ => g16,
+                };
+                let mn = match a {
+                    Axis::Experts => s.experts_per_tok.next_multiple_of(st),
+                    _ => st,
+                };
+                let has = s.layers.iter().any(|&k| a.applies(k));
+                (st, mn, s.size(a) > mn && has)
             }
         };
-    set(&mut step, &mut min, "hidden", g16, g16, s.hidden > g16);
-    set(
-        &mut step,
-        &mut min,
-        "ffn",
-        g16,
-        g16,
-        s.ffn > g16 && (has(LayerKind::Mlp) || has(LayerKind::Transformer)),
-    );
-    set(
-        &mut step,
-        &mut min,
-        "moe_ffn",
-        g16,
-        g16,
-        s.moe_ffn > g16 && has(LayerKind::Moe),
-    );
-    set(
-        &mut step,
-        &mut min,
-        "shared_ffn",
-        g16,
-        g16,
-        s.shared_ffn > g16 && has(LayerKind::Moe),
-    );
-    let eg = s.expert_groups.max(1);
-    set(
-        &mut step,
-        &mut min,
-        "experts",
-        eg,
-        s.experts_per_tok.next_multiple_of(eg),
-        s.experts > s.experts_per_tok.next_multiple_of(eg),
-    );
-    set(
-        &mut step,
-        &mut min,
-        "heads",
-        s.kv_heads,
-        s.kv_heads,
-        s.heads > s.kv_heads && (has(LayerKind::Attention) || has(LayerKind::Transformer)),
-    );
-    set(
-        &mut step,
-        &mut min,
-        "mamba_heads",
-        s.mamba_groups,
-        s.mamba_groups,
-        s.mamba_heads > s.mamba_groups && has(LayerKind::Mamba),
-    );
-    let pd = lcm(16, block).min(s.mamba_head_dim.max(1));
-    set(
-        &mut step,
-        &mut min,
-        "mamba_head_dim",
-        pd,
-        pd,
-        s.mamba_head_dim > pd && has(LayerKind::Mamba),
-    );
-    set(&mut step, &mut min, "depth", 1, 1, s.layers.len() > 1);
+        if ok && axes.contains(&knob) {
+            step[i] = st;
+            min[i] = mn;
+        }
+    }
     let mut p = Problem {
         model,
         imp: imp.clone(),

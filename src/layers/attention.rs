@@ -3,7 +3,7 @@
 //! so the KV cache has the same layout under every budget and a sequence can switch budgets.
 
 use super::{Observer, Scratch, SyncPtr, add_bias, buf, linear};
-use crate::budget::LayerBudget;
+use crate::budget::{Axis, LayerBudget};
 use crate::kernels::gemm::gemm_nt;
 use crate::kernels::ops::{dot, softmax};
 use crate::kernels::pool::pool;
@@ -92,7 +92,7 @@ impl Attention {
     ) {
         let t = x.len() / hidden;
         let d = self.head_dim;
-        let nq = lb.heads;
+        let nq = lb.size(Axis::Heads);
         let kvd = self.kv_heads * d;
         let hid = [0..hidden];
         let kvr = [0..kvd];

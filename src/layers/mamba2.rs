@@ -5,7 +5,7 @@
 //! channels of every head; B/C are never cut and the norm keeps its G groups.
 
 use super::{Observer, Scratch, SyncPtr, buf, linear};
-use crate::budget::LayerBudget;
+use crate::budget::{Axis, LayerBudget};
 use crate::kernels::gemm::gemm_nt;
 use crate::kernels::ops::{silu, softplus};
 use crate::kernels::pool::pool;
@@ -70,8 +70,8 @@ impl Mamba2 {
         layer: usize,
     ) {
         let t = x.len() / hidden;
-        let na = lb.mamba_heads;
-        let pa = lb.mamba_head_dim;
+        let na = lb.size(Axis::MambaHeads);
+        let pa = lb.size(Axis::MambaHeadDim);
         let (g, n, k) = (self.groups, self.state, self.conv_k);
         let gn = g * n;
         let ni = na * pa; // active inner channels
@@ -79,8 +79,8 @@ impl Mamba2 {
         let zx = buf(&mut s.a, t * width);
         linear(&self.in_proj, &lb.in_rows, &[0..hidden], x, zx);
         if obs.enabled() {
-            let ni = lb.mamba_heads * lb.mamba_head_dim;
-            let width = 2 * ni + 2 * self.groups * self.state + lb.mamba_heads;
+            let ni = lb.size(Axis::MambaHeads) * lb.size(Axis::MambaHeadDim);
+            let width = 2 * ni + 2 * self.groups * self.state + lb.size(Axis::MambaHeads);
             let mut xs = vec![0f32; (x.len() / hidden) * ni];
             for (row, dst) in zx.chunks(width).zip(xs.chunks_mut(ni)) {
                 dst.copy_from_slice(&row[ni..2 * ni]);

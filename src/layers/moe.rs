@@ -5,7 +5,7 @@
 
 use super::mlp::Mlp;
 use super::{Ffn, Observer, Scratch, buf, linear};
-use crate::budget::LayerBudget;
+use crate::budget::{Axis, LayerBudget};
 use crate::kernels::ops::{dot, relu2, sigmoid};
 use crate::tensor::Tensor;
 
@@ -49,7 +49,7 @@ impl Moe {
                 choice[e] = sc[e] + self.bias[e];
             }
         }
-        let k = self.topk.min(lb.experts);
+        let k = self.topk.min(lb.size(Axis::Experts));
         if self.n_group > 1 {
             // Group score = sum of the two best choices in the group; keep the topk_group best.
             let per = self.experts / self.n_group;
@@ -147,12 +147,12 @@ impl Moe {
         layer: usize,
     ) {
         let t = x.len() / hidden;
-        let ffn = lb.moe_ffn;
+        let ffn = lb.size(Axis::MoeFfn);
         let e = self.experts;
         let mut ids = [0usize; MAX_TOPK];
         let mut w = [0f32; MAX_TOPK];
         // Per-token routing: ids/weights stored in s.e as [T][topk] pairs.
-        let k = self.topk.min(lb.experts);
+        let k = self.topk.min(lb.size(Axis::Experts));
         let route = buf(&mut s.e, 2 * e + t * 2 * k);
         let (rs, rest) = route.split_at_mut(2 * e);
         let (sc, choice) = rs.split_at_mut(e);
@@ -234,7 +234,7 @@ impl Moe {
                 tmp.resize(t * hidden, 0.0);
             }
             sh.forward(
-                lb.shared_ffn,
+                lb.size(Axis::SharedFfn),
                 hidden,
                 x,
                 &mut tmp[..t * hidden],

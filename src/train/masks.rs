@@ -3,7 +3,7 @@
 //! sum of the candidate prefixes (§4.1, mode 2). Grouped axes (query heads per KV group, Mamba heads
 //! per B/C group, experts per routing group) repeat one per-group prefix in every group.
 
-use crate::budget::{Budget, LayerKind, Shape};
+use crate::budget::{Axis, AxisMap, Budget, Shape};
 use crate::error::Result;
 use candle_core::{DType as CD, Tensor as CT};
 
@@ -11,18 +11,26 @@ use super::net::dev;
 
 pub struct LayerMasks {
     pub keep: bool,
-    /// Dense-MLP channels [ffn].
-    pub ffn: Option<CT>,
-    /// Query heads [heads].
-    pub heads: Option<CT>,
-    /// Mamba inner channels [heads·head_dim] (active heads × active head channels).
-    pub inner: Option<CT>,
-    pub moe_ffn: Option<CT>,
-    /// Weight of each routed expert [experts] (1/0 under a hard mask).
-    pub experts: Option<CT>,
+    /// Per axis the layer has: its mask over the parent's components [size] (a prefix per
+    /// group; for experts, the weight of each routed expert, 1/0 under a hard mask).
+    pub axes: AxisMap<Option<CT>>,
     /// Experts the top-k choice may pick (routing itself is discrete).
     pub expert_on: Vec<bool>,
-    pub shared_ffn: Option<CT>,
+}
+
+impl LayerMasks {
+    /// Mamba inner channels [heads·head_dim]: active heads ⊗ active head channels.
+    pub fn inner(&self) -> Result<Option<CT>> {
+        let (Some(h), Some(d)) = (&self.axes[Axis::MambaHeads], &self.axes[Axis::MambaHeadDim])
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            h.unsqueeze(1)?
+                .broadcast_mul(&d.unsqueeze(0)?)?
+                .flatten_all()?,
+        ))
+    }
 }
 
 pub struct Masks {
@@ -56,59 +64,29 @@ impl Masks {
         let mut layers = vec![];
         for (i, kind) in s.layers.iter().enumerate() {
             let lb = b.layer(i);
-            let mut lm = LayerMasks {
+            let mut axes = AxisMap::default();
+            for a in Axis::LAYER {
+                if a.applies(*kind) && s.size(a) > 0 {
+                    let g = s.groups(a);
+                    axes[a] = Some(vec_t(
+                        grouped(&prefix(s.size(a) / g, lb.size(a) / g), g),
+                        dt,
+                    )?);
+                }
+            }
+            let mut expert_on = vec![false; s.experts];
+            for e in s.kept(Axis::Experts, lb.size(Axis::Experts)) {
+                expert_on[e] = true;
+            }
+            layers.push(LayerMasks {
                 keep: lb.keep,
-                ffn: None,
-                heads: None,
-                inner: None,
-                moe_ffn: None,
-                experts: None,
-                expert_on: vec![],
-                shared_ffn: None,
-            };
-            if kind.has_mlp() {
-                lm.ffn = Some(vec_t(prefix(s.ffn, lb.ffn), dt)?);
-            }
-            if kind.has_attention() {
-                let per = s.heads / s.kv_heads;
-                let g = grouped(&prefix(per, lb.heads / s.kv_heads), s.kv_heads);
-                lm.heads = Some(vec_t(g, dt)?);
-            }
-            if *kind == LayerKind::Mamba {
-                let per = s.mamba_heads / s.mamba_groups;
-                let hm = grouped(
-                    &prefix(per, lb.mamba_heads / s.mamba_groups),
-                    s.mamba_groups,
-                );
-                let dm = prefix(s.mamba_head_dim, lb.mamba_head_dim);
-                lm.inner = Some(vec_t(outer(&hm, &dm), dt)?);
-            }
-            if *kind == LayerKind::Moe {
-                lm.moe_ffn = Some(vec_t(prefix(s.moe_ffn, lb.moe_ffn), dt)?);
-                let mut on = vec![false; s.experts];
-                for r in &lb.expert_ids {
-                    for e in r.clone() {
-                        on[e] = true;
-                    }
-                }
-                lm.experts = Some(vec_t(on.iter().map(|&o| o as u8 as f32).collect(), dt)?);
-                lm.expert_on = on;
-                if s.shared_ffn > 0 {
-                    lm.shared_ffn = Some(vec_t(prefix(s.shared_ffn, lb.shared_ffn), dt)?);
-                }
-            }
-            layers.push(lm);
+                axes,
+                expert_on,
+            });
         }
         Ok(Masks {
             hidden: vec_t(prefix(s.hidden, b.hidden), dt)?,
             layers,
         })
     }
-}
-
-/// Flattened outer product a ⊗ b.
-fn outer(a: &[f32], b: &[f32]) -> Vec<f32> {
-    a.iter()
-        .flat_map(|x| b.iter().map(move |y| x * y))
-        .collect()
 }

@@ -15,7 +15,7 @@ pub mod net;
 pub use crate::rng;
 pub mod router;
 
-use crate::budget::Budget;
+use crate::budget::{Axis, Budget};
 use crate::error::{Error, Result};
 use crate::formats::temp::{self, Temp};
 use crate::model::{Cache, Logits, Model};
@@ -291,9 +291,12 @@ impl<'a> Trainer<'a> {
         let (kd, g) = loss::kd(&student, &teacher, self.net.vocab, self.cfg.kd_temp);
         let base = &self.budgets[bi];
         let expected = self.net.param_count(
-            &|axis, l| match self.router.expected(&dec, axis, l)? {
-                Some(t) => Ok(t),
-                None => Ok(CT::new(router::size_of(base, axis, l) as f32, &net::dev())?),
+            &|axis, l| {
+                let axis: Axis = axis.parse()?; // param_count takes &str until the count merge
+                match self.router.expected(&dec, axis, l)? {
+                    Some(t) => Ok(t),
+                    None => Ok(CT::new(base.size(axis, l) as f32, &net::dev())?),
+                }
             },
             &|l| base.layer(l).keep,
         )?;
@@ -482,19 +485,13 @@ fn diff(a: &Config, b: &Config) -> String {
 
 /// `b` with every axis clipped to `prev` (keeps budgets nested).
 fn clip_to(b: &Budget, prev: &Budget, shape: &crate::budget::Shape) -> Result<Budget> {
-    let mut spec = crate::BudgetSpec {
-        hidden: Some(b.hidden.min(prev.hidden)),
-        ..Default::default()
-    };
+    let mut spec = crate::BudgetSpec::default();
+    spec.global[Axis::Hidden] = Some(b.hidden.min(prev.hidden));
     for (i, (x, p)) in b.layers.iter().zip(prev.layers.iter()).enumerate() {
         let a = spec.per_layer.entry(i).or_default();
-        a.ffn = Some(x.ffn.min(p.ffn).max(1));
-        a.moe_ffn = Some(x.moe_ffn.min(p.moe_ffn).max(1));
-        a.experts = Some(x.experts.min(p.experts).max(1));
-        a.shared_ffn = Some(x.shared_ffn.min(p.shared_ffn).max(1));
-        a.heads = Some(x.heads.min(p.heads).max(1));
-        a.mamba_heads = Some(x.mamba_heads.min(p.mamba_heads).max(1));
-        a.mamba_head_dim = Some(x.mamba_head_dim.min(p.mamba_head_dim).max(1));
+        for axis in Axis::LAYER {
+            a[axis] = Some(x.size(axis).min(p.size(axis)).max(1));
+        }
         if !x.keep || !p.keep {
             spec.skip.insert(i);
         }

@@ -5,7 +5,7 @@
 //! `tests/train.rs` checks against the engine's `Model::forward` for every layer type.
 
 use super::masks::{LayerMasks, Masks};
-use crate::budget::Shape;
+use crate::budget::{Axis, Shape};
 use crate::error::{Error, Result};
 use crate::kernels::quant::ToF32;
 use crate::model::{Mixer, Model};
@@ -485,7 +485,7 @@ impl Net {
             let y = match &blk.mixer {
                 NMixer::Attn { .. } => self.attention(&blk.mixer, &xn, b, t, lm)?,
                 NMixer::Mamba { .. } => self.mamba(&blk.mixer, &xn, b, t, lm)?,
-                NMixer::Mlp(m) => self.mlp(m, &xn, lm.ffn.as_ref())?,
+                NMixer::Mlp(m) => self.mlp(m, &xn, lm.axes[Axis::Ffn].as_ref())?,
                 NMixer::Moe { .. } => self.moe(&blk.mixer, &xn, lm)?,
             };
             x = (x + y.broadcast_mul(mh)?)?;
@@ -556,7 +556,7 @@ impl Net {
         let s = s.broadcast_add(&causal_bias(t, self.dtype)?)?;
         let p = softmax_last(&s)?;
         let mut out = bmm(&p, &vh)?.transpose(1, 2)?; // [b, t, nh, d]
-        if let Some(hm) = &lm.heads {
+        if let Some(hm) = &lm.axes[Axis::Heads] {
             out = out.broadcast_mul(&hm.reshape((nh, 1))?)?;
         }
         let out = out.reshape((b * t, nh * d))?;
@@ -609,7 +609,8 @@ impl Net {
         }
         let xbc = acc.silu()?.reshape((b * t, cd))?;
         let mut xs = xbc.narrow(1, 0, di)?;
-        if let Some(im) = &lm.inner {
+        let inner = lm.inner()?;
+        if let Some(im) = &inner {
             xs = xs.broadcast_mul(im)?;
         }
         let bm = xbc.narrow(1, di, g * n)?;
@@ -629,7 +630,7 @@ impl Net {
         let y = (y * z.silu()?)?;
         let gs = di / g;
         let yg = y.reshape((b * t, g, gs))?;
-        let (num, cnt) = match &lm.inner {
+        let (num, cnt) = match &inner {
             Some(im) => {
                 let img = im.reshape((g, gs))?;
                 (
@@ -647,7 +648,7 @@ impl Net {
             .broadcast_mul(&(ms + *eps as f64)?.sqrt()?.recip()?)?
             .reshape((b * t, di))?;
         let mut wn = self.p(*norm).clone();
-        if let Some(im) = &lm.inner {
+        if let Some(im) = &inner {
             wn = (wn * im)?;
         }
         let yn = yn.broadcast_mul(&wn)?;
@@ -737,7 +738,7 @@ impl Net {
             w = w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)?;
         }
         w = (w * *scale as f64)?;
-        if let Some(em) = &lm.experts {
+        if let Some(em) = &lm.axes[Axis::Experts] {
             w = (w * em
                 .index_select(&idx_t.flatten_all()?, 0)?
                 .reshape((nt, k))?)?;
@@ -756,7 +757,7 @@ impl Net {
             )?;
             let xs = x.index_select(&toks, 0)?;
             let mut h = xs.matmul(&self.p(up[j]).t()?)?.relu()?.sqr()?;
-            if let Some(fm) = &lm.moe_ffn {
+            if let Some(fm) = &lm.axes[Axis::MoeFfn] {
                 h = h.broadcast_mul(fm)?;
             }
             let y = h.matmul(&self.p(down[j]).t()?)?;
@@ -764,7 +765,7 @@ impl Net {
             out = out.index_add(&toks, &y, 0)?;
         }
         if let Some(s) = shared {
-            out = (out + self.mlp(s, x, lm.shared_ffn.as_ref())?)?;
+            out = (out + self.mlp(s, x, lm.axes[Axis::SharedFfn].as_ref())?)?;
         }
         Ok(out)
     }

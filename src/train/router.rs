@@ -4,18 +4,18 @@
 //! the argmax prefix with π's gradient (hard, straight-through). The expected sizes Σ_k π_k c_k
 //! give the expected parameter count for the budget loss (§4.2).
 
-use super::masks::{LayerMasks, Masks, grouped, prefix, vec_t};
+use super::masks::{LayerMasks, Masks, grouped, prefix};
 use super::net::dev;
 use super::rng::Rng;
-use crate::budget::{Budget, LayerKind, Shape};
+use crate::budget::{Axis, Budget, Shape};
 use crate::error::{Error, Result};
 use candle_core::{D, DType as CD, Tensor as CT, Var};
 
 pub const HIDDEN: usize = 256;
 
-/// One elastic axis: its allowed sizes and the layers it applies to.
-pub struct Axis {
-    pub name: &'static str,
+/// The router of one elastic axis: its allowed sizes and the layers it applies to.
+pub struct AxisRouter {
+    pub axis: Axis,
     /// Allowed sizes, ascending, in the axis's own unit (channels, heads, experts).
     pub choices: Vec<usize>,
     /// Layers the axis applies to (empty for `hidden`).
@@ -29,7 +29,7 @@ pub struct Axis {
     pub vars: [Var; 4],
 }
 
-impl Axis {
+impl AxisRouter {
     pub fn slots(&self) -> usize {
         if self.per_layer { self.layers.len() } else { 1 }
     }
@@ -42,54 +42,8 @@ impl Axis {
     }
 }
 
-/// Which layers carry an axis, its parent size, its group count.
-fn axis_info(s: &Shape, name: &str) -> (Vec<usize>, usize, usize) {
-    let ls = |f: &dyn Fn(LayerKind) -> bool| -> Vec<usize> {
-        s.layers
-            .iter()
-            .enumerate()
-            .filter(|(_, k)| f(**k))
-            .map(|(i, _)| i)
-            .collect()
-    };
-    match name {
-        "hidden" => (vec![], s.hidden, 1),
-        "ffn" => (ls(&|k| k.has_mlp()), s.ffn, 1),
-        "heads" => (ls(&|k| k.has_attention()), s.heads, s.kv_heads),
-        "mamba_heads" => (
-            ls(&|k| k == LayerKind::Mamba),
-            s.mamba_heads,
-            s.mamba_groups,
-        ),
-        "mamba_head_dim" => (ls(&|k| k == LayerKind::Mamba), s.mamba_head_dim, 1),
-        "moe_ffn" => (ls(&|k| k == LayerKind::Moe), s.moe_ffn, 1),
-        "experts" => (
-            ls(&|k| k == LayerKind::Moe),
-            s.experts,
-            s.expert_groups.max(1),
-        ),
-        "shared_ffn" => (ls(&|k| k == LayerKind::Moe), s.shared_ffn, 1),
-        _ => unreachable!(),
-    }
-}
-
-pub fn size_of(b: &Budget, axis: &str, layer: usize) -> usize {
-    let l = b.layer(layer);
-    match axis {
-        "hidden" => b.hidden,
-        "ffn" => l.ffn,
-        "heads" => l.heads,
-        "mamba_heads" => l.mamba_heads,
-        "mamba_head_dim" => l.mamba_head_dim,
-        "moe_ffn" => l.moe_ffn,
-        "experts" => l.experts,
-        "shared_ffn" => l.shared_ffn,
-        _ => unreachable!(),
-    }
-}
-
 pub struct Router {
-    pub axes: Vec<Axis>,
+    pub axes: Vec<AxisRouter>,
     pub n_budgets: usize,
 }
 
@@ -111,20 +65,20 @@ impl Router {
         dt: CD,
     ) -> Result<Router> {
         let mut axes = vec![];
-        for name in crate::budget::AXES {
-            let (layers, parent, groups) = axis_info(shape, name);
-            if parent == 0 || (name != "hidden" && layers.is_empty()) {
+        for axis in Axis::ALL {
+            let hidden = axis == Axis::Hidden;
+            let layers: Vec<usize> = (0..shape.layers.len())
+                .filter(|&l| !hidden && axis.applies(shape.layers[l]))
+                .collect();
+            let (parent, groups) = (shape.size(axis), shape.groups(axis));
+            if parent == 0 || (!hidden && layers.is_empty()) {
                 continue;
             }
-            let probe: Vec<usize> = if name == "hidden" {
-                vec![0]
-            } else {
-                layers.clone()
-            };
+            let probe: Vec<usize> = if hidden { vec![0] } else { layers.clone() };
             let mut sizes = std::collections::BTreeSet::new();
             for b in budgets {
                 for &l in &probe {
-                    sizes.insert(size_of(b, name, l));
+                    sizes.insert(b.size(axis, l));
                 }
             }
             if sizes.len() < 2 {
@@ -137,7 +91,7 @@ impl Router {
                 }
             }
             let choices: Vec<usize> = sizes.into_iter().collect();
-            let per = per_layer && name != "hidden";
+            let per = per_layer && !hidden;
             let slots = if per { layers.len() } else { 1 };
             let nb = budgets.len();
             let k = choices.len();
@@ -154,8 +108,8 @@ impl Router {
             let b1 = Var::from_tensor(&CT::zeros((1, HIDDEN), dt, &dev())?)?;
             let w2 = lin(rng, slots * k, HIDDEN)?;
             let b2 = Var::from_tensor(&CT::zeros((1, slots * k), dt, &dev())?)?;
-            axes.push(Axis {
-                name,
+            axes.push(AxisRouter {
+                axis,
                 choices,
                 layers,
                 per_layer: per,
@@ -175,7 +129,7 @@ impl Router {
     }
 
     /// Router logits of budget `bi` for one axis, [slots, K].
-    pub fn logits(&self, ax: &Axis, bi: usize) -> Result<CT> {
+    pub fn logits(&self, ax: &AxisRouter, bi: usize) -> Result<CT> {
         let dt = ax.vars[0].dtype();
         let mut oh = vec![0f32; self.n_budgets];
         oh[bi] = 1.0;
@@ -238,14 +192,13 @@ impl Router {
             let z = self.logits(ax, bi)?;
             let am: Vec<u32> = z.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;
             let pick = |slot: usize| ax.choices[am[slot] as usize];
-            if ax.name == "hidden" {
-                spec.hidden = Some(pick(0));
+            if ax.axis == Axis::Hidden {
+                spec.global[Axis::Hidden] = Some(pick(0));
                 continue;
             }
             for (si, &l) in ax.layers.iter().enumerate() {
                 let v = pick(if ax.per_layer { si } else { 0 });
-                let e = spec.per_layer.entry(l).or_default();
-                set_axis(e, ax.name, v);
+                spec.per_layer.entry(l).or_default()[ax.axis] = Some(v);
             }
         }
         let b = spec.resolve(shape)?;
@@ -257,67 +210,25 @@ impl Router {
     pub fn masks(&self, d: &Decision, base: &Budget, shape: &Shape, dt: CD) -> Result<Masks> {
         let mut m = Masks::hard(shape, base, dt)?;
         for (i, (ax, pi)) in self.axes.iter().zip(&d.pi).enumerate() {
-            if ax.name == "hidden" {
+            if ax.axis == Axis::Hidden {
                 m.hidden = self.row(i, pi, 0, dt)?;
                 continue;
             }
             for &l in &ax.layers {
                 let lm: &mut LayerMasks = &mut m.layers[l];
-                match ax.name {
-                    "ffn" => lm.ffn = Some(self.row(i, pi, l, dt)?),
-                    "heads" => lm.heads = Some(self.row(i, pi, l, dt)?),
-                    "moe_ffn" => lm.moe_ffn = Some(self.row(i, pi, l, dt)?),
-                    "shared_ffn" => lm.shared_ffn = Some(self.row(i, pi, l, dt)?),
-                    "experts" => {
-                        // Routing picks among the argmax choice's experts; their outputs carry the
-                        // soft weight.
-                        let k = pi
-                            .narrow(0, ax.slot(l), 1)?
-                            .argmax_keepdim(D::Minus1)?
-                            .flatten_all()?
-                            .to_vec1::<u32>()?[0] as usize;
-                        let per = ax.parent / ax.groups;
-                        let on = grouped(&prefix(per, ax.choices[k] / ax.groups), ax.groups);
-                        lm.expert_on = on.iter().map(|&v| v > 0.0).collect();
-                        lm.experts = Some(self.row(i, pi, l, dt)?);
-                    }
-                    // inner = heads ⊗ head_dim; built from both axes below.
-                    "mamba_heads" | "mamba_head_dim" => {}
-                    _ => unreachable!(),
+                if ax.axis == Axis::Experts {
+                    // Routing picks among the argmax choice's experts; their outputs carry the
+                    // soft weight.
+                    let k = pi
+                        .narrow(0, ax.slot(l), 1)?
+                        .argmax_keepdim(D::Minus1)?
+                        .flatten_all()?
+                        .to_vec1::<u32>()?[0] as usize;
+                    let per = ax.parent / ax.groups;
+                    let on = grouped(&prefix(per, ax.choices[k] / ax.groups), ax.groups);
+                    lm.expert_on = on.iter().map(|&v| v > 0.0).collect();
                 }
-            }
-        }
-        // Mamba inner mask: outer product of the head and head-channel masks.
-        let get = |name: &str| self.axes.iter().position(|a| a.name == name);
-        let (ih, id) = (get("mamba_heads"), get("mamba_head_dim"));
-        if ih.is_some() || id.is_some() {
-            for (l, kind) in shape.layers.iter().enumerate() {
-                if *kind != LayerKind::Mamba {
-                    continue;
-                }
-                let lb = base.layer(l);
-                let heads = match ih {
-                    Some(i) => self.row(i, &d.pi[i], l, dt)?,
-                    None => {
-                        let per = shape.mamba_heads / shape.mamba_groups;
-                        vec_t(
-                            grouped(
-                                &prefix(per, lb.mamba_heads / shape.mamba_groups),
-                                shape.mamba_groups,
-                            ),
-                            dt,
-                        )?
-                    }
-                };
-                let dims = match id {
-                    Some(i) => self.row(i, &d.pi[i], l, dt)?,
-                    None => vec_t(prefix(shape.mamba_head_dim, lb.mamba_head_dim), dt)?,
-                };
-                let inner = heads
-                    .unsqueeze(1)?
-                    .broadcast_mul(&dims.unsqueeze(0)?)?
-                    .flatten_all()?;
-                m.layers[l].inner = Some(inner);
+                lm.axes[ax.axis] = Some(self.row(i, pi, l, dt)?);
             }
         }
         Ok(m)
@@ -344,8 +255,8 @@ impl Router {
 
     /// Expected size of an axis at a layer: Σ_k π_k c_k (a scalar tensor), or None if the router
     /// does not own the axis.
-    pub fn expected(&self, d: &Decision, axis: &str, layer: usize) -> Result<Option<CT>> {
-        let Some(i) = self.axes.iter().position(|a| a.name == axis) else {
+    pub fn expected(&self, d: &Decision, axis: Axis, layer: usize) -> Result<Option<CT>> {
+        let Some(i) = self.axes.iter().position(|a| a.axis == axis) else {
             return Ok(None);
         };
         let ax = &self.axes[i];
@@ -369,18 +280,18 @@ impl Router {
                     let lsm = log_softmax(&z)?;
                     let mut tgt = vec![];
                     for s in 0..ax.slots() {
-                        let l = if ax.name == "hidden" {
+                        let l = if ax.axis == Axis::Hidden {
                             0
                         } else if ax.per_layer {
                             ax.layers[s]
                         } else {
                             ax.layers[0]
                         };
-                        let want = size_of(b, ax.name, l);
+                        let want = b.size(ax.axis, l);
                         let k = ax.choices.iter().position(|&c| c == want).ok_or_else(|| {
                             Error::Train(format!(
                                 "{} size {want} is not an allowed choice",
-                                ax.name
+                                ax.axis
                             ))
                         })?;
                         tgt.push(k as u32);
@@ -416,17 +327,4 @@ pub fn log_softmax(z: &CT) -> Result<CT> {
     let s = z.broadcast_sub(&m)?;
     let lse = s.exp()?.sum_keepdim(D::Minus1)?.log()?;
     Ok(s.broadcast_sub(&lse)?)
-}
-
-fn set_axis(a: &mut crate::budget::Axes, axis: &str, v: usize) {
-    match axis {
-        "ffn" => a.ffn = Some(v),
-        "moe_ffn" => a.moe_ffn = Some(v),
-        "experts" => a.experts = Some(v),
-        "shared_ffn" => a.shared_ffn = Some(v),
-        "heads" => a.heads = Some(v),
-        "mamba_heads" => a.mamba_heads = Some(v),
-        "mamba_head_dim" => a.mamba_head_dim = Some(v),
-        _ => unreachable!(),
-    }
 }
