@@ -111,12 +111,12 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    /// A parameter whose source is the checkpoint tensor `src` (`x[e]` for one expert of a
-    /// stack); values the loader made up have none.
+    /// A parameter named after the checkpoint tensor `src` it came from and exports to (`x[e]`
+    /// for one expert of a stack); values the loader made up are named `label` and stay frozen.
     fn add(
         &mut self,
-        name: &str,
         src: &str,
+        label: &str,
         export: Export,
         v: &[f32],
         shape: &[usize],
@@ -124,7 +124,7 @@ impl Builder<'_> {
         let t = CT::from_slice(v, shape, &dev())?.to_dtype(self.dtype)?;
         let has = self.raw.tensors().has(src) || src.ends_with(']');
         self.params.push(Param {
-            name: name.to_string(),
+            name: (if has { src } else { label }).to_string(),
             source: has.then(|| src.to_string()),
             export,
             var: Var::from_tensor(&t)?,
@@ -135,10 +135,8 @@ impl Builder<'_> {
         let shape = [t.rows(), t.cols()];
         self.add(&t.name, &t.name, Export::Same, &t.to_f32(), &shape)
     }
-    /// A vector under its checkpoint name (`label` where it has none).
     fn vec(&mut self, v: &Vector, label: &str) -> Result<usize> {
-        let name = if v.name.is_empty() { label } else { &v.name };
-        self.add(name, &v.name, Export::Same, v, &[v.len()])
+        self.add(&v.name, label, Export::Same, v, &[v.len()])
     }
     fn opt(&mut self, v: &Option<Vector>, label: &str) -> Result<Option<usize>> {
         v.as_ref().map(|v| self.vec(v, label)).transpose()
@@ -204,15 +202,15 @@ impl<'m> Net<'m> {
                         in_proj: b.mat(&x.in_proj)?,
                         out_proj: b.mat(&x.out_proj)?,
                         conv_w: b.add(
-                            &label("conv_w"),
                             &x.conv_w.name,
+                            &label("conv_w"),
                             Export::Same,
                             &x.conv_w,
                             &[x.conv_dim(), x.conv_k],
                         )?,
                         conv_b: b.vec(&x.conv_b, &label("conv_b"))?,
                         dt_bias: b.vec(&x.dt_bias, &label("dt_bias"))?,
-                        a_log: b.add(&label("a_log"), &x.a.name, export, &a_log, &[a_log.len()])?,
+                        a_log: b.add(&x.a.name, &label("a_log"), export, &a_log, &[a_log.len()])?,
                         d: b.vec(&x.d, &label("d"))?,
                         norm: b.vec(&x.norm, &label("mixer_norm"))?,
                     })
@@ -220,8 +218,8 @@ impl<'m> Net<'m> {
                 Mixer::Mlp(x) => NMixer::Mlp(b.mlp(x, l)?),
                 Mixer::Moe(x) => NMixer::Moe(NMoe {
                     router: b.add(
-                        &format!("{l}.router"),
                         &x.router.name,
+                        &format!("{l}.router"),
                         Export::Same,
                         &x.router,
                         &[x.experts, x.hidden],
