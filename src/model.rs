@@ -12,7 +12,7 @@ use crate::layers::attention::{Attention, KvCache};
 use crate::layers::mamba2::{Mamba2, MambaState};
 use crate::layers::mlp::Mlp;
 use crate::layers::moe::Moe;
-use crate::layers::{Ffn, Observer, Scratch, Silent, buf, linear};
+use crate::layers::{Ffn, Observer, Scratch, Silent, Vector, buf, linear};
 use crate::manifest::Manifest;
 use crate::tensor::Tensor;
 use std::ops::Range;
@@ -28,7 +28,7 @@ pub enum Mixer {
 pub struct Block {
     /// The layer (depth unit) this block belongs to; budgets and skips are per layer.
     pub layer: usize,
-    pub norm: Vec<f32>,
+    pub norm: Vector,
     pub mixer: Mixer,
     /// Index of this block's state in the cache (attention or Mamba numbering).
     pub slot: usize,
@@ -82,7 +82,7 @@ pub struct Model {
     pub embed: Tensor,
     /// None when tied to the embedding.
     pub lm_head: Option<Tensor>,
-    pub norm_f: Vec<f32>,
+    pub norm_f: Vector,
     pub eps: f32,
     pub blocks: Vec<Block>,
 }
@@ -314,63 +314,116 @@ impl Model {
         Ok(())
     }
 
-    /// (total, active-per-token) parameter counts of a budget.
-    pub fn params(&self, b: &Budget) -> (u64, u64) {
-        let h = b.hidden as u64;
-        let v = self.vocab as u64;
-        let mut total = v * h + h; // embedding + final norm
-        if self.lm_head.is_some() {
-            total += v * h;
+    /// Every weight of the model as [`Term`]s in the axis sizes: the one parameter and bytes
+    /// count behind `info`, the solver and training's budget loss.
+    pub fn terms(&self) -> Vec<Term> {
+        use Axis::*;
+        let t = |layer, axes: &[Axis], coef: usize, bytes: f64| Term {
+            layer,
+            axes: axes.to_vec(),
+            coef: coef as f64,
+            bytes,
+            per_token: PerToken::All,
+        };
+        let bpe = |x: &Tensor| x.dtype.block_bytes() as f64 / x.dtype.block_len() as f64;
+        let (f32b, vocab) = (4.0, self.vocab);
+        let mut v = vec![t(None, &[Hidden], 1, f32b)];
+        let mut embed = t(None, &[Hidden], vocab, bpe(&self.embed));
+        if let Some(h) = &self.lm_head {
+            v.push(t(None, &[Hidden], vocab, bpe(h)));
+            // A token reads one row (the tied head reads them all).
+            embed.per_token = PerToken::Row(vocab);
         }
-        let mut active = total;
+        v.push(embed);
+        let mlp = |l, m: &Mlp, ffn| {
+            let mats = [Some(&m.up), m.gate.as_ref(), Some(&m.down)];
+            let mats = mats
+                .into_iter()
+                .flatten()
+                .map(|x| t(l, &[ffn, Hidden], 1, bpe(x)));
+            let bias = [
+                (&m.up_bias, ffn),
+                (&m.gate_bias, ffn),
+                (&m.down_bias, Hidden),
+            ];
+            let bias = bias.into_iter().filter(|b| b.0.is_some());
+            mats.chain(bias.map(|b| t(l, &[b.1], 1, f32b)))
+                .collect::<Vec<_>>()
+        };
         for blk in &self.blocks {
-            let lb = b.layer(blk.layer);
-            if !lb.keep {
-                continue;
-            }
-            let mut t = h; // block norm
+            let l = Some(blk.layer);
+            v.push(t(l, &[Hidden], 1, f32b));
             match &blk.mixer {
                 Mixer::Attention(a) => {
-                    let q = (lb.size(Axis::Heads) * a.head_dim) as u64;
-                    let kv = (a.kv_heads * a.head_dim) as u64;
-                    t += 2 * q * h + 2 * kv * h;
-                    t += a.q_bias.as_ref().map_or(0, |_| q)
-                        + a.k_bias.as_ref().map_or(0, |_| 2 * kv);
-                    t += a.o_bias.as_ref().map_or(0, |_| h);
+                    let (hd, kv) = (a.head_dim, a.kv_heads * a.head_dim);
+                    v.extend([
+                        t(l, &[Heads, Hidden], hd, bpe(&a.q)),
+                        t(l, &[Hidden], kv, bpe(&a.k)),
+                        t(l, &[Hidden], kv, bpe(&a.v)),
+                        t(l, &[Heads, Hidden], hd, bpe(&a.o)),
+                    ]);
+                    let bias: [(_, &[Axis], _); 4] = [
+                        (&a.q_bias, &[Heads], hd),
+                        (&a.k_bias, &[], kv),
+                        (&a.v_bias, &[], kv),
+                        (&a.o_bias, &[Hidden], 1),
+                    ];
+                    let bias = bias.into_iter().filter(|b| b.0.is_some());
+                    v.extend(bias.map(|(_, axes, c)| t(l, axes, c, f32b)));
                 }
                 Mixer::Mamba(m) => {
-                    let ni = (lb.size(Axis::MambaHeads) * lb.size(Axis::MambaHeadDim)) as u64;
-                    let na = lb.size(Axis::MambaHeads) as u64;
-                    let gn = (m.groups * m.state) as u64;
-                    let cw = ni + 2 * gn;
-                    t += (2 * ni + 2 * gn + na) * h
-                        + cw * m.conv_k as u64
-                        + cw
-                        + 3 * na
-                        + ni
-                        + h * ni;
+                    let (gn, k, inner) = (m.groups * m.state, m.conv_k, [MambaHeads, MambaHeadDim]);
+                    let (i, o) = (bpe(&m.in_proj), bpe(&m.out_proj));
+                    v.extend([
+                        // in_proj rows: z and x (heads · head_dim each), B and C, dt (heads).
+                        t(l, &[MambaHeads, MambaHeadDim, Hidden], 2, i),
+                        t(l, &[Hidden], 2 * gn, i),
+                        t(l, &[MambaHeads, Hidden], 1, i),
+                        t(l, &[MambaHeads, MambaHeadDim, Hidden], 1, o),
+                        // conv weight and bias over x, B and C, the gated norm; dt_bias, A, D.
+                        t(l, &inner, k + 2, f32b),
+                        t(l, &[], 2 * gn * (k + 1), f32b),
+                        t(l, &[MambaHeads], 3, f32b),
+                    ]);
                 }
-                Mixer::Mlp(m) => {
-                    let f = lb.size(Axis::Ffn) as u64;
-                    t += if m.gate.is_some() { 3 } else { 2 } * f * h;
-                }
+                Mixer::Mlp(m) => v.extend(mlp(l, m, Ffn)),
                 Mixer::Moe(m) => {
-                    let e = lb.size(Axis::Experts) as u64;
-                    let f = lb.size(Axis::MoeFfn) as u64;
-                    t += e * h + e; // router + bias
-                    if m.shared.is_some() {
-                        t += 2 * lb.size(Axis::SharedFfn) as u64 * h;
-                    }
-                    let k = m.topk.min(lb.size(Axis::Experts)) as u64;
-                    total += t + e * 2 * f * h;
-                    active += t + k * 2 * f * h;
-                    continue;
+                    // Router weight and correction bias, the routed experts, the shared one.
+                    v.extend([t(l, &[Experts, Hidden], 1, f32b), t(l, &[Experts], 1, f32b)]);
+                    v.extend([&m.up[0], &m.down[0]].map(|x| Term {
+                        per_token: PerToken::TopK(m.topk),
+                        ..t(l, &[Experts, MoeFfn, Hidden], 1, bpe(x))
+                    }));
+                    v.extend(m.shared.iter().flat_map(|s| mlp(l, s, SharedFfn)));
                 }
             }
-            total += t;
-            active += t;
         }
-        (total, active)
+        v
+    }
+
+    /// Σ over the weights of the budget's kept layers of `unit(term)` × elements; `per_token`
+    /// counts only the routed experts a token uses.
+    fn measure(&self, b: &Budget, per_token: bool, unit: impl Fn(&Term) -> f64) -> u64 {
+        let size = |t: &Term, a: Axis| {
+            let n = b.size(a, t.layer.unwrap_or(0));
+            Ok(match t.per_token {
+                PerToken::TopK(k) if per_token && a == Axis::Experts => n.min(k),
+                _ => n,
+            } as f64)
+        };
+        let w = |t: &Term| match t.layer {
+            Some(l) if !b.layer(l).keep => 0.0,
+            _ => t.coef * unit(t),
+        };
+        count(&self.terms(), 0.0, size, w).map_or(0, |n| n.round() as u64)
+    }
+
+    /// (total, active-per-token) parameter counts of a budget.
+    pub fn params(&self, b: &Budget) -> (u64, u64) {
+        (
+            self.measure(b, false, |_| 1.0),
+            self.measure(b, true, |_| 1.0),
+        )
     }
 
     /// Runs `tokens` at positions cache.pos.. under `budget`, advancing the cache. Returns the
@@ -543,56 +596,85 @@ impl Model {
     }
 
     /// Weight bytes one decode step reads under a budget (the memory roofline): every active
-    /// row's active columns, the routed experts of one token, one embedding row.
+    /// weight, the routed experts of one token, one embedding row.
     pub fn bytes_per_token(&self, b: &Budget) -> u64 {
-        let cut = |t: &Tensor, rows: usize, cols: usize| -> u64 {
-            let bl = t.dtype.block_len();
-            (rows * cols.div_ceil(bl) * t.dtype.block_bytes()) as u64
-        };
-        let h = b.hidden;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut n = cut(&self.embed, 1, h) + cut(head, self.vocab, h);
-        for blk in &self.blocks {
-            let lb = b.layer(blk.layer);
-            if !lb.keep {
-                continue;
-            }
-            n += match &blk.mixer {
-                Mixer::Attention(a) => {
-                    let q = lb.size(Axis::Heads) * a.head_dim;
-                    let kv = a.kv_heads * a.head_dim;
-                    cut(&a.q, q, h) + cut(&a.k, kv, h) + cut(&a.v, kv, h) + cut(&a.o, h, q)
-                }
-                Mixer::Mamba(m) => {
-                    let ni = lb.size(Axis::MambaHeads) * lb.size(Axis::MambaHeadDim);
-                    cut(
-                        &m.in_proj,
-                        2 * ni + 2 * m.groups * m.state + lb.size(Axis::MambaHeads),
-                        h,
-                    ) + cut(&m.out_proj, h, ni)
-                }
-                Mixer::Mlp(m) => {
-                    cut(&m.up, lb.size(Axis::Ffn), h)
-                        + cut(&m.down, h, lb.size(Axis::Ffn))
-                        + m.gate.as_ref().map_or(0, |g| cut(g, lb.size(Axis::Ffn), h))
-                }
-                Mixer::Moe(m) => {
-                    let k = m.topk.min(lb.size(Axis::Experts)) as u64;
-                    let e = k
-                        * (cut(&m.up[0], lb.size(Axis::MoeFfn), h)
-                            + cut(&m.down[0], h, lb.size(Axis::MoeFfn)));
-                    e + (lb.size(Axis::Experts) * h * 4) as u64
-                        + m.shared.as_ref().map_or(0, |s| {
-                            cut(&s.up, lb.size(Axis::SharedFfn), h)
-                                + cut(&s.down, h, lb.size(Axis::SharedFfn))
-                        })
-                }
-            };
-        }
-        n
+        self.measure(b, true, |t| match t.per_token {
+            PerToken::Row(rows) => t.bytes / rows as f64,
+            _ => t.bytes,
+        })
     }
 
     pub fn kind_pattern(&self) -> String {
         self.shape.layers.iter().map(|k| k.pattern_char()).collect()
     }
+}
+
+/// One weight's share of the parameter count: `coef` × the product of the active sizes along
+/// `axes` elements of `bytes` bytes each, in `layer` (None: embedding, head, final norm).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Term {
+    pub layer: Option<usize>,
+    pub axes: Vec<Axis>,
+    pub coef: f64,
+    pub bytes: f64,
+    pub per_token: PerToken,
+}
+
+/// What one token uses of a weight.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PerToken {
+    All,
+    /// A routed expert's: `k` of the active experts.
+    TopK(usize),
+    /// An embedding: one of `rows` rows.
+    Row(usize),
+}
+
+/// The numbers a count is evaluated in: plain sizes, or expected sizes as tensors (training).
+pub trait Scalar: Sized {
+    fn mul(&self, o: &Self) -> Result<Self>;
+    fn add(&self, o: &Self) -> Result<Self>;
+    /// self · a + b.
+    fn affine(&self, a: f64, b: f64) -> Result<Self>;
+}
+
+impl Scalar for f64 {
+    fn mul(&self, o: &f64) -> Result<f64> {
+        Ok(self * o)
+    }
+    fn add(&self, o: &f64) -> Result<f64> {
+        Ok(self + o)
+    }
+    fn affine(&self, a: f64, b: f64) -> Result<f64> {
+        Ok(self * a + b)
+    }
+}
+
+/// Σ weight(t) · Π size(t, axis) over `terms` (those of weight 0 skipped), from `zero`.
+pub fn count<T: Scalar>(
+    terms: &[Term],
+    zero: T,
+    size: impl Fn(&Term, Axis) -> Result<T>,
+    weight: impl Fn(&Term) -> f64,
+) -> Result<T> {
+    let mut total = zero;
+    for t in terms {
+        let w = weight(t);
+        if w == 0.0 {
+            continue;
+        }
+        let mut p: Option<T> = None;
+        for &a in &t.axes {
+            let s = size(t, a)?;
+            p = Some(match p {
+                Some(p) => p.mul(&s)?,
+                None => s,
+            });
+        }
+        total = match p {
+            Some(p) => total.add(&p.affine(w, 0.0)?)?,
+            None => total.affine(1.0, w)?,
+        };
+    }
+    Ok(total)
 }

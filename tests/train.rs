@@ -131,7 +131,6 @@ fn gradients_match_finite_differences() {
             let e = net
                 .param_count(
                     &|axis, l| {
-                        let axis: Axis = axis.parse()?; // param_count takes &str until the count merge
                         Ok(router.expected(&dec, axis, l)?.unwrap_or(CT::new(
                             budgets[1].size(axis, l) as f64,
                             &candle_core::Device::Cpu,
@@ -254,6 +253,88 @@ fn hard_router_masks_equal_budget_masks() {
             ] {
                 assert_eq!(x.as_ref().map(flat), y.as_ref().map(flat));
             }
+        }
+    }
+}
+
+/// One parameter count: the engine's (plain sizes) and the training graph's (sizes as tensors)
+/// agree under every budget, and under the full budget equal the student's weights, element by
+/// element; an all-f32 model reads 4 bytes per active weight, one embedding row per token.
+#[test]
+fn one_parameter_count_for_engine_and_training() {
+    use elastica::model::Mixer;
+    for (name, file, sub) in CASES {
+        let ck = open(name, file);
+        let m = &ck.model;
+        let net = Net::from_model(m, &ck.raw, DType::F64).unwrap();
+        for spec in ["full", sub] {
+            let b = m.budget(spec).unwrap();
+            let size = |a: elastica::shape::Axis, l| {
+                Ok(CT::new(b.size(a, l) as f64, &candle_core::Device::Cpu)?)
+            };
+            let keep = |l: usize| b.layer(l).keep;
+            let got: f64 = net.param_count(&size, &keep).unwrap().to_scalar().unwrap();
+            assert_eq!(got, m.params(&b).0 as f64, "{name} {file} {spec}");
+        }
+        let full = m.full_budget();
+        let (total, active) = m.params(&full);
+        // Correction biases are statistics, held by the engine but not trained.
+        let stats: usize = m
+            .blocks
+            .iter()
+            .map(|b| match &b.mixer {
+                Mixer::Moe(x) => x.bias.len(),
+                _ => 0,
+            })
+            .sum();
+        let weights: usize = net
+            .params
+            .iter()
+            .map(|p| p.var.as_tensor().elem_count())
+            .sum();
+        assert_eq!(total, (weights + stats) as u64, "{name} {file}");
+        if m.matrices()
+            .iter()
+            .all(|t| t.dtype == elastica::tensor::DType::F32)
+        {
+            let rows = if m.lm_head.is_some() { m.vocab - 1 } else { 0 };
+            let want = 4 * (active - (rows * m.shape.hidden) as u64);
+            assert_eq!(m.bytes_per_token(&full), want, "{name} {file}");
+        }
+    }
+}
+
+/// The training forward routes with the engine's function: on scores with ties (zero router
+/// weights, so every score is 0.5, and equal correction biases), at the group and the expert
+/// level, both pick the same experts and so give the same logits.
+#[test]
+fn routing_ties_agree_with_engine() {
+    use elastica::model::Mixer;
+    for (name, file, sub) in [CASES[2], CASES[3]] {
+        let mut ck = open(name, file);
+        for b in &mut ck.model.blocks {
+            if let Mixer::Moe(x) = &mut b.mixer {
+                x.router.data.fill(0.0);
+                let e = x.bias.len();
+                x.bias.data = (0..e).map(|i| if i % 5 == 0 { 0.0 } else { 0.5 }).collect();
+            }
+        }
+        let m = &ck.model;
+        let net = Net::from_model(m, &ck.raw, DType::F32).unwrap();
+        for spec in ["full", sub] {
+            let b = m.budget(spec).unwrap();
+            let masks = Masks::hard(&m.shape, &b, DType::F32).unwrap();
+            let toks = tokens(23, 3);
+            let got: Vec<f32> = net
+                .forward(&toks, 1, 23, &masks)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want = common::logits_all(m, &toks, spec).concat();
+            let rel = common::rel_diff(&[got], &[want]);
+            assert!(rel < 2e-5, "{name} {file} {spec}: rel diff {rel}");
         }
     }
 }

@@ -4,7 +4,7 @@
 //! Budget: the first `mamba_heads / groups` heads of every group and the first `mamba_head_dim`
 //! channels of every head; B/C are never cut and the norm keeps its G groups.
 
-use super::{Observer, Scratch, SyncPtr, buf, linear};
+use super::{Observer, Scratch, SyncPtr, Vector, buf, linear};
 use crate::budget::{Axis, LayerBudget};
 use crate::kernels::gemm::gemm_nt;
 use crate::kernels::ops::{silu, softplus};
@@ -15,14 +15,14 @@ pub struct Mamba2 {
     pub in_proj: Tensor,
     pub out_proj: Tensor,
     /// [conv_dim][K]
-    pub conv_w: Vec<f32>,
-    pub conv_b: Vec<f32>,
-    pub dt_bias: Vec<f32>,
-    /// A = −exp(A_log), per head.
-    pub a: Vec<f32>,
-    pub d: Vec<f32>,
+    pub conv_w: Vector,
+    pub conv_b: Vector,
+    pub dt_bias: Vector,
+    /// A = −exp(A_log), per head (named after the A_log or A tensor it came from).
+    pub a: Vector,
+    pub d: Vector,
     /// Gated-norm weight, [d_inner].
-    pub norm: Vec<f32>,
+    pub norm: Vector,
     pub heads: usize,
     pub head_dim: usize,
     pub groups: usize,

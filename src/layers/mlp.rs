@@ -16,9 +16,9 @@ pub struct Mlp {
     pub gate: Option<Tensor>,
     pub down: Tensor,
     pub act: Act,
-    pub up_bias: Option<Vec<f32>>,
-    pub gate_bias: Option<Vec<f32>>,
-    pub down_bias: Option<Vec<f32>>,
+    pub up_bias: Option<super::Vector>,
+    pub gate_bias: Option<super::Vector>,
+    pub down_bias: Option<super::Vector>,
 }
 
 impl Mlp {

@@ -6,6 +6,7 @@ pub mod mamba2;
 pub mod mlp;
 pub mod moe;
 
+use crate::kernels::quant::ToF32;
 use crate::kernels::{gemm, gemv};
 use crate::tensor::Tensor;
 use std::ops::Range;
@@ -54,8 +55,45 @@ pub fn linear(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
     }
 }
 
+/// A small f32 weight (norm, bias, conv, router) under the checkpoint name it was read from
+/// (empty where the loader made it up, e.g. a zero bias), so training exports by that name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Vector {
+    pub name: String,
+    pub data: Vec<f32>,
+}
+
+impl Vector {
+    pub fn zeros(n: usize) -> Vector {
+        Vector {
+            name: String::new(),
+            data: vec![0.0; n],
+        }
+    }
+    pub fn of(t: &Tensor) -> Vector {
+        Vector {
+            name: t.name.clone(),
+            data: t.to_f32(),
+        }
+    }
+    /// The same name over values mapped by `f`.
+    pub fn map(&self, f: impl Fn(f32) -> f32) -> Vector {
+        Vector {
+            name: self.name.clone(),
+            data: self.data.iter().map(|&v| f(v)).collect(),
+        }
+    }
+}
+
+impl std::ops::Deref for Vector {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.data
+    }
+}
+
 /// Adds a bias (given for the parent's rows) to each of the T rows of `y`, over the row segments.
-pub fn add_bias(bias: &Option<Vec<f32>>, rows: &[Range<usize>], y: &mut [f32]) {
+pub fn add_bias(bias: &Option<Vector>, rows: &[Range<usize>], y: &mut [f32]) {
     let Some(b) = bias else { return };
     let n: usize = rows.iter().map(|r| r.len()).sum();
     for row in y.chunks_mut(n) {

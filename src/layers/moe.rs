@@ -4,15 +4,15 @@
 //! routing group, the first `moe_ffn` channels of each expert and `shared_ffn` of the shared one.
 
 use super::mlp::Mlp;
-use super::{Ffn, Observer, Scratch, buf, linear};
+use super::{Ffn, Observer, Scratch, Vector, buf, linear};
 use crate::budget::{Axis, LayerBudget};
 use crate::kernels::ops::{dot, relu2, sigmoid};
 use crate::tensor::Tensor;
 
 pub struct Moe {
     /// Router weight in f32, [experts][hidden].
-    pub router: Vec<f32>,
-    pub bias: Vec<f32>,
+    pub router: Vector,
+    pub bias: Vector,
     pub up: Vec<Tensor>,
     pub down: Vec<Tensor>,
     pub shared: Option<Mlp>,
@@ -29,6 +29,52 @@ pub struct Moe {
 pub const MAX_TOPK: usize = 64;
 
 impl Moe {
+    /// The expert choice of one token (spec §2.6), shared by the engine and training: `choice`
+    /// holds the biased scores of the parent's experts (−∞ where inactive; overwritten). Keeps
+    /// the `topk_group` groups whose two best choices sum highest, then the `k` best experts of
+    /// those; ties go to the lower index. Fills `ids` best first and returns their count.
+    pub fn select(&self, choice: &mut [f32], k: usize, ids: &mut [usize]) -> usize {
+        // The first maximum, NaN never chosen.
+        let best = |v: &[f32], skip: &dyn Fn(usize) -> bool| {
+            (0..v.len())
+                .filter(|&i| !skip(i) && !v[i].is_nan())
+                .reduce(|b, i| if v[i] > v[b] { i } else { b })
+        };
+        let ninf = f32::NEG_INFINITY;
+        if self.n_group > 1 {
+            let per = self.experts / self.n_group;
+            let mut gscore = [ninf; 64];
+            for (gi, g) in choice.chunks(per).take(self.n_group).enumerate() {
+                let a = best(g, &|_| false);
+                let top = |i: Option<usize>| i.map_or(ninf, |i| g[i]);
+                let b = top(best(g, &|i| Some(i) == a));
+                gscore[gi] = top(a) + if b == ninf { 0.0 } else { b };
+            }
+            let mut keep = [false; 64];
+            for _ in 0..self.topk_group.min(self.n_group) {
+                let gs = &gscore[..self.n_group];
+                keep[best(gs, &|g| keep[g]).unwrap_or(0)] = true;
+            }
+            for (gi, g) in choice.chunks_mut(per).take(self.n_group).enumerate() {
+                if !keep[gi] {
+                    g.fill(ninf);
+                }
+            }
+        }
+        let mut got = 0;
+        while got < k {
+            match best(choice, &|e| choice[e] == ninf) {
+                Some(e) => {
+                    ids[got] = e;
+                    choice[e] = ninf;
+                    got += 1;
+                }
+                None => break,
+            }
+        }
+        got
+    }
+
     /// Routes one token: fills `ids`/`w` (length topk) and returns the count.
     fn route(
         &self,
@@ -49,69 +95,15 @@ impl Moe {
                 choice[e] = sc[e] + self.bias[e];
             }
         }
-        let k = self.topk.min(lb.size(Axis::Experts));
-        if self.n_group > 1 {
-            // Group score = sum of the two best choices in the group; keep the topk_group best.
-            let per = self.experts / self.n_group;
-            let mut gscore = [f32::NEG_INFINITY; 64];
-            for gi in 0..self.n_group {
-                let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
-                for &v in &choice[gi * per..(gi + 1) * per] {
-                    if v > a {
-                        b = a;
-                        a = v;
-                    } else if v > b {
-                        b = v;
-                    }
-                }
-                gscore[gi] = if b == f32::NEG_INFINITY { a } else { a + b };
-            }
-            let mut keep = [false; 64];
-            for _ in 0..self.topk_group.min(self.n_group) {
-                let mut best = usize::MAX;
-                for gi in 0..self.n_group {
-                    if !keep[gi] && (best == usize::MAX || gscore[gi] > gscore[best]) {
-                        best = gi;
-                    }
-                }
-                keep[best] = true;
-            }
-            for gi in 0..self.n_group {
-                if !keep[gi] {
-                    choice[gi * per..(gi + 1) * per].fill(f32::NEG_INFINITY);
-                }
-            }
-        }
-        let mut got = 0;
-        for slot in 0..k {
-            let mut best = usize::MAX;
-            for (e, &v) in choice.iter().enumerate() {
-                if v > f32::NEG_INFINITY && (best == usize::MAX || v > choice[best]) {
-                    best = e;
-                }
-            }
-            if best == usize::MAX {
-                break;
-            }
-            ids[slot] = best;
-            w[slot] = sc[best];
-            choice[best] = f32::NEG_INFINITY;
-            got += 1;
-        }
-        if self.norm_topk {
-            let s: f32 = w[..got].iter().sum::<f32>() + 1e-20;
-            w[..got].iter_mut().for_each(|v| *v /= s);
-        }
-        w[..got].iter_mut().for_each(|v| *v *= self.scale);
+        let got = self.select(choice, self.topk.min(lb.size(Axis::Experts)), ids);
+        let sum = match self.norm_topk {
+            true => ids[..got].iter().map(|&e| sc[e]).sum::<f32>() + 1e-20,
+            false => 1.0,
+        };
         // Ascending expert id, as HF accumulates.
-        let mut pairs = [(0usize, 0f32); MAX_TOPK];
-        for i in 0..got {
-            pairs[i] = (ids[i], w[i]);
-        }
-        pairs[..got].sort_unstable_by_key(|p| p.0);
-        for i in 0..got {
-            ids[i] = pairs[i].0;
-            w[i] = pairs[i].1;
+        ids[..got].sort_unstable();
+        for (wi, &e) in w.iter_mut().zip(&ids[..got]) {
+            *wi = sc[e] / sum * self.scale;
         }
         got
     }
@@ -247,5 +239,46 @@ impl Moe {
             }
             s.b = tmp;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ties go to the lower index, for groups and experts; −∞ (inactive) and NaN are never
+    /// chosen; fewer than k candidates give fewer ids.
+    #[test]
+    fn select_breaks_ties_to_the_lower_index() {
+        let moe = |n_group, topk_group| Moe {
+            router: Vector::default(),
+            bias: Vector::default(),
+            up: vec![],
+            down: vec![],
+            shared: None,
+            experts: 8,
+            hidden: 0,
+            topk: 2,
+            n_group,
+            topk_group,
+            norm_topk: true,
+            scale: 1.0,
+        };
+        let mut ids = [0; MAX_TOPK];
+        let pick = |m: &Moe, c: &[f32], k: usize, ids: &mut [usize]| {
+            let n = m.select(&mut c.to_vec(), k, ids);
+            ids[..n].to_vec()
+        };
+        let (ninf, nan) = (f32::NEG_INFINITY, f32::NAN);
+        let flat = [0.5; 8];
+        assert_eq!(pick(&moe(1, 1), &flat, 3, &mut ids), [0, 1, 2]);
+        assert_eq!(pick(&moe(2, 1), &flat, 3, &mut ids), [0, 1, 2]);
+        // Group sums tie (1.0 each): group 0 wins; inside it 1, 2, 3 tie.
+        let c = [0.0, 0.5, 0.5, 0.5, 0.5, 0.0, 0.5, 0.5];
+        assert_eq!(pick(&moe(2, 1), &c, 2, &mut ids), [1, 2]);
+        // Group 1 sums higher; NaN and inactive experts are skipped.
+        let c = [nan, 0.9, ninf, ninf, 0.6, 0.6, nan, ninf];
+        assert_eq!(pick(&moe(2, 1), &c, 4, &mut ids), [4, 5]);
+        assert_eq!(pick(&moe(2, 2), &c, 4, &mut ids), [1, 4, 5]);
     }
 }

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
 pub use crate::formats::json::parse_float;
 use crate::formats::{TensorMap, json, safetensors};
-use crate::kernels::quant::ToF32;
+use crate::layers::Vector;
 use crate::manifest::Manifest;
 use crate::model::{Format, Meta, Model};
 use serde_json::Value as Json;
@@ -310,7 +310,7 @@ impl Cfg<'_> {
 }
 
 /// Small helpers shared by the architecture files.
-pub(crate) fn vec_f32(t: &TensorMap, name: &str, len: usize) -> Result<Vec<f32>> {
+pub(crate) fn vec_f32(t: &TensorMap, name: &str, len: usize) -> Result<Vector> {
     let x = t.get(name)?;
     if x.numel() != len {
         return Err(Error::Tensor {
@@ -318,10 +318,10 @@ pub(crate) fn vec_f32(t: &TensorMap, name: &str, len: usize) -> Result<Vec<f32>>
             msg: format!("has {} values, the config implies {len}", x.numel()),
         });
     }
-    Ok(x.to_f32())
+    Ok(Vector::of(x))
 }
 
-pub(crate) fn opt_vec_f32(t: &TensorMap, name: &str, len: usize) -> Result<Option<Vec<f32>>> {
+pub(crate) fn opt_vec_f32(t: &TensorMap, name: &str, len: usize) -> Result<Option<Vector>> {
     if t.has(name) {
         vec_f32(t, name, len).map(Some)
     } else {

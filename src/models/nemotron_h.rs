@@ -8,7 +8,7 @@ use crate::budget::{LayerKind, Shape};
 use crate::error::{Error, Result};
 use crate::formats::TensorMap;
 use crate::formats::gguf::Gguf;
-use crate::kernels::quant::ToF32;
+use crate::layers::Vector;
 use crate::layers::attention::Attention;
 use crate::layers::mamba2::Mamba2;
 use crate::layers::mlp::{Act, Mlp};
@@ -337,11 +337,11 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
                             d.hidden,
                         )?,
                         out_proj: matrix(t, &m("out_proj.weight"), d.hidden, di)?,
-                        conv_w: conv.to_f32(),
+                        conv_w: Vector::of(conv),
                         conv_b: opt_vec_f32(t, &m("conv1d.bias"), cd)?
-                            .unwrap_or_else(|| vec![0.0; cd]),
+                            .unwrap_or_else(|| Vector::zeros(cd)),
                         dt_bias: vec_f32(t, &m("dt_bias"), d.mamba_heads)?,
-                        a: a_log.iter().map(|v| -v.exp()).collect(),
+                        a: a_log.map(|v| -v.exp()),
                         d: vec_f32(t, &m("D"), d.mamba_heads)?,
                         norm: vec_f32(t, &m("norm.weight"), di)?,
                         heads: d.mamba_heads,
@@ -431,9 +431,9 @@ pub fn from_hf(cfg: &Cfg, t: &TensorMap, mut meta: Meta) -> Result<Model> {
                 router.expect_shape(&[d.experts, d.hidden])?;
                 (
                     Mixer::Moe(Moe {
-                        router: router.to_f32(),
+                        router: Vector::of(router),
                         bias: opt_vec_f32(t, &m("gate.e_score_correction_bias"), d.experts)?
-                            .unwrap_or_else(|| vec![0.0; d.experts]),
+                            .unwrap_or_else(|| Vector::zeros(d.experts)),
                         up,
                         down,
                         shared,
@@ -612,7 +612,7 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
                         out_proj: matrix(t, &b("ssm_out.weight"), d.hidden, di)?,
                         conv_w: vec_f32(t, &b("ssm_conv1d.weight"), cd * d.conv_k)?,
                         conv_b: opt_vec_f32(t, &b("ssm_conv1d.bias"), cd)?
-                            .unwrap_or_else(|| vec![0.0; cd]),
+                            .unwrap_or_else(|| Vector::zeros(cd)),
                         dt_bias: vec_f32(t, &b("ssm_dt.bias"), d.mamba_heads)?,
                         // GGUF stores A = −exp(A_log) directly.
                         a: vec_f32(t, &b("ssm_a"), d.mamba_heads)?,
@@ -685,9 +685,9 @@ pub fn from_gguf(g: &Gguf, meta: Meta) -> Result<Model> {
                 let router = matrix(t, &b("ffn_gate_inp.weight"), d.experts, d.hidden)?;
                 (
                     Mixer::Moe(Moe {
-                        router: router.to_f32(),
+                        router: Vector::of(&router),
                         bias: opt_vec_f32(t, &b("exp_probs_b.bias"), d.experts)?
-                            .unwrap_or_else(|| vec![0.0; d.experts]),
+                            .unwrap_or_else(|| Vector::zeros(d.experts)),
                         up: (0..d.experts).map(|e| su.index(e)).collect(),
                         down: (0..d.experts).map(|e| sd.index(e)).collect(),
                         shared,

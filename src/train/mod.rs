@@ -92,7 +92,7 @@ pub struct State {
 
 pub struct Trainer<'a> {
     pub cfg: Config,
-    pub net: Net,
+    pub net: Net<'a>,
     pub router: Router,
     pub teacher: &'a Model,
     pub budgets: Vec<Budget>,
@@ -127,7 +127,7 @@ pub struct StepLog {
 impl<'a> Trainer<'a> {
     pub fn new(
         cfg: Config,
-        student: &Checkpoint,
+        student: &'a Checkpoint,
         teacher: &'a Model,
         budgets: Vec<Budget>,
         train: Vec<u32>,
@@ -280,7 +280,7 @@ impl<'a> Trainer<'a> {
         let dec = self
             .router
             .decide(bi, tau, Some(&mut self.state.rng), self.cfg.hard)?;
-        let shape = self.net.shape.clone();
+        let shape = self.net.model.shape.clone();
         let masks = self
             .router
             .masks(&dec, &self.budgets[bi], &shape, CD::F32)?;
@@ -288,15 +288,12 @@ impl<'a> Trainer<'a> {
         let logits = self.net.forward(&tokens, batch, seq, &masks)?;
         let teacher = self.teacher_logits(&tokens, seq)?;
         let student: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        let (kd, g) = loss::kd(&student, &teacher, self.net.vocab, self.cfg.kd_temp);
+        let (kd, g) = loss::kd(&student, &teacher, self.net.model.vocab, self.cfg.kd_temp);
         let base = &self.budgets[bi];
         let expected = self.net.param_count(
-            &|axis, l| {
-                let axis: Axis = axis.parse()?; // param_count takes &str until the count merge
-                match self.router.expected(&dec, axis, l)? {
-                    Some(t) => Ok(t),
-                    None => Ok(CT::new(base.size(axis, l) as f32, &net::dev())?),
-                }
+            &|axis, l| match self.router.expected(&dec, axis, l)? {
+                Some(t) => Ok(t),
+                None => Ok(CT::new(base.size(axis, l) as f32, &net::dev())?),
             },
             &|l| base.layer(l).keep,
         )?;
@@ -345,7 +342,7 @@ impl<'a> Trainer<'a> {
     /// The current argmax architecture of every budget, made nested (each axis clipped to the
     /// next larger budget's size; budgets are listed largest first).
     pub fn architectures(&self) -> Result<Vec<Budget>> {
-        let shape = &self.net.shape;
+        let shape = &self.net.model.shape;
         let mut out: Vec<Budget> = vec![];
         for (bi, base) in self.budgets.iter().enumerate() {
             let spec = self.router.argmax_spec(bi, base, shape)?;
@@ -370,7 +367,7 @@ impl<'a> Trainer<'a> {
         }
         let archs = self.architectures()?;
         for (bi, b) in archs.iter().enumerate() {
-            let masks = masks::Masks::hard(&self.net.shape, b, CD::F32)?;
+            let masks = masks::Masks::hard(&self.net.model.shape, b, CD::F32)?;
             let mut nll = 0f64;
             let mut count = 0usize;
             for s in 0..n {

@@ -5,11 +5,16 @@
 //! `tests/train.rs` checks against the engine's `Model::forward` for every layer type.
 
 use super::masks::{LayerMasks, Masks};
-use crate::budget::{Axis, Shape};
 use crate::error::{Error, Result};
 use crate::kernels::quant::ToF32;
-use crate::model::{Mixer, Model};
+use crate::layers::Vector;
+use crate::layers::attention::Attention;
+use crate::layers::mamba2::Mamba2;
+use crate::layers::mlp::Mlp;
+use crate::layers::moe::Moe;
+use crate::model::{Format, Mixer, Model, Scalar, Term, count};
 use crate::models::Raw;
+use crate::shape::Axis;
 use candle_core::{D, DType as CD, Device, Tensor as CT, Var};
 
 /// How a trained value is written back to its source tensor.
@@ -36,98 +41,68 @@ impl Param {
     }
 }
 
+// Indices into `Net::params` of one block's weights; the block's fixed sizes and routing
+// hyper-parameters are read from the engine block itself.
 struct NMlp {
     up: usize,
     gate: Option<usize>,
     down: usize,
-    up_b: Option<usize>,
-    gate_b: Option<usize>,
-    down_b: Option<usize>,
+    /// up, gate, down.
+    bias: [Option<usize>; 3],
+}
+
+struct NAttn {
+    /// q, k, v, o.
+    w: [usize; 4],
+    bias: [Option<usize>; 4],
+}
+
+struct NMamba {
+    in_proj: usize,
+    out_proj: usize,
+    conv_w: usize,
+    conv_b: usize,
+    dt_bias: usize,
+    a_log: usize,
+    d: usize,
+    norm: usize,
+}
+
+struct NMoe {
+    router: usize,
+    up: Vec<usize>,
+    down: Vec<usize>,
+    shared: Option<NMlp>,
 }
 
 enum NMixer {
-    Attn {
-        q: usize,
-        k: usize,
-        v: usize,
-        o: usize,
-        bias: [Option<usize>; 4],
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        rope: Option<(Vec<f32>, bool)>,
-    },
-    Mamba {
-        in_proj: usize,
-        out_proj: usize,
-        conv_w: usize,
-        conv_b: Option<usize>,
-        dt_bias: usize,
-        a_log: usize,
-        d: usize,
-        norm: usize,
-        heads: usize,
-        head_dim: usize,
-        groups: usize,
-        state: usize,
-        conv_k: usize,
-        chunk: usize,
-        dt_min: f32,
-        dt_max: f32,
-        eps: f32,
-    },
+    Attn(NAttn),
+    Mamba(NMamba),
     Mlp(NMlp),
-    Moe {
-        router: usize,
-        bias: Vec<f32>,
-        up: Vec<usize>,
-        down: Vec<usize>,
-        shared: Option<NMlp>,
-        topk: usize,
-        n_group: usize,
-        topk_group: usize,
-        norm_topk: bool,
-        scale: f32,
-    },
+    Moe(NMoe),
 }
 
 struct NBlock {
-    layer: usize,
     norm: usize,
     mixer: NMixer,
 }
 
-pub struct Net {
+pub struct Net<'m> {
     pub params: Vec<Param>,
-    pub shape: Shape,
-    pub vocab: usize,
+    /// The engine model the weights were copied from: sizes and hyper-parameters.
+    pub model: &'m Model,
     pub dtype: CD,
+    /// The model's parameter count ([`Model::terms`]).
+    terms: Vec<Term>,
     embed: usize,
     lm_head: Option<usize>,
     norm_f: usize,
-    eps: f32,
+    /// One per block of the model.
     blocks: Vec<NBlock>,
 }
 
 pub fn dev() -> Device {
     Device::Cpu
-}
-
-/// Finds the checkpoint name of a small (vector) tensor of layer `l`: HF names under
-/// `backbone.`/`model.`, GGUF names under `blk.`.
-fn vec_name(raw: &Raw, l: Option<usize>, hf: &[&str], gg: &[&str]) -> Option<String> {
-    let t = raw.tensors();
-    let mut cands = vec![];
-    match l {
-        Some(l) => {
-            for pre in ["backbone", "model"] {
-                cands.extend(hf.iter().map(|s| format!("{pre}.layers.{l}.{s}")));
-            }
-            cands.extend(gg.iter().map(|s| format!("blk.{l}.{s}")));
-        }
-        None => cands.extend(hf.iter().chain(gg).map(|s| s.to_string())),
-    }
-    cands.into_iter().find(|c| t.has(c))
 }
 
 struct Builder<'a> {
@@ -137,82 +112,57 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
+    /// A parameter named after the checkpoint tensor `src` it came from and exports to (`x[e]`
+    /// for one expert of a stack); values the loader made up are named `label` and stay frozen.
     fn add(
         &mut self,
-        name: String,
-        source: Option<String>,
+        src: &str,
+        label: &str,
         export: Export,
-        v: Vec<f32>,
+        v: &[f32],
         shape: &[usize],
     ) -> Result<usize> {
-        let t = CT::from_vec(v, shape, &dev())?.to_dtype(self.dtype)?;
+        let t = CT::from_slice(v, shape, &dev())?.to_dtype(self.dtype)?;
+        let has = self.raw.tensors().has(src) || src.ends_with(']');
         self.params.push(Param {
-            name,
-            source,
+            name: (if has { src } else { label }).to_string(),
+            source: has.then(|| src.to_string()),
             export,
             var: Var::from_tensor(&t)?,
         });
         Ok(self.params.len() - 1)
     }
-    /// A matrix: its source is the engine tensor's own name (`x[e]` for one expert of a stack).
     fn mat(&mut self, t: &crate::tensor::Tensor) -> Result<usize> {
-        let src = if self.raw.tensors().has(&t.name) || t.name.ends_with(']') {
-            Some(t.name.clone())
-        } else {
-            None
-        };
-        self.add(
-            t.name.clone(),
-            src,
-            Export::Same,
-            t.to_f32(),
-            &[t.rows(), t.cols()],
-        )
+        let shape = [t.rows(), t.cols()];
+        self.add(&t.name, &t.name, Export::Same, &t.to_f32(), &shape)
     }
-    fn vec(&mut self, label: String, v: &[f32], src: Option<String>) -> Result<usize> {
-        self.add(label, src, Export::Same, v.to_vec(), &[v.len()])
+    fn vec(&mut self, v: &Vector, label: &str) -> Result<usize> {
+        self.add(&v.name, label, Export::Same, v, &[v.len()])
     }
-    fn mlp(&mut self, m: &crate::layers::mlp::Mlp, l: usize, key: &str) -> Result<NMlp> {
-        let bias =
-            |b: &mut Self, v: &Option<Vec<f32>>, hf: &str, gg: &str| -> Result<Option<usize>> {
-                match v {
-                    None => Ok(None),
-                    Some(v) => {
-                        let src = vec_name(b.raw, Some(l), &[hf], &[gg]);
-                        Ok(Some(b.vec(format!("{l}.{key}.{hf}"), v, src)?))
-                    }
-                }
-            };
+    fn opt(&mut self, v: &Option<Vector>, label: &str) -> Result<Option<usize>> {
+        v.as_ref().map(|v| self.vec(v, label)).transpose()
+    }
+    fn mlp(&mut self, m: &Mlp, l: usize) -> Result<NMlp> {
+        let mut bias = [None; 3];
+        for (i, v) in [&m.up_bias, &m.gate_bias, &m.down_bias]
+            .into_iter()
+            .enumerate()
+        {
+            bias[i] = self.opt(v, &format!("{l}.mlp.bias{i}"))?;
+        }
         Ok(NMlp {
             up: self.mat(&m.up)?,
             gate: m.gate.as_ref().map(|g| self.mat(g)).transpose()?,
             down: self.mat(&m.down)?,
-            up_b: bias(
-                self,
-                &m.up_bias,
-                &format!("{key}.up_proj.bias"),
-                "ffn_up.bias",
-            )?,
-            gate_b: bias(
-                self,
-                &m.gate_bias,
-                &format!("{key}.gate_proj.bias"),
-                "ffn_gate.bias",
-            )?,
-            down_b: bias(
-                self,
-                &m.down_bias,
-                &format!("{key}.down_proj.bias"),
-                "ffn_down.bias",
-            )?,
+            bias,
         })
     }
 }
 
-impl Net {
+impl<'m> Net<'m> {
     /// Trainable copies of every weight of `m` (dequantized), in `dtype` (F32 to train, F64 for
     /// gradient checks). `raw` is the checkpoint `m` came from, for the export names.
-    pub fn from_model(m: &Model, raw: &Raw, dtype: CD) -> Result<Net> {
+    pub fn from_model(m: &'m Model, raw: &Raw, dtype: CD) -> Result<Net<'m>> {
         let mut b = Builder {
             params: vec![],
             dtype,
@@ -220,241 +170,102 @@ impl Net {
         };
         let embed = b.mat(&m.embed)?;
         let lm_head = m.lm_head.as_ref().map(|h| b.mat(h)).transpose()?;
-        let src = vec_name(
-            raw,
-            None,
-            &["backbone.norm_f.weight", "model.norm.weight"],
-            &["output_norm.weight"],
-        );
-        let norm_f = b.vec("norm_f".into(), &m.norm_f, src)?;
-        let llama = m.arch() == "llama";
+        let norm_f = b.vec(&m.norm_f, "norm_f")?;
         let mut blocks = vec![];
         for blk in &m.blocks {
             let l = blk.layer;
-            let norm_src = match (&blk.mixer, llama) {
-                (Mixer::Attention(_), true) => vec_name(
-                    raw,
-                    Some(l),
-                    &["input_layernorm.weight"],
-                    &["attn_norm.weight"],
-                ),
-                (_, true) => vec_name(
-                    raw,
-                    Some(l),
-                    &["post_attention_layernorm.weight"],
-                    &["ffn_norm.weight"],
-                ),
-                _ => vec_name(raw, Some(l), &["norm.weight"], &["attn_norm.weight"]),
-            };
-            let norm = b.vec(format!("{l}.norm"), &blk.norm, norm_src)?;
+            let norm = b.vec(&blk.norm, &format!("{l}.norm"))?;
             let mixer = match &blk.mixer {
                 Mixer::Attention(a) => {
-                    let pre = if llama { "self_attn" } else { "mixer" };
                     let mut bias = [None; 4];
-                    for (i, (v, p, g)) in [
-                        (&a.q_bias, "q_proj", "attn_q"),
-                        (&a.k_bias, "k_proj", "attn_k"),
-                        (&a.v_bias, "v_proj", "attn_v"),
-                        (&a.o_bias, "o_proj", "attn_output"),
-                    ]
-                    .into_iter()
-                    .enumerate()
+                    for (i, v) in [&a.q_bias, &a.k_bias, &a.v_bias, &a.o_bias]
+                        .into_iter()
+                        .enumerate()
                     {
-                        if let Some(v) = v {
-                            let src = vec_name(
-                                raw,
-                                Some(l),
-                                &[&format!("{pre}.{p}.bias")],
-                                &[&format!("{g}.bias")],
-                            );
-                            bias[i] = Some(b.vec(format!("{l}.{p}.bias"), v, src)?);
-                        }
+                        bias[i] = b.opt(v, &format!("{l}.attn.bias{i}"))?;
                     }
-                    NMixer::Attn {
-                        q: b.mat(&a.q)?,
-                        k: b.mat(&a.k)?,
-                        v: b.mat(&a.v)?,
-                        o: b.mat(&a.o)?,
+                    let w = [&a.q, &a.k, &a.v, &a.o].map(|t| b.mat(t));
+                    let [q, k, v, o] = w;
+                    NMixer::Attn(NAttn {
+                        w: [q?, k?, v?, o?],
                         bias,
-                        heads: a.heads,
-                        kv_heads: a.kv_heads,
-                        head_dim: a.head_dim,
-                        rope: a.rope.as_ref().map(|r| (r.inv_freq.clone(), r.interleaved)),
-                    }
+                    })
                 }
                 Mixer::Mamba(x) => {
-                    let v = |hf: &str, gg: &str| vec_name(raw, Some(l), &[hf], &[gg]);
-                    let a_src = v("mixer.A_log", "ssm_a");
-                    let export = match &a_src {
-                        Some(s) if s.ends_with("ssm_a") => Export::NegExp,
-                        _ => Export::Same,
+                    // GGUF stores A = −exp(A_log), HF A_log; the parameter is A_log.
+                    let export = match m.meta.format {
+                        Format::Gguf => Export::NegExp,
+                        Format::Hf => Export::Same,
                     };
                     let a_log: Vec<f32> = x.a.iter().map(|a| (-a).ln()).collect();
-                    let n = a_log.len();
-                    NMixer::Mamba {
+                    let label = |s: &str| format!("{l}.{s}");
+                    NMixer::Mamba(NMamba {
                         in_proj: b.mat(&x.in_proj)?,
                         out_proj: b.mat(&x.out_proj)?,
                         conv_w: b.add(
-                            format!("{l}.conv_w"),
-                            v("mixer.conv1d.weight", "ssm_conv1d.weight"),
+                            &x.conv_w.name,
+                            &label("conv_w"),
                             Export::Same,
-                            x.conv_w.clone(),
+                            &x.conv_w,
                             &[x.conv_dim(), x.conv_k],
                         )?,
-                        conv_b: Some(b.vec(
-                            format!("{l}.conv_b"),
-                            &x.conv_b,
-                            v("mixer.conv1d.bias", "ssm_conv1d.bias"),
-                        )?),
-                        dt_bias: b.vec(
-                            format!("{l}.dt_bias"),
-                            &x.dt_bias,
-                            v("mixer.dt_bias", "ssm_dt.bias"),
-                        )?,
-                        a_log: b.add(format!("{l}.a_log"), a_src, export, a_log, &[n])?,
-                        d: b.vec(format!("{l}.d"), &x.d, v("mixer.D", "ssm_d"))?,
-                        norm: b.vec(
-                            format!("{l}.mixer_norm"),
-                            &x.norm,
-                            v("mixer.norm.weight", "ssm_norm.weight"),
-                        )?,
-                        heads: x.heads,
-                        head_dim: x.head_dim,
-                        groups: x.groups,
-                        state: x.state,
-                        conv_k: x.conv_k,
-                        chunk: x.chunk,
-                        dt_min: x.dt_min,
-                        dt_max: x.dt_max,
-                        eps: x.eps,
-                    }
+                        conv_b: b.vec(&x.conv_b, &label("conv_b"))?,
+                        dt_bias: b.vec(&x.dt_bias, &label("dt_bias"))?,
+                        a_log: b.add(&x.a.name, &label("a_log"), export, &a_log, &[a_log.len()])?,
+                        d: b.vec(&x.d, &label("d"))?,
+                        norm: b.vec(&x.norm, &label("mixer_norm"))?,
+                    })
                 }
-                Mixer::Mlp(x) => NMixer::Mlp(b.mlp(x, l, if llama { "mlp" } else { "mixer" })?),
-                Mixer::Moe(x) => {
-                    let src = vec_name(
-                        raw,
-                        Some(l),
-                        &["mixer.gate.weight"],
-                        &["ffn_gate_inp.weight"],
-                    );
-                    let router = b.add(
-                        format!("{l}.router"),
-                        src,
+                Mixer::Mlp(x) => NMixer::Mlp(b.mlp(x, l)?),
+                Mixer::Moe(x) => NMixer::Moe(NMoe {
+                    router: b.add(
+                        &x.router.name,
+                        &format!("{l}.router"),
                         Export::Same,
-                        x.router.clone(),
+                        &x.router,
                         &[x.experts, x.hidden],
-                    )?;
-                    let up = x.up.iter().map(|t| b.mat(t)).collect::<Result<Vec<_>>>()?;
-                    let down = x
-                        .down
-                        .iter()
-                        .map(|t| b.mat(t))
-                        .collect::<Result<Vec<_>>>()?;
-                    NMixer::Moe {
-                        router,
-                        bias: x.bias.clone(),
-                        up,
-                        down,
-                        shared: x
-                            .shared
-                            .as_ref()
-                            .map(|s| b.mlp(s, l, "mixer.shared_experts"))
-                            .transpose()?,
-                        topk: x.topk,
-                        n_group: x.n_group,
-                        topk_group: x.topk_group,
-                        norm_topk: x.norm_topk,
-                        scale: x.scale,
-                    }
-                }
+                    )?,
+                    up: x.up.iter().map(|t| b.mat(t)).collect::<Result<_>>()?,
+                    down: x.down.iter().map(|t| b.mat(t)).collect::<Result<_>>()?,
+                    shared: x.shared.as_ref().map(|s| b.mlp(s, l)).transpose()?,
+                }),
             };
-            blocks.push(NBlock {
-                layer: l,
-                norm,
-                mixer,
-            });
+            blocks.push(NBlock { norm, mixer });
         }
         Ok(Net {
             params: b.params,
-            shape: m.shape.clone(),
-            vocab: m.vocab,
+            model: m,
             dtype,
+            terms: m.terms(),
             embed,
             lm_head,
             norm_f,
-            eps: m.eps,
             blocks,
         })
     }
 
-    /// Total parameter count as a polynomial in the axis sizes (mirrors `Model::params`), so
-    /// expected sizes give the expected count. `size(axis, layer)` returns a scalar tensor.
+    /// The total parameter count of the model's kept layers (the one count of `info` and the
+    /// solver, [`Model::terms`]) in sizes `size(axis, layer)` given as scalar tensors, so the
+    /// router's expected sizes give the expected count.
     pub fn param_count(
         &self,
-        size: &dyn Fn(&str, usize) -> Result<CT>,
+        size: &dyn Fn(Axis, usize) -> Result<CT>,
         keep: &dyn Fn(usize) -> bool,
     ) -> Result<CT> {
-        let h = size("hidden", 0)?;
-        let v = self.vocab as f64;
-        let heads = if self.lm_head.is_some() { 2.0 } else { 1.0 };
-        let mut total = ((&h * (heads * v))? + &h)?;
-        for blk in &self.blocks {
-            let l = blk.layer;
-            if !keep(l) {
-                continue;
-            }
-            let t = match &blk.mixer {
-                NMixer::Attn {
-                    bias,
-                    kv_heads,
-                    head_dim,
-                    ..
-                } => {
-                    let q = (size("heads", l)? * *head_dim as f64)?;
-                    let kv = (kv_heads * head_dim) as f64;
-                    let mut t = ((&q * &h)? * 2.0)?;
-                    t = (t + (&h * (2.0 * kv))?)?;
-                    if bias[0].is_some() {
-                        t = (t + &q)?;
-                    }
-                    if bias[1].is_some() {
-                        t = (t + 2.0 * kv)?;
-                    }
-                    if bias[3].is_some() {
-                        t = (t + &h)?;
-                    }
-                    t
+        let zero = Expected(CT::zeros((), self.dtype, &dev())?);
+        let n = count(
+            &self.terms,
+            zero,
+            |t, a| Ok(Expected(size(a, t.layer.unwrap_or(0))?)),
+            |t| {
+                if t.layer.is_none_or(keep) {
+                    t.coef
+                } else {
+                    0.0
                 }
-                NMixer::Mamba {
-                    groups,
-                    state,
-                    conv_k,
-                    ..
-                } => {
-                    let na = size("mamba_heads", l)?;
-                    let ni = (&na * &size("mamba_head_dim", l)?)?;
-                    let gn = (groups * state) as f64;
-                    let cw = (&ni + 2.0 * gn)?;
-                    let inp = (((&ni * 2.0)? + &na)? + 2.0 * gn)?;
-                    ((((((inp * &h)? + (&cw * *conv_k as f64)?)? + cw)? + (&na * 3.0)?)? + &ni)?
-                        + (&h * &ni)?)?
-                }
-                NMixer::Mlp(m) => {
-                    let k = if m.gate.is_some() { 3.0 } else { 2.0 };
-                    ((size("ffn", l)? * &h)? * k)?
-                }
-                NMixer::Moe { shared, .. } => {
-                    let e = size("experts", l)?;
-                    let mut t = ((&e * &h)? + &e)?;
-                    if shared.is_some() {
-                        t = (t + ((size("shared_ffn", l)? * &h)? * 2.0)?)?;
-                    }
-                    (t + ((&e * &size("moe_ffn", l)?)? * &h)?.affine(2.0, 0.0)?)?
-                }
-            };
-            total = ((total + t)? + &h)?;
-        }
-        Ok(total)
+            },
+        )?;
+        Ok(n.0)
     }
 
     fn p(&self, i: usize) -> &CT {
@@ -476,21 +287,23 @@ impl Net {
             .p(self.embed)
             .index_select(&ids, 0)?
             .broadcast_mul(mh)?;
-        for blk in &self.blocks {
+        let eps = self.model.eps;
+        for (blk, nb) in self.model.blocks.iter().zip(&self.blocks) {
             let lm = &masks.layers[blk.layer];
             if !lm.keep {
                 continue;
             }
-            let xn = rmsnorm(&x, self.p(blk.norm), mh, &count, self.eps)?;
-            let y = match &blk.mixer {
-                NMixer::Attn { .. } => self.attention(&blk.mixer, &xn, b, t, lm)?,
-                NMixer::Mamba { .. } => self.mamba(&blk.mixer, &xn, b, t, lm)?,
-                NMixer::Mlp(m) => self.mlp(m, &xn, lm.axes[Axis::Ffn].as_ref())?,
-                NMixer::Moe { .. } => self.moe(&blk.mixer, &xn, lm)?,
+            let xn = rmsnorm(&x, self.p(nb.norm), mh, &count, eps)?;
+            let y = match (&blk.mixer, &nb.mixer) {
+                (Mixer::Attention(a), NMixer::Attn(n)) => self.attention(a, n, &xn, b, t, lm)?,
+                (Mixer::Mamba(m), NMixer::Mamba(n)) => self.mamba(m, n, &xn, b, t, lm)?,
+                (Mixer::Mlp(_), NMixer::Mlp(n)) => self.mlp(n, &xn, lm.axes[Axis::Ffn].as_ref())?,
+                (Mixer::Moe(m), NMixer::Moe(n)) => self.moe(m, n, &xn, lm)?,
+                _ => unreachable!("one NBlock per block, of its kind"),
             };
             x = (x + y.broadcast_mul(mh)?)?;
         }
-        let xn = rmsnorm(&x, self.p(self.norm_f), mh, &count, self.eps)?;
+        let xn = rmsnorm(&x, self.p(self.norm_f), mh, &count, eps)?;
         let head = self.p(self.lm_head.unwrap_or(self.embed));
         Ok(xn.matmul(&head.t()?)?)
     }
@@ -504,44 +317,40 @@ impl Net {
     }
 
     fn mlp(&self, m: &NMlp, x: &CT, mask: Option<&CT>) -> Result<CT> {
-        let u = self.linear(x, m.up, m.up_b)?;
+        let u = self.linear(x, m.up, m.bias[0])?;
         let h = match m.gate {
             // Llama's SwiGLU when gated, Nemotron-H's relu² otherwise (layers/mlp.rs).
-            Some(g) => (u * self.linear(x, g, m.gate_b)?.silu()?)?,
+            Some(g) => (u * self.linear(x, g, m.bias[1])?.silu()?)?,
             None => u.relu()?.sqr()?,
         };
         let h = match mask {
             Some(mk) => h.broadcast_mul(mk)?,
             None => h,
         };
-        self.linear(&h, m.down, m.down_b)
+        self.linear(&h, m.down, m.bias[2])
     }
 
-    fn attention(&self, mx: &NMixer, x: &CT, b: usize, t: usize, lm: &LayerMasks) -> Result<CT> {
-        let NMixer::Attn {
-            q,
-            k,
-            v,
-            o,
-            bias,
-            heads,
-            kv_heads,
-            head_dim,
-            rope,
-        } = mx
-        else {
-            unreachable!()
-        };
-        let (nh, kv, d) = (*heads, *kv_heads, *head_dim);
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        a: &Attention,
+        n: &NAttn,
+        x: &CT,
+        b: usize,
+        t: usize,
+        lm: &LayerMasks,
+    ) -> Result<CT> {
+        let (nh, kv, d) = (a.heads, a.kv_heads, a.head_dim);
+        let ([q, k, v, o], bias) = (n.w, n.bias);
         let split =
             |y: CT, n: usize| -> Result<CT> { Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?) };
-        let mut qh = split(self.linear(x, *q, bias[0])?, nh)?;
-        let mut kh = split(self.linear(x, *k, bias[1])?, kv)?;
-        let vh = split(self.linear(x, *v, bias[2])?, kv)?;
-        if let Some((inv, inter)) = rope {
-            let (cos, sin) = rope_tables(inv, t, self.dtype)?;
-            qh = apply_rope(&qh, &cos, &sin, *inter)?;
-            kh = apply_rope(&kh, &cos, &sin, *inter)?;
+        let mut qh = split(self.linear(x, q, bias[0])?, nh)?;
+        let mut kh = split(self.linear(x, k, bias[1])?, kv)?;
+        let vh = split(self.linear(x, v, bias[2])?, kv)?;
+        if let Some(r) = &a.rope {
+            let (cos, sin) = rope_tables(&r.inv_freq, t, self.dtype)?;
+            qh = apply_rope(&qh, &cos, &sin, r.interleaved)?;
+            kh = apply_rope(&kh, &cos, &sin, r.interleaved)?;
         }
         let per = nh / kv;
         let expand = |z: CT| -> Result<CT> {
@@ -560,42 +369,29 @@ impl Net {
             out = out.broadcast_mul(&hm.reshape((nh, 1))?)?;
         }
         let out = out.reshape((b * t, nh * d))?;
-        self.linear(&out, *o, bias[3])
+        self.linear(&out, o, bias[3])
     }
 
-    fn mamba(&self, mx: &NMixer, x: &CT, b: usize, t: usize, lm: &LayerMasks) -> Result<CT> {
-        let NMixer::Mamba {
-            in_proj,
-            out_proj,
-            conv_w,
-            conv_b,
-            dt_bias,
-            a_log,
-            d,
-            norm,
-            heads,
-            head_dim,
-            groups,
-            state,
-            conv_k,
-            chunk,
-            dt_min,
-            dt_max,
-            eps,
-        } = mx
-        else {
-            unreachable!()
-        };
-        let (nh, p, g, n, k) = (*heads, *head_dim, *groups, *state, *conv_k);
+    #[allow(clippy::too_many_arguments)]
+    fn mamba(
+        &self,
+        m: &Mamba2,
+        ix: &NMamba,
+        x: &CT,
+        b: usize,
+        t: usize,
+        lm: &LayerMasks,
+    ) -> Result<CT> {
+        let (nh, p, g, n, k) = (m.heads, m.head_dim, m.groups, m.state, m.conv_k);
         let di = nh * p;
         let cd = di + 2 * g * n;
-        let zx = self.linear(x, *in_proj, None)?; // [b·t, 2di + 2gn + nh]
+        let zx = self.linear(x, ix.in_proj, None)?; // [b·t, 2di + 2gn + nh]
         let z = zx.narrow(1, 0, di)?;
         let xbc = zx.narrow(1, di, cd)?.reshape((b, t, cd))?;
         let dt = zx.narrow(1, di + cd, nh)?;
         // Causal depthwise conv (spec §2.3.2): y_t = b + Σ_q w_q · x_{t−K+1+q}.
         let xp = xbc.pad_with_zeros(1, k - 1, 0)?;
-        let w = self.p(*conv_w);
+        let w = self.p(ix.conv_w);
         let mut acc = xp
             .narrow(1, 0, t)?
             .broadcast_mul(&w.narrow(1, 0, 1)?.reshape(cd)?)?;
@@ -604,9 +400,7 @@ impl Net {
                 + xp.narrow(1, q, t)?
                     .broadcast_mul(&w.narrow(1, q, 1)?.reshape(cd)?)?)?;
         }
-        if let Some(cb) = conv_b {
-            acc = acc.broadcast_add(self.p(*cb))?;
-        }
+        acc = acc.broadcast_add(self.p(ix.conv_b))?;
         let xbc = acc.silu()?.reshape((b * t, cd))?;
         let mut xs = xbc.narrow(1, 0, di)?;
         let inner = lm.inner()?;
@@ -615,13 +409,13 @@ impl Net {
         }
         let bm = xbc.narrow(1, di, g * n)?;
         let cm = xbc.narrow(1, di + g * n, g * n)?;
-        let dt = softplus(&dt.broadcast_add(self.p(*dt_bias))?)?
-            .clamp(*dt_min as f64, (*dt_max as f64).min(1e30))?;
-        let a = self.p(*a_log).exp()?.neg()?;
-        let y = ssd(&xs, &dt, &a, &bm, &cm, b, t, nh, p, g, n, *chunk)?; // [b·t, di]
+        let dt = softplus(&dt.broadcast_add(self.p(ix.dt_bias))?)?
+            .clamp(m.dt_min as f64, (m.dt_max as f64).min(1e30))?;
+        let a = self.p(ix.a_log).exp()?.neg()?;
+        let y = ssd(&xs, &dt, &a, &bm, &cm, b, t, nh, p, g, n, m.chunk)?; // [b·t, di]
         let y = (y + xs.broadcast_mul(
             &self
-                .p(*d)
+                .p(ix.d)
                 .reshape((nh, 1))?
                 .broadcast_as((nh, p))?
                 .reshape(di)?,
@@ -645,81 +439,34 @@ impl Net {
         };
         let ms = num.broadcast_div(&cnt)?;
         let yn = yg
-            .broadcast_mul(&(ms + *eps as f64)?.sqrt()?.recip()?)?
+            .broadcast_mul(&(ms + m.eps as f64)?.sqrt()?.recip()?)?
             .reshape((b * t, di))?;
-        let mut wn = self.p(*norm).clone();
+        let mut wn = self.p(ix.norm).clone();
         if let Some(im) = &inner {
             wn = (wn * im)?;
         }
         let yn = yn.broadcast_mul(&wn)?;
-        self.linear(&yn, *out_proj, None)
+        self.linear(&yn, ix.out_proj, None)
     }
 
-    fn moe(&self, mx: &NMixer, x: &CT, lm: &LayerMasks) -> Result<CT> {
-        let NMixer::Moe {
-            router,
-            bias,
-            up,
-            down,
-            shared,
-            topk,
-            n_group,
-            topk_group,
-            norm_topk,
-            scale,
-        } = mx
-        else {
-            unreachable!()
-        };
+    fn moe(&self, m: &Moe, ix: &NMoe, x: &CT, lm: &LayerMasks) -> Result<CT> {
+        let (up, down) = (&ix.up, &ix.down);
         let e = up.len();
-        let nt = x.dim(0)?;
-        let logits = x.matmul(&self.p(*router).t()?)?;
+        let logits = x.matmul(&self.p(ix.router).t()?)?;
         let scores = logits.neg()?.exp()?.affine(1.0, 1.0)?.recip()?; // sigmoid
-        // Expert choice (not differentiable, as in the engine): biased scores, group pruning,
-        // top-k over the active experts.
+        // Expert choice: the engine's (layers/moe.rs), not differentiable, on the host.
         let sv: Vec<f32> = scores.to_dtype(CD::F32)?.flatten_all()?.to_vec1()?;
-        let k = (*topk).min(lm.expert_on.iter().filter(|&&o| o).count());
+        let k = m.topk.min(lm.expert_on.iter().filter(|&&o| o).count());
+        let nt = sv.len() / e;
         let mut lists: Vec<Vec<(u32, u32)>> = vec![vec![]; e]; // per expert: (token, slot)
-        let mut choice = vec![0f32; e];
-        for ti in 0..nt {
-            for j in 0..e {
-                choice[j] = if lm.expert_on[j] {
-                    sv[ti * e + j] + bias[j]
-                } else {
-                    f32::NEG_INFINITY
-                };
-            }
-            if *n_group > 1 {
-                let per = e / n_group;
-                let mut gs: Vec<(f32, usize)> = (0..*n_group)
-                    .map(|gi| {
-                        let mut v: Vec<f32> = choice[gi * per..(gi + 1) * per].to_vec();
-                        v.sort_by(|a, b| b.total_cmp(a));
-                        let s = if v.len() > 1 && v[1] > f32::NEG_INFINITY {
-                            v[0] + v[1]
-                        } else {
-                            v[0]
-                        };
-                        (s, gi)
-                    })
-                    .collect();
-                gs.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                for &(_, gi) in &gs[(*topk_group).min(*n_group)..] {
-                    choice[gi * per..(gi + 1) * per].fill(f32::NEG_INFINITY);
-                }
-            }
-            for slot in 0..k {
-                let mut best = usize::MAX;
-                for (j, &v) in choice.iter().enumerate() {
-                    if v > f32::NEG_INFINITY && (best == usize::MAX || v > choice[best]) {
-                        best = j;
-                    }
-                }
-                if best == usize::MAX {
-                    break;
-                }
-                lists[best].push((ti as u32, slot as u32));
-                choice[best] = f32::NEG_INFINITY;
+        let mut ids = vec![0; k];
+        for (ti, row) in sv.chunks(e).enumerate() {
+            let mut choice: Vec<f32> = (row.iter().zip(m.bias.iter()).zip(&lm.expert_on))
+                .map(|((s, b), &on)| if on { s + b } else { f32::NEG_INFINITY })
+                .collect();
+            let got = m.select(&mut choice, k, &mut ids);
+            for (slot, &j) in ids[..got].iter().enumerate() {
+                lists[j].push((ti as u32, slot as u32));
             }
         }
         // Routing weights of the chosen experts, differentiable through the scores.
@@ -734,10 +481,10 @@ impl Net {
         let idx_t = CT::from_vec(idx, (nt, k), &dev())?;
         let valid = CT::from_vec(valid, (nt, k), &dev())?.to_dtype(self.dtype)?;
         let mut w = (scores.gather(&idx_t, 1)? * &valid)?;
-        if *norm_topk {
+        if m.norm_topk {
             w = w.broadcast_div(&(w.sum_keepdim(1)? + 1e-20)?)?;
         }
-        w = (w * *scale as f64)?;
+        w = (w * m.scale as f64)?;
         if let Some(em) = &lm.axes[Axis::Experts] {
             w = (w * em
                 .index_select(&idx_t.flatten_all()?, 0)?
@@ -764,7 +511,7 @@ impl Net {
             let y = y.broadcast_mul(&wf.index_select(&pos, 0)?.unsqueeze(1)?)?;
             out = out.index_add(&toks, &y, 0)?;
         }
-        if let Some(s) = shared {
+        if let Some(s) = &ix.shared {
             out = (out + self.mlp(s, x, lm.axes[Axis::SharedFfn].as_ref())?)?;
         }
         Ok(out)
@@ -938,4 +685,19 @@ fn bmm(a: &CT, b: &CT) -> Result<CT> {
     let mut od = ad[..r - 2].to_vec();
     od.extend([m, n]);
     Ok(y.reshape(od)?)
+}
+
+/// Expected sizes, as the numbers of the shared parameter count.
+struct Expected(CT);
+
+impl Scalar for Expected {
+    fn mul(&self, o: &Self) -> Result<Self> {
+        Ok(Expected((&self.0 * &o.0)?))
+    }
+    fn add(&self, o: &Self) -> Result<Self> {
+        Ok(Expected((&self.0 + &o.0)?))
+    }
+    fn affine(&self, a: f64, b: f64) -> Result<Self> {
+        Ok(Expected(self.0.affine(a, b)?))
+    }
 }
