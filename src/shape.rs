@@ -70,15 +70,15 @@ impl Axis {
         Axis::MambaHeadDim,
     ];
     /// The axes set per layer (all but `Hidden`).
-    pub const LAYER: [Axis; Axis::COUNT - 1] = [
-        Axis::Ffn,
-        Axis::MoeFfn,
-        Axis::Experts,
-        Axis::SharedFfn,
-        Axis::Heads,
-        Axis::MambaHeads,
-        Axis::MambaHeadDim,
-    ];
+    pub const LAYER: [Axis; Axis::COUNT - 1] = {
+        let mut a = [Axis::Hidden; Axis::COUNT - 1];
+        let mut i = 0;
+        while i < a.len() {
+            a[i] = Axis::ALL[i + 1];
+            i += 1;
+        }
+        a
+    };
 
     pub fn name(self) -> &'static str {
         match self {
