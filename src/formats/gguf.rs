@@ -539,9 +539,8 @@ pub fn write(
     path: &Path,
     meta: &[(String, Value)],
     tensors: &[super::OutTensor],
-    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+    data: impl FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<()> {
-    use std::io::Write;
     const ALIGN: usize = 32;
     let mut h = Vec::new();
     h.extend_from_slice(b"GGUF");
@@ -571,25 +570,5 @@ pub fn write(
     while h.len() % ALIGN != 0 {
         h.push(0);
     }
-    let f = super::temp::create_file(path)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    let io = |e| Error::io(path, e);
-    w.write_all(&h).map_err(io)?;
-    for (i, t) in tensors.iter().enumerate() {
-        let b = data(i)?;
-        if b.len() != t.nbytes() {
-            return Err(Error::Tensor {
-                name: t.name.clone(),
-                msg: format!("produced {} bytes, expected {}", b.len(), t.nbytes()),
-            });
-        }
-        w.write_all(&b).map_err(io)?;
-        let pad = b.len().next_multiple_of(ALIGN) - b.len();
-        w.write_all(&[0u8; ALIGN][..pad]).map_err(io)?;
-    }
-    w.into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?
-        .sync_all()
-        .map_err(io)?;
-    Ok(())
+    super::write_body(path, &h, tensors, ALIGN, data)
 }

@@ -55,3 +55,35 @@ impl OutTensor {
         self.dtype.row_bytes(cols).expect("whole blocks") * rows
     }
 }
+
+/// Writes `header`, then each tensor's bytes from `data(i)` (checked against its size) padded to
+/// `align`, and syncs: the body writer of both formats.
+pub(crate) fn write_body(
+    path: &std::path::Path,
+    header: &[u8],
+    tensors: &[OutTensor],
+    align: usize,
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    use std::io::Write;
+    let f = temp::create_file(path)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let io = |e| Error::io(path, e);
+    w.write_all(header).map_err(io)?;
+    for (i, t) in tensors.iter().enumerate() {
+        let b = data(i)?;
+        if b.len() != t.nbytes() {
+            return Err(Error::Tensor {
+                name: t.name.clone(),
+                msg: format!("produced {} bytes, expected {}", b.len(), t.nbytes()),
+            });
+        }
+        w.write_all(&b).map_err(io)?;
+        let pad = b.len().next_multiple_of(align) - b.len();
+        w.write_all(&[0u8; 64][..pad]).map_err(io)?; // align <= 64
+    }
+    w.into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?
+        .sync_all()
+        .map_err(io)
+}

@@ -133,9 +133,8 @@ pub fn load_dir(dir: &Path) -> Result<TensorMap> {
 pub fn write(
     path: &Path,
     tensors: &[super::OutTensor],
-    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+    data: impl FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<()> {
-    use std::io::Write;
     let mut header = serde_json::Map::new();
     let mut off = 0usize;
     for t in tensors {
@@ -165,24 +164,7 @@ pub fn write(
     while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
-    let f = super::temp::create_file(path)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    let io = |e| Error::io(path, e);
-    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&h).map_err(io)?;
-    for (i, t) in tensors.iter().enumerate() {
-        let b = data(i)?;
-        if b.len() != t.nbytes() {
-            return Err(Error::Tensor {
-                name: t.name.clone(),
-                msg: format!("produced {} bytes, expected {}", b.len(), t.nbytes()),
-            });
-        }
-        w.write_all(&b).map_err(io)?;
-    }
-    w.into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?
-        .sync_all()
-        .map_err(io)?;
-    Ok(())
+    let mut head = (h.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(&h);
+    super::write_body(path, &head, tensors, 1, data)
 }
