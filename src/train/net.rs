@@ -226,29 +226,15 @@ impl Net {
             &["output_norm.weight"],
         );
         let norm_f = b.vec("norm_f".into(), &m.norm_f, src)?;
-        let llama = m.arch() == "llama";
+        let arch = crate::models::arch(m.arch())?;
         let mut blocks = vec![];
         for blk in &m.blocks {
             let l = blk.layer;
-            let norm_src = match (&blk.mixer, llama) {
-                (Mixer::Attention(_), true) => vec_name(
-                    raw,
-                    Some(l),
-                    &["input_layernorm.weight"],
-                    &["attn_norm.weight"],
-                ),
-                (_, true) => vec_name(
-                    raw,
-                    Some(l),
-                    &["post_attention_layernorm.weight"],
-                    &["ffn_norm.weight"],
-                ),
-                _ => vec_name(raw, Some(l), &["norm.weight"], &["attn_norm.weight"]),
-            };
+            let ([hf, gg], pre) = arch.block_names(matches!(blk.mixer, Mixer::Attention(_)));
+            let norm_src = vec_name(raw, Some(l), &[hf], &[gg]);
             let norm = b.vec(format!("{l}.norm"), &blk.norm, norm_src)?;
             let mixer = match &blk.mixer {
                 Mixer::Attention(a) => {
-                    let pre = if llama { "self_attn" } else { "mixer" };
                     let mut bias = [None; 4];
                     for (i, (v, p, g)) in [
                         (&a.q_bias, "q_proj", "attn_q"),
@@ -328,7 +314,7 @@ impl Net {
                         eps: x.eps,
                     }
                 }
-                Mixer::Mlp(x) => NMixer::Mlp(b.mlp(x, l, if llama { "mlp" } else { "mixer" })?),
+                Mixer::Mlp(x) => NMixer::Mlp(b.mlp(x, l, pre)?),
                 Mixer::Moe(x) => {
                     let src = vec_name(
                         raw,
