@@ -320,7 +320,11 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
                 let mut meta = match &ck.raw {
                     Raw::Gguf(g) => {
                         let a = g.str("general.architecture")?;
-                        crate::models::gguf_meta_with(g, &kept, hp.gguf_meta(a)?)
+                        crate::models::gguf_meta_with(
+                            g,
+                            &kept,
+                            hp.gguf_meta(a, arch.gguf_unused())?,
+                        )
                     }
                     Raw::Hf { .. } => {
                         let a = arch.arch_name(&hp);
@@ -328,7 +332,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
                             ("general.architecture".into(), gguf::Value::Str(a.into())),
                             ("general.name".into(), crate::models::gguf_name(m)),
                         ];
-                        v.extend(hp.gguf_meta(a)?);
+                        v.extend(hp.gguf_meta(a, arch.gguf_unused())?);
                         v
                     }
                 };

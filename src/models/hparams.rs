@@ -221,9 +221,9 @@ impl HParams {
         Ok(hp)
     }
 
-    /// GGUF metadata under `arch` (llama.cpp's converter keys). Per-layer arrays where layers
-    /// differ; zeros mark layers without the axis, as llama.cpp reads hybrids.
-    pub fn gguf_meta(&self, arch: &str) -> Result<Vec<(String, Value)>> {
+    /// GGUF metadata under `arch` (llama.cpp's converter keys) but the `unused` ones. Per-layer
+    /// arrays where layers differ; zeros mark layers without the axis, as llama.cpp reads hybrids.
+    pub fn gguf_meta(&self, arch: &str, unused: &[&str]) -> Result<Vec<(String, Value)>> {
         let k = |s: &str| format!("{arch}.{s}");
         let u = |x: usize| Value::U32(x as u32);
         let f = |x: f32| Value::F32(x);
@@ -288,6 +288,7 @@ impl HParams {
                 (k("expert_weights_scale"), f(self.routed_scale)),
             ]);
         }
+        v.retain(|(key, _)| !unused.iter().any(|u| *key == k(u)));
         Ok(v)
     }
 }

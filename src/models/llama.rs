@@ -294,6 +294,9 @@ impl Arch for Llama {
     fn names(&self) -> &'static [(&'static str, &'static str)] {
         &NAMES
     }
+    fn gguf_unused(&self) -> &'static [&'static str] {
+        &["attention.layer_norm_epsilon"]
+    }
     fn hf_layer(&self, l: usize) -> String {
         format!("model.layers.{l}.")
     }

@@ -47,6 +47,10 @@ pub trait Arch: Sync {
     fn build(&self, hp: &HParams, t: &TensorMap, format: Format, meta: Meta) -> Result<Model>;
     /// The elastic role of a tensor (HF or GGUF name); None for tensors kept as they are.
     fn role(&self, name: &str) -> Option<Role>;
+    /// Keys of [`HParams::gguf_meta`] (after `{arch}.`) this architecture does not write.
+    fn gguf_unused(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// HF name <-> GGUF name (after the layer prefix for per-layer tensors).
     fn names(&self) -> &'static [(&'static str, &'static str)];
     /// HF per-layer name prefix written for layer `l`.
@@ -499,4 +503,52 @@ pub(crate) fn gguf_name(m: &Model) -> crate::formats::gguf::Value {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_architectures_are_refused_by_name() {
+        let e = arch("falcon").err().unwrap().to_string();
+        assert!(
+            e.contains("\"falcon\"") && e.contains("llama, nemotron_h"),
+            "{e}"
+        );
+        let cfg =
+            serde_json::json!({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]});
+        let e = hf_arch(&cfg, Path::new("m/config.json"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("m/config.json: model_type")
+                && e.contains("gpt_neox")
+                && e.contains("llama, nemotron_h"),
+            "{e}"
+        );
+        // The aliases: a Mistral config reads as Llama, a GGUF nemotron_h_moe as Nemotron-H.
+        let cfg = serde_json::json!({"model_type": "mistral"});
+        assert_eq!(hf_arch(&cfg, Path::new("c")).unwrap().name(), "llama");
+        let cfg = serde_json::json!({"architectures": ["NemotronHForCausalLM"]});
+        assert_eq!(hf_arch(&cfg, Path::new("c")).unwrap().name(), "nemotron_h");
+        assert_eq!(arch("nemotron_h_moe").unwrap().name(), "nemotron_h");
+    }
+
+    #[test]
+    fn each_name_belongs_to_one_architecture() {
+        for a in ARCHS {
+            for n in a.hf_names() {
+                assert_eq!(
+                    ARCHS.iter().filter(|b| b.hf_names().contains(n)).count(),
+                    1,
+                    "{n}"
+                );
+            }
+            for n in a.gguf_names() {
+                assert_eq!(arch(n).unwrap().name(), a.name(), "{n}");
+            }
+        }
+    }
 }

@@ -335,6 +335,11 @@ impl Arch for NemotronH {
 
     fn hf_config(&self, hp: &HParams, base: Option<&Json>, m: &Model) -> Result<Json> {
         let u = |a| hp.uniform(a);
+        // A rewrite keeps the input's value of an axis no layer has any more.
+        let o = |a: Axis| match base {
+            Some(_) if !hp.layers.iter().any(|l| a.applies(l.kind)) => Ok(None),
+            _ => hp.uniform(a).map(Some),
+        };
         let kinds = hp.kinds();
         let moe = hp.has(LayerKind::Moe);
         let mb = mamba_params(m);
@@ -349,12 +354,12 @@ impl Arch for NemotronH {
             num_hidden_layers: Some(kinds.len().into()),
             hidden_size: Some(hp.hidden()),
             vocab_size: Some(hp.vocab),
-            num_attention_heads: Some(u(Axis::Heads)?),
+            num_attention_heads: o(Axis::Heads)?,
             num_key_value_heads: Some(hp.kv_heads),
             head_dim: Some(hp.head_dim),
-            intermediate_size: Some(u(Axis::Ffn)?),
-            mamba_num_heads: Some(u(Axis::MambaHeads)?),
-            mamba_head_dim: Some(u(Axis::MambaHeadDim)?),
+            intermediate_size: o(Axis::Ffn)?,
+            mamba_num_heads: o(Axis::MambaHeads)?,
+            mamba_head_dim: o(Axis::MambaHeadDim)?,
             n_groups: Some(hp.mamba_groups),
             ssm_state_size: Some(hp.ssm_state),
             conv_kernel: Some(mb.map_or(hp.conv_k, |x| x.conv_k)),
@@ -640,6 +645,9 @@ impl Arch for NemotronH {
     }
     fn names(&self) -> &'static [(&'static str, &'static str)] {
         &NAMES
+    }
+    fn gguf_unused(&self) -> &'static [&'static str] {
+        &["attention.layer_norm_rms_epsilon", "rope.freq_base"]
     }
     fn hf_layer(&self, l: usize) -> String {
         format!("backbone.layers.{l}.")
