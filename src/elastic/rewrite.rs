@@ -442,7 +442,7 @@ fn convert_layout(
     convert: Option<DType>,
 ) -> Result<Vec<Planned>> {
     let m = &ck.model;
-    let (arch, names) = (ck.arch, ck.arch.names());
+    let arch = ck.arch;
     let rope = arch.gguf_rope_permuted();
     let tensors = ck.raw.tensors();
     let heads_of = |layer: Option<usize>, kv: bool| -> usize {
@@ -479,20 +479,9 @@ fn convert_layout(
             stacks.entry((layer.unwrap(), proj)).or_default().push(g);
             continue;
         }
-        // The input may use the newest transformers names (model.* prefix, embed_tokens).
-        let key = suffix
-            .replace("model.embeddings.", "backbone.embeddings.")
-            .replace("model.norm_f.", "backbone.norm_f.")
-            .replace("backbone.embedding.", "backbone.embeddings.");
-        let key = key
-            .strip_suffix(".weight")
-            .filter(|k| *k == "mixer.experts.up_proj" || *k == "mixer.experts.down_proj")
-            .map(str::to_string)
-            .unwrap_or(key);
-        let target = names.iter().find_map(|&(hf, gg)| {
-            let (a, b) = if to_gguf { (hf, gg) } else { (gg, hf) };
-            (key == a).then_some(b)
-        });
+        let target = crate::models::role::TensorName::find(arch.tensors(), suffix)
+            .map(|(t, _)| if to_gguf { t.gguf } else { t.hf[0] })
+            .filter(|t| !t.is_empty());
         let Some(target) = target else {
             return Err(Error::Input(format!(
                 "tensor {}: no {} name for it",

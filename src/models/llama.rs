@@ -2,7 +2,8 @@
 //! mapped to two blocks of the shared model. HF layout (`model.layers.N.self_attn.q_proj`, RoPE on
 //! halves) and GGUF layout (`blk.N.attn_q`, q/k permuted so RoPE pairs are adjacent).
 
-use super::{Arch, HParams, Role, lenient, matrix, opt_vec_f32, parse_config, vec_f32};
+use super::role::{Dim, TensorName, t};
+use super::{Arch, HParams, lenient, matrix, opt_vec_f32, parse_config, vec_f32};
 use crate::error::{Error, Result};
 use crate::formats::TensorMap;
 use crate::formats::gguf::Gguf;
@@ -212,7 +213,7 @@ impl Arch for Llama {
         let gguf = format == Format::Gguf;
         // A tensor by its HF name (after `model.layers.{i}.` for layer tensors) in this layout.
         let name = |hf: &str, l: Option<usize>| -> String {
-            let gg = || NAMES.iter().find(|(h, _)| *h == hf).map_or(hf, |(_, g)| *g);
+            let gg = || TensorName::gguf_of(&TENSORS, hf);
             match (l, gguf) {
                 (Some(i), true) => format!("blk.{i}.{}", gg()),
                 (Some(i), false) => format!("{}{hf}", self.hf_layer(i)),
@@ -288,11 +289,8 @@ impl Arch for Llama {
         })
     }
 
-    fn role(&self, name: &str) -> Option<Role> {
-        role(name)
-    }
-    fn names(&self) -> &'static [(&'static str, &'static str)] {
-        &NAMES
+    fn tensors(&self) -> &'static [TensorName] {
+        &TENSORS
     }
     fn gguf_unused(&self) -> &'static [&'static str] {
         &["attention.layer_norm_epsilon"]
@@ -314,7 +312,7 @@ impl Arch for Llama {
                     .map(|(p, i)| (format!("mlp.{p}.weight"), i)),
             )
             .map(|(hf, i)| {
-                let gg = NAMES.iter().find(|(h, _)| *h == hf).map_or("", |(_, g)| *g);
+                let gg = TensorName::gguf_of(&TENSORS, &hf);
                 (
                     [format!("blk.{l}.{gg}"), format!("{}{hf}", self.hf_layer(l))],
                     i,
@@ -334,67 +332,50 @@ impl Arch for Llama {
     }
 }
 
-/// The elastic axes of each Llama tensor (HF and GGUF names); None for tensors kept as they are.
-fn role(name: &str) -> Option<Role> {
+/// Every Llama tensor: HF and GGUF names, elastic axes (biases included).
+pub const TENSORS: [TensorName; 19] = {
     use super::Dim::*;
-    let g = |dims| Some(Role::new(None, dims));
-    match name {
-        "model.embed_tokens.weight" | "lm_head.weight" | "token_embd.weight" | "output.weight" => {
-            return g(vec![Whole, Hidden]);
-        }
-        "model.norm.weight" | "output_norm.weight" => return g(vec![Hidden]),
-        _ => {}
-    }
-    let (l, rest) = super::split_layer(name)?;
-    let r = |dims| Some(Role::new(Some(l), dims));
-    match rest {
-        "input_layernorm.weight"
-        | "post_attention_layernorm.weight"
-        | "attn_norm.weight"
-        | "ffn_norm.weight" => r(vec![Hidden]),
-        "self_attn.q_proj.weight" | "attn_q.weight" => r(vec![QHeads(l), Hidden]),
-        "self_attn.q_proj.bias" | "attn_q.bias" => r(vec![QHeads(l)]),
-        "self_attn.k_proj.weight"
-        | "self_attn.v_proj.weight"
-        | "attn_k.weight"
-        | "attn_v.weight" => r(vec![Whole, Hidden]),
-        "self_attn.k_proj.bias" | "self_attn.v_proj.bias" | "attn_k.bias" | "attn_v.bias" => {
-            r(vec![Whole])
-        }
-        "self_attn.o_proj.weight" | "attn_output.weight" => r(vec![Hidden, QHeads(l)]),
-        "self_attn.o_proj.bias" | "attn_output.bias" | "mlp.down_proj.bias" | "ffn_down.bias" => {
-            r(vec![Hidden])
-        }
-        "mlp.gate_proj.weight" | "mlp.up_proj.weight" | "ffn_gate.weight" | "ffn_up.weight" => {
-            r(vec![Ffn(l), Hidden])
-        }
-        "mlp.gate_proj.bias" | "mlp.up_proj.bias" | "ffn_gate.bias" | "ffn_up.bias" => {
-            r(vec![Ffn(l)])
-        }
-        "mlp.down_proj.weight" | "ffn_down.weight" => r(vec![Hidden, Ffn(l)]),
-        _ => None,
-    }
-}
-
-/// HF name ↔ GGUF name of Llama tensors (suffixes after the layer prefix; biases included).
-pub const NAMES: [(&str, &str); 19] = [
-    ("model.embed_tokens.weight", "token_embd.weight"),
-    ("lm_head.weight", "output.weight"),
-    ("model.norm.weight", "output_norm.weight"),
-    ("input_layernorm.weight", "attn_norm.weight"),
-    ("post_attention_layernorm.weight", "ffn_norm.weight"),
-    ("self_attn.q_proj.weight", "attn_q.weight"),
-    ("self_attn.k_proj.weight", "attn_k.weight"),
-    ("self_attn.v_proj.weight", "attn_v.weight"),
-    ("self_attn.o_proj.weight", "attn_output.weight"),
-    ("self_attn.q_proj.bias", "attn_q.bias"),
-    ("self_attn.k_proj.bias", "attn_k.bias"),
-    ("self_attn.v_proj.bias", "attn_v.bias"),
-    ("self_attn.o_proj.bias", "attn_output.bias"),
-    ("mlp.gate_proj.weight", "ffn_gate.weight"),
-    ("mlp.up_proj.weight", "ffn_up.weight"),
-    ("mlp.down_proj.weight", "ffn_down.weight"),
-    ("mlp.gate_proj.bias", "ffn_gate.bias"),
-    ("mlp.up_proj.bias", "ffn_up.bias"),
-    ("mlp.down_proj.bias", "ffn_down.bias"),
-];
+    const Q: Dim = QHeads(0);
+    const F: Dim = Ffn(0);
+    [
+        t(
+            &["model.embed_tokens.weight"],
+            "token_embd.weight",
+            &[Whole, Hidden],
+        ),
+        t(&["lm_head.weight"], "output.weight", &[Whole, Hidden]),
+        t(&["model.norm.weight"], "output_norm.weight", &[Hidden]),
+        t(&["input_layernorm.weight"], "attn_norm.weight", &[Hidden]),
+        t(
+            &["post_attention_layernorm.weight"],
+            "ffn_norm.weight",
+            &[Hidden],
+        ),
+        t(&["self_attn.q_proj.weight"], "attn_q.weight", &[Q, Hidden]),
+        t(
+            &["self_attn.k_proj.weight"],
+            "attn_k.weight",
+            &[Whole, Hidden],
+        ),
+        t(
+            &["self_attn.v_proj.weight"],
+            "attn_v.weight",
+            &[Whole, Hidden],
+        ),
+        t(
+            &["self_attn.o_proj.weight"],
+            "attn_output.weight",
+            &[Hidden, Q],
+        ),
+        t(&["self_attn.q_proj.bias"], "attn_q.bias", &[Q]),
+        t(&["self_attn.k_proj.bias"], "attn_k.bias", &[Whole]),
+        t(&["self_attn.v_proj.bias"], "attn_v.bias", &[Whole]),
+        t(&["self_attn.o_proj.bias"], "attn_output.bias", &[Hidden]),
+        t(&["mlp.gate_proj.weight"], "ffn_gate.weight", &[F, Hidden]),
+        t(&["mlp.up_proj.weight"], "ffn_up.weight", &[F, Hidden]),
+        t(&["mlp.down_proj.weight"], "ffn_down.weight", &[Hidden, F]),
+        t(&["mlp.gate_proj.bias"], "ffn_gate.bias", &[F]),
+        t(&["mlp.up_proj.bias"], "ffn_up.bias", &[F]),
+        t(&["mlp.down_proj.bias"], "ffn_down.bias", &[Hidden]),
+    ]
+};

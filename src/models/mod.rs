@@ -45,14 +45,16 @@ pub trait Arch: Sync {
     fn hf_config(&self, hp: &HParams, base: Option<&Json>, m: &Model) -> Result<Json>;
     /// The model from its tensors in either layout.
     fn build(&self, hp: &HParams, t: &TensorMap, format: Format, meta: Meta) -> Result<Model>;
+    /// Every tensor: HF and GGUF names and elastic axes.
+    fn tensors(&self) -> &'static [role::TensorName];
     /// The elastic role of a tensor (HF or GGUF name); None for tensors kept as they are.
-    fn role(&self, name: &str) -> Option<Role>;
+    fn role(&self, name: &str) -> Option<Role> {
+        role::TensorName::role(self.tensors(), name)
+    }
     /// Keys of [`HParams::gguf_meta`] (after `{arch}.`) this architecture does not write.
     fn gguf_unused(&self) -> &'static [&'static str] {
         &[]
     }
-    /// HF name <-> GGUF name (after the layer prefix for per-layer tensors).
-    fn names(&self) -> &'static [(&'static str, &'static str)];
     /// HF per-layer name prefix written for layer `l`.
     fn hf_layer(&self, l: usize) -> String;
     /// GGUF stores q/k rows with RoPE pairs adjacent (llama.cpp's converter permutes them).

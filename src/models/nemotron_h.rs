@@ -3,6 +3,7 @@
 //! hub layout (`backbone.*`, one tensor per expert) or the newest transformers layout (`model.*`,
 //! stacked experts); GGUF `nemotron_h` / `nemotron_h_moe` as llama.cpp's converter writes them.
 
+use super::role::{Dim, TensorName, t};
 use super::{Arch, HParams, Role, lenient, matrix, opt_vec_f32, parse_config, vec_f32};
 use crate::error::{Error, Result};
 use crate::formats::TensorMap;
@@ -454,7 +455,7 @@ impl Arch for NemotronH {
         };
         // A tensor by its hub name (after `layers.{i}.` for layer tensors) in this layout.
         let name = |hf: &str, l: Option<usize>| -> String {
-            let gg = || NAMES.iter().find(|(h, _)| *h == hf).map_or(hf, |(_, g)| *g);
+            let gg = || TensorName::gguf_of(&TENSORS, hf);
             match (l, gguf) {
                 (Some(i), true) => format!("blk.{i}.{}", gg()),
                 (Some(i), false) => format!("{pre}.layers.{i}.{hf}"),
@@ -640,11 +641,30 @@ impl Arch for NemotronH {
         })
     }
 
-    fn role(&self, name: &str) -> Option<Role> {
-        role(name)
+    fn tensors(&self) -> &'static [TensorName] {
+        &TENSORS
     }
-    fn names(&self) -> &'static [(&'static str, &'static str)] {
-        &NAMES
+    fn role(&self, name: &str) -> Option<Role> {
+        // Hub layout: `mixer.experts.{e}.up_proj.weight` / `...down_proj.weight`.
+        let expert = super::split_layer(name).and_then(|(l, rest)| {
+            let (e, proj) = rest.strip_prefix("mixer.experts.")?.split_once('.')?;
+            Some((l, e.parse::<usize>().ok()?, proj))
+        });
+        if let Some((l, e, proj)) = expert {
+            let dims = match proj {
+                "up_proj.weight" => vec![Dim::MoeFfn(l), Dim::Hidden],
+                "down_proj.weight" => vec![Dim::Hidden, Dim::MoeFfn(l)],
+                _ => return None,
+            };
+            let (layer, expert) = (Some(l), Some(e));
+            return Some(Role {
+                layer,
+                expert,
+                dims,
+                flat: false,
+            });
+        }
+        TensorName::role(&TENSORS, name)
     }
     fn gguf_unused(&self) -> &'static [&'static str] {
         &["attention.layer_norm_rms_epsilon", "rope.freq_base"]
@@ -657,115 +677,80 @@ impl Arch for NemotronH {
     }
 }
 
-/// The elastic axes of each Nemotron-H tensor (hub, newest-transformers and GGUF names).
-fn role(name: &str) -> Option<Role> {
+/// Every Nemotron-H tensor: hub names (then the newest transformers spellings), GGUF names,
+/// elastic axes. The hub layout's per-expert tensors are matched in [`NemotronH::role`] and
+/// stacked and unstacked by the rewrite.
+pub const TENSORS: [TensorName; 26] = {
     use super::Dim::*;
-    let g = |dims| Some(Role::new(None, dims));
-    match name {
-        "backbone.embeddings.weight"
-        | "backbone.embedding.weight"
-        | "model.embeddings.weight"
-        | "model.embed_tokens.weight"
-        | "lm_head.weight"
-        | "token_embd.weight"
-        | "output.weight" => return g(vec![Whole, Hidden]),
-        "backbone.norm_f.weight" | "model.norm_f.weight" | "output_norm.weight" => {
-            return g(vec![Hidden]);
-        }
-        _ => {}
-    }
-    let (l, rest) = super::split_layer(name)?;
-    let r = |dims| Some(Role::new(Some(l), dims));
-    let rest = rest.strip_prefix("mixer.").unwrap_or(rest);
-    if let Some(e) = rest.strip_prefix("experts.") {
-        // Hub layout: experts.{e}.up_proj.weight / experts.{e}.down_proj.weight
-        if let Some((num, tail)) = e.split_once('.')
-            && let Ok(e) = num.parse::<usize>()
-        {
-            let dims = match tail {
-                "up_proj.weight" => vec![MoeFfn(l), Hidden],
-                "down_proj.weight" => vec![Hidden, MoeFfn(l)],
-                _ => return None,
-            };
-            return Some(Role {
-                layer: Some(l),
-                expert: Some(e),
-                dims,
-                flat: false,
-            });
-        }
-    }
-    match rest {
-        "norm.weight" if !name.contains("mixer.") => r(vec![Hidden]),
-        "attn_norm.weight" => r(vec![Hidden]),
-        "in_proj.weight" | "ssm_in.weight" => r(vec![MambaInProj(l), Hidden]),
-        "in_proj.bias" => r(vec![MambaInProj(l)]),
-        "conv1d.weight" => r(vec![MambaConv(l), Whole, Whole]),
-        "ssm_conv1d.weight" => r(vec![MambaConv(l), Whole]),
-        "conv1d.bias" | "ssm_conv1d.bias" => r(vec![MambaConv(l)]),
-        "dt_bias" | "A_log" | "D" | "ssm_dt.bias" => r(vec![MambaHeads(l)]),
-        "ssm_a" | "ssm_d" => r(vec![MambaHeads(l), Whole]),
-        "norm.weight" => r(vec![MambaInner(l)]),
-        "ssm_norm.weight" => Some(Role {
-            layer: Some(l),
-            expert: None,
-            dims: vec![MambaInner(l)],
-            flat: true,
-        }),
-        "out_proj.weight" | "ssm_out.weight" => r(vec![Hidden, MambaInner(l)]),
-        "out_proj.bias" => r(vec![Hidden]),
-        "q_proj.weight" | "attn_q.weight" => r(vec![QHeads(l), Hidden]),
-        "k_proj.weight" | "v_proj.weight" | "attn_k.weight" | "attn_v.weight" => {
-            r(vec![Whole, Hidden])
-        }
-        "o_proj.weight" | "attn_output.weight" => r(vec![Hidden, QHeads(l)]),
-        "up_proj.weight" | "ffn_up.weight" => r(vec![Ffn(l), Hidden]),
-        "down_proj.weight" | "ffn_down.weight" => r(vec![Hidden, Ffn(l)]),
-        "gate.weight" | "ffn_gate_inp.weight" => r(vec![Experts(l), Hidden]),
-        "gate.e_score_correction_bias" | "exp_probs_b.bias" => r(vec![Experts(l)]),
-        "experts.up_proj" | "experts.up_proj.weight" | "ffn_up_exps.weight" => {
-            r(vec![Experts(l), MoeFfn(l), Hidden])
-        }
-        "experts.down_proj" | "experts.down_proj.weight" | "ffn_down_exps.weight" => {
-            r(vec![Experts(l), Hidden, MoeFfn(l)])
-        }
-        "shared_experts.up_proj.weight" | "ffn_up_shexp.weight" => r(vec![SharedFfn(l), Hidden]),
-        "shared_experts.down_proj.weight" | "ffn_down_shexp.weight" => {
-            r(vec![Hidden, SharedFfn(l)])
-        }
-        _ => None,
-    }
-}
-
-/// HF (hub layout) name ↔ GGUF name of Nemotron-H tensors (suffixes after the layer prefix).
-/// Stacked experts (`mixer.experts.up_proj`) map to `ffn_up_exps`; the hub layout's per-expert
-/// tensors are stacked and unstacked by the writer.
-pub const NAMES: [(&str, &str); 24] = [
-    ("backbone.embeddings.weight", "token_embd.weight"),
-    ("lm_head.weight", "output.weight"),
-    ("backbone.norm_f.weight", "output_norm.weight"),
-    ("norm.weight", "attn_norm.weight"),
-    ("mixer.in_proj.weight", "ssm_in.weight"),
-    ("mixer.conv1d.weight", "ssm_conv1d.weight"),
-    ("mixer.conv1d.bias", "ssm_conv1d.bias"),
-    ("mixer.dt_bias", "ssm_dt.bias"),
-    ("mixer.A_log", "ssm_a"),
-    ("mixer.D", "ssm_d"),
-    ("mixer.norm.weight", "ssm_norm.weight"),
-    ("mixer.out_proj.weight", "ssm_out.weight"),
-    ("mixer.q_proj.weight", "attn_q.weight"),
-    ("mixer.k_proj.weight", "attn_k.weight"),
-    ("mixer.v_proj.weight", "attn_v.weight"),
-    ("mixer.o_proj.weight", "attn_output.weight"),
-    ("mixer.up_proj.weight", "ffn_up.weight"),
-    ("mixer.down_proj.weight", "ffn_down.weight"),
-    ("mixer.gate.weight", "ffn_gate_inp.weight"),
-    ("mixer.gate.e_score_correction_bias", "exp_probs_b.bias"),
-    ("mixer.experts.up_proj", "ffn_up_exps.weight"),
-    ("mixer.experts.down_proj", "ffn_down_exps.weight"),
-    ("mixer.shared_experts.up_proj.weight", "ffn_up_shexp.weight"),
-    (
-        "mixer.shared_experts.down_proj.weight",
-        "ffn_down_shexp.weight",
-    ),
-];
+    const Q: Dim = QHeads(0);
+    const F: Dim = Ffn(0);
+    const E: Dim = Experts(0);
+    const MH: Dim = MambaHeads(0);
+    const MI: Dim = MambaInner(0);
+    const MC: Dim = MambaConv(0);
+    const MP: Dim = MambaInProj(0);
+    const EMBED: &[&str] = &[
+        "backbone.embeddings.weight",
+        "backbone.embedding.weight",
+        "model.embeddings.weight",
+        "model.embed_tokens.weight",
+    ];
+    let mut ssm_norm = t(&["mixer.norm.weight"], "ssm_norm.weight", &[MI]);
+    ssm_norm.gguf_flat = true;
+    let mut conv = t(
+        &["mixer.conv1d.weight"],
+        "ssm_conv1d.weight",
+        &[MC, Whole, Whole],
+    );
+    conv.gguf_dims = &[MC, Whole];
+    let mut a_log = t(&["mixer.A_log"], "ssm_a", &[MH]);
+    a_log.gguf_dims = &[MH, Whole];
+    let mut d = t(&["mixer.D"], "ssm_d", &[MH]);
+    d.gguf_dims = &[MH, Whole];
+    let up = &["mixer.experts.up_proj", "mixer.experts.up_proj.weight"];
+    let down = &["mixer.experts.down_proj", "mixer.experts.down_proj.weight"];
+    [
+        t(EMBED, "token_embd.weight", &[Whole, Hidden]),
+        t(&["lm_head.weight"], "output.weight", &[Whole, Hidden]),
+        t(
+            &["backbone.norm_f.weight", "model.norm_f.weight"],
+            "output_norm.weight",
+            &[Hidden],
+        ),
+        t(&["norm.weight"], "attn_norm.weight", &[Hidden]),
+        t(&["mixer.in_proj.weight"], "ssm_in.weight", &[MP, Hidden]),
+        t(&["mixer.in_proj.bias"], "", &[MP]),
+        conv,
+        t(&["mixer.conv1d.bias"], "ssm_conv1d.bias", &[MC]),
+        t(&["mixer.dt_bias"], "ssm_dt.bias", &[MH]),
+        a_log,
+        d,
+        ssm_norm,
+        t(&["mixer.out_proj.weight"], "ssm_out.weight", &[Hidden, MI]),
+        t(&["mixer.out_proj.bias"], "", &[Hidden]),
+        t(&["mixer.q_proj.weight"], "attn_q.weight", &[Q, Hidden]),
+        t(&["mixer.k_proj.weight"], "attn_k.weight", &[Whole, Hidden]),
+        t(&["mixer.v_proj.weight"], "attn_v.weight", &[Whole, Hidden]),
+        t(&["mixer.o_proj.weight"], "attn_output.weight", &[Hidden, Q]),
+        t(&["mixer.up_proj.weight"], "ffn_up.weight", &[F, Hidden]),
+        t(&["mixer.down_proj.weight"], "ffn_down.weight", &[Hidden, F]),
+        t(&["mixer.gate.weight"], "ffn_gate_inp.weight", &[E, Hidden]),
+        t(
+            &["mixer.gate.e_score_correction_bias"],
+            "exp_probs_b.bias",
+            &[E],
+        ),
+        t(up, "ffn_up_exps.weight", &[E, MoeFfn(0), Hidden]),
+        t(down, "ffn_down_exps.weight", &[E, Hidden, MoeFfn(0)]),
+        t(
+            &["mixer.shared_experts.up_proj.weight"],
+            "ffn_up_shexp.weight",
+            &[SharedFfn(0), Hidden],
+        ),
+        t(
+            &["mixer.shared_experts.down_proj.weight"],
+            "ffn_down_shexp.weight",
+            &[Hidden, SharedFfn(0)],
+        ),
+    ]
+};

@@ -49,3 +49,91 @@ impl Role {
         }
     }
 }
+
+impl Dim {
+    /// The same axis bound to layer `l` (name tables write layer-bound axes with layer 0).
+    pub fn at(self, l: usize) -> Dim {
+        use Dim::*;
+        match self {
+            Whole | Hidden => self,
+            Ffn(_) => Ffn(l),
+            MoeFfn(_) => MoeFfn(l),
+            SharedFfn(_) => SharedFfn(l),
+            Experts(_) => Experts(l),
+            QHeads(_) => QHeads(l),
+            MambaInProj(_) => MambaInProj(l),
+            MambaConv(_) => MambaConv(l),
+            MambaInner(_) => MambaInner(l),
+            MambaHeads(_) => MambaHeads(l),
+        }
+    }
+}
+
+/// One tensor of an architecture in both layouts, with its elastic axes (llama.cpp's
+/// per-architecture name tables). Layer tensors are named after their `layers.{i}.` / `blk.{i}.`
+/// prefix.
+pub struct TensorName {
+    /// HF names: the one written first, then other spellings read.
+    pub hf: &'static [&'static str],
+    /// GGUF name ("" where llama.cpp has none).
+    pub gguf: &'static str,
+    /// The axes of each dimension (HF layout, torch order).
+    pub dims: &'static [Dim],
+    /// The GGUF layout's axes where they differ (empty: the same).
+    pub gguf_dims: &'static [Dim],
+    /// GGUF stores it reshaped: gather the flattened tensor ([`Role::flat`]).
+    pub gguf_flat: bool,
+}
+
+/// A table entry whose layouts have the same axes.
+pub const fn t(
+    hf: &'static [&'static str],
+    gguf: &'static str,
+    dims: &'static [Dim],
+) -> TensorName {
+    TensorName {
+        hf,
+        gguf,
+        dims,
+        gguf_dims: &[],
+        gguf_flat: false,
+    }
+}
+
+impl TensorName {
+    /// The table entry of a tensor name (after the layer prefix, if any) in either layout.
+    pub fn find<'a>(table: &'a [TensorName], name: &str) -> Option<(&'a TensorName, bool)> {
+        table.iter().find_map(|t| {
+            let gguf = t.gguf == name;
+            (gguf || t.hf.contains(&name)).then_some((t, gguf))
+        })
+    }
+
+    /// The role of a checkpoint tensor by a table: None for names the table does not hold.
+    pub fn role(table: &[TensorName], name: &str) -> Option<Role> {
+        let (layer, rest) = match super::split_layer(name) {
+            Some((l, rest)) => (Some(l), rest),
+            None => (None, name),
+        };
+        let (t, gguf) = TensorName::find(table, rest)?;
+        let dims = if gguf && !t.gguf_dims.is_empty() {
+            t.gguf_dims
+        } else {
+            t.dims
+        };
+        Some(Role {
+            layer,
+            expert: None,
+            dims: dims.iter().map(|d| d.at(layer.unwrap_or(0))).collect(),
+            flat: gguf && t.gguf_flat,
+        })
+    }
+
+    /// The GGUF name of an HF name (unchanged when the table has none).
+    pub fn gguf_of<'a>(table: &[TensorName], hf: &'a str) -> &'a str {
+        match TensorName::find(table, hf) {
+            Some((t, _)) if !t.gguf.is_empty() => t.gguf,
+            _ => hf,
+        }
+    }
+}
