@@ -184,13 +184,6 @@ const SIZES: [&str; 7] = [
     "mamba_head_dim",
 ];
 
-fn mamba_params(m: &Model) -> Option<&Mamba2> {
-    m.blocks.iter().find_map(|b| match &b.mixer {
-        Mixer::Mamba(x) => Some(x),
-        _ => None,
-    })
-}
-
 impl Arch for NemotronH {
     fn name(&self) -> &'static str {
         "nemotron_h"
@@ -343,7 +336,6 @@ impl Arch for NemotronH {
         };
         let kinds = hp.kinds();
         let moe = hp.has(LayerKind::Moe);
-        let mb = mamba_params(m);
         let mut c = Config {
             hybrid_override_pattern: Some(
                 kinds
@@ -363,8 +355,8 @@ impl Arch for NemotronH {
             mamba_head_dim: o(Axis::MambaHeadDim)?,
             n_groups: Some(hp.mamba_groups),
             ssm_state_size: Some(hp.ssm_state),
-            conv_kernel: Some(mb.map_or(hp.conv_k, |x| x.conv_k)),
-            chunk_size: Some(mb.map_or(hp.chunk, |x| x.chunk)),
+            conv_kernel: Some(hp.conv_k),
+            chunk_size: Some(hp.chunk),
             mamba_hidden_act: Some("silu".into()),
             mlp_hidden_act: Some("relu2".into()),
             layer_norm_epsilon: Some(hp.eps as f64),
@@ -754,3 +746,47 @@ pub const TENSORS: [TensorName; 26] = {
         ),
     ]
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::Dim::*;
+
+    #[test]
+    fn roles_from_the_table_in_both_layouts() {
+        let r = |n: &str| {
+            NemotronH
+                .role(n)
+                .map(|r| (r.layer, r.expert, r.dims, r.flat))
+        };
+        assert_eq!(
+            r("backbone.layers.3.mixer.A_log"),
+            Some((Some(3), None, vec![MambaHeads(3)], false))
+        );
+        assert_eq!(
+            r("blk.3.ssm_a"),
+            Some((Some(3), None, vec![MambaHeads(3), Whole], false))
+        );
+        assert_eq!(
+            r("blk.2.ssm_norm.weight"),
+            Some((Some(2), None, vec![MambaInner(2)], true))
+        );
+        assert_eq!(
+            r("backbone.layers.2.norm.weight"),
+            Some((Some(2), None, vec![Hidden], false))
+        );
+        assert_eq!(
+            r("model.embed_tokens.weight"),
+            Some((None, None, vec![Whole, Hidden], false))
+        );
+        assert_eq!(
+            r("backbone.layers.1.mixer.experts.5.down_proj.weight"),
+            Some((Some(1), Some(5), vec![Hidden, MoeFfn(1)], false))
+        );
+        assert_eq!(
+            r("model.layers.1.mixer.experts.up_proj"),
+            r("blk.1.ffn_up_exps.weight")
+        );
+        assert_eq!(r("backbone.layers.0.mixer.unknown"), None);
+    }
+}
