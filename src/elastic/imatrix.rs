@@ -72,7 +72,8 @@ impl Observer for Moments {
 /// matrices (GGUF and HF names); other architectures get none (plain error).
 pub fn collect(model: &Model, seqs: &[Vec<u32>]) -> Result<Imatrix> {
     let mut out = Imatrix::new();
-    if model.arch() != "llama" || seqs.is_empty() {
+    let arch = crate::models::arch(model.arch())?;
+    if arch.imatrix_matrices(0).is_empty() || seqs.is_empty() {
         return Ok(out);
     }
     let n = model.shape.layers.len();
@@ -86,21 +87,9 @@ pub fn collect(model: &Model, seqs: &[Vec<u32>]) -> Result<Imatrix> {
     }
     for (i, l) in obs.0.iter().enumerate() {
         let norm = |k: usize| l.norms.get(k).map(Moment::mean);
-        // q, k, v, o, gate, up, down read: attention norm, attention output, MLP norm, activation.
-        let inputs = [
-            norm(0),
-            norm(0),
-            norm(0),
-            Some(l.attn.mean()),
-            norm(1),
-            norm(1),
-            Some(l.down.mean()),
-        ];
-        for (names, w) in crate::models::llama::matrix_names(i)
-            .into_iter()
-            .zip(inputs)
-        {
-            if let Some(w) = w.filter(|w| !w.is_empty()) {
+        let inputs = [norm(0), norm(1), Some(l.attn.mean()), Some(l.down.mean())];
+        for (names, k) in arch.imatrix_matrices(i) {
+            if let Some(w) = inputs[k].as_ref().filter(|w| !w.is_empty()) {
                 for name in names {
                     out.insert(name, w.clone());
                 }

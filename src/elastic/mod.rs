@@ -12,59 +12,12 @@ pub mod plot;
 pub mod rewrite;
 pub mod solver;
 
-use crate::budget::{Axis, AxisMap, Budget, LayerKind, Shape};
+use crate::budget::{Axis, AxisMap, Budget, Shape};
 use crate::error::{Error, Result};
 use crate::kernels::quant;
 use crate::tensor::{DType, Tensor};
 
-/// What indexes one dimension of a checkpoint tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Dim {
-    /// Not elastic (vocabulary, K/V rows, conv taps...): kept whole, in order.
-    Whole,
-    /// Residual channels.
-    Hidden,
-    Ffn(usize),
-    MoeFfn(usize),
-    SharedFfn(usize),
-    /// Routed experts (router rows, correction bias, stacked expert dimension).
-    Experts(usize),
-    /// Query heads × head_dim (q_proj rows, o_proj columns).
-    QHeads(usize),
-    /// Mamba in_proj rows: z | x | B | C | dt.
-    MambaInProj(usize),
-    /// Mamba conv channels: x | B | C.
-    MambaConv(usize),
-    /// Mamba d_inner (heads × head channels): gated-norm weight, out_proj columns.
-    MambaInner(usize),
-    /// Per-head Mamba vectors (dt_bias, A_log, D).
-    MambaHeads(usize),
-}
-
-/// How a checkpoint tensor relates to the elastic axes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Role {
-    /// The layer the tensor belongs to (dropped with it, renumbered in its name).
-    pub layer: Option<usize>,
-    /// Routed expert whose index is part of the tensor name (hub layout `experts.{e}.`).
-    pub expert: Option<usize>,
-    /// One entry per dimension, torch order.
-    pub dims: Vec<Dim>,
-    /// Index the flattened tensor by `dims[0]` and keep the leading dimension's count
-    /// (GGUF's `ssm_norm` stored as [groups, d_inner/groups]).
-    pub flat: bool,
-}
-
-impl Role {
-    pub fn new(layer: Option<usize>, dims: Vec<Dim>) -> Role {
-        Role {
-            layer,
-            expert: None,
-            dims,
-            flat: false,
-        }
-    }
-}
+pub use crate::models::role::{Dim, Role};
 
 /// Parent indices kept along every axis, per layer; `None` drops a layer.
 #[derive(Clone, Debug, PartialEq)]
@@ -333,81 +286,6 @@ pub fn parse_float_dtype(s: &str) -> Result<DType> {
         other => Err(Error::Input(format!(
             "--dtype {other:?}: use f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0"
         ))),
-    }
-}
-
-/// The dimensions of a checkpoint after an [`IndexMap`]: what configs and metadata must say.
-#[derive(Clone, Debug)]
-pub struct SliceDims {
-    pub hidden: usize,
-    pub head_dim: usize,
-    /// Kept layers, in order.
-    pub layers: Vec<(LayerKind, LayerSizes)>,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LayerSizes {
-    pub ffn: usize,
-    pub moe_ffn: usize,
-    pub shared_ffn: usize,
-    pub experts: usize,
-    pub heads: usize,
-    pub mamba_heads: usize,
-    pub mamba_head_dim: usize,
-}
-
-impl SliceDims {
-    pub fn new(shape: &Shape, map: &IndexMap) -> SliceDims {
-        let layers = shape
-            .layers
-            .iter()
-            .zip(&map.layers)
-            .filter_map(|(k, lm)| {
-                lm.as_ref().map(|lm| {
-                    (
-                        *k,
-                        LayerSizes {
-                            ffn: lm[Axis::Ffn].len(),
-                            moe_ffn: lm[Axis::MoeFfn].len(),
-                            shared_ffn: lm[Axis::SharedFfn].len(),
-                            experts: lm[Axis::Experts].len(),
-                            heads: lm[Axis::Heads].len(),
-                            mamba_heads: lm[Axis::MambaHeads].len(),
-                            mamba_head_dim: lm[Axis::MambaHeadDim].len(),
-                        },
-                    )
-                })
-            })
-            .collect();
-        SliceDims {
-            hidden: map.hidden.len(),
-            head_dim: shape.head_dim,
-            layers,
-        }
-    }
-
-    /// The one value of an axis over the layers that have it (configs hold one number); `parent`
-    /// when no kept layer has it.
-    pub fn uniform(
-        &self,
-        axis: &str,
-        get: fn(&LayerSizes) -> usize,
-        has: impl Fn(LayerKind) -> bool,
-        parent: usize,
-    ) -> Result<usize> {
-        let vals: Vec<usize> = self
-            .layers
-            .iter()
-            .filter(|(k, _)| has(*k))
-            .map(|(_, s)| get(s))
-            .collect();
-        match vals.first() {
-            None => Ok(parent),
-            Some(&v) if vals.iter().all(|&x| x == v) => Ok(v),
-            Some(_) => Err(Error::Input(format!(
-                "{axis} differs between layers; this format stores one value for all layers (per-layer sizes can be written to GGUF for the feed-forward widths only)"
-            ))),
-        }
     }
 }
 

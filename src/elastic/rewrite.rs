@@ -4,14 +4,15 @@
 //! memory ≈ the largest tensor), written to a temporary path that is renamed into place only when
 //! everything succeeded.
 
-use super::{GatherPlan, IndexMap, Role, SliceDims, encode};
-use crate::budget::Axis;
+use super::{GatherPlan, IndexMap, Role, encode};
 use crate::error::{Error, Result};
 use crate::formats::{OutTensor, gguf, safetensors, temp, tokenizer};
 use crate::kernels::quant::{self, ToF32};
 use crate::manifest::Manifest;
 use crate::model::Format;
+use crate::models::hparams::{HParams, Layer};
 use crate::models::{Checkpoint, Raw};
+use crate::shape::Axis;
 use crate::tensor::DType;
 use std::path::Path;
 use std::time::Instant;
@@ -145,8 +146,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             out.path.display()
         )));
     }
-    let arch = m.arch().to_string();
-    let llama = arch == "llama";
+    let arch = ck.arch;
     let tensors = ck.raw.tensors();
     let from = m.meta.format;
     let to = out.format.unwrap_or(from);
@@ -164,7 +164,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
     let mut gathered = vec![];
     for name in &names {
         let t = tensors.get(name)?;
-        let role = crate::models::role(&arch, name);
+        let role = arch.role(name);
         let Some(new_name) = rename(name, role.as_ref(), map) else {
             continue;
         };
@@ -185,7 +185,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             dtype,
         });
     }
-    let dims = SliceDims::new(&m.shape, map);
+    let hp = sliced(&ck.hp, map);
     let planned = if to == from {
         gathered
             .into_iter()
@@ -204,7 +204,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             })
             .collect()
     } else {
-        convert_layout(ck, gathered, map, &dims, to == Format::Gguf, llama, convert)?
+        convert_layout(ck, gathered, map, &hp, to == Format::Gguf, convert)?
     };
     if let Some(pos) = planned
         .iter()
@@ -225,7 +225,9 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             p.out.name, p.out.dtype
         )));
     }
-    let kept = crate::models::kept_layers(map);
+    let kept: Vec<usize> = (0..map.layers.len())
+        .filter(|&l| map.layers[l].is_some())
+        .collect();
     let outs: Vec<OutTensor> = planned.iter().map(|p| p.out.clone()).collect();
     let total: u64 = outs.iter().map(|o| o.nbytes() as u64).sum();
     let pb = out.progress;
@@ -285,18 +287,11 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
         match to {
             Format::Hf => {
                 temp::create_dir_all(&tmp)?;
-                let mut cfg = match (&ck.raw, llama) {
-                    (Raw::Hf { config, .. }, true) => {
-                        crate::models::llama::hf_config(config, &dims)?
-                    }
-                    (Raw::Hf { config, .. }, false) => {
-                        crate::models::nemotron_h::hf_config(config, &dims)?
-                    }
-                    (Raw::Gguf(g), true) => crate::models::llama::hf_config_from_gguf(g, &dims, m)?,
-                    (Raw::Gguf(_), false) => {
-                        crate::models::nemotron_h::hf_config_from_gguf(&dims, m)?
-                    }
+                let base = match &ck.raw {
+                    Raw::Hf { config, .. } => Some(config),
+                    Raw::Gguf(_) => None,
                 };
+                let mut cfg = arch.hf_config(&hp, base, m)?;
                 let o = cfg
                     .as_object_mut()
                     .ok_or_else(|| Error::config("config.json", "is not an object"))?;
@@ -324,14 +319,23 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
                 safetensors::write(&tmp.join("model.safetensors"), &outs, data)
             }
             Format::Gguf => {
-                let mut meta = match (&ck.raw, llama) {
-                    (Raw::Gguf(g), true) => crate::models::llama::gguf_meta(g, &dims, &kept)?,
-                    (Raw::Gguf(g), false) => crate::models::nemotron_h::gguf_meta(g, &dims, &kept)?,
-                    (Raw::Hf { config, .. }, true) => {
-                        crate::models::llama::gguf_meta_from_hf(config, &dims, m)
+                let mut meta = match &ck.raw {
+                    Raw::Gguf(g) => {
+                        let a = g.str("general.architecture")?;
+                        crate::models::gguf_meta_with(
+                            g,
+                            &kept,
+                            hp.gguf_meta(a, arch.gguf_unused())?,
+                        )
                     }
-                    (Raw::Hf { .. }, false) => {
-                        crate::models::nemotron_h::gguf_meta_from_hf(&dims, m)?
+                    Raw::Hf { .. } => {
+                        let a = arch.arch_name(&hp);
+                        let mut v = vec![
+                            ("general.architecture".into(), gguf::Value::Str(a.into())),
+                            ("general.name".into(), crate::models::gguf_name(m)),
+                        ];
+                        v.extend(hp.gguf_meta(a, arch.gguf_unused())?);
+                        v
                     }
                 };
                 if from == Format::Hf {
@@ -360,6 +364,31 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
         bytes: total,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// Hyper-parameters after an index map: the kept layers, with the kept count along every axis.
+fn sliced(hp: &HParams, map: &IndexMap) -> HParams {
+    let mut out = hp.clone();
+    out.layers = (hp.layers.iter().zip(&map.layers))
+        .filter_map(|(l, lm)| {
+            let lm = lm.as_ref()?;
+            let n = |a: Axis| match a {
+                Axis::Hidden => map.hidden.len(),
+                _ => lm[a].len(),
+            };
+            let size = l.size.map(|a, _| if a.applies(l.kind) { n(a) } else { 0 });
+            Some(Layer { kind: l.kind, size })
+        })
+        .collect();
+    let first = |a: Axis| {
+        out.layers
+            .iter()
+            .find(|l| a.applies(l.kind))
+            .map(|l| l.size[a])
+    };
+    out.size = hp.size.map(|a, &v| first(a).unwrap_or(v));
+    out.size[Axis::Hidden] = map.hidden.len();
+    out
 }
 
 /// Applies a layout transform to the gathered bytes of one output tensor.
@@ -408,25 +437,21 @@ fn convert_layout(
     ck: &Checkpoint,
     gathered: Vec<Gathered>,
     map: &IndexMap,
-    dims: &SliceDims,
+    hp: &HParams,
     to_gguf: bool,
-    llama: bool,
     convert: Option<DType>,
 ) -> Result<Vec<Planned>> {
     let m = &ck.model;
-    let names: &[(&str, &str)] = if llama {
-        &crate::models::llama::NAMES
-    } else {
-        &crate::models::nemotron_h::NAMES
-    };
+    let arch = ck.arch;
+    let rope = arch.gguf_rope_permuted();
     let tensors = ck.raw.tensors();
     let heads_of = |layer: Option<usize>, kv: bool| -> usize {
         if kv {
             m.shape.kv_heads
         } else {
             layer
-                .and_then(|l| dims.layers.get(l))
-                .map_or(m.shape.heads, |(_, s)| s.heads)
+                .and_then(|l| hp.layers.get(l))
+                .map_or(m.shape.heads, |x| x.size[Axis::Heads])
         }
     };
     let mut out = vec![];
@@ -438,14 +463,11 @@ fn convert_layout(
         let layer_pre = |l: usize| {
             if to_gguf {
                 format!("blk.{l}.")
-            } else if llama {
-                format!("model.layers.{l}.")
             } else {
-                format!("backbone.layers.{l}.")
+                arch.hf_layer(l)
             }
         };
         if to_gguf
-            && !llama
             && suffix.starts_with("mixer.experts.")
             && g.role.as_ref().is_some_and(|r| r.expert.is_some())
         {
@@ -457,20 +479,9 @@ fn convert_layout(
             stacks.entry((layer.unwrap(), proj)).or_default().push(g);
             continue;
         }
-        // The input may use the newest transformers names (model.* prefix, embed_tokens).
-        let key = suffix
-            .replace("model.embeddings.", "backbone.embeddings.")
-            .replace("model.norm_f.", "backbone.norm_f.")
-            .replace("backbone.embedding.", "backbone.embeddings.");
-        let key = key
-            .strip_suffix(".weight")
-            .filter(|k| *k == "mixer.experts.up_proj" || *k == "mixer.experts.down_proj")
-            .map(str::to_string)
-            .unwrap_or(key);
-        let target = names.iter().find_map(|&(hf, gg)| {
-            let (a, b) = if to_gguf { (hf, gg) } else { (gg, hf) };
-            (key == a).then_some(b)
-        });
+        let target = crate::models::role::TensorName::find(arch.tensors(), suffix)
+            .map(|(t, _)| if to_gguf { t.gguf } else { t.hf[0] })
+            .filter(|t| !t.is_empty());
         let Some(target) = target else {
             return Err(Error::Input(format!(
                 "tensor {}: no {} name for it",
@@ -492,7 +503,6 @@ fn convert_layout(
                 .nth(l)
                 .ok_or_else(|| Error::Input("expert layer missing".into()))?;
             let src_t = tensors.get(&g.src)?;
-            let src_layer = g.role.as_ref().and_then(|r| r.layer).unwrap();
             let role = g.role.clone().unwrap();
             let sub_role = Role {
                 dims: role.dims[1..].to_vec(),
@@ -503,7 +513,6 @@ fn convert_layout(
             } else {
                 "down_proj"
             };
-            let _ = src_layer;
             for (p, &e) in lm[Axis::Experts].iter().enumerate() {
                 let view = src_t.index(e);
                 let plan = GatherPlan::new(&view, &sub_role, map, &m.shape, convert)?;
@@ -535,16 +544,16 @@ fn convert_layout(
                 let gr = m.shape.mamba_groups.max(1);
                 (vec![gr, n / gr], Xform::None)
             }
-            "attn_q.weight" | "attn_q.bias" if llama => {
+            "attn_q.weight" | "attn_q.bias" if rope => {
                 (g.shape.clone(), Xform::RopeToGguf(heads_of(layer, false)))
             }
-            "attn_k.weight" | "attn_k.bias" if llama => {
+            "attn_k.weight" | "attn_k.bias" if rope => {
                 (g.shape.clone(), Xform::RopeToGguf(heads_of(layer, true)))
             }
-            "self_attn.q_proj.weight" | "self_attn.q_proj.bias" => {
+            "self_attn.q_proj.weight" | "self_attn.q_proj.bias" if rope => {
                 (g.shape.clone(), Xform::RopeToHf(heads_of(layer, false)))
             }
-            "self_attn.k_proj.weight" | "self_attn.k_proj.bias" => {
+            "self_attn.k_proj.weight" | "self_attn.k_proj.bias" if rope => {
                 (g.shape.clone(), Xform::RopeToHf(heads_of(layer, true)))
             }
             _ => (g.shape.clone(), Xform::None),

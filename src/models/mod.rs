@@ -4,8 +4,13 @@
 //! - `llama.rs`: Llama family (RoPE, GQA, SwiGLU, tied embeddings) — SmolLM2.
 //! - `nemotron_h.rs`: Nemotron-H hybrids (Mamba-2, attention, relu² MLP, MoE).
 
+pub mod hparams;
 pub mod llama;
 pub mod nemotron_h;
+pub mod role;
+
+pub use hparams::HParams;
+pub use role::{Dim, Role};
 
 use crate::error::{Error, Result};
 use crate::formats::gguf::Gguf;
@@ -17,10 +22,109 @@ use crate::model::{Format, Meta, Model};
 use serde_json::Value as Json;
 use std::path::{Path, PathBuf};
 
+/// Everything the rest of elastica asks about an architecture. A trait over unit structs rather
+/// than an enum, so that adding an architecture is one module plus one line in [`ARCHS`] and
+/// nothing else matches on it.
+pub trait Arch: Sync {
+    /// elastica's name (the `arch` of HF checkpoints and importance files).
+    fn name(&self) -> &'static str;
+    /// HF `model_type` values and `architectures` classes read as this architecture.
+    fn hf_names(&self) -> &'static [&'static str];
+    /// GGUF `general.architecture` values read as this architecture.
+    fn gguf_names(&self) -> &'static [&'static str];
+    /// `Meta::arch` of a checkpoint with these hyper-parameters (and GGUF's
+    /// `general.architecture` written for it).
+    fn arch_name(&self, hp: &HParams) -> &'static str {
+        let _ = hp;
+        self.name()
+    }
+    /// config.json (its path for errors) into hyper-parameters.
+    fn read_hf(&self, cfg: &Json, path: &Path) -> Result<HParams>;
+    /// GGUF metadata (and the tensors present) into hyper-parameters.
+    fn read_gguf(&self, g: &Gguf) -> Result<HParams>;
+    /// config.json for `hp`: `base` (the input's config.json) with the sizes replaced, or a new
+    /// one; `m` gives the special tokens.
+    fn hf_config(&self, hp: &HParams, base: Option<&Json>, m: &Model) -> Result<Json>;
+    /// The model from its tensors in either layout.
+    fn build(&self, hp: &HParams, t: &TensorMap, format: Format, meta: Meta) -> Result<Model>;
+    /// Every tensor: HF and GGUF names and elastic axes.
+    fn tensors(&self) -> &'static [role::TensorName];
+    /// The elastic role of a tensor (HF or GGUF name); None for tensors kept as they are.
+    fn role(&self, name: &str) -> Option<Role> {
+        role::TensorName::role(self.tensors(), name)
+    }
+    /// Keys of [`HParams::gguf_meta`] (after `{arch}.`) this architecture does not write.
+    fn gguf_unused(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// HF per-layer name prefix written for layer `l`.
+    fn hf_layer(&self, l: usize) -> String;
+    /// GGUF stores q/k rows with RoPE pairs adjacent (llama.cpp's converter permutes them).
+    fn gguf_rope_permuted(&self) -> bool {
+        false
+    }
+    /// Layer `l`'s matrices whose input moments an importance matrix records, each by its
+    /// (GGUF, HF) names, with which input reads it: 0/1 the first/second block's norm output,
+    /// 2 the attention output, 3 the MLP activation. Empty: no importance matrix.
+    fn imatrix_matrices(&self, l: usize) -> Vec<([String; 2], usize)> {
+        let _ = l;
+        vec![]
+    }
+}
+
+/// The known architectures.
+pub static ARCHS: &[&dyn Arch] = &[&llama::Llama, &nemotron_h::NemotronH];
+
+fn known() -> String {
+    ARCHS
+        .iter()
+        .map(|a| a.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The architecture of a checkpoint by elastica's name or a GGUF `general.architecture`.
+pub fn arch(name: &str) -> Result<&'static dyn Arch> {
+    ARCHS
+        .iter()
+        .find(|a| a.name() == name || a.gguf_names().contains(&name))
+        .copied()
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "unknown architecture {name:?} (supported: {})",
+                known()
+            ))
+        })
+}
+
+/// The architecture an HF config names (`model_type`, else `architectures`).
+fn hf_arch(v: &Json, path: &Path) -> Result<&'static dyn Arch> {
+    let model_type = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("");
+    let classes: Vec<&str> = v
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+        .unwrap_or_default();
+    let find = |n: &str| ARCHS.iter().find(|a| a.hf_names().contains(&n)).copied();
+    find(model_type)
+        .or_else(|| classes.iter().find_map(|c| find(c)))
+        .ok_or_else(|| {
+            Error::config(
+                format!("{}: model_type", path.display()),
+                format!(
+                    "unknown architecture {model_type:?} {classes:?} (supported: {})",
+                    known()
+                ),
+            )
+        })
+}
+
 /// A loaded model together with everything its checkpoint holds (config or metadata and every
 /// tensor by name), for tools that rewrite checkpoints (elastify, slice).
 pub struct Checkpoint {
     pub model: Model,
+    pub arch: &'static dyn Arch,
+    pub hp: HParams,
     pub raw: Raw,
 }
 
@@ -65,38 +169,17 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
 fn load_hf(dir: &Path) -> Result<Checkpoint> {
     let cfg_path = dir.join("config.json");
     let v: Json = json::read(&cfg_path)?;
-    let cfg = Cfg {
-        v: &v,
-        path: &cfg_path,
-    };
     let tensors = safetensors::load_dir(dir)?;
-    let model_type = v.get("model_type").and_then(|x| x.as_str()).unwrap_or("");
-    let archs: Vec<&str> = v
-        .get("architectures")
-        .and_then(|a| a.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
-        .unwrap_or_default();
+    let arch = hf_arch(&v, &cfg_path)?;
     let mut meta = hf_meta(dir, &v)?;
-    let model = match model_type {
-        "llama" | "mistral" => {
-            meta.arch = "llama".into();
-            llama::from_hf(&cfg, &tensors, meta)?
-        }
-        "nemotron_h" => nemotron_h::from_hf(&cfg, &tensors, meta)?,
-        _ if archs.contains(&"LlamaForCausalLM") => {
-            meta.arch = "llama".into();
-            llama::from_hf(&cfg, &tensors, meta)?
-        }
-        _ if archs.contains(&"NemotronHForCausalLM") => nemotron_h::from_hf(&cfg, &tensors, meta)?,
-        other => {
-            return Err(Error::config(
-                format!("{}: model_type", cfg_path.display()),
-                format!("unknown architecture {other:?} {archs:?} (supported: llama, nemotron_h)"),
-            ));
-        }
-    };
+    let mut hp = arch.read_hf(&v, &cfg_path)?;
+    hp.context = meta.context;
+    meta.arch = arch.arch_name(&hp).into();
+    let model = arch.build(&hp, &tensors, Format::Hf, meta)?;
     Ok(Checkpoint {
         model,
+        arch,
+        hp,
         raw: Raw::Hf { config: v, tensors },
     })
 }
@@ -152,21 +235,27 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
         manifest,
         gguf: None,
     };
-    let mut model = match arch.as_str() {
-        "llama" => llama::from_gguf(&g, meta)?,
-        "nemotron_h" | "nemotron_h_moe" => nemotron_h::from_gguf(&g, meta)?,
-        other => {
-            return Err(Error::format(
+    let a = ARCHS
+        .iter()
+        .find(|a| a.gguf_names().contains(&arch.as_str()))
+        .copied()
+        .ok_or_else(|| {
+            let names: Vec<_> = ARCHS.iter().flat_map(|a| a.gguf_names()).copied().collect();
+            Error::format(
                 path,
                 format!(
-                    "unknown architecture {other:?} in general.architecture (supported: llama, nemotron_h, nemotron_h_moe)"
+                    "unknown architecture {arch:?} in general.architecture (supported: {})",
+                    names.join(", ")
                 ),
-            ));
-        }
-    };
+            )
+        })?;
+    let hp = a.read_gguf(&g)?;
+    let mut model = a.build(&hp, &g.tensors, Format::Gguf, meta)?;
     model.meta.gguf = Some(g.meta.clone());
     Ok(Checkpoint {
         model,
+        arch: a,
+        hp,
         raw: Raw::Gguf(g),
     })
 }
@@ -248,64 +337,43 @@ fn hf_meta(dir: &Path, cfg: &Json) -> Result<Meta> {
     })
 }
 
-/// config.json accessor whose errors name the file and field.
-pub struct Cfg<'a> {
-    pub v: &'a Json,
-    pub path: &'a Path,
+/// config.json into an architecture's serde config; errors name the file and field.
+pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(v: &Json, path: &Path) -> Result<T> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." {
+            String::new()
+        } else {
+            format!(": {field}")
+        };
+        Error::config(
+            format!("{}{field}", path.display()),
+            e.into_inner().to_string(),
+        )
+    })
 }
 
-impl Cfg<'_> {
-    fn field(&self, k: &str) -> String {
-        format!("{}: {k}", self.path.display())
-    }
-    /// The first present of several spellings.
-    pub fn get(&self, keys: &[&str]) -> Option<&Json> {
-        keys.iter()
-            .find_map(|k| self.v.get(*k).filter(|x| !x.is_null()))
-    }
-    pub fn usize(&self, keys: &[&str]) -> Result<usize> {
-        match self.get(keys) {
-            Some(x) => x.as_u64().map(|n| n as usize).ok_or_else(|| {
-                Error::config(
-                    self.field(keys[0]),
-                    format!("{x} is not a non-negative integer"),
-                )
-            }),
-            None => Err(Error::config(self.field(keys[0]), "missing")),
+/// A serde config as a JSON object, without its unset fields.
+pub(crate) fn to_object<T: serde::Serialize>(c: &T) -> serde_json::Map<String, Json> {
+    match serde_json::to_value(c) {
+        Ok(Json::Object(mut o)) => {
+            o.retain(|_, v| !v.is_null());
+            o
         }
+        _ => Default::default(),
     }
-    pub fn usize_or(&self, keys: &[&str], d: usize) -> Result<usize> {
-        if self.get(keys).is_none() {
-            Ok(d)
-        } else {
-            self.usize(keys)
-        }
-    }
-    pub fn f64_or(&self, keys: &[&str], d: f64) -> Result<f64> {
-        match self.get(keys) {
-            None => Ok(d),
-            Some(x) => parse_float(x)
-                .ok_or_else(|| Error::config(self.field(keys[0]), format!("{x} is not a number"))),
-        }
-    }
-    pub fn bool_or(&self, keys: &[&str], d: bool) -> Result<bool> {
-        match self.get(keys) {
-            None => Ok(d),
-            Some(x) => x.as_bool().ok_or_else(|| {
-                Error::config(self.field(keys[0]), format!("{x} is not true/false"))
-            }),
-        }
-    }
-    pub fn str_or<'b>(&'b self, keys: &[&str], d: &'b str) -> Result<&'b str> {
-        match self.get(keys) {
-            None => Ok(d),
-            Some(x) => x
-                .as_str()
-                .ok_or_else(|| Error::config(self.field(keys[0]), format!("{x} is not a string"))),
-        }
-    }
-    pub fn err(&self, k: &str, msg: impl Into<String>) -> Error {
-        Error::config(self.field(k), msg)
+}
+
+/// A config number read leniently ([`parse_float`]): `#[serde(deserialize_with = "lenient")]`.
+pub(crate) fn lenient<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<f64>, D::Error> {
+    use serde::Deserialize;
+    match Option::<Json>::deserialize(d)? {
+        None => Ok(None),
+        Some(x) => parse_float(&x)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("{x} is not a number"))),
     }
 }
 
@@ -340,10 +408,6 @@ pub(crate) fn matrix(
     Ok(x.clone())
 }
 
-pub(crate) fn gguf_meta_u(g: &Gguf, key: &str) -> Result<usize> {
-    g.u64(key).map(|v| v as usize)
-}
-
 /// Splits `...layers.{i}.rest` or `blk.{i}.rest` into (i, rest).
 pub(crate) fn split_layer(name: &str) -> Option<(usize, &str)> {
     for pre in ["layers.", "blk."] {
@@ -356,14 +420,6 @@ pub(crate) fn split_layer(name: &str) -> Option<(usize, &str)> {
         }
     }
     None
-}
-
-/// The elastic role of a checkpoint tensor, by architecture.
-pub fn role(arch: &str, name: &str) -> Option<crate::elastic::Role> {
-    match arch {
-        "llama" => llama::role(name),
-        _ => nemotron_h::role(name),
-    }
 }
 
 /// GGUF metadata for a rewritten checkpoint: per-layer arrays filtered to the kept layers, then
@@ -408,25 +464,6 @@ pub(crate) fn gguf_meta_with(
     out
 }
 
-/// One u32, or an array of them when the layers differ.
-pub(crate) fn u32_or_array(v: &[usize]) -> crate::formats::gguf::Value {
-    use crate::formats::gguf::Value;
-    if v.windows(2).all(|w| w[0] == w[1]) && !v.is_empty() {
-        Value::U32(v[0] as u32)
-    } else {
-        Value::Array(v.iter().map(|&x| Value::U32(x as u32)).collect())
-    }
-}
-
-pub(crate) fn kept_layers(map: &crate::elastic::IndexMap) -> Vec<usize> {
-    map.layers
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.is_some())
-        .map(|(i, _)| i)
-        .collect()
-}
-
 /// `general.name` for a GGUF written from a checkpoint: its file or folder name.
 pub(crate) fn gguf_name(m: &Model) -> crate::formats::gguf::Value {
     crate::formats::gguf::Value::Str(
@@ -436,4 +473,52 @@ pub(crate) fn gguf_name(m: &Model) -> crate::formats::gguf::Value {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_architectures_are_refused_by_name() {
+        let e = arch("falcon").err().unwrap().to_string();
+        assert!(
+            e.contains("\"falcon\"") && e.contains("llama, nemotron_h"),
+            "{e}"
+        );
+        let cfg =
+            serde_json::json!({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]});
+        let e = hf_arch(&cfg, Path::new("m/config.json"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("m/config.json: model_type")
+                && e.contains("gpt_neox")
+                && e.contains("llama, nemotron_h"),
+            "{e}"
+        );
+        // The aliases: a Mistral config reads as Llama, a GGUF nemotron_h_moe as Nemotron-H.
+        let cfg = serde_json::json!({"model_type": "mistral"});
+        assert_eq!(hf_arch(&cfg, Path::new("c")).unwrap().name(), "llama");
+        let cfg = serde_json::json!({"architectures": ["NemotronHForCausalLM"]});
+        assert_eq!(hf_arch(&cfg, Path::new("c")).unwrap().name(), "nemotron_h");
+        assert_eq!(arch("nemotron_h_moe").unwrap().name(), "nemotron_h");
+    }
+
+    #[test]
+    fn each_name_belongs_to_one_architecture() {
+        for a in ARCHS {
+            for n in a.hf_names() {
+                assert_eq!(
+                    ARCHS.iter().filter(|b| b.hf_names().contains(n)).count(),
+                    1,
+                    "{n}"
+                );
+            }
+            for n in a.gguf_names() {
+                assert_eq!(arch(n).unwrap().name(), a.name(), "{n}");
+            }
+        }
+    }
 }
