@@ -141,7 +141,7 @@ pub fn try_zeroed(n: usize) -> Option<Vec<f32>> {
 }
 
 #[derive(Clone, Copy)]
-pub(crate) struct SyncPtr<T>(pub *mut T);
+pub struct SyncPtr<T>(pub *mut T);
 unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}
 impl<T> SyncPtr<T> {

@@ -2,9 +2,9 @@
 //! the error a re-quantized row minimises, so that channels carrying large activations keep their
 //! values best.
 
-use crate::error::Result;
-use crate::layers::{Ffn, Observer};
-use crate::model::{Cache, Logits, Model};
+use elastica_core::error::Result;
+use elastica_core::layers::{Ffn, Observer};
+use elastica_core::model::{Cache, Logits, Model};
 use std::collections::HashMap;
 
 /// Source tensor name → mean square of each input column (in the source's column order).
@@ -72,7 +72,7 @@ impl Observer for Moments {
 /// matrices (GGUF and HF names); other architectures get none (plain error).
 pub fn collect(model: &Model, seqs: &[Vec<u32>]) -> Result<Imatrix> {
     let mut out = Imatrix::new();
-    let arch = crate::models::arch(model.arch())?;
+    let arch = elastica_core::models::arch(model.arch())?;
     if arch.imatrix_matrices(0).is_empty() || seqs.is_empty() {
         return Ok(out);
     }

@@ -1,7 +1,7 @@
 //! The importance plot: one panel per axis (PNG, plotters).
 
 use super::importance::Importance;
-use crate::error::{Error, Result};
+use elastica_core::error::{Error, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -150,7 +150,7 @@ fn sorted_norm(scores: &[f32]) -> Vec<(f32, f32)> {
 /// One panel per ranked axis the model has (hidden, depth when ranked, FFN, expert and shared
 /// channels, query heads, Mamba heads and head channels, routed experts).
 pub fn plot(imp: &Importance, path: &Path) -> Result<()> {
-    use crate::budget::Axis;
+    use elastica_core::budget::Axis;
     register_font()?;
     let layers = imp.layers.len().max(1);
     let last = (layers - 1) as f32;

@@ -36,7 +36,7 @@ pub fn flushing_on_this_thread() -> bool {
 /// the KD loss), candle's barrier pool and rayon's pools (candle's element-wise ops and GEMM).
 fn on_every_thread(f: impl Fn() + Sync) {
     f();
-    crate::kernels::pool::pool().broadcast(|_| f());
+    elastica_core::kernels::pool::pool().broadcast(|_| f());
     candle_core::utils::barrier_pool().execute(|_| f());
     rayon::broadcast(|_| f());
     candle_core::utils::with_threadpool(|| rayon::broadcast(|_| f()));

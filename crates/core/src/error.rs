@@ -25,12 +25,6 @@ pub enum Error {
     Train(String),
 }
 
-impl From<candle_core::Error> for Error {
-    fn from(e: candle_core::Error) -> Error {
-        Error::Train(e.to_string())
-    }
-}
-
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {

@@ -6,22 +6,26 @@
 //! [`net`]) → teacher logits (the engine, full budget) → KD + budget loss → AdamW on the model
 //! (lr 9e-5) and the router (1e-2). Checkpoints hold everything needed to resume bit for bit.
 
+// Kernels and solvers index several arrays with one loop variable; signatures are wide.
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+
 pub mod adamw;
 pub mod denormal;
+pub mod error;
 pub mod export;
 pub mod loss;
 pub mod masks;
 pub mod net;
-pub use crate::rng;
+pub use elastica_core::rng;
 pub mod router;
 
-use crate::budget::{Axis, Budget};
 use crate::error::{Error, Result};
-use crate::formats::temp::{self, Temp};
-use crate::model::{Cache, Logits, Model};
-use crate::models::Checkpoint;
 use adamw::AdamW;
 use candle_core::{DType as CD, Tensor as CT, Var};
+use elastica_core::budget::{Axis, Budget};
+use elastica_core::formats::temp::{self, Temp};
+use elastica_core::model::{Cache, Logits, Model};
+use elastica_core::models::Checkpoint;
 use net::Net;
 use rng::Rng;
 use router::Router;
@@ -346,7 +350,7 @@ impl<'a> Trainer<'a> {
         let mut out: Vec<Budget> = vec![];
         for (bi, base) in self.budgets.iter().enumerate() {
             let spec = self.router.argmax_spec(bi, base, shape)?;
-            let mut b = spec.parse::<crate::BudgetSpec>()?.resolve(shape)?;
+            let mut b = spec.parse::<elastica_core::BudgetSpec>()?.resolve(shape)?;
             if let Some(prev) = out.last()
                 && !b.nested_in(prev)
             {
@@ -410,7 +414,7 @@ impl<'a> Trainer<'a> {
         std::fs::write(tmp.join("state.json"), js)
             .map_err(|e| Error::io(tmp.join("state.json"), e))?;
         // Swapped in whole: the old checkpoint goes only once the new one is complete.
-        temp::commit([tmp])
+        Ok(temp::commit([tmp])?)
     }
 
     pub fn load(&mut self, dir: &Path) -> Result<()> {
@@ -481,8 +485,8 @@ fn diff(a: &Config, b: &Config) -> String {
 }
 
 /// `b` with every axis clipped to `prev` (keeps budgets nested).
-fn clip_to(b: &Budget, prev: &Budget, shape: &crate::budget::Shape) -> Result<Budget> {
-    let mut spec = crate::BudgetSpec::default();
+fn clip_to(b: &Budget, prev: &Budget, shape: &elastica_core::budget::Shape) -> Result<Budget> {
+    let mut spec = elastica_core::BudgetSpec::default();
     spec.global[Axis::Hidden] = Some(b.hidden.min(prev.hidden));
     for (i, (x, p)) in b.layers.iter().zip(prev.layers.iter()).enumerate() {
         let a = spec.per_layer.entry(i).or_default();
@@ -493,7 +497,7 @@ fn clip_to(b: &Budget, prev: &Budget, shape: &crate::budget::Shape) -> Result<Bu
             spec.skip.insert(i);
         }
     }
-    spec.resolve(shape)
+    Ok(spec.resolve(shape)?)
 }
 
 /// Files of a run's output directory.
@@ -529,7 +533,7 @@ impl RunDir {
         }
         let tmp = Temp::new(&p)?;
         temp::write(&tmp, s)?;
-        temp::commit([tmp])
+        Ok(temp::commit([tmp])?)
     }
 }
 
@@ -565,13 +569,14 @@ pub fn plot_log(log: &Path, png: &Path) -> Result<()> {
             })
             .collect()
     };
-    let kd: crate::elastic::plot::Series = kd.iter().map(|(k, s)| (k.clone(), smooth(s))).collect();
-    let ppl: crate::elastic::plot::Series = ppl.into_iter().collect();
-    crate::elastic::plot::curves(
+    let kd: elastica_elastic::plot::Series =
+        kd.iter().map(|(k, s)| (k.clone(), smooth(s))).collect();
+    let ppl: elastica_elastic::plot::Series = ppl.into_iter().collect();
+    Ok(elastica_elastic::plot::curves(
         png,
         &[
             ("KD loss (moving avg of 8)".into(), "step".into(), kd),
             ("held-out log10 perplexity".into(), "step".into(), ppl),
         ],
-    )
+    )?)
 }

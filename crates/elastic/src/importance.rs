@@ -4,10 +4,10 @@
 //! needs it). Depth: normalised MSE of the logits with a layer skipped, removed iteratively.
 
 use super::IndexMap;
-use crate::budget::{Axis, AxisMap, BudgetSpec, LayerKind, Shape};
-use crate::error::{Error, Result};
-use crate::layers::{Ffn, Observer};
-use crate::model::{Cache, Logits, Model, UBATCH};
+use elastica_core::budget::{Axis, AxisMap, BudgetSpec, LayerKind, Shape};
+use elastica_core::error::{Error, Result};
+use elastica_core::layers::{Ffn, Observer};
+use elastica_core::model::{Cache, Logits, Model, UBATCH};
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT: &str = "elastica.importance/1";
@@ -425,7 +425,7 @@ fn depth_order(
 impl Importance {
     pub fn load(path: &std::path::Path) -> Result<Importance> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let imp: Importance = crate::formats::json::from_str(&text)
+        let imp: Importance = elastica_core::formats::json::from_str(&text)
             .map_err(|e| Error::format(path, format!("not an importance file: {e}")))?;
         if imp.format != FORMAT {
             return Err(Error::format(
@@ -555,7 +555,7 @@ impl Importance {
 
 /// Random group-preserving permutations of every axis (the "random order" baseline).
 pub fn random_order(shape: &Shape, seed: u64) -> IndexMap {
-    let mut rng = crate::rng::Rng::new(seed);
+    let mut rng = elastica_core::rng::Rng::new(seed);
     let mut perm = |n: usize, groups: usize| -> Vec<usize> {
         let per = n / groups.max(1);
         let mut v: Vec<usize> = (0..n).collect();

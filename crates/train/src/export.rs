@@ -3,11 +3,11 @@
 //! and the manifest carries each budget's learned architecture.
 
 use super::net::{Export, Net};
-use crate::elastic::{IndexMap, rewrite};
 use crate::error::Result;
-use crate::manifest::Manifest;
-use crate::models::Checkpoint;
-use crate::tensor::DType;
+use elastica_core::manifest::Manifest;
+use elastica_core::models::Checkpoint;
+use elastica_core::tensor::DType;
+use elastica_elastic::{IndexMap, rewrite};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -55,7 +55,7 @@ pub fn write(
     let vals = values(net)?;
     let get = |name: &str| vals.get(name).cloned();
     let map = IndexMap::identity(&ck.model.shape);
-    rewrite::write(
+    Ok(rewrite::write(
         ck,
         &map,
         &rewrite::Output {
@@ -63,11 +63,11 @@ pub fn write(
             convert: Some(dtype),
             manifest: Some(manifest),
             force,
-            progress: &crate::progress::Progress::new_if(progress, "train", false),
+            progress: &elastica_core::progress::Progress::new_if(progress, "train", false),
             check: None,
             format: None,
             imatrix: None,
             values: Some(&get),
         },
-    )
+    )?)
 }

@@ -5,17 +5,17 @@
 //! `tests/train.rs` checks against the engine's `Model::forward` for every layer type.
 
 use super::masks::{LayerMasks, Masks};
-use crate::error::{Error, Result};
-use crate::kernels::quant::ToF32;
-use crate::layers::Vector;
-use crate::layers::attention::Attention;
-use crate::layers::mamba2::Mamba2;
-use crate::layers::mlp::Mlp;
-use crate::layers::moe::Moe;
-use crate::model::{Format, Mixer, Model, Scalar, Term, count};
-use crate::models::Raw;
-use crate::shape::Axis;
+use crate::error::{Error, Result, candle};
 use candle_core::{D, DType as CD, Device, Tensor as CT, Var};
+use elastica_core::kernels::quant::ToF32;
+use elastica_core::layers::Vector;
+use elastica_core::layers::attention::Attention;
+use elastica_core::layers::mamba2::Mamba2;
+use elastica_core::layers::mlp::Mlp;
+use elastica_core::layers::moe::Moe;
+use elastica_core::model::{Format, Mixer, Model, Scalar, Term, count};
+use elastica_core::models::Raw;
+use elastica_core::shape::Axis;
 
 /// How a trained value is written back to its source tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +132,7 @@ impl Builder<'_> {
         });
         Ok(self.params.len() - 1)
     }
-    fn mat(&mut self, t: &crate::tensor::Tensor) -> Result<usize> {
+    fn mat(&mut self, t: &elastica_core::tensor::Tensor) -> Result<usize> {
         let shape = [t.rows(), t.cols()];
         self.add(&t.name, &t.name, Export::Same, &t.to_f32(), &shape)
     }
@@ -691,13 +691,13 @@ fn bmm(a: &CT, b: &CT) -> Result<CT> {
 struct Expected(CT);
 
 impl Scalar for Expected {
-    fn mul(&self, o: &Self) -> Result<Self> {
-        Ok(Expected((&self.0 * &o.0)?))
+    fn mul(&self, o: &Self) -> elastica_core::Result<Self> {
+        (&self.0 * &o.0).map(Expected).map_err(candle)
     }
-    fn add(&self, o: &Self) -> Result<Self> {
-        Ok(Expected((&self.0 + &o.0)?))
+    fn add(&self, o: &Self) -> elastica_core::Result<Self> {
+        (&self.0 + &o.0).map(Expected).map_err(candle)
     }
-    fn affine(&self, a: f64, b: f64) -> Result<Self> {
-        Ok(Expected(self.0.affine(a, b)?))
+    fn affine(&self, a: f64, b: f64) -> elastica_core::Result<Self> {
+        self.0.affine(a, b).map(Expected).map_err(candle)
     }
 }

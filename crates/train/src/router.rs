@@ -7,9 +7,9 @@
 use super::masks::{LayerMasks, Masks, grouped, prefix};
 use super::net::dev;
 use super::rng::Rng;
-use crate::budget::{Axis, Budget, Shape};
 use crate::error::{Error, Result};
 use candle_core::{D, DType as CD, Tensor as CT, Var};
+use elastica_core::budget::{Axis, Budget, Shape};
 
 pub const HIDDEN: usize = 256;
 
@@ -187,7 +187,7 @@ impl Router {
 
     /// The argmax architecture of budget `bi` (no noise), as sizes applied over `base`.
     pub fn argmax_spec(&self, bi: usize, base: &Budget, shape: &Shape) -> Result<String> {
-        let mut spec: crate::BudgetSpec = base.spec(shape).parse()?;
+        let mut spec: elastica_core::BudgetSpec = base.spec(shape).parse()?;
         for ax in &self.axes {
             let z = self.logits(ax, bi)?;
             let am: Vec<u32> = z.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1()?;

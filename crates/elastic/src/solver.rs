@@ -21,11 +21,11 @@
 //! taken further to the next block boundary).
 
 use super::importance::Importance;
-use crate::budget::{Axis, BudgetSpec};
-use crate::error::{Error, Result};
-use crate::manifest::{self, Manifest, NamedBudget};
-use crate::model::Model;
-use crate::progress::Progress;
+use elastica_core::budget::{Axis, BudgetSpec};
+use elastica_core::error::{Error, Result};
+use elastica_core::manifest::{self, Manifest, NamedBudget};
+use elastica_core::model::Model;
+use elastica_core::progress::Progress;
 
 /// What the solver may shrink: one width axis, or the depth (layers kept in importance order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,7 +194,7 @@ impl<'a> Problem<'a> {
     }
 
     /// The budget of a configuration (axes the model lacks left at the parent's).
-    fn resolve(&self, c: &Config) -> Result<crate::budget::Budget> {
+    fn resolve(&self, c: &Config) -> Result<elastica_core::budget::Budget> {
         let s = &self.model.shape;
         let mut sp = BudgetSpec::default();
         for (k, &v) in KNOBS.iter().zip(&c.v) {
@@ -407,16 +407,16 @@ impl<'a> Problem<'a> {
             let Ok(b) = self.resolve(c) else {
                 return f64::INFINITY;
             };
-            let mut cache = crate::model::Cache::new(
+            let mut cache = elastica_core::model::Cache::new(
                 self.model,
                 seqs.iter().map(|s| s.len()).max().unwrap_or(1),
             );
             let mut err = 0f64;
             for (s, r) in seqs.iter().zip(refs) {
                 cache.reset();
-                let Ok(l) = self
-                    .model
-                    .forward(s, &b, &mut cache, crate::model::Logits::All)
+                let Ok(l) =
+                    self.model
+                        .forward(s, &b, &mut cache, elastica_core::model::Logits::All)
                 else {
                     return f64::INFINITY;
                 };
@@ -506,13 +506,15 @@ pub fn solve(
     let (pt, pa) = p.params(&parent)?;
     if let Objective::Logits(seqs) = objective {
         let full = model.full_budget();
-        let mut cache =
-            crate::model::Cache::new(model, seqs.iter().map(|s| s.len()).max().unwrap_or(1));
+        let mut cache = elastica_core::model::Cache::new(
+            model,
+            seqs.iter().map(|s| s.len()).max().unwrap_or(1),
+        );
         let (mut refs, mut energy) = (vec![], 0f64);
         for sq in &seqs {
             cache.reset();
             let l = model
-                .forward(sq, &full, &mut cache, crate::model::Logits::All)?
+                .forward(sq, &full, &mut cache, elastica_core::model::Logits::All)?
                 .to_vec();
             energy += l.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
             refs.push(l);
@@ -546,7 +548,7 @@ pub fn solve(
         progress.stage(
             "solve",
             (pt as f64 - low) as u64,
-            crate::progress::Unit::Params,
+            elastica_core::progress::Unit::Params,
         );
     }
     if p.step.iter().all(|&x| x == 0) {

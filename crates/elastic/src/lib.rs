@@ -6,18 +6,21 @@
 //! elastic axis ([`Dim`]), and an [`IndexMap`] gives, per axis, the list of parent indices to
 //! keep in order — a permutation for elastify, a kept prefix for slice.
 
+// Kernels and solvers index several arrays with one loop variable; signatures are wide.
+#![allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+
 pub mod imatrix;
 pub mod importance;
 pub mod plot;
 pub mod rewrite;
 pub mod solver;
 
-use crate::budget::{Axis, AxisMap, Budget, Shape};
-use crate::error::{Error, Result};
-use crate::kernels::quant;
-use crate::tensor::{DType, Tensor};
+use elastica_core::budget::{Axis, AxisMap, Budget, Shape};
+use elastica_core::error::{Error, Result};
+use elastica_core::kernels::quant;
+use elastica_core::tensor::{DType, Tensor};
 
-pub use crate::models::role::{Dim, Role};
+pub use elastica_core::models::role::{Dim, Role};
 
 /// Parent indices kept along every axis, per layer; `None` drops a layer.
 #[derive(Clone, Debug, PartialEq)]
@@ -292,11 +295,11 @@ pub fn parse_float_dtype(s: &str) -> Result<DType> {
 /// Logits of the written slice at `path` against the parent's budget view on fixed random token
 /// sequences: max |Δ| / max |logit|.
 pub fn verify_slice(
-    parent: &crate::model::Model,
+    parent: &elastica_core::model::Model,
     b: &Budget,
     path: &std::path::Path,
 ) -> Result<f32> {
-    let slice = crate::models::load(path)?;
+    let slice = elastica_core::models::load(path)?;
     compare_logits(
         parent,
         b,
@@ -327,9 +330,9 @@ pub fn probe_tokens(vocab: usize, n: usize, len: usize) -> Vec<Vec<u32>> {
 /// in exact mode (f32 activations), so formats that round activations differently (a Q4_1 parent
 /// and its F32 re-ordering) compare on the function alone.
 pub fn compare_logits(
-    a: &crate::model::Model,
+    a: &elastica_core::model::Model,
     ba: &Budget,
-    b: &crate::model::Model,
+    b: &elastica_core::model::Model,
     bb: &Budget,
     seqs: &[Vec<u32>],
 ) -> Result<f32> {
@@ -349,30 +352,30 @@ pub struct LogitDiff {
 
 /// [`compare_logits`] with the RMS and top-1 measures too (exact mode).
 pub fn logit_diff(
-    a: &crate::model::Model,
+    a: &elastica_core::model::Model,
     ba: &Budget,
-    b: &crate::model::Model,
+    b: &elastica_core::model::Model,
     bb: &Budget,
     seqs: &[Vec<u32>],
 ) -> Result<LogitDiff> {
-    let prev = crate::kernels::gemm::set_exact(true);
+    let prev = elastica_core::kernels::gemm::set_exact(true);
     let r = compare_exact(a, ba, b, bb, seqs);
-    crate::kernels::gemm::set_exact(prev);
+    elastica_core::kernels::gemm::set_exact(prev);
     r
 }
 
 fn compare_exact(
-    a: &crate::model::Model,
+    a: &elastica_core::model::Model,
     ba: &Budget,
-    b: &crate::model::Model,
+    b: &elastica_core::model::Model,
     bb: &Budget,
     seqs: &[Vec<u32>],
 ) -> Result<LogitDiff> {
-    use crate::model::{Cache, Logits};
+    use elastica_core::model::{Cache, Logits};
     let (mut md, mut mx) = (0f32, 0f32);
     let (mut sd, mut sx, mut same, mut n) = (0f64, 0f64, 0usize, 0usize);
     let mut finite = true;
-    let argmax = crate::generate::sampler::argmax;
+    let argmax = elastica_core::generate::sampler::argmax;
     for s in seqs {
         let mut ca = Cache::new(a, s.len());
         let la = a.forward(s, ba, &mut ca, Logits::All)?.to_vec();

@@ -3,9 +3,9 @@
 //! sum of the candidate prefixes (§4.1, mode 2). Grouped axes (query heads per KV group, Mamba heads
 //! per B/C group, experts per routing group) repeat one per-group prefix in every group.
 
-use crate::budget::{Axis, AxisMap, Budget, Shape};
 use crate::error::Result;
 use candle_core::{DType as CD, Tensor as CT};
+use elastica_core::budget::{Axis, AxisMap, Budget, Shape};
 
 use super::net::dev;
 

@@ -2,8 +2,8 @@
 //! loss on the router's expected parameter count.
 
 use crate::error::Result;
-use crate::kernels::pool::pool;
 use candle_core::Tensor as CT;
+use elastica_core::kernels::pool::pool;
 
 /// Forward KL(p_teacher ‖ p_student) at temperature `temp`, scaled by temp² and averaged over
 /// rows of `v` logits, with its gradient with respect to the student logits:
@@ -13,8 +13,8 @@ pub fn kd(student: &[f32], teacher: &[f32], v: usize, temp: f64) -> (f64, Vec<f3
     let mut grad = vec![0f32; student.len()];
     // One partial per row, summed in order: the loss does not depend on the thread count.
     let mut part = vec![0f64; rows];
-    let gp = crate::layers::SyncPtr(grad.as_mut_ptr());
-    let pp = crate::layers::SyncPtr(part.as_mut_ptr());
+    let gp = elastica_core::layers::SyncPtr(grad.as_mut_ptr());
+    let pp = elastica_core::layers::SyncPtr(part.as_mut_ptr());
     let it = 1.0 / temp;
     pool().for_range(rows, 1, |range| {
         let mut q = vec![0f64; v];

@@ -409,7 +409,7 @@ pub(crate) fn matrix(
 }
 
 /// Splits `...layers.{i}.rest` or `blk.{i}.rest` into (i, rest).
-pub(crate) fn split_layer(name: &str) -> Option<(usize, &str)> {
+pub fn split_layer(name: &str) -> Option<(usize, &str)> {
     for pre in ["layers.", "blk."] {
         if let Some(p) = name.find(pre)
             && (p == 0 || name.as_bytes()[p - 1] == b'.')
@@ -424,7 +424,7 @@ pub(crate) fn split_layer(name: &str) -> Option<(usize, &str)> {
 
 /// GGUF metadata for a rewritten checkpoint: per-layer arrays filtered to the kept layers, then
 /// `set` applied (keys added at the end when new).
-pub(crate) fn gguf_meta_with(
+pub fn gguf_meta_with(
     g: &Gguf,
     kept: &[usize],
     set: Vec<(String, crate::formats::gguf::Value)>,
@@ -465,7 +465,7 @@ pub(crate) fn gguf_meta_with(
 }
 
 /// `general.name` for a GGUF written from a checkpoint: its file or folder name.
-pub(crate) fn gguf_name(m: &Model) -> crate::formats::gguf::Value {
+pub fn gguf_name(m: &Model) -> crate::formats::gguf::Value {
     crate::formats::gguf::Value::Str(
         m.meta
             .path

@@ -5,15 +5,15 @@
 //! everything succeeded.
 
 use super::{GatherPlan, IndexMap, Role, encode};
-use crate::error::{Error, Result};
-use crate::formats::{OutTensor, gguf, safetensors, temp, tokenizer};
-use crate::kernels::quant::{self, ToF32};
-use crate::manifest::Manifest;
-use crate::model::Format;
-use crate::models::hparams::{HParams, Layer};
-use crate::models::{Checkpoint, Raw};
-use crate::shape::Axis;
-use crate::tensor::DType;
+use elastica_core::error::{Error, Result};
+use elastica_core::formats::{OutTensor, gguf, safetensors, temp, tokenizer};
+use elastica_core::kernels::quant::{self, ToF32};
+use elastica_core::manifest::Manifest;
+use elastica_core::model::Format;
+use elastica_core::models::hparams::{HParams, Layer};
+use elastica_core::models::{Checkpoint, Raw};
+use elastica_core::shape::Axis;
+use elastica_core::tensor::DType;
 use std::path::Path;
 use std::time::Instant;
 
@@ -28,7 +28,7 @@ pub struct Output<'a> {
     pub manifest: Option<&'a Manifest>,
     /// Replace an existing output.
     pub force: bool,
-    pub progress: &'a crate::progress::Progress,
+    pub progress: &'a elastica_core::progress::Progress,
     /// Called on the finished temporary output before it is renamed into place; an error
     /// discards it.
     pub check: Option<&'a Check<'a>>,
@@ -104,7 +104,7 @@ struct Gathered {
 fn rename(name: &str, role: Option<&Role>, map: &IndexMap) -> Option<String> {
     let layer = role
         .and_then(|r| r.layer)
-        .or_else(|| crate::models::split_layer(name).map(|x| x.0));
+        .or_else(|| elastica_core::models::split_layer(name).map(|x| x.0));
     let mut out = name.to_string();
     if let Some(l) = layer {
         let nl = map.new_layer(l)?;
@@ -131,7 +131,7 @@ fn rename(name: &str, role: Option<&Role>, map: &IndexMap) -> Option<String> {
 
 /// Splits a name into (layer, suffix after the layer prefix) or (None, whole name).
 fn split(name: &str) -> (Option<usize>, &str) {
-    match crate::models::split_layer(name) {
+    match elastica_core::models::split_layer(name) {
         Some((l, rest)) => (Some(l), rest),
         None => (None, name),
     }
@@ -231,7 +231,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
     let outs: Vec<OutTensor> = planned.iter().map(|p| p.out.clone()).collect();
     let total: u64 = outs.iter().map(|o| o.nbytes() as u64).sum();
     let pb = out.progress;
-    pb.stage("write", total, crate::progress::Unit::Bytes);
+    pb.stage("write", total, elastica_core::progress::Unit::Bytes);
     // Test hook: fail while writing tensor N, to check that nothing partial is left behind.
     let fail_at: Option<usize> = std::env::var("ELASTICA_FAIL_AT_TENSOR")
         .ok()
@@ -249,7 +249,8 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             let replaced;
             let t = match out.values.and_then(|f| f(&piece.src)) {
                 Some(v) => {
-                    replaced = crate::tensor::Tensor::from_f32(&piece.src, t.shape.clone(), &v);
+                    replaced =
+                        elastica_core::tensor::Tensor::from_f32(&piece.src, t.shape.clone(), &v);
                     &replaced
                 }
                 None => t,
@@ -322,7 +323,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
                 let mut meta = match &ck.raw {
                     Raw::Gguf(g) => {
                         let a = g.str("general.architecture")?;
-                        crate::models::gguf_meta_with(
+                        elastica_core::models::gguf_meta_with(
                             g,
                             &kept,
                             hp.gguf_meta(a, arch.gguf_unused())?,
@@ -332,7 +333,7 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
                         let a = arch.arch_name(&hp);
                         let mut v = vec![
                             ("general.architecture".into(), gguf::Value::Str(a.into())),
-                            ("general.name".into(), crate::models::gguf_name(m)),
+                            ("general.name".into(), elastica_core::models::gguf_name(m)),
                         ];
                         v.extend(hp.gguf_meta(a, arch.gguf_unused())?);
                         v
@@ -479,7 +480,7 @@ fn convert_layout(
             stacks.entry((layer.unwrap(), proj)).or_default().push(g);
             continue;
         }
-        let target = crate::models::role::TensorName::find(arch.tensors(), suffix)
+        let target = elastica_core::models::role::TensorName::find(arch.tensors(), suffix)
             .map(|(t, _)| if to_gguf { t.gguf } else { t.hf[0] })
             .filter(|t| !t.is_empty());
         let Some(target) = target else {
