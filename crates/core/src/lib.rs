@@ -2,11 +2,11 @@
 //! language models: every forward pass runs at a [`Budget`](budget::Budget) — per-axis active
 //! sizes — using prefixes of the one loaded copy of the weights.
 //!
-//! Modules, lowest first (each imports only those before it): `error`; `formats` (safetensors,
-//! GGUF, JSON, tokenizer metadata, temp files); `tensor`; `kernels` (SIMD products, quantization,
-//! thread pool); `shape` (the elastic axes), `budget`, `manifest`; `layers` (attention, Mamba-2,
-//! MLP, MoE); `model` (the shared block list, the one parameter count); `models` (one module per
-//! architecture); `generate` (tokenizer, chat, sampling), `eval`, `data`.
+//! Modules, lowest first (each imports only those before it): `error`, `tensor`; `formats`
+//! (safetensors, GGUF, JSON, tokenizer metadata, temp files); `kernels` (SIMD products,
+//! quantization, thread pool); `shape` (the elastic axes), `budget`, `manifest`; `layers`
+//! (attention, Mamba-2, MLP, MoE); `model` (the shared block list, the one parameter count);
+//! `models` (one module per architecture); `generate` (tokenizer, chat, sampling), `eval`, `data`.
 
 // Segment lists are slices of ranges; a single full range is the common case.
 #![allow(clippy::single_range_in_vec_init)]
