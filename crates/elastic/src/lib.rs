@@ -300,13 +300,8 @@ pub fn verify_slice(
     path: &std::path::Path,
 ) -> Result<f32> {
     let slice = elastica_core::models::load(path)?;
-    compare_logits(
-        parent,
-        b,
-        &slice,
-        &slice.full_budget(),
-        &probe_tokens(parent.vocab, 2, 24),
-    )
+    let seqs = probe_tokens(parent.vocab, 2, 24);
+    Ok(logit_diff(parent, b, &slice, &slice.full_budget(), &seqs)?.max_rel)
 }
 
 /// Fixed pseudo-random token sequences for function checks.
@@ -326,19 +321,6 @@ pub fn probe_tokens(vocab: usize, n: usize, len: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// max |Δ| / max |logit| between two (model, budget) pairs over all positions of the sequences,
-/// in exact mode (f32 activations), so formats that round activations differently (a Q4_1 parent
-/// and its F32 re-ordering) compare on the function alone.
-pub fn compare_logits(
-    a: &elastica_core::model::Model,
-    ba: &Budget,
-    b: &elastica_core::model::Model,
-    bb: &Budget,
-    seqs: &[Vec<u32>],
-) -> Result<f32> {
-    Ok(logit_diff(a, ba, b, bb, seqs)?.max_rel)
-}
-
 /// How far two models' logits are apart over all positions of some sequences.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct LogitDiff {
@@ -350,7 +332,9 @@ pub struct LogitDiff {
     pub top1: f32,
 }
 
-/// [`compare_logits`] with the RMS and top-1 measures too (exact mode).
+/// How far two (model, budget) pairs' logits are apart over all positions of the sequences, in
+/// exact mode (f32 activations), so formats that round activations differently (a Q4_1 parent and
+/// its F32 re-ordering) compare on the function alone.
 pub fn logit_diff(
     a: &elastica_core::model::Model,
     ba: &Budget,
