@@ -41,17 +41,20 @@ impl Sampler {
         }
     }
 
-    /// Uniform in [0, 1), 24 bits.
-    fn uniform(&mut self) -> f32 {
+    /// Uniform in [0, 1), 24 bits, from this sampler's seeded stream.
+    pub fn draw(&mut self) -> f32 {
         (self.rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// Greedy configs (and temperatures whose inverse overflows) take the argmax.
+    fn greedy(&self) -> bool {
+        self.cfg.temperature <= 0.0 || !(1.0 / self.cfg.temperature).is_finite()
+    }
+
+    /// Fills `idx` (best first) and unnormalised `prob` with the tokens `sample` may draw after
+    /// top-k, temperature and top-p; returns how many are kept and their total mass.
+    fn prepare(&mut self, logits: &[f32]) -> (usize, f32) {
         let inv_t = 1.0 / self.cfg.temperature;
-        // A temperature so small that 1/T overflows is greedy too (not NaN probabilities).
-        if self.cfg.temperature <= 0.0 || !inv_t.is_finite() {
-            return argmax(logits);
-        }
         let n = logits.len();
         self.idx.clear();
         self.idx.extend(0..n as u32);
@@ -88,8 +91,15 @@ impl Sampler {
                 }
             }
         }
-        let total: f32 = self.prob[..keep].iter().sum();
-        let mut r = self.uniform() * total;
+        (keep, self.prob[..keep].iter().sum())
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.greedy() {
+            return argmax(logits);
+        }
+        let (keep, total) = self.prepare(logits);
+        let mut r = self.draw() * total;
         for j in 0..keep {
             r -= self.prob[j];
             if r <= 0.0 {
@@ -97,6 +107,20 @@ impl Sampler {
             }
         }
         self.idx[keep - 1]
+    }
+
+    /// The distribution `sample` draws from, dense over the vocabulary (`out.len()` =
+    /// `logits.len()`): one-hot at the argmax when greedy. For speculative sampling.
+    pub fn probs(&mut self, logits: &[f32], out: &mut [f32]) {
+        out.fill(0.0);
+        if self.greedy() {
+            out[argmax(logits) as usize] = 1.0;
+            return;
+        }
+        let (keep, total) = self.prepare(logits);
+        for j in 0..keep {
+            out[self.idx[j] as usize] = self.prob[j] / total;
+        }
     }
 }
 
