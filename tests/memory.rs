@@ -106,12 +106,13 @@ fn rollback_then_rerun_is_bit_identical() {
             // Reference: prefill 10, then one token at a time.
             let mut r = SeqState::try_new(&m, 64, 0).unwrap();
             run(&m, b, &mut r, &mut w, &toks[..10], Logits::None);
-            let fresh: Vec<Vec<f32>> = (10..20)
+            let fresh: Vec<Vec<f32>> = (10..22)
                 .map(|i| run(&m, b, &mut r, &mut w, &toks[i..i + 1], Logits::Last))
                 .collect();
             let at = |i: usize| &fresh[i - 10];
 
-            let mut s = SeqState::try_new(&m, 64, 5).unwrap();
+            // K = 4 checkpoints for drafts of 4 tokens.
+            let mut s = SeqState::try_new(&m, 64, 4).unwrap();
             run(&m, b, &mut s, &mut w, &toks[..10], Logits::None);
             for i in 10..16 {
                 assert_eq!(
@@ -135,15 +136,15 @@ fn rollback_then_rerun_is_bit_identical() {
                 run(&m, other, &mut s, &mut w, &toks[i..i + 1], Logits::Last);
             }
             s.truncate(16).unwrap();
-            // Verify all 4 at once, stepwise: each row equals its single decode step.
-            let v = run_as(&m, b, &mut s, &mut w, &toks[16..20], Logits::All, true);
+            // Verify 5 at once, stepwise: each row equals its single decode step.
+            let v = run_as(&m, b, &mut s, &mut w, &toks[16..21], Logits::All, true);
             for (j, row) in v.chunks(m.vocab).enumerate() {
                 assert_eq!(row, at(16 + j), "{name} budget {bi}: stepwise row {j}");
             }
-            // Accept two, roll back to 18 and continue.
-            s.truncate(18).unwrap();
-            let l = run(&m, b, &mut s, &mut w, &toks[18..19], Logits::Last);
-            assert_eq!(&l, at(18), "{name} budget {bi}: after a partial accept");
+            // Accept none (back to 17, the earliest an acceptance ends at) and continue.
+            s.truncate(17).unwrap();
+            let l = run(&m, b, &mut s, &mut w, &toks[17..18], Logits::Last);
+            assert_eq!(&l, at(17), "{name} budget {bi}: after a partial accept");
             // To the empty sequence, and the whole run again.
             s.truncate(0).unwrap();
             run(&m, b, &mut s, &mut w, &toks[..10], Logits::None);

@@ -136,12 +136,14 @@ const NONE: usize = usize::MAX;
 /// Memory operations (llama.cpp's `seq_rm`/`seq_cp`): [`truncate`](Self::truncate) rolls the
 /// sequence back to a position, [`copy_from`](Self::copy_from) copies a prefix of another.
 /// Attention rolls back by position alone; a Mamba layer needs its state at that position, which
-/// it has for the last K positions when made with K checkpoints (see [`MambaCache`]). A sequence
-/// that speculates K draft tokens needs K + 1 (to roll back to the start of the draft after
-/// verifying it). Each checkpoint costs one copy of every Mamba layer's state: for a
-/// Nemotron-H-8B-sized model (24 Mamba layers, 128 heads × 64 × state 128, conv over 10240
-/// channels × 3) that is 24 × (4 MiB + 120 KiB) ≈ 99 MiB per checkpoint, so K = 8 costs about
-/// 0.8 GiB per sequence; for Nemotron 3 Nano (23 layers, 64 heads) about 47 MiB per checkpoint.
+/// it has for the last K positions when made with K checkpoints (see [`MambaCache`]). K draft
+/// tokens need K: drafting from position c keeps c..c+K-1 (back to c before verifying), the
+/// stepwise verify of K + 1 tokens keeps c+1..c+K, every position an acceptance can end at
+/// (c + K + 1, all accepted, is the live state). Each checkpoint costs one copy of every Mamba layer's state: for Nemotron 3
+/// Nano 30B-A3B (method doc §1.2: 23 Mamba layers, 64 heads × 64 × d_state 128, conv 4 over
+/// 4096 + 2·8·128 channels) that is 23 × (2 MiB + 72 KiB) ≈ 48 MiB per checkpoint, so K = 8
+/// costs about 0.4 GiB per speculating sequence (its KV cache: 6 layers × 2 × 2 × 128 floats,
+/// 12 KiB per token). Sequences that do not speculate take K = 0.
 pub struct SeqState {
     /// Tokens in the sequence, the position of the next one. Move it back only through
     /// [`truncate`](Self::truncate), which also restores the Mamba states.
