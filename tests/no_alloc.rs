@@ -1,5 +1,7 @@
 //! The decode hot path (one forward step + sampling) allocates nothing per token, on every
-//! architecture and weight format the fixtures cover, across a budget switch too.
+//! architecture and weight format the fixtures cover, across a budget switch too; nor do a
+//! batched decode step over several sequences, a stepwise (speculative verify) pass, or a
+//! rollback (`truncate`, Mamba states from their checkpoints).
 //!
 //! Counted are the allocations of the decoding thread and of the kernel pool's threads (marked
 //! by a broadcast), not those of other threads: libtest's own thread allocates to print its
@@ -9,7 +11,7 @@ mod common;
 use common::*;
 use elastica::generate::sampler::{Sampler, SamplerConfig};
 use elastica::kernels::pool::pool;
-use elastica::{Cache, Logits};
+use elastica::{BatchItem, Cache, Logits, SeqPool, Work};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -112,5 +114,82 @@ fn decode_allocates_nothing() {
         let n = ALLOCS.load(Ordering::SeqCst) - before;
         println!("{name}: {n} allocations in 100 decode steps");
         assert_eq!(n, 0, "{name}: the decode loop allocated {n} times");
+
+        // Four sequences decoding as one batch; every third step sequence 1 verifies three
+        // tokens stepwise and rolls two of them back, sequence 0 rolls one back.
+        let mut pool = SeqPool::try_new(m, 4, 200, 4).unwrap();
+        let mut work = Work::try_new(m, 200).unwrap();
+        let mut next = [[0u32; 3]; 4];
+        for (i, s) in pool.states_mut().iter_mut().enumerate() {
+            let prompt = [1, 2, 3, 4 + i as u32];
+            let mut items = [BatchItem {
+                seq: s,
+                tokens: &prompt,
+                logits: Logits::Last,
+                stepwise: false,
+            }];
+            m.forward_batch(&mut items, &full, &mut work).unwrap();
+        }
+        let mut step = |i: usize, next: &mut [[u32; 3]; 4], pool: &mut SeqPool| {
+            let b = if i % 10 < 5 { &full } else { &small };
+            let verify = i.is_multiple_of(3);
+            let [s0, s1, s2, s3] = pool.states_mut() else {
+                unreachable!()
+            };
+            let n1 = if verify { 3 } else { 1 };
+            let mut items = [
+                BatchItem {
+                    seq: s0,
+                    tokens: &next[0][..1],
+                    logits: Logits::Last,
+                    stepwise: false,
+                },
+                BatchItem {
+                    seq: s1,
+                    tokens: &next[1][..n1],
+                    logits: Logits::All,
+                    stepwise: true,
+                },
+                BatchItem {
+                    seq: s2,
+                    tokens: &next[2][..1],
+                    logits: Logits::Last,
+                    stepwise: false,
+                },
+                BatchItem {
+                    seq: s3,
+                    tokens: &next[3][..1],
+                    logits: Logits::Last,
+                    stepwise: false,
+                },
+            ];
+            let out = m.forward_batch(&mut items, b, &mut work).unwrap();
+            for (k, nx) in next.iter_mut().enumerate() {
+                let l = out.item(k);
+                for (j, t) in nx.iter_mut().enumerate() {
+                    let row = &l[(j % (l.len() / m.vocab)) * m.vocab..][..m.vocab];
+                    let best = (0..m.vocab).fold(0, |b, v| if row[v] > row[b] { v } else { b });
+                    *t = ((best + j) % m.vocab) as u32;
+                }
+            }
+            if verify {
+                pool.seq_rm(1, pool.get(1).unwrap().pos - 2).unwrap();
+                pool.seq_rm(0, pool.get(0).unwrap().pos - 1).unwrap();
+            }
+        };
+        // Warm-up: the first batches size the scratch.
+        for i in 0..3 {
+            step(i, &mut next, &mut pool);
+        }
+        let before = ALLOCS.load(Ordering::SeqCst);
+        for i in 3..60 {
+            step(i, &mut next, &mut pool);
+        }
+        let n = ALLOCS.load(Ordering::SeqCst) - before;
+        println!("{name}: {n} allocations in 57 batched steps with rollbacks");
+        assert_eq!(
+            n, 0,
+            "{name}: batched decode and rollback allocated {n} times"
+        );
     }
 }

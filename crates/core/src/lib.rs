@@ -31,4 +31,4 @@ pub mod tensor;
 
 pub use budget::{Budget, BudgetSpec};
 pub use error::{Error, Result};
-pub use model::{Cache, Logits, Model};
+pub use model::{BatchItem, Cache, Logits, Model, SeqPool, SeqState, Work};

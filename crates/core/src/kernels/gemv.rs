@@ -4,7 +4,8 @@
 //! packed in segment order and `y` receives the active rows packed likewise. Weights are read in
 //! their stored format: BF16 against bf16-rounded activations (vdpbf16ps), Q8_0/Q4_0/Q4_1 against
 //! activations quantized to int8 per block of 32 (VNNI), F32/F16 against f32. Per-token buffers
-//! live in a thread-local scratch, so the decode loop allocates nothing after the first token.
+//! live in a thread-local scratch, so the decode loop allocates nothing after the first token
+//! (or, for a batch of m tokens, once the scratch has grown to m).
 
 use super::quant::{self, Q8Act};
 use super::{Isa, isa, pool::pool, seg_len};
@@ -21,7 +22,7 @@ struct ActScratch {
 }
 
 thread_local! {
-    static SCRATCH: RefCell<ActScratch> = RefCell::new(ActScratch::default());
+    static SCRATCH: RefCell<Vec<ActScratch>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Prepared activation, shared read-only by all threads.
@@ -35,50 +36,150 @@ enum Act<'a> {
     },
 }
 
+/// How a weight format wants its activations.
+#[derive(Clone, Copy, PartialEq)]
+enum ActKind {
+    F32,
+    Bf16,
+    Q8,
+}
+
+fn act_kind(dt: DType, isa: Isa) -> ActKind {
+    match dt {
+        _ if super::gemm::exact() => ActKind::F32,
+        DType::F32 | DType::F16 => ActKind::F32,
+        DType::BF16 if isa != Isa::Avx512 => ActKind::F32,
+        DType::BF16 => ActKind::Bf16,
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => ActKind::Q8,
+        DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q5K | DType::Q6K => ActKind::F32,
+    }
+}
+
+impl ActScratch {
+    fn prepare(&mut self, kind: ActKind, dt: DType, x: &[f32]) {
+        match kind {
+            ActKind::F32 => {}
+            ActKind::Bf16 => {
+                self.bf.resize(x.len(), 0);
+                super::gemm::to_bf16(x, &mut self.bf);
+            }
+            ActKind::Q8 => {
+                self.q8.quantize(x);
+                self.xsum.resize(self.q8.d.len(), 0.0);
+                let c = if dt == DType::Q8_0 { 128.0 } else { 1.0 };
+                for b in 0..self.q8.d.len() {
+                    self.xsum[b] = c * self.q8.d[b] * self.q8.sum[b] as f32;
+                }
+            }
+        }
+    }
+    fn act<'a>(&'a self, kind: ActKind, x: &'a [f32]) -> Act<'a> {
+        match kind {
+            ActKind::F32 => Act::F32(x),
+            ActKind::Bf16 => Act::Bf16(&self.bf),
+            ActKind::Q8 => Act::Q8 {
+                q: &self.q8.q,
+                d: &self.q8.d,
+                xsum: &self.xsum,
+            },
+        }
+    }
+}
+
+/// Activation rows one pass over the weights serves; more rows take further passes.
+pub const MAX_ROWS: usize = 64;
+/// Weight rows read for all activation rows before moving on (they stay in L1/L2 meanwhile).
+const TILE: usize = 32;
+
 /// y = W[rows, cols] x. `w` is [out, in]; `x.len() == seg_len(cols)`, `y.len() == seg_len(rows)`.
 pub fn matvec(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32], y: &mut [f32]) {
     debug_assert_eq!(x.len(), seg_len(cols));
-    debug_assert_eq!(y.len(), seg_len(rows));
+    matvec_rows(w, rows, cols, x, y);
+}
+
+/// The decode product for m tokens at once: y[i] = W[rows, cols] x[i], x [m][seg_len(cols)],
+/// y [m][seg_len(rows)]. Each weight row is read once for up to [`MAX_ROWS`] activation rows,
+/// and every y[i] equals [`matvec`] of x[i] alone bit for bit (the same activation rounding and
+/// per-row kernel; only the order in which rows are visited changes). This is what makes a
+/// batch of decode tokens give each sequence the logits it gets alone.
+pub fn matvec_rows(
+    w: &Tensor,
+    rows: &[Range<usize>],
+    cols: &[Range<usize>],
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let (k, n) = (seg_len(cols), seg_len(rows));
+    if n == 0 {
+        return;
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return;
+    }
+    debug_assert_eq!(x.len() / k, y.len() / n);
+    for (xs, ys) in x.chunks(MAX_ROWS * k).zip(y.chunks_mut(MAX_ROWS * n)) {
+        pass(w, rows, cols, k, n, xs, ys);
+    }
+}
+
+/// One pass of [`matvec_rows`] over at most [`MAX_ROWS`] activation rows.
+fn pass(
+    w: &Tensor,
+    rows: &[Range<usize>],
+    cols: &[Range<usize>],
+    k: usize,
+    n: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let m = x.len() / k;
     let isa = isa();
+    let kind = act_kind(w.dtype, isa);
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
-        let s = &mut *s;
-        let act = match w.dtype {
-            _ if super::gemm::exact() => Act::F32(x),
-            DType::F32 | DType::F16 => Act::F32(x),
-            DType::BF16 if isa != Isa::Avx512 => Act::F32(x),
-            DType::BF16 => {
-                s.bf.resize(x.len(), 0);
-                super::gemm::to_bf16(x, &mut s.bf);
-                Act::Bf16(&s.bf)
-            }
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
-                s.q8.quantize(x);
-                s.xsum.resize(s.q8.d.len(), 0.0);
-                let c = if w.dtype == DType::Q8_0 { 128.0 } else { 1.0 };
-                for b in 0..s.q8.d.len() {
-                    s.xsum[b] = c * s.q8.d[b] * s.q8.sum[b] as f32;
-                }
-                Act::Q8 {
-                    q: &s.q8.q,
-                    d: &s.q8.d,
-                    xsum: &s.xsum,
-                }
-            }
-            DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q5K | DType::Q6K => Act::F32(x),
-        };
-        let n = y.len();
+        if s.len() < m {
+            s.resize_with(m, ActScratch::default);
+        }
+        for (sc, xi) in s.iter_mut().zip(x.chunks(k)) {
+            sc.prepare(kind, w.dtype, xi);
+        }
+        let s = &*s;
+        let acts: [Act; MAX_ROWS] = std::array::from_fn(|i| match i < m {
+            true => s[i].act(kind, &x[i * k..(i + 1) * k]),
+            false => Act::F32(&[]),
+        });
+        let acts = &acts[..m];
         let yp = SendPtr(y.as_mut_ptr());
-        let align = 16;
         let run = |r: Range<usize>| {
-            // Safety: threads write disjoint ranges of y.
-            let y = unsafe { std::slice::from_raw_parts_mut(yp.get().add(r.start), r.len()) };
-            rows_dot(w, rows, r, cols, &act, y, isa);
+            // Safety: threads write disjoint row ranges of every y[i].
+            let out = |i: usize, a: usize, b: usize| unsafe {
+                std::slice::from_raw_parts_mut(yp.get().add(i * n + a), b - a)
+            };
+            if m == 1 {
+                return rows_dot(
+                    w,
+                    rows,
+                    r.clone(),
+                    cols,
+                    &acts[0],
+                    out(0, r.start, r.end),
+                    isa,
+                );
+            }
+            let mut a = r.start;
+            while a < r.end {
+                let b = (a + TILE).min(r.end);
+                for (i, act) in acts.iter().enumerate() {
+                    rows_dot(w, rows, a..b, cols, act, out(i, a, b), isa);
+                }
+                a = b;
+            }
         };
         if n * w.row_bytes() < 64 * 1024 {
             run(0..n);
         } else {
-            pool().for_range(n, align, run);
+            pool().for_range(n, 16, run);
         }
     });
 }

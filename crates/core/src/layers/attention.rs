@@ -2,7 +2,7 @@
 //! Budget: the first `heads / kv_heads` query heads of every KV group; K/V heads are never cut,
 //! so the KV cache has the same layout under every budget and a sequence can switch budgets.
 
-use super::{Observer, Scratch, SyncPtr, add_bias, buf, linear};
+use super::{Observer, Part, PartState, Scratch, SyncPtr, add_bias, buf, linear_rows};
 use crate::budget::{Axis, LayerBudget};
 use crate::kernels::gemm::gemm_nt;
 use crate::kernels::ops::{dot, softmax};
@@ -62,6 +62,8 @@ pub struct KvCache {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
     pub cap: usize,
+    pub heads: usize,
+    pub dim: usize,
 }
 
 impl KvCache {
@@ -72,20 +74,34 @@ impl KvCache {
             k: super::try_zeroed(n)?,
             v: super::try_zeroed(n)?,
             cap,
+            heads: kv_heads,
+            dim: head_dim,
         })
+    }
+
+    /// Copies positions 0..len of every head from `src` (same heads and head size).
+    pub fn copy_prefix(&mut self, src: &KvCache, len: usize) {
+        let d = self.dim;
+        for h in 0..self.heads {
+            let (s, o) = (h * src.cap * d, h * self.cap * d);
+            self.k[o..o + len * d].copy_from_slice(&src.k[s..s + len * d]);
+            self.v[o..o + len * d].copy_from_slice(&src.v[s..s + len * d]);
+        }
     }
 }
 
 impl Attention {
-    /// out[T, hidden] = Attn(x[T, hidden]) for tokens at positions pos0..pos0+T.
+    /// out[T, hidden] = Attn(x[T, hidden]) for the T rows of a batch of `parts` (each at its own
+    /// positions, over its own KV cache); the first `decode` rows belong to stepwise parts.
     pub fn forward(
         &self,
         lb: &LayerBudget,
         hidden: usize,
         x: &[f32],
         out: &mut [f32],
-        kv: &mut KvCache,
-        pos0: usize,
+        parts: &[Part],
+        decode: usize,
+        kv: &mut dyn PartState<KvCache>,
         s: &mut Scratch,
         obs: &mut dyn Observer,
         layer: usize,
@@ -97,14 +113,57 @@ impl Attention {
         let hid = [0..hidden];
         let kvr = [0..kvd];
         let q = buf(&mut s.a, t * nq * d);
-        linear(&self.q, &lb.q_rows, &hid, x, q);
+        linear_rows(&self.q, &lb.q_rows, &hid, x, q, decode);
         add_bias(&self.q_bias, &lb.q_rows, q);
         let kb = buf(&mut s.b, t * kvd);
-        linear(&self.k, &kvr, &hid, x, kb);
+        linear_rows(&self.k, &kvr, &hid, x, kb, decode);
         add_bias(&self.k_bias, &kvr, kb);
         let vb = buf(&mut s.c, t * kvd);
-        linear(&self.v, &kvr, &hid, x, vb);
+        linear_rows(&self.v, &kvr, &hid, x, vb, decode);
         add_bias(&self.v_bias, &kvr, vb);
+        let att = buf(&mut s.d, t * nq * d);
+        for (pi, p) in parts.iter().enumerate() {
+            let cache = kv.state(pi);
+            // A stepwise part attends token by token, as single decode steps would.
+            let steps = if p.stepwise { p.len } else { 1 };
+            let len = p.len / steps;
+            for i in 0..steps {
+                let r = p.row + i * len;
+                self.attend(
+                    nq,
+                    &mut q[r * nq * d..(r + len) * nq * d],
+                    &mut kb[r * kvd..(r + len) * kvd],
+                    &vb[r * kvd..(r + len) * kvd],
+                    cache,
+                    p.pos + i * len,
+                    &mut att[r * nq * d..(r + len) * nq * d],
+                    &mut s.e,
+                );
+            }
+        }
+        if obs.enabled() {
+            obs.attention(layer, att, nq, d);
+        }
+        linear_rows(&self.o, &hid, &lb.q_rows, att, out, decode);
+        add_bias(&self.o_bias, &hid, out);
+    }
+
+    /// Rotary embedding, the KV write and causal attention for `t` tokens of one sequence at
+    /// positions pos0..pos0+t: q [t][nq·d], k/v [t][kv·d] → att [t][nq·d].
+    fn attend(
+        &self,
+        nq: usize,
+        q: &mut [f32],
+        kb: &mut [f32],
+        vb: &[f32],
+        kv: &mut KvCache,
+        pos0: usize,
+        att: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let d = self.head_dim;
+        let t = q.len() / (nq * d);
+        let kvd = self.kv_heads * d;
         if let Some(r) = &self.rope {
             for ti in 0..t {
                 for h in 0..nq {
@@ -125,13 +184,12 @@ impl Attention {
         let len = pos0 + t;
         let per_group = nq / self.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
-        let att = buf(&mut s.d, t * nq * d);
         let threads = pool().threads();
         let q = &*q;
         let kvr = &*kv;
         let attp = SyncPtr(att.as_mut_ptr());
         if t == 1 {
-            let sc = buf(&mut s.e, nq * len);
+            let sc = buf(scratch, nq * len);
             let scp = SyncPtr(sc.as_mut_ptr());
             let work = |h: usize| {
                 let g = h / per_group;
@@ -158,7 +216,7 @@ impl Attention {
             }
         } else {
             // V transposed per KV head, [kv][d][len], for the P·V product.
-            let vt = buf(&mut s.e, self.kv_heads * d * len + threads * t * len);
+            let vt = buf(scratch, self.kv_heads * d * len + threads * t * len);
             let (vt, scores) = vt.split_at_mut(self.kv_heads * d * len);
             for g in 0..self.kv_heads {
                 for j in 0..len {
@@ -190,10 +248,5 @@ impl Attention {
                 }
             });
         }
-        if obs.enabled() {
-            obs.attention(layer, att, nq, d);
-        }
-        linear(&self.o, &hid, &lb.q_rows, att, out);
-        add_bias(&self.o_bias, &hid, out);
     }
 }

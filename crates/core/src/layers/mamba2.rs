@@ -4,7 +4,7 @@
 //! Budget: the first `mamba_heads / groups` heads of every group and the first `mamba_head_dim`
 //! channels of every head; B/C are never cut and the norm keeps its G groups.
 
-use super::{Observer, Scratch, SyncPtr, Vector, buf, linear};
+use super::{Observer, Part, PartState, Scratch, SyncPtr, Vector, buf, linear_rows};
 use crate::budget::{Axis, LayerBudget};
 use crate::kernels::gemm::gemm_nt;
 use crate::kernels::ops::{silu, softplus};
@@ -44,27 +44,80 @@ pub struct MambaState {
     pub ssm: Vec<f32>,
 }
 
+/// One Mamba layer's state in a sequence, with checkpoints for rolling it back: `ring[q % K]`
+/// holds the state at position q (before token q) for recent positions q; which position each
+/// slot holds is tracked by the sequence (the same for every layer).
+///
+/// Checkpoints rather than input replay: restoring is one copy, exact under any mix of budgets
+/// (the whole parent-layout state is kept, so channels a draft budget left untouched come back
+/// too), and a stepwise verify pass produces the state at every position anyway. The price is
+/// memory, K × (conv + SSM state) per Mamba layer and sequence, and one state copy per token.
+#[derive(Clone)]
+pub struct MambaCache {
+    pub state: MambaState,
+    pub ring: Vec<MambaState>,
+}
+
+impl MambaCache {
+    /// Saves the current state as that of position `pos` (no-op without checkpoints).
+    pub fn save(&mut self, pos: usize) {
+        let k = self.ring.len();
+        if k > 0 {
+            self.ring[pos % k].copy_from(&self.state);
+        }
+    }
+}
+
+impl MambaState {
+    pub fn copy_from(&mut self, o: &MambaState) {
+        self.conv.copy_from_slice(&o.conv);
+        self.ssm.copy_from_slice(&o.ssm);
+    }
+    /// Back to the state of an empty sequence.
+    pub fn clear(&mut self) {
+        self.conv.fill(0.0);
+        self.ssm.fill(0.0);
+    }
+    /// Floats in one state.
+    pub fn len(&self) -> usize {
+        self.conv.len() + self.ssm.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 impl Mamba2 {
+    /// Floats of one layer's state (conv window and SSM state).
+    pub fn state_len(&self) -> usize {
+        self.conv_dim() * (self.conv_k - 1) + self.heads * self.head_dim * self.state
+    }
+    /// A zeroed state, or None when the memory cannot be allocated.
+    pub fn try_state(&self) -> Option<MambaState> {
+        Some(MambaState {
+            conv: super::try_zeroed(self.conv_dim() * (self.conv_k - 1))?,
+            ssm: super::try_zeroed(self.heads * self.head_dim * self.state)?,
+        })
+    }
     pub fn d_inner(&self) -> usize {
         self.heads * self.head_dim
     }
     pub fn conv_dim(&self) -> usize {
         self.d_inner() + 2 * self.groups * self.state
     }
-    pub fn new_state(&self) -> MambaState {
-        MambaState {
-            conv: vec![0.0; self.conv_dim() * (self.conv_k - 1)],
-            ssm: vec![0.0; self.heads * self.head_dim * self.state],
-        }
-    }
 
+    /// out[T, hidden] for the T rows of a batch of `parts`, each part on its own state; the first
+    /// `decode` rows belong to stepwise parts. The state before each stepwise token, and before
+    /// each prefill chunk, is saved to the part's checkpoint ring (if it has one).
     pub fn forward(
         &self,
         lb: &LayerBudget,
         hidden: usize,
         x: &[f32],
         out: &mut [f32],
-        st: &mut MambaState,
+        parts: &[Part],
+        decode: usize,
+        st: &mut dyn PartState<MambaCache>,
         s: &mut Scratch,
         obs: &mut dyn Observer,
         layer: usize,
@@ -72,21 +125,84 @@ impl Mamba2 {
         let t = x.len() / hidden;
         let na = lb.size(Axis::MambaHeads);
         let pa = lb.size(Axis::MambaHeadDim);
-        let (g, n, k) = (self.groups, self.state, self.conv_k);
-        let gn = g * n;
+        let gn = self.groups * self.state;
         let ni = na * pa; // active inner channels
         let width = 2 * ni + 2 * gn + na;
+        let cw = ni + gn * 2;
         let zx = buf(&mut s.a, t * width);
-        linear(&self.in_proj, &lb.in_rows, &[0..hidden], x, zx);
+        linear_rows(&self.in_proj, &lb.in_rows, &[0..hidden], x, zx, decode);
         if obs.enabled() {
-            let ni = lb.size(Axis::MambaHeads) * lb.size(Axis::MambaHeadDim);
-            let width = 2 * ni + 2 * self.groups * self.state + lb.size(Axis::MambaHeads);
-            let mut xs = vec![0f32; (x.len() / hidden) * ni];
+            let mut xs = vec![0f32; t * ni];
             for (row, dst) in zx.chunks(width).zip(xs.chunks_mut(ni)) {
                 dst.copy_from_slice(&row[ni..2 * ni]);
             }
             obs.mamba_x(layer, &xs, ni);
         }
+        let xbc = buf(&mut s.b, t * cw);
+        let dt = buf(&mut s.c, t * na);
+        let y = buf(&mut s.d, t * ni);
+        for (pi, p) in parts.iter().enumerate() {
+            let mc = st.state(pi);
+            let steps = if p.stepwise { p.len } else { 1 };
+            let len = p.len / steps;
+            for i in 0..steps {
+                let r = p.row + i * len;
+                mc.save(p.pos + i * len);
+                self.scan_rows(
+                    lb,
+                    &zx[r * width..(r + len) * width],
+                    &mut xbc[r * cw..(r + len) * cw],
+                    &mut dt[r * na..(r + len) * na],
+                    &mut y[r * ni..(r + len) * ni],
+                    &mut mc.state,
+                );
+            }
+        }
+
+        // Gated RMSNorm, gate before norm, G groups over the active channels (spec §2.3.8).
+        let g = self.groups;
+        let gs = ni / g;
+        for ti in 0..t {
+            let yr = &mut y[ti * ni..(ti + 1) * ni];
+            let zr = &zx[ti * width..ti * width + ni];
+            for (yv, zv) in yr.iter_mut().zip(zr) {
+                *yv *= silu(*zv);
+            }
+            for gi in 0..g {
+                let grp = &mut yr[gi * gs..(gi + 1) * gs];
+                let ms = grp.iter().map(|v| v * v).sum::<f32>() / gs as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                grp.iter_mut().for_each(|v| *v *= r);
+            }
+            let mut c = 0;
+            for seg in &lb.inner {
+                for (yv, wv) in yr[c..c + seg.len()].iter_mut().zip(&self.norm[seg.clone()]) {
+                    *yv *= wv;
+                }
+                c += seg.len();
+            }
+        }
+        linear_rows(&self.out_proj, &[0..hidden], &lb.inner, y, out, decode);
+    }
+
+    /// Conv, Δ and the selective scan (the recurrence for one token) of `t` consecutive tokens
+    /// of one sequence: zx [t][width] in, y [t][active inner] out, advancing `st`.
+    fn scan_rows(
+        &self,
+        lb: &LayerBudget,
+        zx: &[f32],
+        xbc: &mut [f32],
+        dt: &mut [f32],
+        y: &mut [f32],
+        st: &mut MambaState,
+    ) {
+        let na = lb.size(Axis::MambaHeads);
+        let pa = lb.size(Axis::MambaHeadDim);
+        let (g, n, k) = (self.groups, self.state, self.conv_k);
+        let gn = g * n;
+        let ni = na * pa;
+        let width = 2 * ni + 2 * gn + na;
+        let t = zx.len() / width;
 
         // Causal conv over the active xBC channels, window from the state (spec §2.3.2).
         let cw = ni + gn * 2;
@@ -105,7 +221,6 @@ impl Mamba2 {
                 di + c - ni
             }
         };
-        let xbc = buf(&mut s.b, t * cw);
         let mut c = 0;
         while c < cw {
             // Walk contiguous parent runs to avoid a lookup per channel.
@@ -133,7 +248,6 @@ impl Mamba2 {
         }
 
         // Δ per token and active head.
-        let dt = buf(&mut s.c, t * na);
         let mut hh = 0;
         for r in &lb.mheads {
             for h in r.clone() {
@@ -145,7 +259,6 @@ impl Mamba2 {
             }
         }
 
-        let y = buf(&mut s.d, t * ni);
         let heads_per_group = self.heads / g;
         let (xbc, dt) = (&*xbc, &*dt);
         let yp = SyncPtr(y.as_mut_ptr());
@@ -189,30 +302,6 @@ impl Mamba2 {
         } else {
             pool().for_each(na, work);
         }
-
-        // Gated RMSNorm, gate before norm, G groups over the active channels (spec §2.3.8).
-        let gs = ni / g;
-        for ti in 0..t {
-            let yr = &mut y[ti * ni..(ti + 1) * ni];
-            let zr = &zx[ti * width..ti * width + ni];
-            for (yv, zv) in yr.iter_mut().zip(zr) {
-                *yv *= silu(*zv);
-            }
-            for gi in 0..g {
-                let grp = &mut yr[gi * gs..(gi + 1) * gs];
-                let ms = grp.iter().map(|v| v * v).sum::<f32>() / gs as f32;
-                let r = 1.0 / (ms + self.eps).sqrt();
-                grp.iter_mut().for_each(|v| *v *= r);
-            }
-            let mut c = 0;
-            for seg in &lb.inner {
-                for (yv, wv) in yr[c..c + seg.len()].iter_mut().zip(&self.norm[seg.clone()]) {
-                    *yv *= wv;
-                }
-                c += seg.len();
-            }
-        }
-        linear(&self.out_proj, &[0..hidden], &lb.inner, y, out);
     }
 
     /// One recurrence step (decode): S ← S·exp(ΔA) + Δ·x⊗B; y = S·C + D·x.

@@ -1,7 +1,7 @@
 //! Dense MLP: Nemotron-H's relu² (up → relu² → down, spec §2.5) and Llama's SwiGLU
 //! (down(silu(gate) ⊙ up)). Budget: the first `ffn` intermediate channels.
 
-use super::{Ffn, Observer, Scratch, add_bias, buf, linear};
+use super::{Ffn, Observer, Scratch, add_bias, buf, linear_rows};
 use crate::kernels::ops::{relu2, silu};
 use crate::tensor::Tensor;
 
@@ -26,13 +26,15 @@ impl Mlp {
         self.up.rows()
     }
 
-    /// out[T, hidden] = MLP(x[T, hidden]) using the first `ffn` channels.
+    /// out[T, hidden] = MLP(x[T, hidden]) using the first `ffn` channels; the first `decode` rows
+    /// are decode tokens (see [`linear_rows`]).
     pub fn forward(
         &self,
         ffn: usize,
         hidden: usize,
         x: &[f32],
         out: &mut [f32],
+        decode: usize,
         s: &mut Scratch,
         obs: &mut dyn Observer,
         at: (usize, Ffn),
@@ -41,12 +43,12 @@ impl Mlp {
         let rows = [0..ffn];
         let hid = [0..hidden];
         let u = buf(&mut s.d, t * ffn);
-        linear(&self.up, &rows, &hid, x, u);
+        linear_rows(&self.up, &rows, &hid, x, u, decode);
         add_bias(&self.up_bias, &rows, u);
         match (&self.gate, self.act) {
             (Some(g), _) => {
                 let gv = buf(&mut s.e, t * ffn);
-                linear(g, &rows, &hid, x, gv);
+                linear_rows(g, &rows, &hid, x, gv, decode);
                 add_bias(&self.gate_bias, &rows, gv);
                 for (uv, gv) in u.iter_mut().zip(gv.iter()) {
                     *uv *= silu(*gv);
@@ -58,7 +60,7 @@ impl Mlp {
         if obs.enabled() {
             obs.down_input(at.0, at.1, u, ffn);
         }
-        linear(&self.down, &hid, &rows, u, out);
+        linear_rows(&self.down, &hid, &rows, u, out, decode);
         add_bias(&self.down_bias, &hid, out);
     }
 }

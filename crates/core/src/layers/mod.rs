@@ -47,12 +47,50 @@ impl Observer for Silent {
 
 /// y[T, rows] = x[T, cols] · W[rows, cols]ᵀ: one token uses the decode product, more use the GEMM.
 pub fn linear(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32], y: &mut [f32]) {
+    linear_rows(w, rows, cols, x, y, 0);
+}
+
+/// [`linear`] over a batch whose first `decode` rows are decode tokens: those take the decode
+/// product (all of them in one read of the weights, each bit-identical to its token alone), the
+/// rest as [`linear`] would (the GEMM, or the decode product for a single row).
+pub fn linear_rows(
+    w: &Tensor,
+    rows: &[Range<usize>],
+    cols: &[Range<usize>],
+    x: &[f32],
+    y: &mut [f32],
+    decode: usize,
+) {
     let k: usize = cols.iter().map(|r| r.len()).sum();
-    if x.len() == k {
-        gemv::matvec(w, rows, cols, x, y);
-    } else {
-        gemm::matmul(w, rows, cols, x, y);
+    let n: usize = rows.iter().map(|r| r.len()).sum();
+    let (xd, xr) = x.split_at(decode * k);
+    let (yd, yr) = y.split_at_mut(decode * n);
+    if decode > 0 {
+        gemv::matvec_rows(w, rows, cols, xd, yd);
     }
+    if xr.len() == k {
+        gemv::matvec(w, rows, cols, xr, yr);
+    } else if !xr.is_empty() {
+        gemm::matmul(w, rows, cols, xr, yr);
+    }
+}
+
+/// One sequence's rows in a batched forward: rows `row..row + len` of the batch are its tokens at
+/// positions `pos..pos + len`. A `stepwise` part (every part of one token is) runs its tokens
+/// one after another through the decode path, so its results equal `len` single-token forwards
+/// bit for bit; its rows come first in the batch (see [`linear_rows`]). Other parts run as one
+/// prefill chunk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Part {
+    pub row: usize,
+    pub len: usize,
+    pub pos: usize,
+    pub stepwise: bool,
+}
+
+/// The per-sequence state (a KV cache, a Mamba state) of each part of a batch, for one layer.
+pub trait PartState<S> {
+    fn state(&mut self, part: usize) -> &mut S;
 }
 
 /// A small f32 weight (norm, bias, conv, router) under the checkpoint name it was read from
@@ -107,7 +145,8 @@ pub fn add_bias(bias: &Option<Vector>, rows: &[Range<usize>], y: &mut [f32]) {
     }
 }
 
-/// Grow-only scratch buffers, owned by the sequence's cache, so decode allocates nothing.
+/// Grow-only scratch buffers of a forward pass (owned by the worker's `Work`), so decode
+/// allocates nothing.
 #[derive(Default)]
 pub struct Scratch {
     pub a: Vec<f32>,
@@ -115,6 +154,8 @@ pub struct Scratch {
     pub c: Vec<f32>,
     pub d: Vec<f32>,
     pub e: Vec<f32>,
+    /// Indices (MoE token lists).
+    pub u: Vec<usize>,
 }
 
 /// `&mut v[..n]`, growing `v` if needed.

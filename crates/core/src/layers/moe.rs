@@ -4,7 +4,7 @@
 //! routing group, the first `moe_ffn` channels of each expert and `shared_ffn` of the shared one.
 
 use super::mlp::Mlp;
-use super::{Ffn, Observer, Scratch, Vector, buf, linear};
+use super::{Ffn, Observer, Scratch, Vector, buf, linear_rows};
 use crate::budget::{Axis, LayerBudget};
 use crate::kernels::ops::{dot, relu2, sigmoid};
 use crate::tensor::Tensor;
@@ -108,7 +108,8 @@ impl Moe {
         got
     }
 
-    /// One routed expert on m tokens: down(relu²(up(x))), using its first `ffn` channels.
+    /// One routed expert on m tokens, the first `decode` of them decode tokens:
+    /// down(relu²(up(x))), using its first `ffn` channels.
     fn expert(
         &self,
         id: usize,
@@ -117,23 +118,26 @@ impl Moe {
         x: &[f32],
         h: &mut [f32],
         y: &mut [f32],
+        decode: usize,
         obs: &mut dyn Observer,
         layer: usize,
     ) {
-        linear(&self.up[id], &[0..ffn], &[0..hidden], x, h);
+        linear_rows(&self.up[id], &[0..ffn], &[0..hidden], x, h, decode);
         h.iter_mut().for_each(|v| *v = relu2(*v));
         if obs.enabled() {
             obs.down_input(layer, Ffn::Expert(id), h, ffn);
         }
-        linear(&self.down[id], &[0..hidden], &[0..ffn], h, y);
+        linear_rows(&self.down[id], &[0..hidden], &[0..ffn], h, y, decode);
     }
 
+    /// out[T, hidden] for T tokens, the first `decode` of them decode tokens of a batch.
     pub fn forward(
         &self,
         lb: &LayerBudget,
         hidden: usize,
         x: &[f32],
         out: &mut [f32],
+        decode: usize,
         s: &mut Scratch,
         obs: &mut dyn Observer,
         layer: usize,
@@ -143,12 +147,13 @@ impl Moe {
         let e = self.experts;
         let mut ids = [0usize; MAX_TOPK];
         let mut w = [0f32; MAX_TOPK];
-        // Per-token routing: ids/weights stored in s.e as [T][topk] pairs.
+        // Per-token routing: ids/weights stored in s.e as [T][topk] pairs, then the weights of
+        // the tokens grouped by expert.
         let k = self.topk.min(lb.size(Axis::Experts));
-        let route = buf(&mut s.e, 2 * e + t * 2 * k);
+        let route = buf(&mut s.e, 2 * e + t * 3 * k);
         let (rs, rest) = route.split_at_mut(2 * e);
         let (sc, choice) = rs.split_at_mut(e);
-        let sel = rest;
+        let (sel, wts) = rest.split_at_mut(t * 2 * k);
         for ti in 0..t {
             let got = self.route(
                 lb,
@@ -175,7 +180,7 @@ impl Moe {
                 }
                 let id = id as usize;
                 let wj = sel[2 * j + 1];
-                self.expert(id, ffn, hidden, x, h, y, obs, layer);
+                self.expert(id, ffn, hidden, x, h, y, decode, obs, layer);
                 if obs.enabled() {
                     obs.expert_output(layer, id, wj, y);
                 }
@@ -184,32 +189,54 @@ impl Moe {
                 }
             }
         } else {
-            // Group tokens by expert, run each expert once on its tokens.
-            let mut lists: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+            // Group tokens by expert (a counting sort, in token order, so each expert's decode
+            // tokens come first), run each expert once on its tokens. Every token still adds
+            // its experts in ascending id, as the one-token path does.
+            let u = &mut s.u;
+            u.clear();
+            u.resize(e + 1 + t * k, 0);
+            let (start, tok) = u.split_at_mut(e + 1);
+            for j in sel.chunks(2) {
+                if j[0] >= 0.0 {
+                    start[j[0] as usize + 1] += 1;
+                }
+            }
+            for i in 0..e {
+                start[i + 1] += start[i];
+            }
             for ti in 0..t {
                 for j in 0..k {
                     let id = sel[ti * 2 * k + 2 * j];
                     if id >= 0.0 {
-                        lists[id as usize].push((ti, sel[ti * 2 * k + 2 * j + 1]));
+                        let id = id as usize;
+                        // start[id] moves forward as the expert's list fills; reset below.
+                        tok[start[id]] = ti;
+                        wts[start[id]] = sel[ti * 2 * k + 2 * j + 1];
+                        start[id] += 1;
                     }
                 }
             }
-            for (id, list) in lists.iter().enumerate() {
-                if list.is_empty() {
+            // Each start[id] now ends its list; the previous one (or 0) begins it.
+            let mut from = 0;
+            for id in 0..e {
+                let to = start[id];
+                let list = &tok[from..to];
+                let m = list.len();
+                if m == 0 {
                     continue;
                 }
-                let m = list.len();
+                let md = list.iter().take_while(|&&ti| ti < decode).count();
                 let xs = buf(&mut s.b, m * hidden);
-                for (r, (ti, _)) in list.iter().enumerate() {
+                for (r, &ti) in list.iter().enumerate() {
                     xs[r * hidden..(r + 1) * hidden]
                         .copy_from_slice(&x[ti * hidden..(ti + 1) * hidden]);
                 }
                 let h = buf(&mut s.c, m * ffn);
                 let y = buf(&mut s.d, m * hidden);
-                self.expert(id, ffn, hidden, xs, h, y, obs, layer);
-                for (r, (ti, wj)) in list.iter().enumerate() {
+                self.expert(id, ffn, hidden, xs, h, y, md, obs, layer);
+                for (r, (&ti, &wj)) in list.iter().zip(&wts[from..to]).enumerate() {
                     if obs.enabled() {
-                        obs.expert_output(layer, id, *wj, &y[r * hidden..(r + 1) * hidden]);
+                        obs.expert_output(layer, id, wj, &y[r * hidden..(r + 1) * hidden]);
                     }
                     for (o, v) in out[ti * hidden..(ti + 1) * hidden]
                         .iter_mut()
@@ -218,6 +245,7 @@ impl Moe {
                         *o += wj * v;
                     }
                 }
+                from = to;
             }
         }
         if let Some(sh) = &self.shared {
@@ -230,6 +258,7 @@ impl Moe {
                 hidden,
                 x,
                 &mut tmp[..t * hidden],
+                decode,
                 s,
                 obs,
                 (layer, Ffn::Shared),
