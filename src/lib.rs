@@ -4,11 +4,14 @@
 //! - `elastica-core` (`crates/core`): formats, tensors, kernels, the elastic axes and budgets,
 //!   layers, the model, one module per architecture, generation.
 //! - `elastica-elastic` (`crates/elastic`): the elastic pipeline — rank, elastify, slice.
+//! - `elastica-runtime` (`crates/runtime`): sequences, scheduling, self-speculative decoding
+//!   (on core only).
 //! - `elastica-train` (`crates/train`): nested training over candle.
 //! - `elastica` (this crate): the command line; re-exports the three under one path.
 
 pub use elastica_core::*;
 pub use elastica_elastic as elastic;
+pub use elastica_runtime as runtime;
 pub use elastica_train as train;
 
 pub mod cli;

@@ -11,7 +11,8 @@ mod common;
 use common::*;
 use elastica::generate::sampler::{Sampler, SamplerConfig};
 use elastica::kernels::pool::pool;
-use elastica::{BatchItem, Cache, Logits, SeqPool, Work};
+use elastica::runtime::speculative::Speculator;
+use elastica::{BatchItem, Cache, Logits, SeqPool, SeqState, Work};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -191,5 +192,35 @@ fn decode_allocates_nothing() {
             n, 0,
             "{name}: batched decode and rollback allocated {n} times"
         );
+
+        // Speculative rounds: drafts of 4 at the small budget, stepwise verify, rollback.
+        let mut seq = SeqState::try_new(m, 400, 4).unwrap();
+        let mut spec = Speculator::new(m, small.clone(), &full, 4).unwrap();
+        let mut out = Vec::with_capacity(400);
+        let mut items = [BatchItem {
+            seq: &mut seq,
+            tokens: &[1, 2, 3, 4],
+            logits: Logits::Last,
+            stepwise: false,
+        }];
+        let t0 = s.sample(
+            m.forward_batch(&mut items, &full, &mut work)
+                .unwrap()
+                .item(0),
+        );
+        out.push(t0);
+        let mut round = |out: &mut Vec<u32>| {
+            let t0 = *out.last().unwrap();
+            spec.round(m, &mut seq, &mut work, &full, t0, &mut s, out)
+                .unwrap();
+        };
+        round(&mut out);
+        let before = ALLOCS.load(Ordering::SeqCst);
+        for _ in 0..40 {
+            round(&mut out);
+        }
+        let n = ALLOCS.load(Ordering::SeqCst) - before;
+        println!("{name}: {n} allocations in 40 speculative rounds");
+        assert_eq!(n, 0, "{name}: speculative decoding allocated {n} times");
     }
 }

@@ -67,3 +67,42 @@ pub fn rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     }
     md / mx
 }
+
+/// The fixtures (HF and GGUF) with a sub-budget cutting every axis they have.
+pub fn fixtures() -> Vec<(String, Model, &'static str)> {
+    let cases = [
+        (
+            "nemotron_h_dense",
+            "",
+            "hidden=48,ffn=64,heads=2,mamba_heads=4,mamba_head_dim=8",
+        ),
+        (
+            "nemotron_h_moe",
+            "",
+            "hidden=48,moe_ffn=16,experts=4,shared_ffn=24,heads=2,mamba_heads=4,mamba_head_dim=8",
+        ),
+        (
+            "nemotron_h_moe",
+            "model-f32.gguf",
+            "hidden=56,moe_ffn=24,experts=6,shared_ffn=16,mamba_head_dim=8",
+        ),
+        ("llama_tiny", "", "hidden=48,ffn=64,heads=2"),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, file, sub)| {
+            let p = if file.is_empty() {
+                fixture(name)
+            } else {
+                fixture(name).join(file)
+            };
+            (format!("{name} {file}"), load(&p), sub)
+        })
+        .collect()
+}
+
+pub fn smollm2() -> Option<Model> {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    p.exists().then(|| load(&p))
+}

@@ -4,6 +4,12 @@
 //! distributed exactly as the target's. Greedy configs give one-hot distributions, and the rule
 //! reduces to "accept while the target's argmax equals the draft".
 
+use elastica_core::budget::Budget;
+use elastica_core::error::{Error, Result};
+use elastica_core::generate::sampler::Sampler;
+use elastica_core::model::{BatchItem, Logits, Model, SeqState, Work};
+use std::time::Instant;
+
 /// The outcome of one verification round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Verdict {
@@ -72,6 +78,164 @@ fn pick(w: &[f32], total: f32, draw: &mut impl FnMut() -> f32) -> u32 {
         }
     }
     last as u32
+}
+
+/// Acceptance counts of a speculative run.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SpecStats {
+    /// Verification rounds.
+    pub rounds: usize,
+    /// Draft tokens proposed.
+    pub drafted: usize,
+    /// Draft tokens kept.
+    pub accepted: usize,
+    /// `at[i]`: rounds whose draft token i was proposed and kept (acceptance per draft position).
+    pub proposed_at: Vec<usize>,
+    pub accepted_at: Vec<usize>,
+    pub draft_seconds: f64,
+    pub verify_seconds: f64,
+}
+
+impl SpecStats {
+    /// Tokens each round produces (kept drafts plus the target's own).
+    pub fn tokens_per_round(&self) -> f64 {
+        (self.accepted + self.rounds) as f64 / self.rounds.max(1) as f64
+    }
+}
+
+/// Drafts at a nested budget of the same weights and state, and verifies at the target: one
+/// sequence's speculative decoding, its buffers sized once for K drafts.
+pub struct Speculator {
+    pub draft: Budget,
+    pub k: usize,
+    q: Vec<f32>,
+    p: Vec<f32>,
+    resid: Vec<f32>,
+    toks: Vec<u32>,
+    pub stats: SpecStats,
+}
+
+/// The most draft tokens a round may propose.
+pub const MAX_DRAFT: usize = 16;
+
+impl Speculator {
+    /// Errors when K is out of 1..=[`MAX_DRAFT`] or the draft does not nest inside the target.
+    pub fn new(model: &Model, draft: Budget, target: &Budget, k: usize) -> Result<Speculator> {
+        if !(1..=MAX_DRAFT).contains(&k) {
+            return Err(Error::Input(format!(
+                "--draft {k}: the number of draft tokens must be 1 to {MAX_DRAFT}"
+            )));
+        }
+        if !draft.nested_in(target) {
+            return Err(Error::Budget(format!(
+                "the draft budget {} does not nest inside the target budget {}: it must be at most the target on every axis",
+                draft.spec(&model.shape),
+                target.spec(&model.shape)
+            )));
+        }
+        let v = model.vocab;
+        Ok(Speculator {
+            draft,
+            k,
+            q: vec![0.0; k * v],
+            p: vec![0.0; (k + 1) * v],
+            resid: vec![0.0; v],
+            toks: Vec::with_capacity(k + 1),
+            stats: SpecStats {
+                proposed_at: vec![0; k],
+                accepted_at: vec![0; k],
+                ..SpecStats::default()
+            },
+        })
+    }
+
+    /// One round for a sequence whose next input is `t0` (sampled, not yet in the state):
+    /// drafts up to K tokens at the draft budget, rolls back, runs t0 and the drafts at `target`
+    /// stepwise (bit for bit the logits of plain decoding), keeps the accepted prefix and rolls
+    /// the state back to it. Appends the kept drafts and the target's next token to `out`; the
+    /// sequence then holds t0 and the kept drafts, and the last token of `out` is the new t0.
+    /// Needs K Mamba checkpoints in `seq` when the model has Mamba layers.
+    pub fn round(
+        &mut self,
+        model: &Model,
+        seq: &mut SeqState,
+        work: &mut Work,
+        target: &Budget,
+        t0: u32,
+        sampler: &mut Sampler,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
+        let v = model.vocab;
+        let c = seq.pos;
+        // Room for t0 and the drafts.
+        let k = self.k.min(seq.capacity().saturating_sub(c + 1));
+        let t = Instant::now();
+        self.toks.clear();
+        self.toks.push(t0);
+        for i in 0..k {
+            let tok = self.toks[i];
+            let logits = one(model, seq, work, &self.draft, &[tok], false)?;
+            let qi = &mut self.q[i * v..(i + 1) * v];
+            sampler.probs(logits, qi);
+            let x = pick(qi, 1.0, &mut || sampler.draw());
+            self.toks.push(x);
+        }
+        seq.truncate(c)?;
+        let t1 = Instant::now();
+        self.stats.draft_seconds += (t1 - t).as_secs_f64();
+        let logits = {
+            let mut items = [BatchItem {
+                seq,
+                tokens: &self.toks,
+                logits: Logits::All,
+                stepwise: true,
+            }];
+            model.forward_batch(&mut items, target, work)?.item(0)
+        };
+        for i in 0..=k {
+            sampler.probs(&logits[i * v..(i + 1) * v], &mut self.p[i * v..(i + 1) * v]);
+        }
+        let d = accept(
+            &self.toks[1..],
+            &self.q[..k * v],
+            &self.p[..(k + 1) * v],
+            v,
+            || sampler.draw(),
+            &mut self.resid,
+        );
+        seq.truncate(c + 1 + d.accepted)?;
+        self.stats.verify_seconds += t1.elapsed().as_secs_f64();
+        self.stats.rounds += 1;
+        self.stats.drafted += k;
+        self.stats.accepted += d.accepted;
+        for i in 0..k {
+            self.stats.proposed_at[i] += 1;
+            if i < d.accepted {
+                self.stats.accepted_at[i] += 1;
+            }
+        }
+        out.extend_from_slice(&self.toks[1..1 + d.accepted]);
+        out.push(d.next);
+        Ok(())
+    }
+}
+
+/// The logits of one sequence's tokens (the last position).
+fn one<'w>(
+    model: &Model,
+    seq: &mut SeqState,
+    work: &'w mut Work,
+    budget: &Budget,
+    tokens: &[u32],
+    stepwise: bool,
+) -> Result<&'w [f32]> {
+    let mut items = [BatchItem {
+        seq,
+        tokens,
+        logits: Logits::Last,
+        stepwise,
+    }];
+    Ok(model.forward_batch(&mut items, budget, work)?.item(0))
 }
 
 #[cfg(test)]
