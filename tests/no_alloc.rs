@@ -211,8 +211,7 @@ fn decode_allocates_nothing() {
         out.push(t0);
         let mut round = |out: &mut Vec<u32>| {
             let t0 = *out.last().unwrap();
-            spec.round(m, &mut seq, &mut work, &full, t0, &mut s, out)
-                .unwrap();
+            spec.round(m, &mut seq, &mut work, t0, &mut s, out).unwrap();
         };
         round(&mut out);
         let before = ALLOCS.load(Ordering::SeqCst);

@@ -50,7 +50,7 @@ fn speculative(
     let mut out = vec![sampler.sample(&step(m, target, &mut s, &mut w, &prompt(m)))];
     while out.len() < n {
         let t0 = *out.last().unwrap();
-        spec.round(m, &mut s, &mut w, target, t0, &mut sampler, &mut out)
+        spec.round(m, &mut s, &mut w, t0, &mut sampler, &mut out)
             .unwrap();
     }
     out.truncate(n);
@@ -124,7 +124,7 @@ fn sampled_output_is_distributed_as_the_target() {
         step(&m, &full, &mut s, &mut w, &p0);
         let mut sampler = Sampler::new(cfg(seed as u64 + 1));
         out.clear();
-        spec.round(&m, &mut s, &mut w, &full, t0, &mut sampler, &mut out)
+        spec.round(&m, &mut s, &mut w, t0, &mut sampler, &mut out)
             .unwrap();
         counts[out[0] as usize] += 1;
     }
@@ -179,7 +179,7 @@ fn bad_settings_are_errors() {
     let mut spec = Speculator::new(&m, full.clone(), &full, 2).unwrap();
     let mut sampler = Sampler::new(SamplerConfig::default());
     let e = spec
-        .round(&m, &mut s, &mut w, &full, 1, &mut sampler, &mut vec![])
+        .round(&m, &mut s, &mut w, 1, &mut sampler, &mut vec![])
         .err()
         .unwrap()
         .to_string();

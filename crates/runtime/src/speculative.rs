@@ -107,6 +107,7 @@ impl SpecStats {
 /// sequence's speculative decoding, its buffers sized once for K drafts.
 pub struct Speculator {
     pub draft: Budget,
+    pub target: Budget,
     pub k: usize,
     q: Vec<f32>,
     p: Vec<f32>,
@@ -136,6 +137,7 @@ impl Speculator {
         let v = model.vocab;
         Ok(Speculator {
             draft,
+            target: target.clone(),
             k,
             q: vec![0.0; k * v],
             p: vec![0.0; (k + 1) * v],
@@ -150,7 +152,7 @@ impl Speculator {
     }
 
     /// One round for a sequence whose next input is `t0` (sampled, not yet in the state):
-    /// drafts up to K tokens at the draft budget, rolls back, runs t0 and the drafts at `target`
+    /// drafts up to K tokens at the draft budget, rolls back, runs t0 and the drafts at the target
     /// stepwise (bit for bit the logits of plain decoding), keeps the accepted prefix and rolls
     /// the state back to it. Appends the kept drafts and the target's next token to `out`; the
     /// sequence then holds t0 and the kept drafts, and the last token of `out` is the new t0.
@@ -160,7 +162,6 @@ impl Speculator {
         model: &Model,
         seq: &mut SeqState,
         work: &mut Work,
-        target: &Budget,
         t0: u32,
         sampler: &mut Sampler,
         out: &mut Vec<u32>,
@@ -190,7 +191,7 @@ impl Speculator {
                 logits: Logits::All,
                 stepwise: true,
             }];
-            model.forward_batch(&mut items, target, work)?.item(0)
+            model.forward_batch(&mut items, &self.target, work)?.item(0)
         };
         for i in 0..=k {
             sampler.probs(&logits[i * v..(i + 1) * v], &mut self.p[i * v..(i + 1) * v]);
