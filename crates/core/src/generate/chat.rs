@@ -94,3 +94,41 @@ pub fn prompt(
         .is_some_and(|b| !b.is_empty() && text.starts_with(&b));
     tok.encode(&text, !has_bos)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::tokenizer::bytes_for_test;
+    use super::*;
+
+    #[test]
+    fn prompt_has_bos_once_and_the_special_names() {
+        let mut tok = bytes_for_test(&["<eos>", "<s>"]);
+        tok.bos = Some(257);
+        tok.add_bos = true;
+        let turns = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}";
+        // The template writes BOS: not added again.
+        let with = format!("{{{{ bos_token }}}}{turns}");
+        let text = prompt_text(Some(&with), &tok, Some("S"), "U").unwrap();
+        assert_eq!(text, "<s>[system]S<eos>[user]U<eos>[assistant]");
+        let ids = prompt(Some(&with), &tok, Some("S"), "U").unwrap();
+        assert_eq!(ids, tok.encode(&text, false).unwrap());
+        assert_eq!(ids.iter().filter(|&&t| t == 257).count(), 1);
+        // It does not: added, as the model asks.
+        let ids = prompt(Some(turns), &tok, None, "U").unwrap();
+        assert_eq!(ids[0], 257);
+        assert_eq!(tok.decode(&ids).unwrap(), "<s>[user]U<eos>[assistant]");
+        // Template errors name the template.
+        let e = prompt(
+            Some("{{ raise_exception('no system role') }}"),
+            &tok,
+            None,
+            "U",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("chat template") && e.contains("no system role"),
+            "{e}"
+        );
+    }
+}
