@@ -7,7 +7,7 @@
 //! amortised; per token only the tokenizer's stream decoding allocates.
 
 use super::StopReason;
-use super::sampler::{Sampler, SamplerConfig};
+use super::sampler::Sampler;
 use super::think::ThinkMarker;
 use super::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
@@ -159,10 +159,6 @@ impl Decoder {
         self.done = None;
     }
 
-    pub fn sampler_config(&self) -> &SamplerConfig {
-        &self.sampler.cfg
-    }
-
     /// The token the next step emits whatever the logits (a marker being forced): the caller may
     /// skip computing logits and pass an empty slice.
     pub fn forced(&self) -> Option<u32> {
@@ -198,10 +194,10 @@ impl Decoder {
         }
         // Reached only with max_tokens = 0 (prefill only); otherwise checked after each token.
         if self.tokens.len() >= self.max_tokens {
-            return Ok(self.stop_flush(StopReason::Length, false));
+            return Ok(self.stop_flush(StopReason::Length));
         }
         if !self.ignore_eos && tok.eos.contains(&token) {
-            return Ok(self.stop_flush(StopReason::Eos, false));
+            return Ok(self.stop_flush(StopReason::Eos));
         }
         self.tokens.push(token);
         let before = self.text.len();
@@ -250,7 +246,7 @@ impl Decoder {
         if self.done.is_some() {
             return "";
         }
-        self.stop_flush(reason, false).text
+        self.stop_flush(reason).text
     }
 
     /// Starts emitting the end-of-thinking marker, at once (`grace` 0) or after the next newline
@@ -300,11 +296,12 @@ impl Decoder {
         }
     }
 
-    fn stop_flush(&mut self, r: StopReason, think_end: bool) -> StepOut<'_> {
+    /// Stops with `r`, streaming what was held back.
+    fn stop_flush(&mut self, r: StopReason) -> StepOut<'_> {
         let from = self.emitted;
         self.done = Some(r);
         self.emitted = self.text.len();
-        self.out(Step::Stop(r), from, self.emitted, think_end)
+        self.out(Step::Stop(r), from, self.emitted, false)
     }
 
     /// Updates the thinking phase after a token whose text starts at byte `before`; true when
@@ -382,6 +379,7 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::super::GenConfig;
+    use super::super::sampler::SamplerConfig;
     use super::super::think::think_end;
     use super::super::tokenizer::{Tokenizer, bytes_for_test};
     use super::*;
