@@ -212,3 +212,129 @@ fn chat_template_from_gguf() {
     assert_eq!(ids[0], tok.token_to_id("<|im_start|>").unwrap());
     assert!(tok.eos.contains(&tok.token_to_id("<|im_end|>").unwrap()));
 }
+
+#[test]
+fn chat_prompt_is_one_assembly() {
+    use elastica::generate::chat;
+    let m = model();
+    let tok = Tokenizer::for_model(m).unwrap();
+    let tpl = m.meta.chat_template.as_deref();
+    // The one assembly matches the template rendered by minijinja, tokenized with BOS once.
+    let ids = chat::prompt(tpl, &tok, Some("Be brief."), "Hi there").unwrap();
+    let want = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n";
+    assert_eq!(ids, tok.encode(want, true).unwrap());
+    assert_eq!(tok.decode(&ids).unwrap(), want);
+    let e = chat::prompt(None, &tok, None, "Hi")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no chat template"), "{e}");
+    let e = chat::prompt(Some("{% for %}"), &tok, None, "Hi")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("chat template"), "{e}");
+
+    // `run --chat` and `gen-data --chat` build the same prompt: greedy, they write the same text.
+    let path = root().join(reference()["model"].as_str().unwrap());
+    let dir = std::env::temp_dir().join(format!("elastica-chat-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let user = "What is the capital of France?";
+    std::fs::write(dir.join("p.txt"), format!("{user}\n")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_elastica");
+    let o = std::process::Command::new(bin)
+        .args(["run", path.to_str().unwrap(), "--chat", "-p", user])
+        .args(["-n", "12", "--temp", "0", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let o = std::process::Command::new(bin)
+        .args(["gen-data", path.to_str().unwrap(), "--chat", "--prompts"])
+        .arg(dir.join("p.txt"))
+        .args(["-n", "1", "--max-tokens", "12", "--temp", "0", "--out"])
+        .arg(dir.join("out.jsonl"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let line: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out.jsonl")).unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(
+        run["prompt_tokens"].as_u64().unwrap() as usize,
+        chat::prompt(tpl, &tok, None, user).unwrap().len()
+    );
+    assert!(!run["text"].as_str().unwrap().is_empty());
+    assert_eq!(line["text"], run["text"]);
+}
+
+#[test]
+fn think_marker_on_smollm2_tokens() {
+    use elastica::generate::think::think_end;
+    use elastica::generate::{Decoder, GenConfig, Step, ThinkControl};
+    let m = model();
+    let tok = Tokenizer::for_model(m).unwrap();
+    // SmolLM2's own template has no thinking markers.
+    let e = think_end(m.meta.chat_template.as_deref(), &tok, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no thinking markers") && e.contains("--think-end"),
+        "{e}"
+    );
+    // A reasoning template (Qwen3-style history handling) over SmolLM2's vocabulary: the marker
+    // is several BPE tokens; an override names another.
+    let tpl = "{%- for m in messages %}{%- set c = m.content.split('</think>')[-1] %}<|im_start|>{{ m.role }}\n{{ c }}<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n<think>\n{%- endif %}";
+    let end = think_end(Some(tpl), &tok, None).unwrap();
+    assert_eq!(end.text, "</think>");
+    assert!(end.tokens.len() > 1, "{:?}", end.tokens);
+    assert_eq!(tok.decode(&end.tokens).unwrap(), "</think>");
+    let over = think_end(m.meta.chat_template.as_deref(), &tok, Some("Final answer:")).unwrap();
+    assert_eq!(over.tokens, tok.encode("Final answer:", false).unwrap());
+
+    let cfg = GenConfig {
+        max_tokens: 64,
+        sampler: Default::default(),
+        stop: vec![],
+        ignore_eos: true,
+    };
+    let ctl = |cap| ThinkControl {
+        end: end.clone(),
+        cap,
+        grace: 0,
+    };
+    // Detected exactly once, on the token that completes the marker, in text the model's
+    // tokenizer produced.
+    let ids = tok
+        .encode(
+            "Paris is in France.\n</think>\nParis. Not </think> again.",
+            false,
+        )
+        .unwrap();
+    let mut d = Decoder::new(&cfg).with_think(ctl(None)).unwrap();
+    let mut ends = vec![];
+    for (i, &t) in ids.iter().enumerate() {
+        if d.accept(&tok, t).unwrap().think_end {
+            ends.push(i);
+        }
+    }
+    let first = (0..ids.len())
+        .find(|&i| ids[..=i].ends_with(&end.tokens))
+        .unwrap();
+    assert_eq!(ends, vec![first]);
+    // A cap forces exactly the marker's tokens, whatever the model's logits say, over a real
+    // forward pass.
+    let b = m.full_budget();
+    let mut c = Cache::new(m, 64);
+    let prompt = tok.encode("The capital of France is", true).unwrap();
+    let mut d = Decoder::new(&cfg).with_think(ctl(Some(3))).unwrap();
+    let mut logits = m.forward(&prompt, &b, &mut c, Logits::Last).unwrap();
+    let mut ends = vec![];
+    for i in 0..3 + end.tokens.len() + 2 {
+        let out = d.step(&tok, logits).unwrap();
+        ends.extend(out.think_end.then_some(i));
+        let Step::Next(t) = out.step else { panic!() };
+        logits = m.forward(&[t], &b, &mut c, Logits::Last).unwrap();
+    }
+    assert_eq!(ends, vec![2 + end.tokens.len()]);
+    assert_eq!(&d.tokens()[3..3 + end.tokens.len()], &end.tokens[..]);
+    assert_eq!(d.thinking_tokens(), 3 + end.tokens.len());
+}

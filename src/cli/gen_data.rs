@@ -1,6 +1,6 @@
 use crate::error::{Error, Result};
 use crate::formats::temp::{self, Temp};
-use crate::generate::chat::{Message, render};
+use crate::generate::chat;
 use crate::generate::sampler::SamplerConfig;
 use crate::generate::tokenizer::Tokenizer;
 use crate::generate::{GenConfig, generate};
@@ -84,30 +84,11 @@ pub fn run(a: Args) -> Result<()> {
         );
         for i in 0..a.samples {
             let p = &prompts[i % prompts.len()];
-            let text = if a.chat {
-                let tpl =
-                    m.meta.chat_template.as_deref().ok_or_else(|| {
-                        Error::Input("--chat: the model has no chat template".into())
-                    })?;
-                let bos = m
-                    .meta
-                    .bos
-                    .and_then(|x| tok.inner.id_to_token(x))
-                    .unwrap_or_default();
-                render(
-                    tpl,
-                    &[Message {
-                        role: "user".into(),
-                        content: p.clone(),
-                    }],
-                    true,
-                    &bos,
-                    "",
-                )?
+            let ids = if a.chat {
+                chat::prompt(m.meta.chat_template.as_deref(), &tok, None, p)?
             } else {
-                p.clone()
+                tok.encode(p, true)?
             };
-            let ids = tok.encode(&text, true)?;
             cache.reset();
             let cfg = GenConfig {
                 max_tokens: a.max_tokens,

@@ -1,5 +1,5 @@
 use super::ModelArgs;
-use crate::generate::chat::{Message, render};
+use crate::generate::chat;
 use crate::generate::sampler::SamplerConfig;
 use crate::generate::tokenizer::Tokenizer;
 use crate::generate::{GenConfig, generate};
@@ -66,39 +66,16 @@ pub fn run(a: Args) -> Result<()> {
     let ctx = a.ctx.unwrap_or(m.meta.context.min(4096));
     super::check_ctx(&m, &format!("--ctx {ctx}"), ctx, a.force_ctx)?;
     let tok = Tokenizer::for_model(&m)?;
-    let text = if a.chat {
-        let tpl = m
-            .meta
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| Error::Input("--chat: the model has no chat template".into()))?;
-        let mut msgs = vec![];
-        if let Some(s) = &a.system {
-            msgs.push(Message {
-                role: "system".into(),
-                content: s.clone(),
-            });
-        }
-        msgs.push(Message {
-            role: "user".into(),
-            content: prompt,
-        });
-        let bos = m
-            .meta
-            .bos
-            .and_then(|b| tok.inner.id_to_token(b))
-            .unwrap_or_default();
-        let eos = m
-            .meta
-            .eos
-            .first()
-            .and_then(|&e| tok.inner.id_to_token(e))
-            .unwrap_or_default();
-        render(tpl, &msgs, true, &bos, &eos)?
+    let prompt = if a.chat {
+        chat::prompt(
+            m.meta.chat_template.as_deref(),
+            &tok,
+            a.system.as_deref(),
+            &prompt,
+        )?
     } else {
-        prompt
+        tok.encode(&prompt, true)?
     };
-    let prompt = tok.encode(&text, true)?;
     let mut cache = Cache::try_new(&m, ctx)?;
     let cfg = GenConfig {
         max_tokens: a.n,

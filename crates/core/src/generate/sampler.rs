@@ -41,6 +41,12 @@ impl Sampler {
         }
     }
 
+    /// A fresh sampler under `cfg`, keeping the buffers.
+    pub fn reset(&mut self, cfg: SamplerConfig) {
+        self.rng = crate::rng::Rng::new(cfg.seed);
+        self.cfg = cfg;
+    }
+
     /// Uniform in [0, 1), 24 bits, from this sampler's seeded stream.
     pub fn draw(&mut self) -> f32 {
         (self.rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32

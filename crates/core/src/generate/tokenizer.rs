@@ -80,3 +80,41 @@ impl Tokenizer {
         self.inner.token_to_id(t)
     }
 }
+
+/// A byte-level tokenizer for tests: token i is byte i (GPT-2's byte-to-character table, no
+/// merges), then `specials` as added tokens from 256 on, the first of them EOS.
+#[cfg(test)]
+pub(crate) fn bytes_for_test(specials: &[&str]) -> Tokenizer {
+    use tokenizers::decoders::byte_level::ByteLevel as Dec;
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let mut vocab = tokenizers::models::bpe::Vocab::default();
+    let mut extra = 0;
+    for b in 0..=255u32 {
+        let c = if (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b) {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        vocab.insert(char::from_u32(c).unwrap().to_string(), b);
+    }
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, vec![])
+        .build()
+        .unwrap();
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    inner.with_decoder(Some(Dec::default()));
+    let added: Vec<_> = specials
+        .iter()
+        .map(|s| tokenizers::AddedToken::from(s.to_string(), true))
+        .collect();
+    inner.add_special_tokens(added).unwrap();
+    Tokenizer {
+        eos: specials.first().map(|_| 256).into_iter().collect(),
+        inner,
+        bos: None,
+        add_bos: false,
+    }
+}
