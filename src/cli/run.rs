@@ -3,7 +3,8 @@ use crate::generate::chat;
 use crate::generate::sampler::SamplerConfig;
 use crate::generate::tokenizer::Tokenizer;
 use crate::generate::{GenConfig, generate};
-use crate::{Cache, Error, Result};
+use crate::runtime::speculative::{self, Speculator};
+use crate::{Cache, Error, Result, SeqState, Work};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -51,6 +52,13 @@ pub struct Args {
     /// Allow a --ctx above the model's trained context (with a warning).
     #[arg(long)]
     force_ctx: bool,
+    /// Nested self-speculative decoding: draft at this budget (nested inside --budget) from the
+    /// same weights and cache, verify at --budget. Greedy output is identical to plain decoding.
+    #[arg(long)]
+    speculate: Option<String>,
+    /// Draft tokens per round with --speculate (1 to 16).
+    #[arg(long, default_value_t = 4, requires = "speculate")]
+    draft: usize,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -76,7 +84,6 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         tok.encode(&prompt, true)?
     };
-    let mut cache = Cache::try_new(&m, ctx)?;
     let cfg = GenConfig {
         max_tokens: a.n,
         sampler: SamplerConfig {
@@ -89,15 +96,36 @@ pub fn run(a: Args) -> Result<()> {
         ignore_eos: a.ignore_eos,
     };
     let mut stdout = std::io::stdout().lock();
-    let g = generate(&m, &tok, &b, &mut cache, &prompt, &cfg, |t| {
+    let stream = |t: &str| {
         if !a.json {
             let _ = stdout.write_all(t.as_bytes());
             let _ = stdout.flush();
         }
-    })?;
+    };
+    let mut spec = None;
+    let g = match &a.speculate {
+        None => generate(
+            &m,
+            &tok,
+            &b,
+            &mut Cache::try_new(&m, ctx)?,
+            &prompt,
+            &cfg,
+            stream,
+        )?,
+        Some(d) => {
+            let s = spec.insert(Speculator::new(&m, m.budget(d)?, &b, a.draft)?);
+            let mut seq = SeqState::try_new(&m, ctx, a.draft)?;
+            let mut work = Work::try_new(&m, ctx)?;
+            speculative::generate(&m, &tok, s, &mut seq, &mut work, &prompt, &cfg, stream)?
+        }
+    };
     if a.json {
         let mut v = serde_json::to_value(&g).unwrap();
         v["budget"] = b.spec(&m.shape).into();
+        if let Some(s) = &spec {
+            v["speculative"] = s.report(&m.shape);
+        }
         println!("{v}");
     } else {
         println!();
@@ -110,6 +138,9 @@ pub fn run(a: Args) -> Result<()> {
             g.stop_reason.describe(),
             b.spec(&m.shape)
         );
+        if let Some(s) = &spec {
+            eprintln!("[{}]", s.summary(&m.shape));
+        }
     }
     Ok(())
 }

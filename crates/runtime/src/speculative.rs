@@ -7,6 +7,8 @@
 use elastica_core::budget::Budget;
 use elastica_core::error::{Error, Result};
 use elastica_core::generate::sampler::Sampler;
+use elastica_core::generate::tokenizer::Tokenizer;
+use elastica_core::generate::{Decoder, GenConfig, Generation, Step, StepOut, StopReason};
 use elastica_core::model::{BatchItem, Logits, Model, SeqState, Work};
 use std::time::Instant;
 
@@ -100,6 +102,46 @@ impl SpecStats {
     /// Tokens each round produces (kept drafts plus the target's own).
     pub fn tokens_per_round(&self) -> f64 {
         (self.accepted + self.rounds) as f64 / self.rounds.max(1) as f64
+    }
+    /// Kept / proposed at each draft position.
+    pub fn acceptance_at(&self) -> Vec<f64> {
+        let rate = |(a, p): (&usize, &usize)| *a as f64 / (*p).max(1) as f64;
+        self.accepted_at
+            .iter()
+            .zip(&self.proposed_at)
+            .map(rate)
+            .collect()
+    }
+}
+
+impl Speculator {
+    /// The stats and budgets as JSON (`run --json`, `bench --json`).
+    pub fn report(&self, shape: &elastica_core::budget::Shape) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.stats).unwrap_or_default();
+        v["draft_budget"] = self.draft.spec(shape).into();
+        v["draft_tokens"] = self.k.into();
+        v["tokens_per_round"] = self.stats.tokens_per_round().into();
+        v["acceptance_at"] = self.stats.acceptance_at().into();
+        v
+    }
+    /// One line: draft budget, K, rounds, tokens per round, acceptance per position, times.
+    pub fn summary(&self, shape: &elastica_core::budget::Shape) -> String {
+        let st = &self.stats;
+        let at: Vec<String> = st
+            .acceptance_at()
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect();
+        format!(
+            "speculative: draft {} K={}, {} rounds, {:.2} tokens/round, acceptance by position [{}], draft {:.2} s, verify {:.2} s",
+            self.draft.spec(shape),
+            self.k,
+            st.rounds,
+            st.tokens_per_round(),
+            at.join(" "),
+            st.draft_seconds,
+            st.verify_seconds
+        )
     }
 }
 
@@ -219,6 +261,80 @@ impl Speculator {
         out.push(d.next);
         Ok(())
     }
+}
+
+/// Generates from `prompt` like [`elastica_core::generate::generate`] at the speculator's target,
+/// drafting with it: the same tokens under greedy sampling, the same distribution otherwise. The
+/// stop logic is the [`Decoder`]'s; `seq` needs K Mamba checkpoints on Mamba models.
+pub fn generate(
+    model: &Model,
+    tok: &Tokenizer,
+    spec: &mut Speculator,
+    seq: &mut SeqState,
+    work: &mut Work,
+    prompt: &[u32],
+    cfg: &GenConfig,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(Error::Input("the prompt is empty".into()));
+    }
+    if seq.pos + prompt.len() > seq.capacity() {
+        return Err(Error::Input(format!(
+            "the prompt has {} tokens, longer than the context of {} tokens (raise --ctx)",
+            seq.pos + prompt.len(),
+            seq.capacity()
+        )));
+    }
+    let mut dec = Decoder::new(cfg);
+    let mut sampler = Sampler::new(cfg.sampler.clone());
+    let t = Instant::now();
+    let mut next = sampler.sample(one(model, seq, work, &spec.target, prompt, false)?);
+    let prefill_seconds = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let mut round = Vec::with_capacity(spec.k + 1);
+    // Streams a decoder step; Some(reason) when it stops.
+    let mut take = |out: StepOut<'_>| {
+        if !out.text.is_empty() {
+            on_text(out.text);
+        }
+        match out.step {
+            Step::Stop(r) => Some(r),
+            Step::Next(_) => None,
+        }
+    };
+    let stop_reason = 'decode: loop {
+        if let Some(r) = take(dec.accept(tok, next)?) {
+            break r;
+        }
+        if seq.pos >= seq.capacity() {
+            let rest = dec.finish(StopReason::Context).to_string();
+            take(StepOut {
+                step: Step::Stop(StopReason::Context),
+                text: &rest,
+                think_end: false,
+            });
+            break StopReason::Context;
+        }
+        round.clear();
+        spec.round(model, seq, work, next, &mut sampler, &mut round)?;
+        let (kept, last) = round.split_at(round.len() - 1);
+        for &x in kept {
+            if let Some(r) = take(dec.accept(tok, x)?) {
+                break 'decode r;
+            }
+        }
+        next = last[0];
+    };
+    let (text, tokens) = dec.into_parts();
+    Ok(Generation {
+        text,
+        tokens,
+        prompt_tokens: prompt.len(),
+        stop_reason,
+        prefill_seconds,
+        decode_seconds: t.elapsed().as_secs_f64(),
+    })
 }
 
 /// The logits of one sequence's tokens (the last position).
