@@ -185,3 +185,61 @@ fn bad_settings_are_errors() {
         .to_string();
     assert!(e.contains("checkpoint"), "{e}");
 }
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args(args)
+        .output()
+        .unwrap();
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), s(&out.stdout), s(&out.stderr))
+}
+
+/// `run --speculate` prints what plain `run` prints (greedy), with its acceptance statistics,
+/// and refuses bad settings by name.
+#[test]
+fn run_speculate_matches_plain_run() {
+    let m = fixture("llama_tiny");
+    let m = m.to_str().unwrap();
+    let base = [
+        "run",
+        m,
+        "-p",
+        "hello world",
+        "-n",
+        "24",
+        "--ignore-eos",
+        "--json",
+    ];
+    let (ok, plain, err) = cli(&base);
+    assert!(ok, "{err}");
+    let plain: serde_json::Value = serde_json::from_str(&plain).unwrap();
+    for draft in ["hidden=48,ffn=64,heads=2", "full"] {
+        let mut args = base.to_vec();
+        args.extend(["--speculate", draft, "--draft", "3"]);
+        let (ok, out, err) = cli(&args);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["tokens"], plain["tokens"], "--speculate {draft}");
+        assert_eq!(v["text"], plain["text"]);
+        let s = &v["speculative"];
+        assert_eq!(s["draft_tokens"], 3);
+        assert_eq!(s["acceptance_at"].as_array().unwrap().len(), 3);
+        assert!(s["rounds"].as_u64().unwrap() > 0);
+    }
+    for (extra, needle) in [
+        (&["--speculate", "full", "--draft", "0"][..], "--draft 0"),
+        (&["--speculate", "full", "--draft", "17"][..], "--draft 17"),
+        (
+            &["--budget", "hidden=48", "--speculate", "full"][..],
+            "does not nest",
+        ),
+        (&["--speculate", "bogus=3"][..], "unknown axis"),
+        (&["--draft", "3"][..], "--speculate"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend(extra);
+        let (ok, _, err) = cli(&args);
+        assert!(!ok && err.contains(needle), "{extra:?}: {err}");
+    }
+}

@@ -115,9 +115,11 @@ pub fn run(a: Args) -> Result<()> {
         )?,
         Some(d) => {
             let s = spec.insert(Speculator::new(&m, m.budget(d)?, &b, a.draft)?);
-            let mut seq = SeqState::try_new(&m, ctx, a.draft)?;
-            let mut work = Work::try_new(&m, ctx)?;
-            speculative::generate(&m, &tok, s, &mut seq, &mut work, &prompt, &cfg, stream)?
+            let mut cache = Cache {
+                seq: SeqState::try_new(&m, ctx, a.draft)?,
+                work: Work::try_new(&m, ctx)?,
+            };
+            speculative::generate(&m, &tok, s, &mut cache, &prompt, &cfg, stream)?
         }
     };
     if a.json {

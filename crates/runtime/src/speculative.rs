@@ -9,7 +9,7 @@ use elastica_core::error::{Error, Result};
 use elastica_core::generate::sampler::Sampler;
 use elastica_core::generate::tokenizer::Tokenizer;
 use elastica_core::generate::{Decoder, GenConfig, Generation, Step, StepOut, StopReason};
-use elastica_core::model::{BatchItem, Logits, Model, SeqState, Work};
+use elastica_core::model::{BatchItem, Cache, Logits, Model, SeqState, Work};
 use std::time::Instant;
 
 /// The outcome of one verification round.
@@ -265,17 +265,18 @@ impl Speculator {
 
 /// Generates from `prompt` like [`elastica_core::generate::generate`] at the speculator's target,
 /// drafting with it: the same tokens under greedy sampling, the same distribution otherwise. The
-/// stop logic is the [`Decoder`]'s; `seq` needs K Mamba checkpoints on Mamba models.
+/// stop logic is the [`Decoder`]'s; the cache's sequence needs K Mamba checkpoints on Mamba
+/// models.
 pub fn generate(
     model: &Model,
     tok: &Tokenizer,
     spec: &mut Speculator,
-    seq: &mut SeqState,
-    work: &mut Work,
+    cache: &mut Cache,
     prompt: &[u32],
     cfg: &GenConfig,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
+    let Cache { seq, work } = cache;
     if prompt.is_empty() {
         return Err(Error::Input("the prompt is empty".into()));
     }
