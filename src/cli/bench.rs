@@ -1,5 +1,6 @@
 use super::ModelArgs;
 use crate::Result;
+use crate::runtime::speculative::{self, Speculator};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -19,6 +20,17 @@ pub struct Args {
     /// Allow -p or -n above the model's trained context (with a warning).
     #[arg(long)]
     force_ctx: bool,
+    /// Also measure nested self-speculative greedy decoding of -n tokens after the -p prompt,
+    /// drafting at this budget, against plain greedy decoding (acceptance per draft position,
+    /// tokens per round, tok/s).
+    #[arg(long)]
+    speculate: Option<String>,
+    /// Draft tokens per round with --speculate (1 to 16).
+    #[arg(long, default_value_t = 4, requires = "speculate")]
+    draft: usize,
+    /// With --speculate, the prompt from this UTF-8 file (default: -p random tokens).
+    #[arg(short, long, requires = "speculate")]
+    file: Option<std::path::PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -36,6 +48,22 @@ pub fn run(a: Args) -> Result<()> {
         a.force_ctx,
     )?;
     let r = crate::eval::bench(&m, &b, n_prompt, n_gen, a.reps as usize, 42)?;
+    let spec = match &a.speculate {
+        Some(d) => {
+            let prompt = match &a.file {
+                Some(f) => {
+                    let tok = crate::generate::tokenizer::Tokenizer::for_model(&m)?;
+                    tok.encode(&crate::data::read_text(f)?, true)?
+                }
+                None => crate::eval::bench_tokens(&m, n_prompt.max(1), 42),
+            };
+            let ctx = prompt.len() + n_gen + a.draft + 1;
+            super::check_ctx(&m, "the --speculate prompt and -n", ctx, a.force_ctx)?;
+            let s = Speculator::new(&m, m.budget(d)?, &b, a.draft)?;
+            Some(speculative::bench(&m, s, &prompt, n_gen, a.reps as usize)?)
+        }
+        None => None,
+    };
     let threads = crate::kernels::pool::pool().threads();
     let bytes = m.bytes_per_token(&b);
     let (pt, pa) = m.params(&b);
@@ -48,6 +76,9 @@ pub fn run(a: Args) -> Result<()> {
         v["bytes_per_token"] = bytes.into();
         v["params_total"] = pt.into();
         v["params_active"] = pa.into();
+        if let Some(s) = &spec {
+            v["speculative"] = s.report(&m.shape);
+        }
         println!("{v}");
     } else {
         println!("model   {}  [{}]", a.m.model.display(), b.spec(&m.shape));
@@ -66,6 +97,17 @@ pub fn run(a: Args) -> Result<()> {
                 r.tg,
                 r.tg * bytes as f64 / 1e9
             );
+        }
+        if let Some(s) = &spec {
+            println!(
+                "greedy {} tokens: plain {:.1} tok/s, speculative {:.1} tok/s = {:.2}x{}",
+                s.tokens,
+                s.plain_tps,
+                s.spec_tps,
+                s.spec_tps / s.plain_tps,
+                if s.identical { "" } else { "  (OUTPUTS DIFFER)" }
+            );
+            println!("{}", s.speculator.summary(&m.shape));
         }
     }
     Ok(())

@@ -116,6 +116,19 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 /// llama-bench style: random tokens; pp = one forward of `n_prompt` tokens on an empty cache;
+/// `n` pseudo-random token ids (xorshift from `seed`): the bench's synthetic text.
+pub fn bench_tokens(model: &Model, n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % model.vocab as u64) as u32
+        })
+        .collect()
+}
+
 /// tg = `n_gen` single-token forwards from an empty cache; a warm-up run of each, then `reps`.
 pub fn bench(
     model: &Model,
@@ -131,21 +144,14 @@ pub fn bench(
         ));
     }
     let mut cache = Cache::try_new(model, n_prompt.max(n_gen))?;
-    let mut s = seed.wrapping_add(1);
-    let mut rnd = || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        (s % model.vocab as u64) as u32
-    };
-    let prompt: Vec<u32> = (0..n_prompt).map(|_| rnd()).collect();
-    let gen_tokens: Vec<u32> = (0..n_gen).map(|_| rnd()).collect();
+    let toks = bench_tokens(model, n_prompt + n_gen, seed);
+    let (prompt, gen_tokens) = toks.split_at(n_prompt);
     let (mut pp, mut tg) = (vec![], vec![]);
     for r in 0..reps + 1 {
         if n_prompt > 0 {
             cache.reset();
             let t = Instant::now();
-            model.forward(&prompt, budget, &mut cache, Logits::Last)?;
+            model.forward(prompt, budget, &mut cache, Logits::Last)?;
             if r > 0 {
                 pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
             }
@@ -153,7 +159,7 @@ pub fn bench(
         if n_gen > 0 {
             cache.reset();
             let t = Instant::now();
-            for &g in &gen_tokens {
+            for &g in gen_tokens {
                 model.forward(&[g], budget, &mut cache, Logits::Last)?;
             }
             if r > 0 {

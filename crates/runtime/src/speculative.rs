@@ -6,7 +6,7 @@
 
 use elastica_core::budget::Budget;
 use elastica_core::error::{Error, Result};
-use elastica_core::generate::sampler::Sampler;
+use elastica_core::generate::sampler::{Sampler, argmax};
 use elastica_core::generate::tokenizer::Tokenizer;
 use elastica_core::generate::{Decoder, GenConfig, Generation, Step, StepOut, StopReason};
 use elastica_core::model::{BatchItem, Cache, Logits, Model, SeqState, Work};
@@ -335,6 +335,75 @@ pub fn generate(
         stop_reason,
         prefill_seconds,
         decode_seconds: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// Plain against speculative greedy decoding of the same tokens (`bench --speculate`).
+pub struct SpecBench {
+    pub tokens: usize,
+    pub plain_tps: f64,
+    pub spec_tps: f64,
+    /// Whether both decoded the same tokens (they must: greedy is exact).
+    pub identical: bool,
+    /// The speculator of the last repetition, with its statistics.
+    pub speculator: Speculator,
+}
+
+impl SpecBench {
+    pub fn report(&self, shape: &elastica_core::budget::Shape) -> serde_json::Value {
+        let mut v = self.speculator.report(shape);
+        v["tokens"] = self.tokens.into();
+        v["plain_tok_s"] = self.plain_tps.into();
+        v["speculative_tok_s"] = self.spec_tps.into();
+        v["speedup"] = (self.spec_tps / self.plain_tps).into();
+        v["identical"] = self.identical.into();
+        v
+    }
+}
+
+/// Greedy decoding of `n` tokens after `prompt`, plainly and with `spec`, `reps` times each
+/// (medians of the decode rates; the prefill is not timed).
+pub fn bench(model: &Model, spec: Speculator, prompt: &[u32], n: usize, reps: usize) -> Result<SpecBench> {
+    let ctx = prompt.len() + n + spec.k + 1;
+    let mut seq = SeqState::try_new(model, ctx, spec.k)?;
+    let mut work = Work::try_new(model, ctx)?;
+    let (mut plain, mut fast) = (vec![], vec![]);
+    let (mut a, mut b) = (Vec::with_capacity(n + spec.k + 1), Vec::with_capacity(n + spec.k + 1));
+    let mut sp = spec;
+    let target = sp.target.clone();
+    for _ in 0..reps.max(1) {
+        seq.reset();
+        a.clear();
+        a.push(argmax(one(model, &mut seq, &mut work, &target, prompt, false)?));
+        let t = Instant::now();
+        while a.len() < n {
+            let last = a[a.len() - 1];
+            a.push(argmax(one(model, &mut seq, &mut work, &target, &[last], false)?));
+        }
+        plain.push(n as f64 / t.elapsed().as_secs_f64());
+        seq.reset();
+        sp = Speculator::new(model, sp.draft.clone(), &target, sp.k)?;
+        let mut sampler = Sampler::new(Default::default());
+        b.clear();
+        b.push(argmax(one(model, &mut seq, &mut work, &target, prompt, false)?));
+        let t = Instant::now();
+        while b.len() < n {
+            let last = b[b.len() - 1];
+            sp.round(model, &mut seq, &mut work, last, &mut sampler, &mut b)?;
+        }
+        fast.push(n as f64 / t.elapsed().as_secs_f64());
+        b.truncate(n);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(SpecBench {
+        tokens: n,
+        plain_tps: median(&mut plain),
+        spec_tps: median(&mut fast),
+        identical: a[..n.min(a.len())] == b[..n.min(b.len())],
+        speculator: sp,
     })
 }
 
