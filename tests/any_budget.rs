@@ -185,13 +185,26 @@ fn fractions_resolve_between_neighbours_every_axis_and_depth() {
         "logits",
     );
     sweep(&out);
+    // Active-parameter targets walk the same way, counted on active parameters.
+    let m = load(&out);
+    let pa = m.params(&m.full_budget()).1 as f64;
+    let small = m.params(&m.budget("0.4").unwrap()).1 as f64 / pa;
+    let mut prev: Option<Budget> = None;
+    for i in 0..=20 {
+        let f = small + (1.0 - small) * i as f64 / 20.0;
+        let b = m.budget(&format!("active:{f}")).unwrap();
+        assert!(m.params(&b).1 as f64 <= f * pa + 0.5, "active:{f}");
+        if let Some(p) = &prev {
+            assert!(p.nested_in(&b), "active:{f}: not monotone");
+        }
+        prev = Some(b);
+    }
     // info shows what a target resolves to, and the neighbours it nests between.
     let v: Value =
         serde_json::from_str(&ok(&["info", s(&out), "--json", "-b", "0.55", "-b", "0.4"])).unwrap();
     let r = &v["resolved"][0];
     assert_eq!(r["between"], serde_json::json!(["0.7", "0.4"]));
     assert_eq!(r["rule"], "mass");
-    let m = load(&out);
     let b = m.budget("0.55").unwrap();
     assert_eq!(r["spec"], b.spec(&m.shape));
     assert_eq!(r["params_total"], m.params(&b).0);

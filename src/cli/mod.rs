@@ -35,7 +35,8 @@ struct Cli {
 pub struct ModelArgs {
     /// An HF checkpoint folder (config.json + safetensors) or a .gguf file.
     pub model: PathBuf,
-    /// Budget: a manifest name, `full`, or explicit sizes like `hidden=384,ffn=1024,heads=6,skip=3+7`.
+    /// Budget: a manifest name, `full`, explicit sizes like `hidden=384,ffn=1024,heads=6,skip=3+7`,
+    /// or a target like `0.6` or `params:80e6` (resolved between the manifest's budgets).
     #[arg(short, long, default_value = "full")]
     pub budget: String,
 }

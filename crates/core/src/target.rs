@@ -172,7 +172,7 @@ pub fn resolve(model: &Model, man: &Manifest, t: &Target, text: &str) -> Result<
     }
     let (hi_name, hi) = &known[li - 1];
     let walk = Walk::new(model, man, hi, lo);
-    let budget = walk.run(|b| measure(b) as f64 <= goal)?;
+    let budget = walk.run(|b| measure(b) as f64, goal)?;
     Ok(Resolved {
         count: measure(&budget),
         budget,
@@ -321,12 +321,12 @@ impl<'a> Walk<'a> {
         lost
     }
 
-    /// Walks down from the upper neighbour until `done` holds (at the latest at the lower one).
-    fn run(&self, done: impl Fn(&Budget) -> bool) -> Result<Budget> {
-        let params = |b: &Budget| self.model.params(b).0 as f64;
+    /// Walks down from the upper neighbour until `params` (the target's measure) is at most
+    /// `goal` (at the latest at the lower neighbour).
+    fn run(&self, params: impl Fn(&Budget) -> f64, goal: f64) -> Result<Budget> {
         let mut cur = self.top;
         let mut b = self.budget(&cur)?;
-        while !done(&b) {
+        while params(&b) > goal {
             let (base_loss, base_n) = (self.loss(&b), params(&b));
             let mut best: Option<(f64, [usize; 9], Budget)> = None;
             for i in 0..9 {
