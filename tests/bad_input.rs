@@ -414,6 +414,71 @@ fn bad_manifests() {
     fails(&["info", m], &["elastic.json", "invalid JSON"]);
 }
 
+/// Targets between a manifest's budgets (issue 11, point 7): unknown names, targets out of range
+/// or below the smallest budget, malformed counts, no manifest, a broken `mass` curve.
+#[test]
+fn bad_budget_targets() {
+    let d = copy_fixture("llama_tiny", "targets");
+    let m = s(&d);
+    let manifest = |mass: serde_json::Value| {
+        let mut v = serde_json::json!({"format": "elastica.manifest/1", "parent": "hidden=64,ffn=96,heads=4",
+            "budgets": [{"name": "big", "spec": "hidden=64,ffn=64,heads=4"}, {"name": "small", "spec": "hidden=48,ffn=48,heads=2"}]});
+        if !mass.is_null() {
+            v["mass"] = mass;
+        }
+        std::fs::write(d.join("elastic.json"), v.to_string()).unwrap();
+    };
+    let logits = |b: &str, needles: &[&str]| {
+        fails(&["logits", m, "--tokens", "1,2", "--budget", b], needles)
+    };
+    logits("tiny", &["\"tiny\"", "no elastic manifest"]);
+    logits("0.6", &["\"0.6\"", "no elastic manifest", "target"]);
+    manifest(serde_json::Value::Null);
+    logits("tiny", &["no budget named \"tiny\"", "big, small"]);
+    for b in ["0", "-0.5", "inf", "params:0", "nan"] {
+        logits(b, &[&format!("{b:?}"), "outside (0, 1]"]);
+    }
+    logits(
+        "params:1e12",
+        &["\"params:1e12\"", "more than the parent's"],
+    );
+    logits(
+        "params:many",
+        &["\"params:many\"", "not a fraction or a parameter count"],
+    );
+    logits(
+        "0.01",
+        &[
+            "\"0.01\"",
+            "below the smallest budget \"small\"",
+            "big, small",
+        ],
+    );
+    logits("active:0.02", &["below the smallest budget"]);
+    fails(
+        &["info", m, "-b", "0.05"],
+        &["\"0.05\"", "below the smallest"],
+    );
+    // A hand-written manifest without mass still resolves (uniform rule).
+    let out = Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args(["info", m, "--json", "-b", "0.8"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["resolved"][0]["rule"], "uniform");
+    manifest(serde_json::json!({"hidden": [0.0, 1.0]}));
+    fails(&["info", m], &["manifest.mass.hidden", "needs 65"]);
+    manifest(serde_json::json!({"colour": [0.0]}));
+    fails(&["info", m], &["manifest.mass.colour", "not an axis"]);
+    manifest(serde_json::json!({"heads": [0.0, 0.5, 2.0, 1.0, 1.0]}));
+    fails(&["info", m], &["manifest.mass.heads", "[0, 1]"]);
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }

@@ -3,7 +3,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-pub fn run(path: &Path, as_json: bool) -> Result<()> {
+pub fn run(path: &Path, asked: &[String], as_json: bool) -> Result<()> {
     let m = crate::models::load(path)?;
     let s = &m.shape;
     let full = m.full_budget();
@@ -23,6 +23,31 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             }));
         }
     }
+    // Asked budgets; targets also say which manifest budgets they nest between, and by what rule.
+    let mut resolved = vec![];
+    for text in asked {
+        let b = m.budget(text)?;
+        let (t, a) = m.params(&b);
+        let mut r = json!({
+            "budget": text, "spec": b.spec(s), "params_total": t, "params_active": a,
+            "bytes_per_token": m.bytes_per_token(&b),
+        });
+        let named = m
+            .meta
+            .manifest
+            .iter()
+            .flat_map(|x| &x.budgets)
+            .any(|x| x.name == *text);
+        if let (Some(Ok(target)), Some(man), false) =
+            (crate::target::Target::parse(text), &m.meta.manifest, named)
+        {
+            let res = crate::target::resolve(&m, man, &target, text)?;
+            r["between"] = json!([res.upper, res.lower]);
+            r["goal"] = json!(res.goal);
+            r["rule"] = json!(res.rule);
+        }
+        resolved.push(r);
+    }
     let v = json!({
         "path": path.display().to_string(),
         "format": format!("{:?}", m.meta.format).to_lowercase(),
@@ -40,6 +65,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
         "dtypes": dtypes,
         "parent": {"spec": full.spec(s), "params_total": pt, "params_active": pa, "bytes_per_token": m.bytes_per_token(&full)},
         "budgets": budgets,
+        "resolved": resolved,
     });
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v).unwrap());
@@ -98,6 +124,27 @@ pub fn run(path: &Path, as_json: bool) -> Result<()> {
             b["params_total"].as_u64().unwrap() as f64 / 1e6,
             b["params_active"].as_u64().unwrap() as f64 / 1e6,
             b["spec"].as_str().unwrap()
+        );
+    }
+    for r in &resolved {
+        let between = match r["between"].as_array() {
+            Some(x) if x[0] == x[1] => {
+                format!("  (the manifest budget {})", x[0].as_str().unwrap())
+            }
+            Some(x) => format!(
+                "  (between {} and {}, rule {})",
+                x[0].as_str().unwrap(),
+                x[1].as_str().unwrap(),
+                r["rule"].as_str().unwrap()
+            ),
+            None => String::new(),
+        };
+        println!(
+            "resolved {:<8} {:.2}M params, {:.2}M active  [{}]{between}",
+            r["budget"].as_str().unwrap(),
+            r["params_total"].as_u64().unwrap() as f64 / 1e6,
+            r["params_active"].as_u64().unwrap() as f64 / 1e6,
+            r["spec"].as_str().unwrap()
         );
     }
     Ok(())

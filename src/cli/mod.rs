@@ -35,7 +35,8 @@ struct Cli {
 pub struct ModelArgs {
     /// An HF checkpoint folder (config.json + safetensors) or a .gguf file.
     pub model: PathBuf,
-    /// Budget: a manifest name, `full`, or explicit sizes like `hidden=384,ffn=1024,heads=6,skip=3+7`.
+    /// Budget: a manifest name, `full`, explicit sizes like `hidden=384,ffn=1024,heads=6,skip=3+7`,
+    /// or a target like `0.6` or `params:80e6` (resolved between the manifest's budgets).
     #[arg(short, long, default_value = "full")]
     pub budget: String,
 }
@@ -46,6 +47,10 @@ enum Cmd {
     Info {
         /// An HF checkpoint folder (config.json + safetensors) or a .gguf file.
         model: PathBuf,
+        /// Also show what these budgets resolve to: targets such as `0.6` or `params:80e6`
+        /// (between the manifest's budgets), names or explicit sizes.
+        #[arg(short, long)]
+        budget: Vec<String>,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -103,7 +108,11 @@ pub fn main() -> ExitCode {
         crate::kernels::pool::init(t);
     }
     let r = match cli.cmd {
-        Cmd::Info { model, json } => info::run(&model, json),
+        Cmd::Info {
+            model,
+            budget,
+            json,
+        } => info::run(&model, &budget, json),
         Cmd::Run(a) => run::run(a),
         Cmd::Logits(a) => logits::run(a),
         Cmd::Perplexity(a) => perplexity::run(a),

@@ -367,6 +367,7 @@ pub fn run(a: Args) -> Result<()> {
         parent: man.parent.clone(),
         budgets: man.budgets.clone(),
         layer_order: man.layer_order.clone(),
+        mass: man.mass.clone(),
     };
     for (nb, b) in chosen.iter().zip(&archs) {
         if let Some(x) = manifest.budgets.iter_mut().find(|x| x.name == nb.name) {

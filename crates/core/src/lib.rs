@@ -5,7 +5,8 @@
 //! Modules, lowest first (each imports only those before it): `error`, `tensor`; `formats`
 //! (safetensors, GGUF, JSON, tokenizer metadata, temp files); `kernels` (SIMD products,
 //! quantization, thread pool); `shape` (the elastic axes), `budget`, `manifest`; `layers`
-//! (attention, Mamba-2, MLP, MoE); `model` (the shared block list, the one parameter count);
+//! (attention, Mamba-2, MLP, MoE); `model` (the shared block list, the one parameter count), `target` (any budget between the
+//! manifest's);
 //! `models` (one module per architecture); `generate` (tokenizer, chat, sampling), `eval`, `data`.
 
 // Segment lists are slices of ranges; a single full range is the common case.
@@ -27,6 +28,7 @@ pub mod models;
 pub mod progress;
 pub mod rng;
 pub mod shape;
+pub mod target;
 pub mod tensor;
 
 pub use budget::{Budget, BudgetSpec};

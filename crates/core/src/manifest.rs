@@ -14,7 +14,10 @@
 //! ```
 //! `parent` is the explicit spec of the model the manifest was made for (checked on load);
 //! `spec` strings use the `--budget` syntax; budgets are listed largest first and must nest.
-//! `layer_order` (optional) ranks layers by importance for depth budgets.
+//! `layer_order` (optional) ranks layers by importance for depth budgets. `mass` (optional, written
+//! by elastify) maps each knob (an axis name or `depth`) to the importance fraction its first `k`
+//! components keep, for k = 0..=size, averaged over the layers: what [`crate::target`] resolves
+//! budgets between the named ones with.
 
 use crate::budget::{Budget, BudgetSpec, Shape};
 use crate::error::{Error, Result};
@@ -37,6 +40,8 @@ pub struct Manifest {
     pub budgets: Vec<NamedBudget>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layer_order: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mass: Option<std::collections::BTreeMap<String, Vec<f32>>>,
 }
 
 impl Manifest {
@@ -106,6 +111,27 @@ impl Manifest {
                 ));
             }
             prev = Some((nb.name.clone(), b));
+        }
+        for (k, curve) in self.mass.iter().flatten() {
+            let n = match k.as_str() {
+                "depth" => Some(shape.layers.len()),
+                _ => k.parse().ok().map(|a| shape.size(a)),
+            };
+            let bad = |msg: String| Err(Error::config(format!("manifest.mass.{k}"), msg));
+            match n {
+                None => return bad(format!("{k:?} is not an axis or depth")),
+                Some(n) if curve.len() != n + 1 => {
+                    return bad(format!(
+                        "has {} values, the model's {k} needs {}",
+                        curve.len(),
+                        n + 1
+                    ));
+                }
+                _ if curve.iter().any(|x| !(0.0..=1.0).contains(x)) => {
+                    return bad("values must be fractions in [0, 1]".into());
+                }
+                _ => {}
+            }
         }
         if let Some(order) = &self.layer_order {
             let mut seen = vec![false; shape.layers.len()];

@@ -621,20 +621,26 @@ impl Model {
         &self.meta.arch
     }
 
-    /// Resolves a budget: `full`, a manifest name, or an explicit spec (`hidden=384,ffn=1024`).
+    /// Resolves a budget: `full`, a manifest name, an explicit spec (`hidden=384,ffn=1024`), or a
+    /// target (`0.6`, `params:80e6`) resolved between the manifest's budgets ([`crate::target`]).
     pub fn budget(&self, s: &str) -> Result<Budget> {
         let s = s.trim();
         let spec: BudgetSpec = if !s.contains('=') && !s.is_empty() && s != "full" {
+            let target = crate::target::Target::parse(s);
             let m = self.meta.manifest.as_ref().ok_or_else(|| {
-                Error::Budget(format!("{s:?} is not an explicit budget (key=value,...) and the model has no elastic manifest"))
+                let what = if target.is_some() { " (a target is resolved between a manifest's budgets)" } else { "" };
+                Error::Budget(format!("{s:?} is not an explicit budget (key=value,...) and the model has no elastic manifest{what}"))
             })?;
-            let nb = m.budgets.iter().find(|b| b.name == s).ok_or_else(|| {
+            let Some(nb) = m.budgets.iter().find(|b| b.name == s) else {
+                if let Some(t) = target {
+                    return Ok(crate::target::resolve(self, m, &t?, s)?.budget);
+                }
                 let names: Vec<&str> = m.budgets.iter().map(|b| b.name.as_str()).collect();
-                Error::Budget(format!(
-                    "no budget named {s:?} in the manifest (it has: {})",
+                return Err(Error::Budget(format!(
+                    "no budget named {s:?} in the manifest (it has: {}; or give a target such as 0.6 or params:80e6)",
                     names.join(", ")
-                ))
-            })?;
+                )));
+            };
             nb.spec.parse()?
         } else {
             s.parse()?

@@ -598,10 +598,25 @@ pub fn solve(
             target: Some(targets[*ti].text.clone()),
         });
     }
+    // The importance each knob's prefixes keep (the mass objective), stored so that any budget
+    // can be resolved between these at load time without the importance file (core's `target`).
+    let mass = KNOBS
+        .into_iter()
+        .filter_map(|k| {
+            let n = match k {
+                Knob::Width(a) if s.layers.iter().any(|&l| a.applies(l)) => s.size(a),
+                Knob::Width(_) => 0,
+                Knob::Depth => imp.depth.as_ref().map_or(0, |_| s.layers.len()),
+            };
+            let curve = (0..=n).map(|i| ((p.retained(k, i) * 1e4).round() / 1e4 + 0.0) as f32);
+            (n > 0).then(|| (k.to_string(), curve.collect()))
+        })
+        .collect();
     Ok(Manifest {
         format: manifest::FORMAT.into(),
         parent: model.full_budget().spec(s),
         budgets,
         layer_order: imp.depth.as_ref().map(|d| d.order.clone()),
+        mass: Some(mass),
     })
 }
