@@ -98,22 +98,19 @@ pub fn parse_targets(s: &str) -> Result<Vec<Target>> {
             Some((n, v)) => (n.trim().to_string(), v.trim()),
             None => (part.to_string(), part),
         };
-        let (active, num) = if let Some(x) = val.strip_prefix("active:") {
-            (true, x)
-        } else if let Some(x) = val.strip_prefix("params:") {
-            (false, x)
-        } else {
-            (false, val)
+        let parsed = match val {
+            "full" => Some(Ok(elastica_core::target::Target {
+                active: false,
+                value: 1.0,
+            })),
+            v => elastica_core::target::Target::parse(v),
         };
-        let value = if num == "full" {
-            1.0
-        } else {
-            num.parse::<f64>().map_err(|_| {
-                Error::Budget(format!(
-                    "target {part:?}: {num:?} is not a fraction or a count"
-                ))
-            })?
-        };
+        let t = parsed.unwrap_or_else(|| {
+            Err(Error::Budget(format!(
+                "target {part:?}: {val:?} is not a fraction or a count"
+            )))
+        })?;
+        let (active, value) = (t.active, t.value);
         if value.is_nan() || value <= 0.0 || !value.is_finite() {
             return Err(Error::Budget(format!("target {part:?} must be positive")));
         }
