@@ -7,7 +7,7 @@
 //! - `elastica-runtime` (`crates/runtime`): sequences, scheduling, self-speculative decoding
 //!   (on core only).
 //! - `elastica-train` (`crates/train`): nested training over candle.
-//! - `elastica` (this crate): the command line; re-exports the three under one path.
+//! - `elastica` (this crate): the command line; re-exports the four under one path.
 
 pub use elastica_core::*;
 pub use elastica_elastic as elastic;
