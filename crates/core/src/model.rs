@@ -654,6 +654,17 @@ impl Model {
         Budget::full(&self.shape)
     }
 
+    /// The granule of width cuts: multiples of 16 (NVFP4's scale blocks) and of the
+    /// widest quantized block, so no cut input splits a block.
+    pub fn width_granule(&self) -> usize {
+        fn gcd(a: usize, b: usize) -> usize {
+            if b == 0 { a } else { gcd(b, a % b) }
+        }
+        let block = self.matrices().iter().map(|t| t.dtype.block_len()).max();
+        let block = block.unwrap_or(1);
+        16 / gcd(16, block) * block
+    }
+
     /// Quantized blocks cannot be split: every cut input dimension must fall on a block boundary.
     pub fn check_alignment(&self, b: &Budget) -> Result<()> {
         let check = |t: &Tensor, cols: &[Range<usize>], axes: &[Axis]| -> Result<()> {

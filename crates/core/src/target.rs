@@ -183,13 +183,6 @@ pub fn resolve(model: &Model, man: &Manifest, t: &Target, text: &str) -> Result<
     })
 }
 
-fn lcm(a: usize, b: usize) -> usize {
-    fn gcd(a: usize, b: usize) -> usize {
-        if b == 0 { a } else { gcd(b, a % b) }
-    }
-    a / gcd(a, b) * b
-}
-
 /// The solver's greedy shrink path inside the box between two nested budgets.
 struct Walk<'a> {
     model: &'a Model,
@@ -211,13 +204,7 @@ impl<'a> Walk<'a> {
         let n = s.layers.len();
         // Granules as the solver's: whole blocks of the widest quantized format (and 16),
         // whole groups of grouped axes.
-        let block = model
-            .matrices()
-            .iter()
-            .map(|t| t.dtype.block_len())
-            .max()
-            .unwrap_or(1);
-        let g16 = lcm(16, block);
+        let g16 = model.width_granule();
         let ext = |b: &Budget, a: Axis, f: fn(usize, usize) -> usize| match a {
             Axis::Hidden => b.hidden,
             _ => (0..n)

@@ -172,13 +172,6 @@ pub enum Objective {
     Logits(Vec<Vec<u32>>),
 }
 
-fn lcm(a: usize, b: usize) -> usize {
-    fn gcd(a: usize, b: usize) -> usize {
-        if b == 0 { a } else { gcd(b, a % b) }
-    }
-    a / gcd(a, b) * b
-}
-
 impl<'a> Problem<'a> {
     fn parent(&self) -> Config {
         let s = &self.model.shape;
@@ -453,13 +446,7 @@ pub fn solve(
         .as_ref()
         .map_or_else(|| (0..s.layers.len()).collect(), |d| d.order.clone());
     // Quantized tensors fix the smallest block a cut input dimension may take.
-    let block = model
-        .matrices()
-        .iter()
-        .map(|t| t.dtype.block_len())
-        .max()
-        .unwrap_or(1);
-    let g16 = lcm(16, block);
+    let g16 = model.width_granule();
     let pd = g16.min(s.mamba_head_dim.max(1));
     let mut step = [0usize; 9];
     let mut min = [0usize; 9];
