@@ -105,7 +105,11 @@ pub fn run(a: Args) -> Result<()> {
                 s.plain_tps,
                 s.spec_tps,
                 s.spec_tps / s.plain_tps,
-                if s.identical { "" } else { "  (OUTPUTS DIFFER)" }
+                if s.identical {
+                    ""
+                } else {
+                    "  (OUTPUTS DIFFER)"
+                }
             );
             println!("{}", s.speculator.summary(&m.shape));
         }

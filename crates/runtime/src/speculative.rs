@@ -8,7 +8,9 @@ use elastica_core::budget::Budget;
 use elastica_core::error::{Error, Result};
 use elastica_core::generate::sampler::{Sampler, argmax};
 use elastica_core::generate::tokenizer::Tokenizer;
-use elastica_core::generate::{Decoder, GenConfig, Generation, Step, StepOut, StopReason};
+use elastica_core::generate::{
+    Decoder, GenConfig, Generation, Step, StepOut, StopReason, check_prompt,
+};
 use elastica_core::model::{BatchItem, Cache, Logits, Model, SeqState, Work};
 use std::time::Instant;
 
@@ -277,16 +279,7 @@ pub fn generate(
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     let Cache { seq, work } = cache;
-    if prompt.is_empty() {
-        return Err(Error::Input("the prompt is empty".into()));
-    }
-    if seq.pos + prompt.len() > seq.capacity() {
-        return Err(Error::Input(format!(
-            "the prompt has {} tokens, longer than the context of {} tokens (raise --ctx)",
-            seq.pos + prompt.len(),
-            seq.capacity()
-        )));
-    }
+    check_prompt(prompt, seq)?;
     let mut dec = Decoder::new(cfg);
     let mut sampler = Sampler::new(cfg.sampler.clone());
     let t = Instant::now();
@@ -363,29 +356,49 @@ impl SpecBench {
 
 /// Greedy decoding of `n` tokens after `prompt`, plainly and with `spec`, `reps` times each
 /// (medians of the decode rates; the prefill is not timed).
-pub fn bench(model: &Model, spec: Speculator, prompt: &[u32], n: usize, reps: usize) -> Result<SpecBench> {
+pub fn bench(
+    model: &Model,
+    spec: Speculator,
+    prompt: &[u32],
+    n: usize,
+    reps: usize,
+) -> Result<SpecBench> {
     let ctx = prompt.len() + n + spec.k + 1;
     let mut seq = SeqState::try_new(model, ctx, spec.k)?;
     let mut work = Work::try_new(model, ctx)?;
     let (mut plain, mut fast) = (vec![], vec![]);
-    let (mut a, mut b) = (Vec::with_capacity(n + spec.k + 1), Vec::with_capacity(n + spec.k + 1));
+    let (mut a, mut b) = (
+        Vec::with_capacity(n + spec.k + 1),
+        Vec::with_capacity(n + spec.k + 1),
+    );
     let mut sp = spec;
     let target = sp.target.clone();
     for _ in 0..reps.max(1) {
         seq.reset();
         a.clear();
-        a.push(argmax(one(model, &mut seq, &mut work, &target, prompt, false)?));
+        a.push(argmax(one(
+            model, &mut seq, &mut work, &target, prompt, false,
+        )?));
         let t = Instant::now();
         while a.len() < n {
             let last = a[a.len() - 1];
-            a.push(argmax(one(model, &mut seq, &mut work, &target, &[last], false)?));
+            a.push(argmax(one(
+                model,
+                &mut seq,
+                &mut work,
+                &target,
+                &[last],
+                false,
+            )?));
         }
         plain.push(n as f64 / t.elapsed().as_secs_f64());
         seq.reset();
         sp = Speculator::new(model, sp.draft.clone(), &target, sp.k)?;
         let mut sampler = Sampler::new(Default::default());
         b.clear();
-        b.push(argmax(one(model, &mut seq, &mut work, &target, prompt, false)?));
+        b.push(argmax(one(
+            model, &mut seq, &mut work, &target, prompt, false,
+        )?));
         let t = Instant::now();
         while b.len() < n {
             let last = b[b.len() - 1];

@@ -11,7 +11,7 @@ pub mod tokenizer;
 
 use crate::budget::Budget;
 use crate::error::{Error, Result};
-use crate::model::{Cache, Logits, Model};
+use crate::model::{Cache, Logits, Model, SeqState};
 pub use decoder::{Decoder, Phase, Step, StepOut, ThinkControl};
 use sampler::SamplerConfig;
 use std::time::Instant;
@@ -56,6 +56,21 @@ pub struct Generation {
     pub decode_seconds: f64,
 }
 
+/// Refuses an empty prompt or one that does not fit the sequence's context.
+pub fn check_prompt(prompt: &[u32], seq: &SeqState) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(Error::Input("the prompt is empty".into()));
+    }
+    if seq.pos + prompt.len() > seq.capacity() {
+        return Err(Error::Input(format!(
+            "the prompt has {} tokens, longer than the context of {} tokens (raise --ctx)",
+            seq.pos + prompt.len(),
+            seq.capacity()
+        )));
+    }
+    Ok(())
+}
+
 /// Generates from `prompt` (token ids, appended at the cache's position), streaming text through
 /// `on_text`: a loop of [`Model::forward`] and a [`Decoder`], which holds the stop logic.
 pub fn generate(
@@ -67,16 +82,7 @@ pub fn generate(
     cfg: &GenConfig,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(Error::Input("the prompt is empty".into()));
-    }
-    if cache.pos + prompt.len() > cache.capacity() {
-        return Err(Error::Input(format!(
-            "the prompt has {} tokens, longer than the context of {} tokens (raise --ctx)",
-            cache.pos + prompt.len(),
-            cache.capacity()
-        )));
-    }
+    check_prompt(prompt, cache)?;
     let mut dec = Decoder::new(cfg);
     let t0 = Instant::now();
     let logits = model.forward(prompt, budget, cache, Logits::Last)?;
