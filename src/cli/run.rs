@@ -3,6 +3,8 @@ use crate::generate::chat;
 use crate::generate::sampler::SamplerConfig;
 use crate::generate::tokenizer::Tokenizer;
 use crate::generate::{GenConfig, generate};
+use crate::generate::{ThinkControl, think};
+use crate::runtime::control::{self, BudgetControl, Handoff};
 use crate::runtime::speculative::{self, Speculator};
 use crate::{Cache, Error, Result, SeqState, Work};
 use std::io::Write;
@@ -59,9 +61,44 @@ pub struct Args {
     /// Draft tokens per round with --speculate (1 to 16).
     #[arg(long, default_value_t = 4, requires = "speculate")]
     draft: usize,
+    /// Elastic budget control: think at this budget until the model ends its reasoning (the
+    /// end-of-thinking marker of its chat template), then answer at --answer-budget.
+    #[arg(long, conflicts_with = "speculate")]
+    think_budget: Option<String>,
+    /// The budget of the answer, after thinking (default: --budget).
+    #[arg(long, requires = "think_budget", conflicts_with = "budget")]
+    answer_budget: Option<String>,
+    /// How the answer budget takes over: `shared` continues on the thinking budget's cache,
+    /// `reprefill` recomputes prompt and thinking at the answer budget first.
+    #[arg(long, default_value = "shared", requires = "think_budget",
+          value_parser = clap::builder::PossibleValuesParser::new(["shared", "reprefill"]))]
+    handoff: String,
+    /// Thinking tokens at most: then the end-of-thinking marker is forced.
+    #[arg(long, value_name = "N", requires = "think_budget", value_parser = thinking_cap)]
+    thinking_tokens: Option<usize>,
+    /// After the thinking cap, wait up to G tokens for a newline before forcing the marker.
+    #[arg(
+        long,
+        value_name = "G",
+        default_value_t = 0,
+        requires = "thinking_tokens"
+    )]
+    think_grace: usize,
+    /// The end-of-thinking text (default: the chat template's marker, such as </think>).
+    #[arg(long, value_name = "TEXT", requires = "think_budget")]
+    think_end: Option<String>,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
+}
+
+/// A thinking-token cap: at least 1.
+fn thinking_cap(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<i64>() {
+        Ok(n) if n >= 1 => Ok(n as usize),
+        Ok(_) => Err("the thinking-token cap must be at least 1".into()),
+        Err(_) => Err("not an integer".into()),
+    }
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -102,9 +139,38 @@ pub fn run(a: Args) -> Result<()> {
             let _ = stdout.flush();
         }
     };
+    // Budget control: think at --think-budget, answer at --answer-budget (default --budget).
+    let mut controlled = None;
+    let budget_control = match &a.think_budget {
+        Some(s) => Some(BudgetControl {
+            think: m.budget(s)?,
+            answer: match &a.answer_budget {
+                Some(l) => m.budget(l)?,
+                None => b.clone(),
+            },
+            handoff: a.handoff.parse::<Handoff>()?,
+            ctl: ThinkControl {
+                end: think::think_end(
+                    m.meta.chat_template.as_deref(),
+                    &tok,
+                    a.think_end.as_deref(),
+                )?,
+                cap: a.thinking_tokens,
+                grace: a.think_grace,
+            },
+        }),
+        None => None,
+    };
     let mut spec = None;
-    let g = match &a.speculate {
-        None => generate(
+    let g = match (&a.speculate, &budget_control) {
+        (_, Some(bc)) => {
+            let mut cache = Cache::try_new(&m, ctx)?;
+            let c = controlled.insert(control::generate(
+                &m, &tok, bc, &mut cache, &prompt, &cfg, stream,
+            )?);
+            c.generation.clone()
+        }
+        (None, None) => generate(
             &m,
             &tok,
             &b,
@@ -113,7 +179,7 @@ pub fn run(a: Args) -> Result<()> {
             &cfg,
             stream,
         )?,
-        Some(d) => {
+        (Some(d), None) => {
             let s = spec.insert(Speculator::new(&m, m.budget(d)?, &b, a.draft)?);
             let mut cache = Cache {
                 seq: SeqState::try_new(&m, ctx, a.draft)?,
@@ -122,11 +188,16 @@ pub fn run(a: Args) -> Result<()> {
             speculative::generate(&m, &tok, s, &mut cache, &prompt, &cfg, stream)?
         }
     };
+    // With budget control, the budget the sequence ended at (the answer's).
+    let b = budget_control.as_ref().map_or(&b, |c| &c.answer);
     if a.json {
         let mut v = serde_json::to_value(&g).unwrap();
         v["budget"] = b.spec(&m.shape).into();
         if let Some(s) = &spec {
             v["speculative"] = s.report(&m.shape);
+        }
+        if let Some(c) = &controlled {
+            v["phases"] = c.phases_json();
         }
         println!("{v}");
     } else {
@@ -142,6 +213,9 @@ pub fn run(a: Args) -> Result<()> {
         );
         if let Some(s) = &spec {
             eprintln!("[{}]", s.summary(&m.shape));
+        }
+        if let Some(c) = &controlled {
+            eprintln!("[{}]", c.summary());
         }
     }
     Ok(())
