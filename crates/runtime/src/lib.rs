@@ -1,4 +1,5 @@
 //! elastica-runtime: many sequences over one loaded model, each at its own budget. Sits on
 //! `elastica-core` only; the CLI and the server use it.
 
+pub mod scheduler;
 pub mod speculative;
