@@ -442,3 +442,100 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 }
+
+/// One width of `batched-bench` (the columns of llama.cpp's `llama-batched-bench`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BatchedRow {
+    /// Prompt tokens per sequence.
+    pub pp: usize,
+    /// Decode steps per sequence.
+    pub tg: usize,
+    /// Sequences at once.
+    pub n: usize,
+    /// Cache positions in use at the end (n × (pp + tg)).
+    pub n_kv: usize,
+    /// Seconds until every prompt has run (its steps also give the first tokens).
+    pub t_pp: f64,
+    /// Prompt tokens per second.
+    pub s_pp: f64,
+    /// Seconds of the decode steps after that.
+    pub t_tg: f64,
+    /// Tokens per second decoded in them, summed over the sequences.
+    pub s_tg: f64,
+    pub t: f64,
+    /// (prompt + decoded tokens) per second.
+    pub s: f64,
+}
+
+/// Runs `n` sequences of `pp` random prompt tokens and `tg` greedy decode steps each through
+/// an [`Engine`] at `budget` (after a warm-up of one prefill and one decode step), as
+/// `llama-batched-bench -npp pp -ntg tg -npl n` does. `chunk` is the prompt tokens per step
+/// (None: all n × pp in the first step, so prefill and decode do not overlap).
+pub fn batched_bench(
+    model: &Model,
+    tok: &Tokenizer,
+    budget: &Budget,
+    pp: usize,
+    tg: usize,
+    n: usize,
+    chunk: Option<usize>,
+) -> Result<BatchedRow> {
+    if pp == 0 {
+        return Err(Error::Input("--npp must be at least 1".into()));
+    }
+    let cfg = EngineConfig {
+        parallel: n,
+        ctx: pp + tg + 1,
+        prefill_chunk: chunk.unwrap_or(n.saturating_mul(pp)).max(1),
+    };
+    let mut eng = Engine::new(model, tok, cfg)?;
+    let req = |i: usize, max_tokens: usize| Request {
+        prompt: elastica_core::eval::bench_tokens(model, pp, 42 + i as u64),
+        budget: budget.clone(),
+        config: GenConfig {
+            max_tokens,
+            sampler: Default::default(),
+            stop: vec![],
+            ignore_eos: true,
+        },
+        think: None,
+    };
+    // The first token comes from the prefill, then tg decode steps.
+    for (max, timed) in [(2, false), (tg + 1, true)] {
+        let reqs: Vec<Request> = (0..n).map(|i| req(i, max)).collect();
+        for r in reqs {
+            eng.add(r)?;
+        }
+        let t0 = std::time::Instant::now();
+        while (0..n).any(|i| eng.prefilling(i)) {
+            eng.step()?;
+        }
+        let t_pp = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        let mut decoded = 0;
+        while !eng.is_idle() {
+            decoded += eng
+                .step()?
+                .iter()
+                .filter(|(e, _)| e.token.is_some())
+                .count();
+        }
+        let t_tg = t1.elapsed().as_secs_f64();
+        if timed {
+            let t = t_pp + t_tg;
+            return Ok(BatchedRow {
+                pp,
+                tg,
+                n,
+                n_kv: n * (pp + tg),
+                t_pp,
+                s_pp: (n * pp) as f64 / t_pp,
+                t_tg,
+                s_tg: decoded as f64 / t_tg,
+                t,
+                s: (n * pp + decoded) as f64 / t,
+            });
+        }
+    }
+    unreachable!()
+}
