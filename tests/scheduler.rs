@@ -2,13 +2,18 @@
 //! budgets run through the scheduler each get the greedy tokens and text they get alone from
 //! `generate()`; a long prompt's chunked prefill does not stop the others decoding; more
 //! sequences than --parallel is an error, and a finished sequence's slot is reused.
+//!
+//! Batch invariance (see tests/memory.rs): decode rows are bit-identical to a sequence alone,
+//! whole-prompt prefill rows too (MoE: within 1e-5); a prompt split over steps runs its chunks
+//! against the cached prefix, which can differ from one pass by f32 rounding. The greedy tokens
+//! and text are asserted equal on every fixture and SmolLM2, split prompts included.
 
 mod common;
 use common::*;
 use elastica::generate::sampler::SamplerConfig;
 use elastica::generate::tokenizer::Tokenizer;
 use elastica::generate::{GenConfig, Generation, StopReason, generate};
-use elastica::runtime::scheduler::{Engine, EngineConfig, Finished, Request, SeqId};
+use elastica::runtime::scheduler::{Engine, EngineConfig, Finished, Request, SeqId, batched_bench};
 use elastica::{Budget, Cache, Model};
 use std::collections::BTreeMap;
 
@@ -279,4 +284,29 @@ fn parallel_limit_and_slot_reuse() {
     let mut r = req(3, 2);
     r.budget = other;
     assert!(eng.add(r).is_err());
+}
+
+/// The batched bench decodes exactly n × tg tokens after the prefill and counts like
+/// llama-batched-bench; with a small chunk the prefill spreads over steps.
+#[test]
+fn batched_bench_counts() {
+    let fx = fixtures();
+    for (name, m, _) in &fx[..] {
+        let tok = Tokenizer::for_model(m).unwrap();
+        let b = m.full_budget();
+        for chunk in [None, Some(10)] {
+            let r = batched_bench(m, &tok, &b, 12, 5, 3, chunk).unwrap();
+            assert_eq!((r.pp, r.tg, r.n, r.n_kv), (12, 5, 3, 51), "{name}");
+            let decoded = r.s_tg * r.t_tg;
+            let expect = if chunk.is_none() { 15.0 } else { decoded };
+            assert!((decoded - expect).abs() < 1e-6, "{name}: {decoded}");
+            assert!(r.t_pp > 0.0 && r.t_tg > 0.0 && r.s > 0.0);
+        }
+    }
+    let (_, m, _) = &fx[3];
+    let tok = Tokenizer::for_model(m).unwrap();
+    let e = batched_bench(m, &tok, &m.full_budget(), 0, 5, 3, None).unwrap_err();
+    assert!(e.to_string().contains("--npp"), "{e}");
+    let e = batched_bench(m, &tok, &m.full_budget(), 4, 5, 0, None).unwrap_err();
+    assert!(e.to_string().contains("--parallel"), "{e}");
 }
