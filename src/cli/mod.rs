@@ -1,6 +1,7 @@
 //! The `elastica` command line: info, run, logits, perplexity, bench. Every command prints a
 //! clear error naming the file, tensor or field and exits non-zero on bad input.
 
+mod batched_bench;
 mod bench;
 mod elastify;
 mod gen_data;
@@ -63,6 +64,8 @@ enum Cmd {
     Perplexity(perplexity::Args),
     /// Prompt-processing and generation throughput, like llama-bench.
     Bench(bench::Args),
+    /// Aggregate throughput of N sequences at once through the scheduler, like llama-batched-bench.
+    BatchedBench(batched_bench::Args),
     /// Rank every component by importance on calibration text.
     Rank(rank::Args),
     /// Re-order a model by importance and write it as an elastic checkpoint with named budgets.
@@ -117,6 +120,7 @@ pub fn main() -> ExitCode {
         Cmd::Logits(a) => logits::run(a),
         Cmd::Perplexity(a) => perplexity::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::BatchedBench(a) => batched_bench::run(a),
         Cmd::Slice(a) => slice::run(a),
         Cmd::GenData(a) => gen_data::run(a),
         Cmd::Rank(a) => rank::run(a),

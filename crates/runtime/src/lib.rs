@@ -2,4 +2,5 @@
 //! `elastica-core` only; the CLI and the server use it.
 
 pub mod control;
+pub mod scheduler;
 pub mod speculative;

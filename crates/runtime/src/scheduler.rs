@@ -1,0 +1,541 @@
+//! Continuous batching (issue 11, points 2 and 3): an [`Engine`] over one loaded model advances
+//! up to `--parallel` sequences a step at a time, each with its own prompt, budget and
+//! [`Decoder`] (sampler, stop strings, EOS, limit, streamed text).
+//!
+//! One [`Engine::step`]:
+//! - groups the active sequences by budget (budgets compare by their sizes) and runs each group
+//!   as one [`Model::forward_batch`], so the sequences of a group share every weight read and
+//!   each group reads only its own prefix of the weights;
+//! - puts the decode token of every decoding sequence in its group's batch, every step, so no
+//!   sequence and no group waits on another;
+//! - adds prefill chunks, at most `prefill_chunk` prompt tokens per step over all groups, given
+//!   to prompts in arrival order (the oldest first: none starves). A prompt that fits in one
+//!   step's chunk waits until it can run whole (then its logits are those of the prompt alone);
+//!   a longer one is spread over steps, while the others keep decoding;
+//! - feeds each sequence's last logits to its decoder and reports per-sequence [`Event`]s;
+//!   a finished sequence's slot is reset and free for the next [`Engine::add`].
+//!
+//! The sequence states come from a [`SeqPool`] sized at start (`parallel` × `ctx`), the
+//! scratch is one [`Work`]; once warmed up to the batch, a step allocates nothing but the text
+//! the decoders' tokenizer stream builds (see [`Decoder`]).
+
+use elastica_core::budget::Budget;
+use elastica_core::error::{Error, Result};
+use elastica_core::generate::tokenizer::Tokenizer;
+use elastica_core::generate::{Decoder, GenConfig, Step, StopReason, ThinkControl};
+use elastica_core::model::{BatchItem, Logits, Model, SeqPool, Work};
+use std::ops::Range;
+
+/// A sequence's slot in the pool; reused once the sequence has finished.
+pub type SeqId = usize;
+
+/// What [`Engine::add`] starts: prompt tokens, a resolved budget and the decoding settings.
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub budget: Budget,
+    pub config: GenConfig,
+    /// Thinking control for the decoder (None: none).
+    pub think: Option<ThinkControl>,
+}
+
+/// Sizes fixed at start.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Sequences at once (`--parallel`).
+    pub parallel: usize,
+    /// Tokens per sequence, prompt and output (`--ctx`).
+    pub ctx: usize,
+    /// Prompt tokens run per step over all sequences.
+    pub prefill_chunk: usize,
+}
+
+/// Default prompt tokens per step: enough to keep the GEMMs of prefill efficient, small enough
+/// that a step with decodes in it stays short.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// How a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Finished {
+    pub reason: StopReason,
+    pub prompt_tokens: usize,
+    /// Tokens output.
+    pub tokens: usize,
+}
+
+/// What one step did for one sequence.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub seq: SeqId,
+    /// Prompt tokens run this step.
+    pub prefilled: usize,
+    /// The token output this step (None while prefilling, or when the step stopped the sequence
+    /// without output: EOS, a stop string ending in it).
+    pub token: Option<u32>,
+    /// Set when the sequence finished this step; its slot is free again.
+    pub finished: Option<Finished>,
+    text: Range<usize>,
+}
+
+/// The events of one step, with their text deltas; valid until the next step.
+pub struct Events<'a> {
+    list: &'a [Event],
+    text: &'a str,
+}
+
+impl<'a> Events<'a> {
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+    /// Each event with the text to stream for it.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a Event, &'a str)> + '_ {
+        self.list.iter().map(|e| (e, &self.text[e.text.clone()]))
+    }
+}
+
+struct Slot {
+    active: bool,
+    group: usize,
+    prompt: Vec<u32>,
+    /// Prompt tokens run so far.
+    fed: usize,
+    /// Prompt tokens granted this step.
+    chunk: usize,
+    /// Prompt done: `next` is the token to feed.
+    decoding: bool,
+    next: u32,
+    dec: Option<Decoder>,
+}
+
+struct Group {
+    budget: Budget,
+}
+
+/// Budgets compare by their sizes (one resolution shared, or equal sizes everywhere).
+fn same_budget(a: &Budget, b: &Budget) -> bool {
+    a.hidden == b.hidden && (std::sync::Arc::ptr_eq(&a.layers, &b.layers) || a.layers == b.layers)
+}
+
+/// An empty vector of batch items of any lifetime on `v`'s allocation (the in-place collect of
+/// a vector into one of the same layout keeps the buffer), so building a batch each step
+/// allocates nothing.
+fn recycle<'b>(mut v: Vec<BatchItem<'_>>) -> Vec<BatchItem<'b>> {
+    v.clear();
+    v.into_iter().map(|_| unreachable!()).collect()
+}
+
+/// Many sequences over one model: see the module doc.
+pub struct Engine<'m> {
+    model: &'m Model,
+    tok: &'m Tokenizer,
+    cfg: EngineConfig,
+    pool: SeqPool,
+    work: Work,
+    slots: Vec<Slot>,
+    groups: Vec<Group>,
+    /// Active sequences, oldest first.
+    order: Vec<SeqId>,
+    /// The group that runs first this step (rotates).
+    first: usize,
+    items: Vec<BatchItem<'static>>,
+    who: Vec<SeqId>,
+    events: Vec<Event>,
+    text: String,
+}
+
+impl<'m> Engine<'m> {
+    /// An engine for `cfg.parallel` sequences of `cfg.ctx` tokens; errors name the flag at fault
+    /// or the memory that cannot be had.
+    pub fn new(model: &'m Model, tok: &'m Tokenizer, cfg: EngineConfig) -> Result<Engine<'m>> {
+        if cfg.parallel == 0 {
+            return Err(Error::Input("--parallel must be at least 1".into()));
+        }
+        if cfg.ctx == 0 {
+            return Err(Error::Input("--ctx must be at least 1".into()));
+        }
+        if cfg.prefill_chunk == 0 {
+            return Err(Error::Input(
+                "the prefill chunk must be at least 1 token per step".into(),
+            ));
+        }
+        let pool = SeqPool::try_new(model, cfg.parallel, cfg.ctx, 0)?;
+        let work = Work::try_new(model, cfg.ctx)?;
+        let slots = (0..cfg.parallel)
+            .map(|_| Slot {
+                active: false,
+                group: 0,
+                prompt: vec![],
+                fed: 0,
+                chunk: 0,
+                decoding: false,
+                next: 0,
+                dec: None,
+            })
+            .collect();
+        Ok(Engine {
+            model,
+            tok,
+            cfg,
+            pool,
+            work,
+            slots,
+            groups: vec![],
+            order: Vec::with_capacity(cfg.parallel),
+            first: 0,
+            items: Vec::with_capacity(cfg.parallel),
+            who: Vec::with_capacity(cfg.parallel),
+            events: Vec::with_capacity(cfg.parallel),
+            text: String::new(),
+        })
+    }
+
+    pub fn config(&self) -> EngineConfig {
+        self.cfg
+    }
+
+    /// Sequences active now.
+    pub fn active(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Whether no sequence is active.
+    pub fn is_idle(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Whether sequence `id` is still prefilling its prompt.
+    pub fn prefilling(&self, id: SeqId) -> bool {
+        self.slots.get(id).is_some_and(|s| s.active && !s.decoding)
+    }
+
+    /// Starts a sequence; its prompt runs in the coming steps. Errors: an empty prompt, a token
+    /// outside the vocabulary, a prompt longer than `--ctx`, a budget of another model, or
+    /// `--parallel` sequences already active.
+    pub fn add(&mut self, req: Request) -> Result<SeqId> {
+        let (m, ctx, parallel) = (self.model, self.cfg.ctx, self.cfg.parallel);
+        if req.prompt.is_empty() {
+            return Err(Error::Input("the prompt is empty".into()));
+        }
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= m.vocab) {
+            return Err(Error::Input(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                m.vocab
+            )));
+        }
+        if req.prompt.len() > ctx {
+            return Err(Error::Input(format!(
+                "the prompt has {} tokens, longer than the context of {ctx} tokens per sequence (raise --ctx)",
+                req.prompt.len()
+            )));
+        }
+        if req.budget.hidden > m.shape.hidden || req.budget.layers.len() != m.shape.layers.len() {
+            return Err(Error::Budget(
+                "the request's budget was resolved for another model".into(),
+            ));
+        }
+        let Some(id) = self.slots.iter().position(|s| !s.active) else {
+            return Err(Error::Input(format!(
+                "{parallel} sequences are already active, the most --parallel {parallel} allows: wait for one to finish or raise --parallel"
+            )));
+        };
+        let group = match self
+            .groups
+            .iter()
+            .position(|g| same_budget(&g.budget, &req.budget))
+        {
+            Some(g) => g,
+            None => {
+                self.groups.push(Group { budget: req.budget });
+                self.groups.len() - 1
+            }
+        };
+        let s = &mut self.slots[id];
+        let dec = match (s.dec.take(), req.think) {
+            // Reuse the buffers of a decoder without thinking control.
+            (Some(mut d), None) if d.phase().is_none() => {
+                d.reset(&req.config);
+                d
+            }
+            (_, None) => Decoder::new(&req.config),
+            (_, Some(t)) => Decoder::new(&req.config).with_think(t)?,
+        };
+        self.pool.get_mut(id)?.reset();
+        *s = Slot {
+            active: true,
+            group,
+            prompt: req.prompt,
+            fed: 0,
+            chunk: 0,
+            decoding: false,
+            next: 0,
+            dec: Some(dec),
+        };
+        self.order.push(id);
+        Ok(id)
+    }
+
+    /// Ends sequence `id` without an event (cancelled) and frees its slot.
+    pub fn remove(&mut self, id: SeqId) -> Result<()> {
+        if !self.slots.get(id).is_some_and(|s| s.active) {
+            return Err(Error::Input(format!("sequence {id} is not active")));
+        }
+        self.free(id);
+        Ok(())
+    }
+
+    fn free(&mut self, id: SeqId) {
+        self.slots[id].active = false;
+        self.order.retain(|&x| x != id);
+        if let Ok(s) = self.pool.get_mut(id) {
+            s.reset();
+        }
+    }
+
+    /// Grants this step's prompt tokens, oldest sequence first.
+    fn grant_prefill(&mut self) {
+        let (chunk, mut left) = (self.cfg.prefill_chunk, self.cfg.prefill_chunk);
+        for &id in &self.order {
+            let s = &mut self.slots[id];
+            s.chunk = 0;
+            if s.decoding || left == 0 {
+                continue;
+            }
+            let rest = s.prompt.len() - s.fed;
+            // A prompt that fits one step's chunk runs whole; the ones behind it wait too.
+            if s.fed == 0 && rest <= chunk && rest > left {
+                left = 0;
+                continue;
+            }
+            s.chunk = rest.min(left);
+            left -= s.chunk;
+        }
+    }
+
+    /// One step of every active sequence (see the module doc). Returns one event per sequence
+    /// that ran; empty when none is active. After an error the engine's sequences are in an
+    /// unknown state: remove them.
+    pub fn step(&mut self) -> Result<Events<'_>> {
+        self.events.clear();
+        self.text.clear();
+        self.grant_prefill();
+        let ng = self.groups.len();
+        for gi in 0..ng {
+            let g = (self.first + gi) % ng;
+            self.run_group(g)?;
+        }
+        if ng > 0 {
+            self.first = (self.first + 1) % ng;
+        }
+        Ok(Events {
+            list: &self.events,
+            text: &self.text,
+        })
+    }
+
+    /// One batched forward of group `g`'s decode tokens and prefill chunks, then its decoders.
+    fn run_group(&mut self, g: usize) -> Result<()> {
+        let Engine {
+            model,
+            tok,
+            pool,
+            work,
+            slots,
+            groups,
+            items,
+            who,
+            order,
+            events,
+            text,
+            ..
+        } = self;
+        let mut batch = recycle(std::mem::take(items));
+        who.clear();
+        for (id, st) in pool.states_mut().iter_mut().enumerate() {
+            let s = &slots[id];
+            if !s.active || s.group != g {
+                continue;
+            }
+            let (tokens, logits) = if s.decoding {
+                (std::slice::from_ref(&s.next), Logits::Last)
+            } else if s.chunk > 0 {
+                let end = s.fed + s.chunk;
+                let want = match end == s.prompt.len() {
+                    true => Logits::Last,
+                    false => Logits::None,
+                };
+                (&s.prompt[s.fed..end], want)
+            } else {
+                continue;
+            };
+            batch.push(BatchItem {
+                seq: st,
+                tokens,
+                logits,
+                stepwise: false,
+            });
+            who.push(id);
+        }
+        if batch.is_empty() {
+            *items = recycle(batch);
+            return Ok(());
+        }
+        let r = model.forward_batch(&mut batch, &groups[g].budget, work);
+        *items = recycle(batch);
+        let out = r?;
+        for (k, &id) in who.iter().enumerate() {
+            let s = &mut slots[id];
+            let mut ev = Event {
+                seq: id,
+                prefilled: 0,
+                token: None,
+                finished: None,
+                text: 0..0,
+            };
+            if !s.decoding {
+                s.fed += s.chunk;
+                ev.prefilled = s.chunk;
+                s.chunk = 0;
+                if s.fed < s.prompt.len() {
+                    events.push(ev);
+                    continue;
+                }
+                s.decoding = true;
+            }
+            let dec = s.dec.as_mut().expect("an active sequence has a decoder");
+            let before = dec.tokens().len();
+            let start = text.len();
+            let step = {
+                let o = dec.step(tok, out.item(k))?;
+                text.push_str(o.text);
+                o.step
+            };
+            if dec.tokens().len() > before {
+                ev.token = dec.tokens().last().copied();
+            }
+            let stop = match step {
+                Step::Stop(r) => Some(r),
+                Step::Next(t) => {
+                    s.next = t;
+                    let seq = pool.get(id)?;
+                    (seq.pos >= seq.capacity()).then(|| {
+                        text.push_str(dec.finish(StopReason::Context));
+                        StopReason::Context
+                    })
+                }
+            };
+            ev.text = start..text.len();
+            if let Some(reason) = stop {
+                ev.finished = Some(Finished {
+                    reason,
+                    prompt_tokens: s.prompt.len(),
+                    tokens: dec.tokens().len(),
+                });
+                s.active = false;
+                order.retain(|&x| x != id);
+                pool.get_mut(id)?.reset();
+            }
+            events.push(ev);
+        }
+        Ok(())
+    }
+}
+
+/// One width of `batched-bench` (the columns of llama.cpp's `llama-batched-bench`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BatchedRow {
+    /// Prompt tokens per sequence.
+    pub pp: usize,
+    /// Decode steps per sequence.
+    pub tg: usize,
+    /// Sequences at once.
+    pub n: usize,
+    /// Cache positions in use at the end (n × (pp + tg)).
+    pub n_kv: usize,
+    /// Seconds until every prompt has run (its steps also give the first tokens).
+    pub t_pp: f64,
+    /// Prompt tokens per second.
+    pub s_pp: f64,
+    /// Seconds of the decode steps after that.
+    pub t_tg: f64,
+    /// Tokens per second decoded in them, summed over the sequences.
+    pub s_tg: f64,
+    pub t: f64,
+    /// (prompt + decoded tokens) per second.
+    pub s: f64,
+}
+
+/// Runs `n` sequences of `pp` random prompt tokens and `tg` greedy decode steps each through
+/// an [`Engine`] at `budget` (after a warm-up of one prefill and one decode step), as
+/// `llama-batched-bench -npp pp -ntg tg -npl n` does. `chunk` is the prompt tokens per step
+/// (None: all n × pp in the first step, so prefill and decode do not overlap).
+pub fn batched_bench(
+    model: &Model,
+    tok: &Tokenizer,
+    budget: &Budget,
+    pp: usize,
+    tg: usize,
+    n: usize,
+    chunk: Option<usize>,
+) -> Result<BatchedRow> {
+    if pp == 0 {
+        return Err(Error::Input("--npp must be at least 1".into()));
+    }
+    let cfg = EngineConfig {
+        parallel: n,
+        ctx: pp + tg + 1,
+        prefill_chunk: chunk.unwrap_or(n.saturating_mul(pp)).max(1),
+    };
+    let mut eng = Engine::new(model, tok, cfg)?;
+    let req = |i: usize, max_tokens: usize| Request {
+        prompt: elastica_core::eval::bench_tokens(model, pp, 42 + i as u64),
+        budget: budget.clone(),
+        config: GenConfig {
+            max_tokens,
+            sampler: Default::default(),
+            stop: vec![],
+            ignore_eos: true,
+        },
+        think: None,
+    };
+    // The first token comes from the prefill, then tg decode steps.
+    for (max, timed) in [(2, false), (tg + 1, true)] {
+        let reqs: Vec<Request> = (0..n).map(|i| req(i, max)).collect();
+        for r in reqs {
+            eng.add(r)?;
+        }
+        let t0 = std::time::Instant::now();
+        while (0..n).any(|i| eng.prefilling(i)) {
+            eng.step()?;
+        }
+        let t_pp = t0.elapsed().as_secs_f64();
+        let t1 = std::time::Instant::now();
+        let mut decoded = 0;
+        while !eng.is_idle() {
+            decoded += eng
+                .step()?
+                .iter()
+                .filter(|(e, _)| e.token.is_some())
+                .count();
+        }
+        let t_tg = t1.elapsed().as_secs_f64();
+        if timed {
+            let t = t_pp + t_tg;
+            return Ok(BatchedRow {
+                pp,
+                tg,
+                n,
+                n_kv: n * (pp + tg),
+                t_pp,
+                s_pp: (n * pp) as f64 / t_pp,
+                t_tg,
+                s_tg: decoded as f64 / t_tg,
+                t,
+                s: (n * pp + decoded) as f64 / t,
+            });
+        }
+    }
+    unreachable!()
+}

@@ -1,0 +1,312 @@
+//! Continuous batching (issue 11, points 2 and 3): sequences of different prompts, lengths and
+//! budgets run through the scheduler each get the greedy tokens and text they get alone from
+//! `generate()`; a long prompt's chunked prefill does not stop the others decoding; more
+//! sequences than --parallel is an error, and a finished sequence's slot is reused.
+//!
+//! Batch invariance (see tests/memory.rs): decode rows are bit-identical to a sequence alone,
+//! whole-prompt prefill rows too (MoE: within 1e-5); a prompt split over steps runs its chunks
+//! against the cached prefix, which can differ from one pass by f32 rounding. The greedy tokens
+//! and text are asserted equal on every fixture and SmolLM2, split prompts included.
+
+mod common;
+use common::*;
+use elastica::generate::sampler::SamplerConfig;
+use elastica::generate::tokenizer::Tokenizer;
+use elastica::generate::{GenConfig, Generation, StopReason, generate};
+use elastica::runtime::scheduler::{Engine, EngineConfig, Finished, Request, SeqId, batched_bench};
+use elastica::{Budget, Cache, Model};
+use std::collections::BTreeMap;
+
+fn cfg(max_tokens: usize, stop: &[&str]) -> GenConfig {
+    GenConfig {
+        max_tokens,
+        sampler: SamplerConfig::default(),
+        stop: stop.iter().map(|s| s.to_string()).collect(),
+        ignore_eos: false,
+    }
+}
+
+fn prompt(n: usize, seed: u32, vocab: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 37 + seed * 11 + 5) % vocab.min(256) as u32)
+        .collect()
+}
+
+fn alone(m: &Model, tok: &Tokenizer, r: &Request, ctx: usize) -> Generation {
+    let mut c = Cache::new(m, ctx);
+    generate(m, tok, &r.budget, &mut c, &r.prompt, &r.config, |_| {}).unwrap()
+}
+
+/// What the scheduler gave one request.
+#[derive(Default, Debug)]
+struct Out {
+    tokens: Vec<u32>,
+    text: String,
+    finished: Option<Finished>,
+    /// Steps in which it output a token.
+    token_steps: Vec<usize>,
+    /// Steps in which it ran prompt tokens.
+    prefill_steps: Vec<usize>,
+}
+
+/// Runs `reqs`, request i added at step `join[i]` (or as soon as a slot is free after that);
+/// the outputs by request.
+fn schedule(eng: &mut Engine, reqs: &[Request], join: &[usize]) -> Vec<Out> {
+    let mut outs: Vec<Out> = reqs.iter().map(|_| Out::default()).collect();
+    let mut of: BTreeMap<SeqId, usize> = BTreeMap::new();
+    let mut next = 0;
+    for step in 0..10_000 {
+        while next < reqs.len() && join[next] <= step {
+            match eng.add(reqs[next].clone()) {
+                Ok(id) => {
+                    of.insert(id, next);
+                    next += 1;
+                }
+                Err(e) => {
+                    assert!(e.to_string().contains("--parallel"), "{e}");
+                    break;
+                }
+            }
+        }
+        if next == reqs.len() && eng.is_idle() {
+            return outs;
+        }
+        let ev = eng.step().unwrap();
+        for (e, text) in ev.iter() {
+            let o = &mut outs[of[&e.seq]];
+            o.text.push_str(text);
+            if let Some(t) = e.token {
+                o.tokens.push(t);
+                o.token_steps.push(step);
+            }
+            if e.prefilled > 0 {
+                o.prefill_steps.push(step);
+            }
+            if let Some(f) = e.finished {
+                o.finished = Some(f);
+                of.remove(&e.seq);
+            }
+        }
+    }
+    panic!("the scheduler did not finish");
+}
+
+fn check_same(name: &str, m: &Model, tok: &Tokenizer, reqs: &[Request], outs: &[Out], ctx: usize) {
+    for (i, (r, o)) in reqs.iter().zip(outs).enumerate() {
+        let g = alone(m, tok, r, ctx);
+        assert_eq!(o.tokens, g.tokens, "{name}: request {i} tokens");
+        assert_eq!(o.text, g.text, "{name}: request {i} text");
+        let f = o.finished.unwrap();
+        assert_eq!(f.reason, g.stop_reason, "{name}: request {i} stop reason");
+        assert_eq!(
+            (f.prompt_tokens, f.tokens),
+            (r.prompt.len(), g.tokens.len())
+        );
+    }
+}
+
+/// Five requests over four slots at two budgets, joining at different steps, prompts of 1 to 30
+/// tokens with a prefill chunk of 16 (the 30-token prompt runs in two steps), different limits,
+/// one stop string: each gets exactly what `generate()` gives it alone.
+#[test]
+fn each_sequence_gets_its_tokens_alone() {
+    let mut models: Vec<(String, Model, String)> = fixtures()
+        .into_iter()
+        .map(|(n, m, s)| (n, m, s.to_string()))
+        .collect();
+    if let Some(m) = smollm2() {
+        models.push((
+            "smollm2 q4_1".into(),
+            m,
+            "hidden=288,ffn=768,heads=6".into(),
+        ));
+    }
+    for (name, m, sub) in &models {
+        let tok = Tokenizer::for_model(m).unwrap();
+        let (full, small) = (m.full_budget(), m.budget(sub).unwrap());
+        let lens = [7, 1, 12, 30, 3];
+        let limits = [10, 16, 5, 12, 20];
+        let reqs: Vec<Request> = (0..5)
+            .map(|i| Request {
+                prompt: prompt(lens[i], i as u32, m.vocab),
+                budget: if i % 2 == 0 {
+                    full.clone()
+                } else {
+                    small.clone()
+                },
+                config: cfg(limits[i], if i == 4 { &["e"] } else { &[] }),
+                think: None,
+            })
+            .collect();
+        let ctx = 64;
+        let ecfg = EngineConfig {
+            parallel: 4,
+            ctx,
+            prefill_chunk: 16,
+        };
+        let mut eng = Engine::new(m, &tok, ecfg).unwrap();
+        let outs = schedule(&mut eng, &reqs, &[0, 0, 1, 2, 2]);
+        // The 30-token prompt was spread over two steps.
+        assert_eq!(outs[3].prefill_steps.len(), 2, "{name}: {:?}", outs[3]);
+        check_same(name, m, &tok, &reqs, &outs, ctx);
+        // Again on the same engine (slots reused), all at once.
+        let outs = schedule(&mut eng, &reqs, &[0; 5]);
+        check_same(&format!("{name} again"), m, &tok, &reqs, &outs, ctx);
+    }
+}
+
+/// A 100-token prompt added while two sequences decode runs in chunks of 16 over seven steps;
+/// the two output a token in every one of those steps, and all three get their tokens alone.
+#[test]
+fn long_prompt_does_not_stall_the_others() {
+    for (name, m, sub) in fixtures() {
+        let tok = Tokenizer::for_model(&m).unwrap();
+        let budgets = [m.full_budget(), m.budget(sub).unwrap()];
+        let mut reqs: Vec<Request> = (0..2)
+            .map(|i| Request {
+                prompt: prompt(5, i, m.vocab),
+                budget: budgets[i as usize].clone(),
+                config: GenConfig {
+                    ignore_eos: true,
+                    ..cfg(30, &[])
+                },
+                think: None,
+            })
+            .collect();
+        reqs.push(Request {
+            prompt: prompt(100, 9, m.vocab),
+            budget: budgets[0].clone(),
+            config: cfg(4, &[]),
+            think: None,
+        });
+        let ecfg = EngineConfig {
+            parallel: 3,
+            ctx: 128,
+            prefill_chunk: 16,
+        };
+        let mut eng = Engine::new(&m, &tok, ecfg).unwrap();
+        let outs = schedule(&mut eng, &reqs, &[0, 0, 3]);
+        let long = &outs[2].prefill_steps;
+        assert_eq!(long.len(), 7, "{name}: {long:?}");
+        assert_eq!(long[0], 3);
+        for s in long {
+            for o in &outs[..2] {
+                assert!(
+                    o.token_steps.contains(s),
+                    "{name}: no token in step {s} of the long prefill: {:?}",
+                    o.token_steps
+                );
+            }
+        }
+        check_same(&name, &m, &tok, &reqs, &outs, 128);
+    }
+}
+
+#[test]
+fn parallel_limit_and_slot_reuse() {
+    let fx = fixtures();
+    let (_, m, _) = &fx[3];
+    let tok = Tokenizer::for_model(m).unwrap();
+    let ecfg = EngineConfig {
+        parallel: 2,
+        ctx: 32,
+        prefill_chunk: 64,
+    };
+    let req = |n: usize, max: usize| Request {
+        prompt: prompt(n, n as u32, m.vocab),
+        budget: m.full_budget(),
+        config: GenConfig {
+            ignore_eos: true,
+            ..cfg(max, &[])
+        },
+        think: None,
+    };
+    let mut eng = Engine::new(m, &tok, ecfg).unwrap();
+    let a = eng.add(req(4, 2)).unwrap();
+    let b = eng.add(req(5, 10)).unwrap();
+    let e = eng.add(req(3, 2)).unwrap_err().to_string();
+    assert!(
+        e.contains("2 sequences are already active") && e.contains("--parallel 2"),
+        "{e}"
+    );
+    // The first finishes after two tokens (prefill + one decode step); its slot is reused.
+    let mut done = vec![];
+    while done.is_empty() {
+        let ev = eng.step().unwrap();
+        done.extend(
+            ev.iter()
+                .filter_map(|(e, _)| e.finished.map(|f| (e.seq, f))),
+        );
+    }
+    assert_eq!(done[0].0, a);
+    assert_eq!(done[0].1.reason, StopReason::Length);
+    assert_eq!(done[0].1.tokens, 2);
+    assert_eq!(eng.active(), 1);
+    let c = eng.add(req(3, 2)).unwrap();
+    assert_eq!(c, a, "the freed slot is reused");
+    assert!(eng.prefilling(c) && !eng.prefilling(b));
+    // Cancelling frees a slot too.
+    eng.remove(b).unwrap();
+    assert!(
+        eng.remove(b)
+            .unwrap_err()
+            .to_string()
+            .contains("not active")
+    );
+    assert_eq!(eng.active(), 1);
+
+    // Bad input.
+    let bad = |c: EngineConfig| Engine::new(m, &tok, c).err().unwrap().to_string();
+    assert!(
+        bad(EngineConfig {
+            parallel: 0,
+            ..ecfg
+        })
+        .contains("--parallel")
+    );
+    assert!(bad(EngineConfig { ctx: 0, ..ecfg }).contains("--ctx"));
+    assert!(
+        bad(EngineConfig {
+            prefill_chunk: 0,
+            ..ecfg
+        })
+        .contains("prefill chunk")
+    );
+    let e = eng.add(req(33, 2)).unwrap_err().to_string();
+    assert!(e.contains("33 tokens") && e.contains("--ctx"), "{e}");
+    let e = eng.add(req(0, 2)).unwrap_err().to_string();
+    assert!(e.contains("empty"), "{e}");
+    let mut r = req(3, 2);
+    r.prompt[1] = m.vocab as u32;
+    let e = eng.add(r).unwrap_err().to_string();
+    assert!(e.contains("outside the vocabulary"), "{e}");
+    let other: Budget = fx[0].1.full_budget();
+    let mut r = req(3, 2);
+    r.budget = other;
+    assert!(eng.add(r).is_err());
+}
+
+/// The batched bench decodes exactly n × tg tokens after the prefill and counts like
+/// llama-batched-bench; with a small chunk the prefill spreads over steps.
+#[test]
+fn batched_bench_counts() {
+    let fx = fixtures();
+    for (name, m, _) in &fx[..] {
+        let tok = Tokenizer::for_model(m).unwrap();
+        let b = m.full_budget();
+        for chunk in [None, Some(10)] {
+            let r = batched_bench(m, &tok, &b, 12, 5, 3, chunk).unwrap();
+            assert_eq!((r.pp, r.tg, r.n, r.n_kv), (12, 5, 3, 51), "{name}");
+            let decoded = r.s_tg * r.t_tg;
+            let expect = if chunk.is_none() { 15.0 } else { decoded };
+            assert!((decoded - expect).abs() < 1e-6, "{name}: {decoded}");
+            assert!(r.t_pp > 0.0 && r.t_tg > 0.0 && r.s > 0.0);
+        }
+    }
+    let (_, m, _) = &fx[3];
+    let tok = Tokenizer::for_model(m).unwrap();
+    let e = batched_bench(m, &tok, &m.full_budget(), 0, 5, 3, None).unwrap_err();
+    assert!(e.to_string().contains("--npp"), "{e}");
+    let e = batched_bench(m, &tok, &m.full_budget(), 4, 5, 0, None).unwrap_err();
+    assert!(e.to_string().contains("--parallel"), "{e}");
+}
