@@ -20,14 +20,10 @@ pub struct Args {
     /// Allow -p or -n above the model's trained context (with a warning).
     #[arg(long)]
     force_ctx: bool,
-    /// Also measure nested self-speculative greedy decoding of -n tokens after the -p prompt,
-    /// drafting at this budget, against plain greedy decoding (acceptance per draft position,
-    /// tokens per round, tok/s).
-    #[arg(long)]
-    speculate: Option<String>,
-    /// Draft tokens per round with --speculate (1 to 16).
-    #[arg(long, default_value_t = 4, requires = "speculate")]
-    draft: usize,
+    /// With --speculate: greedy decoding of -n tokens after the -p prompt (or --file), plain
+    /// against speculative (acceptance per draft position, tokens per round, tok/s).
+    #[command(flatten)]
+    spec: super::SpeculateArgs,
     /// With --speculate, the prompt from this UTF-8 file (default: -p random tokens).
     #[arg(short, long, requires = "speculate")]
     file: Option<std::path::PathBuf>,
@@ -48,7 +44,7 @@ pub fn run(a: Args) -> Result<()> {
         a.force_ctx,
     )?;
     let r = crate::eval::bench(&m, &b, n_prompt, n_gen, a.reps as usize, 42)?;
-    let spec = match &a.speculate {
+    let spec = match &a.spec.speculate {
         Some(d) => {
             let prompt = match &a.file {
                 Some(f) => {
@@ -57,9 +53,9 @@ pub fn run(a: Args) -> Result<()> {
                 }
                 None => crate::eval::bench_tokens(&m, n_prompt.max(1), 42),
             };
-            let ctx = prompt.len() + n_gen + a.draft + 1;
+            let ctx = prompt.len() + n_gen + a.spec.draft + 1;
             super::check_ctx(&m, "the --speculate prompt and -n", ctx, a.force_ctx)?;
-            let s = Speculator::new(&m, m.budget(d)?, &b, a.draft)?;
+            let s = Speculator::new(&m, m.budget(d)?, &b, a.spec.draft)?;
             Some(speculative::bench(&m, s, &prompt, n_gen, a.reps as usize)?)
         }
         None => None,

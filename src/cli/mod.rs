@@ -42,6 +42,18 @@ pub struct ModelArgs {
     pub budget: String,
 }
 
+/// Nested self-speculative decoding (`run`, `bench`).
+#[derive(clap::Args, Clone)]
+pub struct SpeculateArgs {
+    /// Nested self-speculative decoding: draft at this budget (nested inside --budget) from the
+    /// same weights and cache, verify at --budget. Greedy output is identical to plain decoding.
+    #[arg(long)]
+    pub speculate: Option<String>,
+    /// Draft tokens per round with --speculate (1 to 16).
+    #[arg(long, default_value_t = 4, requires = "speculate")]
+    pub draft: usize,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Architecture, dimensions, parameter counts of the parent and of each manifest budget.

@@ -54,13 +54,8 @@ pub struct Args {
     /// Allow a --ctx above the model's trained context (with a warning).
     #[arg(long)]
     force_ctx: bool,
-    /// Nested self-speculative decoding: draft at this budget (nested inside --budget) from the
-    /// same weights and cache, verify at --budget. Greedy output is identical to plain decoding.
-    #[arg(long)]
-    speculate: Option<String>,
-    /// Draft tokens per round with --speculate (1 to 16).
-    #[arg(long, default_value_t = 4, requires = "speculate")]
-    draft: usize,
+    #[command(flatten)]
+    spec: super::SpeculateArgs,
     /// Elastic budget control: think at this budget until the model ends its reasoning (the
     /// end-of-thinking marker of its chat template), then answer at --answer-budget.
     #[arg(long, conflicts_with = "speculate")]
@@ -162,7 +157,7 @@ pub fn run(a: Args) -> Result<()> {
         None => None,
     };
     let mut spec = None;
-    let g = match (&a.speculate, &budget_control) {
+    let g = match (&a.spec.speculate, &budget_control) {
         (_, Some(bc)) => {
             let mut cache = Cache::try_new(&m, ctx)?;
             let c = controlled.insert(control::generate(
@@ -180,9 +175,9 @@ pub fn run(a: Args) -> Result<()> {
             stream,
         )?,
         (Some(d), None) => {
-            let s = spec.insert(Speculator::new(&m, m.budget(d)?, &b, a.draft)?);
+            let s = spec.insert(Speculator::new(&m, m.budget(d)?, &b, a.spec.draft)?);
             let mut cache = Cache {
-                seq: SeqState::try_new(&m, ctx, a.draft)?,
+                seq: SeqState::try_new(&m, ctx, a.spec.draft)?,
                 work: Work::try_new(&m, ctx)?,
             };
             speculative::generate(&m, &tok, s, &mut cache, &prompt, &cfg, stream)?

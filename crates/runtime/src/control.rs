@@ -231,16 +231,8 @@ pub fn generate(
         }
     }
     let decode_seconds = t1.elapsed().as_secs_f64();
-    let (text, tokens) = dec.into_parts();
     Ok(Controlled {
-        generation: Generation {
-            text,
-            tokens,
-            prompt_tokens: prompt.len(),
-            stop_reason,
-            prefill_seconds,
-            decode_seconds,
-        },
+        generation: dec.into_generation(prompt.len(), stop_reason, prefill_seconds, decode_seconds),
         handoff: ctl.handoff,
         thinking,
         answer,

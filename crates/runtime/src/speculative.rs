@@ -320,15 +320,8 @@ pub fn generate(
         }
         next = last[0];
     };
-    let (text, tokens) = dec.into_parts();
-    Ok(Generation {
-        text,
-        tokens,
-        prompt_tokens: prompt.len(),
-        stop_reason,
-        prefill_seconds,
-        decode_seconds: t.elapsed().as_secs_f64(),
-    })
+    let decode_seconds = t.elapsed().as_secs_f64();
+    Ok(dec.into_generation(prompt.len(), stop_reason, prefill_seconds, decode_seconds))
 }
 
 /// Plain against speculative greedy decoding of the same tokens (`bench --speculate`).
@@ -373,32 +366,26 @@ pub fn bench(
     );
     let mut sp = spec;
     let target = sp.target.clone();
-    for _ in 0..reps.max(1) {
+    // The prefill and its first token, untimed.
+    let first = |seq: &mut SeqState, work: &mut Work, out: &mut Vec<u32>| -> Result<()> {
         seq.reset();
-        a.clear();
-        a.push(argmax(one(
-            model, &mut seq, &mut work, &target, prompt, false,
-        )?));
+        out.clear();
+        out.push(argmax(one(model, seq, work, &target, prompt, false)?));
+        Ok(())
+    };
+    for _ in 0..reps.max(1) {
+        first(&mut seq, &mut work, &mut a)?;
         let t = Instant::now();
         while a.len() < n {
-            let last = a[a.len() - 1];
+            let last = [a[a.len() - 1]];
             a.push(argmax(one(
-                model,
-                &mut seq,
-                &mut work,
-                &target,
-                &[last],
-                false,
+                model, &mut seq, &mut work, &target, &last, false,
             )?));
         }
         plain.push(n as f64 / t.elapsed().as_secs_f64());
-        seq.reset();
         sp = Speculator::new(model, sp.draft.clone(), &target, sp.k)?;
         let mut sampler = Sampler::new(Default::default());
-        b.clear();
-        b.push(argmax(one(
-            model, &mut seq, &mut work, &target, prompt, false,
-        )?));
+        first(&mut seq, &mut work, &mut b)?;
         let t = Instant::now();
         while b.len() < n {
             let last = b[b.len() - 1];

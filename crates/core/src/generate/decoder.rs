@@ -284,8 +284,22 @@ impl Decoder {
         self.done
     }
 
-    pub fn into_parts(self) -> (String, Vec<u32>) {
-        (self.text, self.tokens)
+    /// The finished generation: text, tokens, the stop and the times the caller measured.
+    pub fn into_generation(
+        self,
+        prompt_tokens: usize,
+        stop_reason: StopReason,
+        prefill_seconds: f64,
+        decode_seconds: f64,
+    ) -> super::Generation {
+        super::Generation {
+            text: self.text,
+            tokens: self.tokens,
+            prompt_tokens,
+            stop_reason,
+            prefill_seconds,
+            decode_seconds,
+        }
     }
 
     fn out(&self, step: Step, from: usize, to: usize, think_end: bool) -> StepOut<'_> {

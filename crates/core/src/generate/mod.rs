@@ -109,13 +109,6 @@ pub fn generate(
             }
         }
     };
-    let (text, tokens) = dec.into_parts();
-    Ok(Generation {
-        text,
-        tokens,
-        prompt_tokens: prompt.len(),
-        stop_reason,
-        prefill_seconds,
-        decode_seconds: t1.elapsed().as_secs_f64(),
-    })
+    let decode_seconds = t1.elapsed().as_secs_f64();
+    Ok(dec.into_generation(prompt.len(), stop_reason, prefill_seconds, decode_seconds))
 }
