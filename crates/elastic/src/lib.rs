@@ -18,6 +18,7 @@ pub mod solver;
 use elastica_core::budget::{Axis, AxisMap, Budget, Shape};
 use elastica_core::error::{Error, Result};
 use elastica_core::kernels::quant;
+use elastica_core::model::{Cache, Logits, Model};
 use elastica_core::tensor::{DType, Tensor};
 
 pub use elastica_core::models::role::{Dim, Role};
@@ -343,19 +344,12 @@ pub fn logit_diff(
     seqs: &[Vec<u32>],
 ) -> Result<LogitDiff> {
     let prev = elastica_core::kernels::gemm::set_exact(true);
-    let r = compare_exact(a, ba, b, bb, seqs);
+    let r = diff(a, ba, b, bb, seqs);
     elastica_core::kernels::gemm::set_exact(prev);
     r
 }
 
-fn compare_exact(
-    a: &elastica_core::model::Model,
-    ba: &Budget,
-    b: &elastica_core::model::Model,
-    bb: &Budget,
-    seqs: &[Vec<u32>],
-) -> Result<LogitDiff> {
-    use elastica_core::model::{Cache, Logits};
+fn diff(a: &Model, ba: &Budget, b: &Model, bb: &Budget, seqs: &[Vec<u32>]) -> Result<LogitDiff> {
     let (mut md, mut mx) = (0f32, 0f32);
     let (mut sd, mut sx, mut same, mut n) = (0f64, 0f64, 0usize, 0usize);
     let mut finite = true;
