@@ -4,6 +4,7 @@
 # Usage: tools/results/speculative.sh MODEL [DRAFTS] [OUT_DIR]
 #   MODEL: an elastic checkpoint (default: the nested-KD SmolLM2, .cache/nested-kd/nested/model.gguf)
 #   DRAFTS: space-separated draft budgets (default "0.75 0.5"); OUT_DIR default bench-out.
+# Env: KS, the draft lengths (default "1 2 3 4 5 6 7 8").
 # Writes OUT_DIR/speculative.jsonl and OUT_DIR/speculative.md.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -20,7 +21,7 @@ trap 'rm -f "$prompt"' EXIT
 head -c 1200 data/eval.txt > "$prompt"
 : > "$out/speculative.jsonl"
 for d in $drafts; do
-  for k in 1 2 3 4 5 6 7 8; do
+  for k in ${KS:-1 2 3 4 5 6 7 8}; do
     $e bench "$model" -p 0 -n 128 -r 3 --speculate "$d" --draft "$k" -f "$prompt" --json -t 2 \
       | python3 -c 'import json,sys; v=json.load(sys.stdin); print(json.dumps({"draft": sys.argv[1], "k": int(sys.argv[2]), **v["speculative"]}))' "$d" "$k" \
       >> "$out/speculative.jsonl"
