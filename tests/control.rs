@@ -186,15 +186,6 @@ fn switch_matches_independent_decoding() {
     }
 }
 
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elastica"))
-        .args(args)
-        .output()
-        .unwrap();
-    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.success(), s(&out.stdout), s(&out.stderr))
-}
-
 /// `run --think-budget S --answer-budget L` on the tiny fixture: the phases in --json and on the
 /// stats line, for both hand-offs.
 #[test]

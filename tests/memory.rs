@@ -312,17 +312,7 @@ fn check_batch(name: &str, m: &Model, groups: &[(Budget, Vec<Vec<u32>>)], exact:
 
 #[test]
 fn batch_equals_each_sequence_alone() {
-    let mut models: Vec<(String, Model, String)> = fixtures()
-        .into_iter()
-        .map(|(n, m, s)| (n, m, s.to_string()))
-        .collect();
-    if let Some(m) = smollm2() {
-        models.push((
-            "smollm2 q4_1".into(),
-            m,
-            "hidden=288,ffn=768,heads=6".into(),
-        ));
-    }
+    let models = fixtures_and_smollm2();
     for (name, m, sub) in &models {
         let exact = !name.contains("moe");
         let prompts: Vec<Vec<u32>> = [7, 1, 12, 3]

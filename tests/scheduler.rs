@@ -110,17 +110,7 @@ fn check_same(name: &str, m: &Model, tok: &Tokenizer, reqs: &[Request], outs: &[
 /// one stop string: each gets exactly what `generate()` gives it alone.
 #[test]
 fn each_sequence_gets_its_tokens_alone() {
-    let mut models: Vec<(String, Model, String)> = fixtures()
-        .into_iter()
-        .map(|(n, m, s)| (n, m, s.to_string()))
-        .collect();
-    if let Some(m) = smollm2() {
-        models.push((
-            "smollm2 q4_1".into(),
-            m,
-            "hidden=288,ffn=768,heads=6".into(),
-        ));
-    }
+    let models = fixtures_and_smollm2();
     for (name, m, sub) in &models {
         let tok = Tokenizer::for_model(m).unwrap();
         let (full, small) = (m.full_budget(), m.budget(sub).unwrap());

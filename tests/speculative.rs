@@ -59,13 +59,7 @@ fn speculative(
 
 #[test]
 fn greedy_is_byte_identical_to_plain_decoding() {
-    let mut models: Vec<(String, Model, String)> = fixtures()
-        .into_iter()
-        .map(|(n, m, sub)| (n, m, sub.to_string()))
-        .collect();
-    if let Some(m) = smollm2() {
-        models.push(("SmolLM2".into(), m, "hidden=288,ffn=768,heads=6".into()));
-    }
+    let models = fixtures_and_smollm2();
     for (name, m, sub) in &models {
         let full = m.full_budget();
         let draft = m.budget(sub).unwrap();
@@ -184,15 +178,6 @@ fn bad_settings_are_errors() {
         .unwrap()
         .to_string();
     assert!(e.contains("checkpoint"), "{e}");
-}
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elastica"))
-        .args(args)
-        .output()
-        .unwrap();
-    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.success(), s(&out.stdout), s(&out.stderr))
 }
 
 /// `run --speculate` prints what plain `run` prints (greedy), with its acceptance statistics,

@@ -106,3 +106,29 @@ pub fn smollm2() -> Option<Model> {
         .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     p.exists().then(|| load(&p))
 }
+
+/// The fixtures, then SmolLM2 Q4_1 when present, each with a sub-budget.
+pub fn fixtures_and_smollm2() -> Vec<(String, Model, String)> {
+    let mut models: Vec<(String, Model, String)> = fixtures()
+        .into_iter()
+        .map(|(n, m, s)| (n, m, s.to_string()))
+        .collect();
+    if let Some(m) = smollm2() {
+        models.push((
+            "smollm2 q4_1".into(),
+            m,
+            "hidden=288,ffn=768,heads=6".into(),
+        ));
+    }
+    models
+}
+
+/// Runs the elastica binary: (success, stdout, stderr).
+pub fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args(args)
+        .output()
+        .unwrap();
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), s(&out.stdout), s(&out.stderr))
+}
