@@ -99,9 +99,10 @@ pub fn matvec(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
 
 /// The decode product for m tokens at once: y[i] = W[rows, cols] x[i], x [m][seg_len(cols)],
 /// y [m][seg_len(rows)]. Each weight row is read once for up to [`MAX_ROWS`] activation rows,
-/// and every y[i] equals [`matvec`] of x[i] alone bit for bit (the same activation rounding and
-/// per-row kernel; only the order in which rows are visited changes). This is what makes a
-/// batch of decode tokens give each sequence the logits it gets alone.
+/// and every y[i] equals [`matvec`] of x[i] alone bit for bit: the kernels keep one accumulator
+/// per (weight row, activation row) pair and feed it the same operations in the same order
+/// whatever the tile, so grouping changes which loads are shared, never the arithmetic. This is
+/// what makes a batch of decode tokens give each sequence the logits it gets alone.
 pub fn matvec_rows(
     w: &Tensor,
     rows: &[Range<usize>],
@@ -153,26 +154,11 @@ fn pass(
         let yp = SendPtr(y.as_mut_ptr());
         let run = |r: Range<usize>| {
             // Safety: threads write disjoint row ranges of every y[i].
-            let out = |i: usize, a: usize, b: usize| unsafe {
-                std::slice::from_raw_parts_mut(yp.get().add(i * n + a), b - a)
-            };
-            if m == 1 {
-                return rows_dot(
-                    w,
-                    rows,
-                    r.clone(),
-                    cols,
-                    &acts[0],
-                    out(0, r.start, r.end),
-                    isa,
-                );
-            }
+            let tile = if m == 1 { r.len() } else { TILE };
             let mut a = r.start;
             while a < r.end {
-                let b = (a + TILE).min(r.end);
-                for (i, act) in acts.iter().enumerate() {
-                    rows_dot(w, rows, a..b, cols, act, out(i, a, b), isa);
-                }
+                let b = (a + tile).min(r.end);
+                unsafe { rows_dot(w, rows, a..b, cols, acts, yp.get().add(a), n, isa) };
                 a = b;
             }
         };
@@ -194,15 +180,20 @@ impl SendPtr {
     }
 }
 
-/// Computes the packed active rows `r` (indices into the flattened row segments): each run of
-/// consecutive parent rows goes to one kernel call that walks R rows at a time.
-fn rows_dot(
+/// Computes the packed active rows `r` (indices into the flattened row segments) for every
+/// activation row: y[a·ystride + j] receives row r.start + j of activation a. Each run of
+/// consecutive parent rows goes to one kernel call.
+///
+/// Safety: `y` must be valid for writes at a·ystride + j for a < acts.len(), j < r.len().
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_dot(
     w: &Tensor,
     rows: &[Range<usize>],
     r: Range<usize>,
     cols: &[Range<usize>],
-    act: &Act,
-    y: &mut [f32],
+    acts: &[Act],
+    y: *mut f32,
+    ystride: usize,
     isa: Isa,
 ) {
     let stride = w.row_bytes();
@@ -217,81 +208,68 @@ fn rows_dot(
             continue;
         }
         let first = seg.start + (a - s0);
-        let out = &mut y[a - r.start..b - r.start];
-        let row = |i: usize| &bytes[(first + i) * stride..(first + i + 1) * stride];
+        let n = b - a;
+        // Safety: the caller's contract, shifted to this segment's first row.
+        let yseg = unsafe { y.add(a - r.start) };
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 {
             let base = bytes[first * stride..].as_ptr();
-            let n = b - a;
             // Safety: rows first..first+n lie inside the tensor and `cols` inside its width.
-            unsafe {
-                match (act, w.dtype) {
-                    (Act::Bf16(x), _) => avx512::rows_bf16(base, stride, n, cols, x, out),
-                    (Act::Q8 { q, d, xsum }, DType::Q8_0) => {
-                        avx512::rows_q8_0(base, stride, n, cols, q, d, xsum, out)
-                    }
-                    (Act::Q8 { q, d, xsum }, DType::Q4_1) => {
-                        avx512::rows_q4::<true>(base, stride, n, cols, q, d, xsum, out)
-                    }
-                    (Act::Q8 { q, d, xsum }, _) => {
-                        avx512::rows_q4::<false>(base, stride, n, cols, q, d, xsum, out)
-                    }
-                    (Act::F32(x), DType::F32) => out
-                        .iter_mut()
-                        .enumerate()
-                        .for_each(|(i, o)| *o = avx512::dot_f32(row(i), cols, x)),
-                    (Act::F32(x), DType::F16) => out
-                        .iter_mut()
-                        .enumerate()
-                        .for_each(|(i, o)| *o = avx512::dot_f16(row(i), cols, x)),
-                    (Act::F32(x), DType::BF16) => out
-                        .iter_mut()
-                        .enumerate()
-                        .for_each(|(i, o)| *o = avx512::dot_bf16_f32(row(i), cols, x)),
-                    (Act::F32(x), dt) => out
-                        .iter_mut()
-                        .enumerate()
-                        .for_each(|(i, o)| *o = dot_generic(dt, row(i), cols, x)),
-                }
+            let done = unsafe { avx512::rows(w.dtype, base, stride, n, cols, acts, yseg, ystride) };
+            if done {
+                continue;
             }
-            continue;
         }
-        #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Avx2 {
-            let base = bytes[first * stride..].as_ptr();
-            let n = b - a;
-            // Safety: as above.
-            unsafe {
-                match (act, w.dtype) {
-                    (Act::Q8 { q, d, .. }, DType::Q8_0) => {
-                        avx2::rows_q8_0(base, stride, n, cols, q, d, out)
-                    }
-                    (Act::Q8 { q, d, xsum }, DType::Q4_1) => {
-                        avx2::rows_q4::<true>(base, stride, n, cols, q, d, xsum, out)
-                    }
-                    (Act::Q8 { q, d, xsum }, _) => {
-                        avx2::rows_q4::<false>(base, stride, n, cols, q, d, xsum, out)
-                    }
-                    (Act::F32(x), DType::F32 | DType::F16 | DType::BF16) => out
-                        .iter_mut()
-                        .enumerate()
-                        .for_each(|(i, o)| *o = avx2::dot_float(w.dtype, row(i), cols, x)),
-                    (Act::F32(x), dt) => out
-                        .iter_mut()
-                        .enumerate()
-                        .for_each(|(i, o)| *o = dot_generic(dt, row(i), cols, x)),
-                    (Act::Bf16(_), _) => unreachable!("bf16 activations are only made for AVX-512"),
+        for (i, act) in acts.iter().enumerate() {
+            // Safety: the caller's contract for activation row i.
+            let out = unsafe { std::slice::from_raw_parts_mut(yseg.add(i * ystride), n) };
+            row_dots(w, first, cols, act, out, isa);
+        }
+    }
+}
+
+/// The rows first..first+out.len() against one activation row, for the kinds the AVX-512
+/// multi-row kernels do not cover.
+fn row_dots(w: &Tensor, first: usize, cols: &[Range<usize>], act: &Act, out: &mut [f32], isa: Isa) {
+    let stride = w.row_bytes();
+    let bytes = w.bytes();
+    let row = |i: usize| &bytes[(first + i) * stride..(first + i + 1) * stride];
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        let base = bytes[first * stride..].as_ptr();
+        let n = out.len();
+        // Safety: rows first..first+n lie inside the tensor and `cols` inside its width.
+        unsafe {
+            match (act, w.dtype) {
+                (Act::Q8 { q, d, .. }, DType::Q8_0) => {
+                    avx2::rows_q8_0(base, stride, n, cols, q, d, out)
                 }
+                (Act::Q8 { q, d, xsum }, DType::Q4_1) => {
+                    avx2::rows_q4::<true>(base, stride, n, cols, q, d, xsum, out)
+                }
+                (Act::Q8 { q, d, xsum }, _) => {
+                    avx2::rows_q4::<false>(base, stride, n, cols, q, d, xsum, out)
+                }
+                (Act::F32(x), DType::F32 | DType::F16 | DType::BF16) => out
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, o)| *o = avx2::dot_float(w.dtype, row(i), cols, x)),
+                (Act::F32(x), dt) => out
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, o)| *o = dot_generic(dt, row(i), cols, x)),
+                (Act::Bf16(_), _) => unreachable!("bf16 activations are only made for AVX-512"),
             }
-            continue;
         }
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = match act {
-                Act::Q8 { q, d, xsum } => scalar_dot_q(w.dtype, row(i), cols, q, d, xsum),
-                Act::Bf16(_) => unreachable!("bf16 activations are only made for AVX-512"),
-                Act::F32(x) => dot_generic(w.dtype, row(i), cols, x),
-            };
-        }
+        return;
+    }
+    let _ = isa;
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = match act {
+            Act::Q8 { q, d, xsum } => scalar_dot_q(w.dtype, row(i), cols, q, d, xsum),
+            Act::Bf16(_) => unreachable!("bf16 activations are only made for AVX-512"),
+            Act::F32(x) => dot_generic(w.dtype, row(i), cols, x),
+        };
     }
 }
 
@@ -364,6 +342,12 @@ fn scalar_dot_q(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    //! Multi-row decode kernels: a tile of R weight rows × A activation rows keeps R·A
+    //! accumulators, so each weight block is loaded and decoded once per A activation rows and
+    //! each activation block once per R weight rows. Every (row, activation) pair sees the same
+    //! operations in the same order for any R and A: m = 1 decode and a batch agree bit for bit.
+    use super::Act;
+    use crate::tensor::DType;
     use std::arch::x86_64::*;
     use std::ops::Range;
 
@@ -379,58 +363,256 @@ mod avx512 {
     /// Rows ahead to prefetch: rows are short (a few hundred bytes), too short for the hardware
     /// prefetcher to ramp up on each.
     const PF: usize = 8;
+    /// Weight rows per tile (activation rows per tile: up to 4, see `tiles!`).
+    const R4: usize = 4;
 
-    /// Runs `group::<4>` over the rows, then `group::<1>` on the rest.
-    macro_rules! by_four {
-        ($n:expr, $y:expr, |$r:ident, $R:ident| $body:expr) => {{
-            let mut $r = 0;
-            while $r + 4 <= $n {
-                const $R: usize = 4;
-                let o: [f32; 4] = $body;
-                $y[$r..$r + 4].copy_from_slice(&o);
-                $r += 4;
-            }
-            while $r < $n {
-                const $R: usize = 1;
-                let o: [f32; 1] = $body;
-                $y[$r] = o[0];
-                $r += 1;
+    /// Block formats of the integer kernels.
+    const Q8_0: u8 = 0;
+    const Q4_0: u8 = 1;
+    const Q4_1: u8 = 2;
+    /// Float weight formats against f32 activations.
+    const F32: u8 = 0;
+    const F16: u8 = 1;
+    const BF16: u8 = 2;
+
+    /// Runs the kernel for every (≤R4 weight rows) × (≤A4 activation rows) tile of rows 0..n,
+    /// activation tiles outer so that each stays in L1 while the weight rows stream past.
+    macro_rules! tiles {
+        ($n:expr, $acts:expr, $y:expr, $ys:expr, |$r:ident, $R:ident, $xa:ident, $A:ident| $body:expr) => {{
+            let (n, acts, y, ys) = ($n, $acts, $y, $ys);
+            let mut a0 = 0;
+            while a0 < acts.len() {
+                let left = acts.len() - a0;
+                macro_rules! rows_for {
+                    ($AA:literal) => {{
+                        const $A: usize = $AA;
+                        let $xa: &[Act; $A] = acts[a0..a0 + $A].try_into().unwrap();
+                        let mut $r = 0;
+                        while $r + R4 <= n {
+                            const $R: usize = R4;
+                            let o: [[f32; $A]; $R] = $body;
+                            store(&o, y, ys, $r, a0);
+                            $r += R4;
+                        }
+                        while $r < n {
+                            const $R: usize = 1;
+                            let o: [[f32; $A]; $R] = $body;
+                            store(&o, y, ys, $r, a0);
+                            $r += 1;
+                        }
+                        a0 += $A;
+                    }};
+                }
+                match left {
+                    1 => rows_for!(1),
+                    2 => rows_for!(2),
+                    3 => rows_for!(3),
+                    _ => rows_for!(4),
+                }
             }
         }};
     }
 
-    /// BF16 rows · bf16 x (vdpbf16ps), four rows at a time sharing the activation loads.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-    pub unsafe fn rows_bf16(
+    #[inline(always)]
+    unsafe fn store<const R: usize, const A: usize>(
+        o: &[[f32; A]; R],
+        y: *mut f32,
+        ys: usize,
+        r0: usize,
+        a0: usize,
+    ) {
+        for (r, row) in o.iter().enumerate() {
+            for (a, v) in row.iter().enumerate() {
+                unsafe { *y.add((a0 + a) * ys + r0 + r) = *v };
+            }
+        }
+    }
+
+    /// Rows 0..n from `base` against every activation row; false when this ISA path has no
+    /// multi-row kernel for the pair (the caller then goes row by row).
+    ///
+    /// Safety: rows 0..n from `base` lie inside the tensor, `cols` inside its width, and `y`
+    /// is valid for writes at a·ys + j, a < acts.len(), j < n.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rows(
+        dt: DType,
         base: *const u8,
         stride: usize,
         n: usize,
         cols: &[Range<usize>],
-        x: &[u16],
-        y: &mut [f32],
+        acts: &[Act],
+        y: *mut f32,
+        ys: usize,
+    ) -> bool {
+        unsafe {
+            match (&acts[0], dt) {
+                (Act::Q8 { .. }, DType::Q8_0) => rows_q::<Q8_0>(base, stride, n, cols, acts, y, ys),
+                (Act::Q8 { .. }, DType::Q4_0) => rows_q::<Q4_0>(base, stride, n, cols, acts, y, ys),
+                (Act::Q8 { .. }, DType::Q4_1) => rows_q::<Q4_1>(base, stride, n, cols, acts, y, ys),
+                (Act::Bf16(_), _) => rows_bf16(base, stride, n, cols, acts, y, ys),
+                (Act::F32(_), DType::F32) => rows_f::<F32>(base, stride, n, cols, acts, y, ys),
+                (Act::F32(_), DType::F16) => rows_f::<F16>(base, stride, n, cols, acts, y, ys),
+                (Act::F32(_), DType::BF16) => rows_f::<BF16>(base, stride, n, cols, acts, y, ys),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Q8_0 / Q4_0 / Q4_1 rows · q8 x (VNNI dpbusd takes unsigned × signed bytes). Q8_0 weights
+    /// are made unsigned by flipping the sign bit (w+128); Q4 nibbles already are. The offset
+    /// term (−128·d_w for Q8_0, −8·d_w for Q4_0, m for Q4_1) times d_x·Σq comes from `xsum`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    unsafe fn rows_q<const KIND: u8>(
+        base: *const u8,
+        stride: usize,
+        n: usize,
+        cols: &[Range<usize>],
+        acts: &[Act],
+        y: *mut f32,
+        ys: usize,
     ) {
         unsafe {
-            by_four!(n, y, |r, R| bf16_group::<R>(
+            tiles!(n, acts, y, ys, |r, R, xa, A| q_tile::<R, A, KIND>(
                 base.add(r * stride),
                 stride,
                 cols,
-                x
+                xa
             ))
         }
     }
 
     #[inline(always)]
-    unsafe fn bf16_group<const R: usize>(
+    unsafe fn q_tile<const R: usize, const A: usize, const KIND: u8>(
         base: *const u8,
         stride: usize,
         cols: &[Range<usize>],
-        x: &[u16],
-    ) -> [f32; R] {
+        xa: &[Act; A],
+    ) -> [[f32; A]; R] {
         unsafe {
-            let mut acc = [_mm512_setzero_ps(); R];
+            let bb = match KIND {
+                Q8_0 => 34,
+                Q4_0 => 18,
+                _ => 20,
+            };
+            let (mut xq, mut xd, mut xs) = (
+                [std::ptr::null(); A],
+                [std::ptr::null(); A],
+                [std::ptr::null(); A],
+            );
+            for a in 0..A {
+                let Act::Q8 { q, d, xsum } = &xa[a] else {
+                    unreachable!("one activation kind per product")
+                };
+                (xq[a], xd[a], xs[a]) = (q.as_ptr(), d.as_ptr(), xsum.as_ptr());
+            }
+            let flip = _mm256_set1_epi8(-128);
+            let lo = _mm_set1_epi8(0x0F);
+            let mut acc = [[_mm256_setzero_ps(); A]; R];
+            // The offset terms of the A activation rows in the lanes of one vector per weight row.
+            let mut corr = [_mm_setzero_ps(); R];
             let mut k = 0usize;
             for c in cols {
-                let xp = x.as_ptr().add(k);
+                let b0 = c.start / 32;
+                for b in 0..c.len() / 32 {
+                    let mut w = [_mm256_setzero_si256(); R];
+                    let mut dw = [_mm256_setzero_ps(); R];
+                    let mut mw = [_mm_setzero_ps(); R];
+                    for r in 0..R {
+                        let p = base.add(r * stride + (b0 + b) * bb);
+                        _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride) as *const i8);
+                        let d = f16s(p);
+                        dw[r] = _mm256_set1_ps(d);
+                        let m = if KIND == Q8_0 {
+                            w[r] = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const _), flip);
+                            -d
+                        } else {
+                            let off = if KIND == Q4_1 { 4 } else { 2 };
+                            let bytes = _mm_loadu_si128(p.add(off) as *const _);
+                            w[r] = _mm256_set_m128i(
+                                _mm_and_si128(_mm_srli_epi16(bytes, 4), lo),
+                                _mm_and_si128(bytes, lo),
+                            );
+                            if KIND == Q4_1 {
+                                f16s(p.add(2))
+                            } else {
+                                -8.0 * d
+                            }
+                        };
+                        mw[r] = _mm_set1_ps(m);
+                    }
+                    let mut sv = [0f32; 4];
+                    for a in 0..A {
+                        sv[a] = *xs[a].add(k);
+                        let xv = _mm256_loadu_si256(xq[a].add(32 * k) as *const _);
+                        let dk = _mm256_set1_ps(*xd[a].add(k));
+                        for r in 0..R {
+                            let i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[r], xv);
+                            acc[r][a] = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(i),
+                                _mm256_mul_ps(dw[r], dk),
+                                acc[r][a],
+                            );
+                        }
+                    }
+                    let sv = _mm_loadu_ps(sv.as_ptr());
+                    for r in 0..R {
+                        corr[r] = _mm_add_ps(corr[r], _mm_mul_ps(mw[r], sv));
+                    }
+                    k += 1;
+                }
+            }
+            let mut out = [[0f32; A]; R];
+            for r in 0..R {
+                let mut cv = [0f32; 4];
+                _mm_storeu_ps(cv.as_mut_ptr(), corr[r]);
+                for a in 0..A {
+                    out[r][a] = hsum256(acc[r][a]) + cv[a];
+                }
+            }
+            out
+        }
+    }
+
+    /// BF16 rows · bf16 x (vdpbf16ps).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
+    unsafe fn rows_bf16(
+        base: *const u8,
+        stride: usize,
+        n: usize,
+        cols: &[Range<usize>],
+        acts: &[Act],
+        y: *mut f32,
+        ys: usize,
+    ) {
+        unsafe {
+            tiles!(n, acts, y, ys, |r, R, xa, A| bf16_tile::<R, A>(
+                base.add(r * stride),
+                stride,
+                cols,
+                xa
+            ))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn bf16_tile<const R: usize, const A: usize>(
+        base: *const u8,
+        stride: usize,
+        cols: &[Range<usize>],
+        xa: &[Act; A],
+    ) -> [[f32; A]; R] {
+        unsafe {
+            let mut xp = [std::ptr::null::<u16>(); A];
+            for a in 0..A {
+                let Act::Bf16(x) = &xa[a] else {
+                    unreachable!("one activation kind per product")
+                };
+                xp[a] = x.as_ptr();
+            }
+            let mut acc = [[_mm512_setzero_ps(); A]; R];
+            let mut k = 0usize;
+            for c in cols {
                 let n = c.len();
                 let mut i = 0;
                 while i < n {
@@ -439,243 +621,102 @@ mod avx512 {
                     } else {
                         (1u32 << (n - i)) - 1
                     };
-                    let xv: __m512bh =
-                        std::mem::transmute(_mm512_maskz_loadu_epi16(m, xp.add(i) as *const _));
-                    for (r, a) in acc.iter_mut().enumerate() {
+                    let mut wv = [_mm512_setzero_si512(); R];
+                    for r in 0..R {
                         let wp = base.add(r * stride + 2 * (c.start + i));
                         _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
-                        let wv: __m512bh =
-                            std::mem::transmute(_mm512_maskz_loadu_epi16(m, wp as *const _));
-                        *a = _mm512_dpbf16_ps(*a, wv, xv);
+                        wv[r] = _mm512_maskz_loadu_epi16(m, wp as *const _);
+                    }
+                    for a in 0..A {
+                        let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(
+                            m,
+                            xp[a].add(k + i) as *const _,
+                        ));
+                        for r in 0..R {
+                            acc[r][a] = _mm512_dpbf16_ps(acc[r][a], std::mem::transmute(wv[r]), xv);
+                        }
                     }
                     i += 32;
                 }
                 k += n;
             }
-            acc.map(|a| _mm512_reduce_add_ps(a))
+            acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
         }
     }
 
-    /// Q8_0 rows · q8 x. Weights are made unsigned by flipping the sign bit (w+128), so
-    /// Σ w·x = dpbusd(w+128, x) − 128·Σx; the second term is `xsum` (pre-scaled by d_x).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    pub unsafe fn rows_q8_0(
+    /// F32 / F16 / BF16 rows against f32 activations (BF16 here is the exact mode: widened by a
+    /// shift), 16 lanes at a time.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
+    unsafe fn rows_f<const KIND: u8>(
         base: *const u8,
         stride: usize,
         n: usize,
         cols: &[Range<usize>],
-        q: &[i8],
-        d: &[f32],
-        xsum: &[f32],
-        y: &mut [f32],
+        acts: &[Act],
+        y: *mut f32,
+        ys: usize,
     ) {
         unsafe {
-            by_four!(n, y, |r, R| q8_group::<R>(
+            tiles!(n, acts, y, ys, |r, R, xa, A| f_tile::<R, A, KIND>(
                 base.add(r * stride),
                 stride,
                 cols,
-                q,
-                d,
-                xsum
+                xa
             ))
         }
     }
 
     #[inline(always)]
-    unsafe fn q8_group<const R: usize>(
+    unsafe fn f_tile<const R: usize, const A: usize, const KIND: u8>(
         base: *const u8,
         stride: usize,
         cols: &[Range<usize>],
-        q: &[i8],
-        d: &[f32],
-        xsum: &[f32],
-    ) -> [f32; R] {
+        xa: &[Act; A],
+    ) -> [[f32; A]; R] {
         unsafe {
-            let flip = _mm256_set1_epi8(-128);
-            let mut acc = [_mm256_setzero_ps(); R];
-            let mut corr = [0f32; R];
+            let mut xp = [std::ptr::null::<f32>(); A];
+            for a in 0..A {
+                let Act::F32(x) = &xa[a] else {
+                    unreachable!("one activation kind per product")
+                };
+                xp[a] = x.as_ptr();
+            }
+            let esz = if KIND == F32 { 4 } else { 2 };
+            let mut acc = [[_mm512_setzero_ps(); A]; R];
             let mut k = 0usize;
             for c in cols {
-                let b0 = c.start / 32;
-                for b in 0..c.len() / 32 {
-                    let xv = _mm256_loadu_si256(q.as_ptr().add(32 * k) as *const _);
-                    let (dk, xs) = (*d.get_unchecked(k), *xsum.get_unchecked(k));
+                let n = c.len();
+                let mut i = 0;
+                while i < n {
+                    let m: __mmask16 = if n - i >= 16 {
+                        !0
+                    } else {
+                        (1u16 << (n - i)) - 1
+                    };
+                    let mut wv = [_mm512_setzero_ps(); R];
                     for r in 0..R {
-                        let p = base.add(r * stride + (b0 + b) * 34);
-                        _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride) as *const i8);
-                        let dw = f16s(p);
-                        let w = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const _), flip);
-                        let i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
-                        acc[r] =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * dk), acc[r]);
-                        corr[r] += dw * xs;
+                        let wp = base.add(r * stride + esz * (c.start + i));
+                        _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
+                        wv[r] = match KIND {
+                            F32 => _mm512_maskz_loadu_ps(m, wp as *const f32),
+                            F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, wp as *const _)),
+                            _ => _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, wp as *const _)),
+                                16,
+                            )),
+                        };
                     }
-                    k += 1;
-                }
-            }
-            let mut out = [0f32; R];
-            for r in 0..R {
-                out[r] = hsum256(acc[r]) - corr[r];
-            }
-            out
-        }
-    }
-
-    /// Q4_0 / Q4_1 rows · q8 x: nibbles are already unsigned; the offset (−8·d or m) times Σx
-    /// comes from `xsum`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    pub unsafe fn rows_q4<const Q41: bool>(
-        base: *const u8,
-        stride: usize,
-        n: usize,
-        cols: &[Range<usize>],
-        q: &[i8],
-        d: &[f32],
-        xsum: &[f32],
-        y: &mut [f32],
-    ) {
-        unsafe {
-            by_four!(n, y, |r, R| q4_group::<R, Q41>(
-                base.add(r * stride),
-                stride,
-                cols,
-                q,
-                d,
-                xsum
-            ))
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn q4_group<const R: usize, const Q41: bool>(
-        base: *const u8,
-        stride: usize,
-        cols: &[Range<usize>],
-        q: &[i8],
-        d: &[f32],
-        xsum: &[f32],
-    ) -> [f32; R] {
-        unsafe {
-            let bb = if Q41 { 20 } else { 18 };
-            let off = if Q41 { 4 } else { 2 };
-            let lo = _mm_set1_epi8(0x0F);
-            let mut acc = [_mm256_setzero_ps(); R];
-            let mut corr = [0f32; R];
-            let mut k = 0usize;
-            for c in cols {
-                let b0 = c.start / 32;
-                for b in 0..c.len() / 32 {
-                    let xv = _mm256_loadu_si256(q.as_ptr().add(32 * k) as *const _);
-                    let (dk, xs) = (*d.get_unchecked(k), *xsum.get_unchecked(k));
-                    for r in 0..R {
-                        let p = base.add(r * stride + (b0 + b) * bb);
-                        _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride) as *const i8);
-                        let dw = f16s(p);
-                        let m = if Q41 { f16s(p.add(2)) } else { -8.0 * dw };
-                        let bytes = _mm_loadu_si128(p.add(off) as *const _);
-                        let w = _mm256_set_m128i(
-                            _mm_and_si128(_mm_srli_epi16(bytes, 4), lo),
-                            _mm_and_si128(bytes, lo),
-                        );
-                        let i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, xv);
-                        acc[r] =
-                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(dw * dk), acc[r]);
-                        corr[r] += m * xs;
+                    for a in 0..A {
+                        let xv = _mm512_maskz_loadu_ps(m, xp[a].add(k + i));
+                        for r in 0..R {
+                            acc[r][a] = _mm512_fmadd_ps(wv[r], xv, acc[r][a]);
+                        }
                     }
-                    k += 1;
-                }
-            }
-            let mut out = [0f32; R];
-            for r in 0..R {
-                out[r] = hsum256(acc[r]) + corr[r];
-            }
-            out
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    pub unsafe fn dot_f32(row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
-        unsafe {
-            let mut acc = _mm512_setzero_ps();
-            let mut k = 0usize;
-            for c in cols {
-                let w = row.as_ptr().add(4 * c.start) as *const f32;
-                let xp = x.as_ptr().add(k);
-                let n = c.len();
-                let mut i = 0;
-                while i < n {
-                    let m: __mmask16 = if n - i >= 16 {
-                        !0
-                    } else {
-                        (1u16 << (n - i)) - 1
-                    };
-                    acc = _mm512_fmadd_ps(
-                        _mm512_maskz_loadu_ps(m, w.add(i)),
-                        _mm512_maskz_loadu_ps(m, xp.add(i)),
-                        acc,
-                    );
                     i += 16;
                 }
                 k += n;
             }
-            _mm512_reduce_add_ps(acc)
-        }
-    }
-    /// BF16 weights against f32 activations (exact mode): widen bf16 to f32 by a shift.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    pub unsafe fn dot_bf16_f32(row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
-        unsafe {
-            let mut acc = _mm512_setzero_ps();
-            let mut k = 0usize;
-            for c in cols {
-                let w = row.as_ptr().add(2 * c.start) as *const u16;
-                let xp = x.as_ptr().add(k);
-                let n = c.len();
-                let mut i = 0;
-                while i < n {
-                    let m: __mmask16 = if n - i >= 16 {
-                        !0
-                    } else {
-                        (1u16 << (n - i)) - 1
-                    };
-                    let wh = _mm256_maskz_loadu_epi16(m, w.add(i) as *const _);
-                    let wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(wh), 16));
-                    acc = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(m, xp.add(i)), acc);
-                    i += 16;
-                }
-                k += n;
-            }
-            _mm512_reduce_add_ps(acc)
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
-    pub unsafe fn dot_f16(row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
-        unsafe {
-            let mut acc = _mm512_setzero_ps();
-            let mut k = 0usize;
-            for c in cols {
-                let w = row.as_ptr().add(2 * c.start) as *const u16;
-                let xp = x.as_ptr().add(k);
-                let n = c.len();
-                let mut i = 0;
-                while i < n {
-                    let m: __mmask16 = if n - i >= 16 {
-                        !0
-                    } else {
-                        (1u16 << (n - i)) - 1
-                    };
-                    let wh = _mm256_maskz_loadu_epi16(m, w.add(i) as *const _);
-                    acc = _mm512_fmadd_ps(
-                        _mm512_cvtph_ps(wh),
-                        _mm512_maskz_loadu_ps(m, xp.add(i)),
-                        acc,
-                    );
-                    i += 16;
-                }
-                k += n;
-            }
-            _mm512_reduce_add_ps(acc)
+            acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
         }
     }
 
@@ -908,6 +949,103 @@ mod avx2 {
                 out[r] = hsum(acc[r]) + corr[r];
             }
             out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::{Buf, Tensor};
+    use half::{bf16, f16};
+    use std::sync::Arc;
+
+    fn rnd(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn tensor(dt: DType, n: usize, k: usize, v: &[f32]) -> Tensor {
+        let mut b = vec![];
+        for row in v.chunks(k) {
+            match dt {
+                DType::F32 => row
+                    .iter()
+                    .for_each(|x| b.extend_from_slice(&x.to_le_bytes())),
+                DType::F16 => row
+                    .iter()
+                    .for_each(|x| b.extend_from_slice(&f16::from_f32(*x).to_le_bytes())),
+                DType::BF16 => row
+                    .iter()
+                    .for_each(|x| b.extend_from_slice(&bf16::from_f32(*x).to_le_bytes())),
+                _ => quant::quantize_row(dt, row, &mut b),
+            }
+        }
+        Tensor::new("w", dt, vec![n, k], Buf::Owned(Arc::new(b))).unwrap()
+    }
+
+    /// A batch of m activation rows gives each the bits it gets alone, for every width of the
+    /// multi-row tiles (m = 1..70 crosses the 4-row tiles, their remainders and a second pass),
+    /// and both agree with the dequantized weights in f64.
+    #[test]
+    fn batch_rows_equal_single_rows_bit_for_bit() {
+        let (n, k) = (203, 320);
+        let rows = [3..20, 40..97, 130..203];
+        let cols = [0..64, 96..320];
+        let (kk, nn) = (seg_len(&cols), seg_len(&rows));
+        let wv = rnd(n * k, 7);
+        for dt in [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q5_0,
+        ] {
+            let w = tensor(dt, n, k, &wv);
+            let mut deq = vec![0f32; k];
+            let rl: Vec<usize> = rows.iter().flat_map(|r| r.clone()).collect();
+            let cl: Vec<usize> = cols.iter().flat_map(|r| r.clone()).collect();
+            for m in [1, 2, 3, 4, 5, 7, 16, 33, 64, 70] {
+                let x = rnd(m * kk, 100 + m as u64);
+                let mut y = vec![f32::NAN; m * nn];
+                matvec_rows(&w, &rows, &cols, &x, &mut y);
+                for i in 0..m {
+                    let mut yi = vec![f32::NAN; nn];
+                    matvec(&w, &rows, &cols, &x[i * kk..(i + 1) * kk], &mut yi);
+                    for j in 0..nn {
+                        assert_eq!(
+                            y[i * nn + j].to_bits(),
+                            yi[j].to_bits(),
+                            "{dt} m={m} row {i} out {j}: batch {} alone {}",
+                            y[i * nn + j],
+                            yi[j]
+                        );
+                    }
+                    for (j, &r) in rl.iter().enumerate() {
+                        quant::dequant_row(dt, &w.bytes()[r * w.row_bytes()..], 0, &mut deq);
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for (c, &col) in cl.iter().enumerate() {
+                            let p = deq[col] as f64 * x[i * kk + c] as f64;
+                            want += p;
+                            mag += p.abs();
+                        }
+                        let got = y[i * nn + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-2 * mag + 1e-6,
+                            "{dt} m={m} row {i} out {j}: {got} vs {want} (Σ|wx| {mag})"
+                        );
+                    }
+                }
+            }
         }
     }
 }

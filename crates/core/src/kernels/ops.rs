@@ -46,11 +46,12 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let n = a.len() / 8 * 8;
-    for i in (0..n).step_by(8) {
-        for j in 0..8 {
+    let mut acc = [0f32; 16];
+    let n = a.len() / 16 * 16;
+    for i in (0..n).step_by(16) {
+        for j in 0..16 {
             acc[j] += a[i + j] * b[i + j];
         }
     }
@@ -59,4 +60,45 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += a[i] * b[i];
     }
     s
+}
+
+/// One query head of one decode token against `sc.len()` cached positions:
+/// o = softmax(scale · K q) · V, with k and v the head's [len][d] rows and `sc` scratch.
+/// The same code runs with or without AVX2 (separate multiplies and adds, fixed lanes), so every
+/// ISA gives the same bits.
+pub fn attend_head(q: &[f32], k: &[f32], v: &[f32], scale: f32, sc: &mut [f32], o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa() != super::Isa::Scalar {
+        // Safety: AVX2 and FMA are present on both SIMD levels.
+        return unsafe { attend_head_avx2(q, k, v, scale, sc, o) };
+    }
+    attend_head_impl(q, k, v, scale, sc, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_head_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    sc: &mut [f32],
+    o: &mut [f32],
+) {
+    attend_head_impl(q, k, v, scale, sc, o)
+}
+
+#[inline(always)]
+fn attend_head_impl(q: &[f32], k: &[f32], v: &[f32], scale: f32, sc: &mut [f32], o: &mut [f32]) {
+    let d = q.len();
+    for (j, s) in sc.iter_mut().enumerate() {
+        *s = dot(q, &k[j * d..(j + 1) * d]) * scale;
+    }
+    softmax(sc);
+    o.fill(0.0);
+    for (j, &p) in sc.iter().enumerate() {
+        for (ov, vv) in o.iter_mut().zip(&v[j * d..(j + 1) * d]) {
+            *ov += p * vv;
+        }
+    }
 }

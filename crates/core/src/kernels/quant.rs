@@ -191,7 +191,10 @@ impl Q8Act {
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut s = 0i32;
             for (i, &v) in xs.iter().enumerate() {
-                let q = (v * id).round() as i32;
+                // Round half to even by the 1.5·2²³ trick (|v·id| ≤ 127), as ggml's SIMD paths
+                // round; plain adds vectorize where `round` is a libm call per value.
+                const MAGIC: f32 = 12582912.0;
+                let q = ((v * id + MAGIC) - MAGIC) as i32;
                 self.q[32 * b + i] = q as i8;
                 s += q;
             }

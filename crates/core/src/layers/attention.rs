@@ -5,7 +5,7 @@
 use super::{Observer, Part, PartState, Scratch, SyncPtr, add_bias, buf, linear_rows};
 use crate::budget::{Axis, LayerBudget};
 use crate::kernels::gemm::gemm_nt;
-use crate::kernels::ops::{dot, softmax};
+use crate::kernels::ops::{attend_head, softmax};
 use crate::kernels::pool::pool;
 
 pub struct Rope {
@@ -122,23 +122,75 @@ impl Attention {
         linear_rows(&self.v, &kvr, &hid, x, vb, decode);
         add_bias(&self.v_bias, &kvr, vb);
         let att = buf(&mut s.d, t * nq * d);
+        // Single-token steps (decode rows, and stepwise parts token by token as decode steps
+        // would go): rotary and KV writes first, then all (step, head) pairs in one parallel
+        // pass. Multi-token parts go through the prefill path one part at a time.
+        let steps = &mut s.u;
+        steps.clear();
+        let mut sc_len = 0;
         for (pi, p) in parts.iter().enumerate() {
             let cache = kv.state(pi);
-            // A stepwise part attends token by token, as single decode steps would.
-            let steps = if p.stepwise { p.len } else { 1 };
-            let len = p.len / steps;
-            for i in 0..steps {
-                let r = p.row + i * len;
+            if !(p.stepwise || p.len == 1) {
+                let r = p.row;
                 self.attend(
                     nq,
-                    &mut q[r * nq * d..(r + len) * nq * d],
-                    &mut kb[r * kvd..(r + len) * kvd],
-                    &vb[r * kvd..(r + len) * kvd],
+                    &mut q[r * nq * d..(r + p.len) * nq * d],
+                    &kb[r * kvd..(r + p.len) * kvd],
+                    &vb[r * kvd..(r + p.len) * kvd],
                     cache,
-                    p.pos + i * len,
-                    &mut att[r * nq * d..(r + len) * nq * d],
+                    p.pos,
+                    &mut att[r * nq * d..(r + p.len) * nq * d],
                     &mut s.e,
                 );
+                continue;
+            }
+            for i in 0..p.len {
+                let (r, pos) = (p.row + i, p.pos + i);
+                self.rope_and_store(
+                    nq,
+                    &mut q[r * nq * d..(r + 1) * nq * d],
+                    &kb[r * kvd..(r + 1) * kvd],
+                    &vb[r * kvd..(r + 1) * kvd],
+                    cache,
+                    pos,
+                );
+                // (row, position, cache, scores offset); the caches are only read from here on.
+                steps.extend([r, pos, cache as *const KvCache as usize, sc_len]);
+                sc_len += nq * (pos + 1);
+            }
+        }
+        let n = steps.len() / 4;
+        if n > 0 {
+            let sc = SyncPtr(buf(&mut s.e, sc_len).as_mut_ptr());
+            let attp = SyncPtr(att.as_mut_ptr());
+            let (q, steps) = (&*q, &*steps);
+            let per_group = nq / self.kv_heads;
+            let scale = 1.0 / (d as f32).sqrt();
+            let work = |job: usize| {
+                let (st, h) = (job / nq, job % nq);
+                let [r, pos, cache, off] = steps[4 * st..4 * st + 4] else {
+                    unreachable!()
+                };
+                // Safety: the caches outlive this pass and nothing writes them during it.
+                let kv = unsafe { &*(cache as *const KvCache) };
+                let len = pos + 1;
+                let base = (h / per_group) * kv.cap * d;
+                let row = r * nq * d + h * d;
+                // Safety: each (step, head) owns its scores and output slices.
+                let (sc, o) = unsafe { (sc.slice(off + h * len, len), attp.slice(row, d)) };
+                attend_head(
+                    &q[row..row + d],
+                    &kv.k[base..base + len * d],
+                    &kv.v[base..base + len * d],
+                    scale,
+                    sc,
+                    o,
+                );
+            };
+            if sc_len * d < 1 << 15 {
+                (0..n * nq).for_each(work);
+            } else {
+                pool().for_each(n * nq, work);
             }
         }
         if obs.enabled() {
@@ -148,13 +200,39 @@ impl Attention {
         add_bias(&self.o_bias, &hid, out);
     }
 
-    /// Rotary embedding, the KV write and causal attention for `t` tokens of one sequence at
+    /// Rotary embedding of one token's query heads and KV heads, and the KV write at `pos`.
+    fn rope_and_store(
+        &self,
+        nq: usize,
+        q: &mut [f32],
+        k: &[f32],
+        v: &[f32],
+        kv: &mut KvCache,
+        pos: usize,
+    ) {
+        let d = self.head_dim;
+        for h in 0..self.kv_heads {
+            let dst = (h * kv.cap + pos) * d;
+            kv.k[dst..dst + d].copy_from_slice(&k[h * d..(h + 1) * d]);
+            kv.v[dst..dst + d].copy_from_slice(&v[h * d..(h + 1) * d]);
+            if let Some(r) = &self.rope {
+                r.apply(&mut kv.k[dst..dst + d], pos);
+            }
+        }
+        if let Some(r) = &self.rope {
+            for h in 0..nq {
+                r.apply(&mut q[h * d..(h + 1) * d], pos);
+            }
+        }
+    }
+
+    /// Rotary embedding, the KV write and causal attention for `t` > 1 tokens of one sequence at
     /// positions pos0..pos0+t: q [t][nq·d], k/v [t][kv·d] → att [t][nq·d].
     fn attend(
         &self,
         nq: usize,
         q: &mut [f32],
-        kb: &mut [f32],
+        kb: &[f32],
         vb: &[f32],
         kv: &mut KvCache,
         pos0: usize,
@@ -164,22 +242,15 @@ impl Attention {
         let d = self.head_dim;
         let t = q.len() / (nq * d);
         let kvd = self.kv_heads * d;
-        if let Some(r) = &self.rope {
-            for ti in 0..t {
-                for h in 0..nq {
-                    r.apply(&mut q[(ti * nq + h) * d..(ti * nq + h + 1) * d], pos0 + ti);
-                }
-                for h in 0..self.kv_heads {
-                    r.apply(&mut kb[ti * kvd + h * d..ti * kvd + (h + 1) * d], pos0 + ti);
-                }
-            }
-        }
         for ti in 0..t {
-            for h in 0..self.kv_heads {
-                let dst = (h * kv.cap + pos0 + ti) * d;
-                kv.k[dst..dst + d].copy_from_slice(&kb[ti * kvd + h * d..ti * kvd + (h + 1) * d]);
-                kv.v[dst..dst + d].copy_from_slice(&vb[ti * kvd + h * d..ti * kvd + (h + 1) * d]);
-            }
+            self.rope_and_store(
+                nq,
+                &mut q[ti * nq * d..(ti + 1) * nq * d],
+                &kb[ti * kvd..(ti + 1) * kvd],
+                &vb[ti * kvd..(ti + 1) * kvd],
+                kv,
+                pos0 + ti,
+            );
         }
         let len = pos0 + t;
         let per_group = nq / self.kv_heads;
@@ -188,65 +259,37 @@ impl Attention {
         let q = &*q;
         let kvr = &*kv;
         let attp = SyncPtr(att.as_mut_ptr());
-        if t == 1 {
-            let sc = buf(scratch, nq * len);
-            let scp = SyncPtr(sc.as_mut_ptr());
-            let work = |h: usize| {
-                let g = h / per_group;
-                let qh = &q[h * d..(h + 1) * d];
-                let sc = unsafe { scp.slice(h * len, len) };
-                let kbase = g * kvr.cap * d;
-                for (j, sv) in sc.iter_mut().enumerate() {
-                    *sv = dot(qh, &kvr.k[kbase + j * d..kbase + (j + 1) * d]) * scale;
-                }
-                softmax(sc);
-                let o = unsafe { attp.slice(h * d, d) };
-                o.fill(0.0);
-                for (j, &p) in sc.iter().enumerate() {
-                    let vr = &kvr.v[kbase + j * d..kbase + (j + 1) * d];
-                    for (ov, vv) in o.iter_mut().zip(vr) {
-                        *ov += p * vv;
-                    }
-                }
-            };
-            if len * nq * d < 1 << 15 {
-                (0..nq).for_each(work);
-            } else {
-                pool().for_each(nq, work);
-            }
-        } else {
-            // V transposed per KV head, [kv][d][len], for the P·V product.
-            let vt = buf(scratch, self.kv_heads * d * len + threads * t * len);
-            let (vt, scores) = vt.split_at_mut(self.kv_heads * d * len);
-            for g in 0..self.kv_heads {
-                for j in 0..len {
-                    for c in 0..d {
-                        vt[(g * d + c) * len + j] = kvr.v[(g * kvr.cap + j) * d + c];
-                    }
+        // V transposed per KV head, [kv][d][len], for the P·V product.
+        let vt = buf(scratch, self.kv_heads * d * len + threads * t * len);
+        let (vt, scores) = vt.split_at_mut(self.kv_heads * d * len);
+        for g in 0..self.kv_heads {
+            for j in 0..len {
+                for c in 0..d {
+                    vt[(g * d + c) * len + j] = kvr.v[(g * kvr.cap + j) * d + c];
                 }
             }
-            let vt = &*vt;
-            let scp = SyncPtr(scores.as_mut_ptr());
-            pool().for_chunks(nq, 1, |tid, heads| {
-                let sc = unsafe { scp.slice(tid * t * len, t * len) };
-                for h in heads {
-                    let g = h / per_group;
-                    let kbase = g * kvr.cap * d;
-                    gemm_nt(t, len, d, &q[h * d..], nq * d, &kvr.k[kbase..], d, sc, len);
-                    for ti in 0..t {
-                        let row = &mut sc[ti * len..(ti + 1) * len];
-                        let valid = pos0 + ti + 1;
-                        for v in row[..valid].iter_mut() {
-                            *v *= scale;
-                        }
-                        softmax(&mut row[..valid]);
-                        row[valid..].fill(0.0);
-                    }
-                    // O_h[T, d] = P[T, len] · V[len, d]
-                    let o = unsafe { attp.slice(h * d, (t - 1) * nq * d + d) };
-                    gemm_nt(t, d, len, sc, len, &vt[g * d * len..], len, o, nq * d);
-                }
-            });
         }
+        let vt = &*vt;
+        let scp = SyncPtr(scores.as_mut_ptr());
+        pool().for_chunks(nq, 1, |tid, heads| {
+            let sc = unsafe { scp.slice(tid * t * len, t * len) };
+            for h in heads {
+                let g = h / per_group;
+                let kbase = g * kvr.cap * d;
+                gemm_nt(t, len, d, &q[h * d..], nq * d, &kvr.k[kbase..], d, sc, len);
+                for ti in 0..t {
+                    let row = &mut sc[ti * len..(ti + 1) * len];
+                    let valid = pos0 + ti + 1;
+                    for v in row[..valid].iter_mut() {
+                        *v *= scale;
+                    }
+                    softmax(&mut row[..valid]);
+                    row[valid..].fill(0.0);
+                }
+                // O_h[T, d] = P[T, len] · V[len, d]
+                let o = unsafe { attp.slice(h * d, (t - 1) * nq * d + d) };
+                gemm_nt(t, d, len, sc, len, &vt[g * d * len..], len, o, nq * d);
+            }
+        });
     }
 }
