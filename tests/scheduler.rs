@@ -10,10 +10,15 @@
 
 mod common;
 use common::*;
+use elastica::generate::ThinkControl;
 use elastica::generate::sampler::SamplerConfig;
+use elastica::generate::think::think_end;
 use elastica::generate::tokenizer::Tokenizer;
 use elastica::generate::{GenConfig, Generation, StopReason, generate};
-use elastica::runtime::scheduler::{Engine, EngineConfig, Finished, Request, SeqId, batched_bench};
+use elastica::runtime::control::{self, BudgetControl, Handoff};
+use elastica::runtime::scheduler::{
+    Answer, Engine, EngineConfig, Finished, Request, SeqId, batched_bench,
+};
 use elastica::{Budget, Cache, Model};
 use std::collections::BTreeMap;
 
@@ -126,6 +131,7 @@ fn each_sequence_gets_its_tokens_alone() {
                 },
                 config: cfg(limits[i], if i == 4 { &["e"] } else { &[] }),
                 think: None,
+                answer: None,
             })
             .collect();
         let ctx = 64;
@@ -161,6 +167,7 @@ fn long_prompt_does_not_stall_the_others() {
                     ..cfg(30, &[])
                 },
                 think: None,
+                answer: None,
             })
             .collect();
         reqs.push(Request {
@@ -168,6 +175,7 @@ fn long_prompt_does_not_stall_the_others() {
             budget: budgets[0].clone(),
             config: cfg(4, &[]),
             think: None,
+            answer: None,
         });
         let ecfg = EngineConfig {
             parallel: 3,
@@ -210,6 +218,7 @@ fn parallel_limit_and_slot_reuse() {
             ..cfg(max, &[])
         },
         think: None,
+        answer: None,
     };
     let mut eng = Engine::new(m, &tok, ecfg).unwrap();
     let a = eng.add(req(4, 2)).unwrap();
@@ -299,4 +308,104 @@ fn batched_bench_counts() {
     assert!(e.to_string().contains("--npp"), "{e}");
     let e = batched_bench(m, &tok, &m.full_budget(), 4, 5, 0, None).unwrap_err();
     assert!(e.to_string().contains("--parallel"), "{e}");
+}
+
+/// Budget schedules in the engine (point 2: a sequence carries its budget schedule): three
+/// sequences that think at one budget and answer at the other, with both hand-offs, next to a
+/// plain one, each get the tokens and text that `control::generate` (or `generate()`) gives
+/// them alone, and each switches exactly once, in the step that completes its marker.
+#[test]
+fn budget_schedules_run_in_the_engine() {
+    let models = fixtures_and_smollm2();
+    for (name, m, sub) in &models {
+        let tok = Tokenizer::for_model(m).unwrap();
+        let (full, small) = (m.full_budget(), m.budget(sub).unwrap());
+        let end = think_end(None, &tok, Some("</think>")).unwrap();
+        let think = |cap| ThinkControl {
+            end: end.clone(),
+            cap: Some(cap),
+            grace: 0,
+        };
+        let plan = [
+            (small.clone(), Some((full.clone(), Handoff::Shared)), 4),
+            (small.clone(), Some((full.clone(), Handoff::Reprefill)), 6),
+            (full.clone(), None, 0),
+            (full.clone(), Some((small.clone(), Handoff::Reprefill)), 3),
+        ];
+        let reqs: Vec<Request> = plan
+            .iter()
+            .enumerate()
+            .map(|(i, (b, a, cap))| Request {
+                prompt: prompt(5 + 2 * i, i as u32, m.vocab),
+                budget: b.clone(),
+                config: GenConfig {
+                    ignore_eos: true,
+                    ..cfg(14 + i, &[])
+                },
+                think: a.as_ref().map(|_| think(*cap)),
+                answer: a.as_ref().map(|(b, h)| Answer {
+                    budget: b.clone(),
+                    handoff: *h,
+                }),
+            })
+            .collect();
+        let ctx = 64;
+        let ecfg = EngineConfig {
+            parallel: 4,
+            ctx,
+            prefill_chunk: 64,
+        };
+        let mut eng = Engine::new(m, &tok, ecfg).unwrap();
+        let mut of: BTreeMap<SeqId, usize> = BTreeMap::new();
+        for (i, r) in reqs.iter().enumerate() {
+            of.insert(eng.add(r.clone()).unwrap(), i);
+        }
+        let mut outs: Vec<Out> = reqs.iter().map(|_| Out::default()).collect();
+        let mut switched = vec![vec![]; reqs.len()];
+        while !eng.is_idle() {
+            let ev = eng.step().unwrap();
+            for (e, text) in ev.iter() {
+                let i = of[&e.seq];
+                outs[i].text.push_str(text);
+                outs[i].tokens.extend(e.token);
+                if e.switched {
+                    switched[i].push(outs[i].tokens.len());
+                }
+                if e.finished.is_some() {
+                    outs[i].finished = e.finished;
+                }
+            }
+        }
+        for (i, (r, o)) in reqs.iter().zip(&outs).enumerate() {
+            let (tokens, text) = match &r.answer {
+                None => {
+                    let g = alone(m, &tok, r, ctx);
+                    (g.tokens, g.text)
+                }
+                Some(a) => {
+                    let ctl = BudgetControl {
+                        think: r.budget.clone(),
+                        answer: a.budget.clone(),
+                        handoff: a.handoff,
+                        ctl: r.think.clone().unwrap(),
+                    };
+                    let mut c = Cache::new(m, ctx);
+                    let g = control::generate(m, &tok, &ctl, &mut c, &r.prompt, &r.config, |_| {})
+                        .unwrap();
+                    let think_n = g.thinking.tokens;
+                    assert_eq!(switched[i], vec![think_n], "{name}: request {i} switch");
+                    (g.generation.tokens, g.generation.text)
+                }
+            };
+            assert_eq!(o.tokens, tokens, "{name}: request {i} tokens");
+            assert_eq!(o.text, text, "{name}: request {i} text");
+            assert_eq!(o.finished.unwrap().prompt_tokens, r.prompt.len());
+        }
+        assert!(switched[2].is_empty());
+        // An answer budget without thinking control is refused.
+        let mut bad = reqs[0].clone();
+        bad.think = None;
+        let e = eng.add(bad).unwrap_err().to_string();
+        assert!(e.contains("answer budget needs thinking control"), "{e}");
+    }
 }

@@ -13,12 +13,17 @@
 //!   step's chunk waits until it can run whole (then its logits are those of the prompt alone);
 //!   a longer one is spread over steps, while the others keep decoding;
 //! - feeds each sequence's last logits to its decoder and reports per-sequence [`Event`]s;
-//!   a finished sequence's slot is reset and free for the next [`Engine::add`].
+//!   a finished sequence's slot is reset and free for the next [`Engine::add`];
+//! - moves a sequence with a budget schedule ([`Request::answer`]) to its answer budget's group
+//!   once its decoder sees the end of thinking: `shared` decodes on, `reprefill` first runs
+//!   prompt + thinking again as a prefill at the answer budget (as [`crate::control`] does for
+//!   one sequence).
 //!
 //! The sequence states come from a [`SeqPool`] sized at start (`parallel` × `ctx`), the
 //! scratch is one [`Work`]; once warmed up to the batch, a step allocates nothing but the text
 //! the decoders' tokenizer stream builds (see [`Decoder`]).
 
+use crate::control::Handoff;
 use elastica_core::budget::Budget;
 use elastica_core::error::{Error, Result};
 use elastica_core::generate::tokenizer::Tokenizer;
@@ -37,6 +42,15 @@ pub struct Request {
     pub config: GenConfig,
     /// Thinking control for the decoder (None: none).
     pub think: Option<ThinkControl>,
+    /// The budget schedule: `budget` thinks, this answers (needs `think`; None: one budget).
+    pub answer: Option<Answer>,
+}
+
+/// The answer phase of a budget schedule: its budget and how it takes over the state.
+#[derive(Clone, Debug)]
+pub struct Answer {
+    pub budget: Budget,
+    pub handoff: Handoff,
 }
 
 /// Sizes fixed at start.
@@ -74,6 +88,9 @@ pub struct Event {
     pub token: Option<u32>,
     /// Set when the sequence finished this step; its slot is free again.
     pub finished: Option<Finished>,
+    /// The sequence moved to its answer budget after this step's token (the last of the
+    /// end-of-thinking marker); with `reprefill`, its next steps are a prefill again.
+    pub switched: bool,
     text: Range<usize>,
 }
 
@@ -99,6 +116,10 @@ impl<'a> Events<'a> {
 struct Slot {
     active: bool,
     group: usize,
+    /// The answer phase still to come: its group and hand-off.
+    answer: Option<(usize, Handoff)>,
+    /// The request's prompt tokens (`prompt` also holds the thinking text after a reprefill).
+    prompt_len: usize,
     prompt: Vec<u32>,
     /// Prompt tokens run so far.
     fed: usize,
@@ -106,6 +127,8 @@ struct Slot {
     chunk: usize,
     /// Prompt done: `next` is the token to feed.
     decoding: bool,
+    /// Moved to its answer group this step (it runs there from the next step on).
+    moved: bool,
     next: u32,
     dec: Option<Decoder>,
 }
@@ -167,10 +190,13 @@ impl<'m> Engine<'m> {
             .map(|_| Slot {
                 active: false,
                 group: 0,
+                answer: None,
+                prompt_len: 0,
                 prompt: vec![],
                 fed: 0,
                 chunk: 0,
                 decoding: false,
+                moved: false,
                 next: 0,
                 dec: None,
             })
@@ -236,22 +262,25 @@ impl<'m> Engine<'m> {
                 "the request's budget was resolved for another model".into(),
             ));
         }
+        if req.answer.is_some() && req.think.is_none() {
+            return Err(Error::Input(
+                "an answer budget needs thinking control: the end-of-thinking marker that ends the thinking phase".into(),
+            ));
+        }
+        if let Some(a) = &req.answer
+            && (a.budget.hidden > m.shape.hidden || a.budget.layers.len() != m.shape.layers.len())
+        {
+            return Err(Error::Budget(
+                "the request's answer budget was resolved for another model".into(),
+            ));
+        }
         let Some(id) = self.slots.iter().position(|s| !s.active) else {
             return Err(Error::Input(format!(
                 "{parallel} sequences are already active, the most --parallel {parallel} allows: wait for one to finish or raise --parallel"
             )));
         };
-        let group = match self
-            .groups
-            .iter()
-            .position(|g| same_budget(&g.budget, &req.budget))
-        {
-            Some(g) => g,
-            None => {
-                self.groups.push(Group { budget: req.budget });
-                self.groups.len() - 1
-            }
-        };
+        let group = self.group_of(req.budget);
+        let answer = req.answer.map(|a| (self.group_of(a.budget), a.handoff));
         let s = &mut self.slots[id];
         let dec = match (s.dec.take(), req.think) {
             // Reuse the buffers of a decoder without thinking control.
@@ -266,15 +295,33 @@ impl<'m> Engine<'m> {
         *s = Slot {
             active: true,
             group,
+            answer,
+            prompt_len: req.prompt.len(),
             prompt: req.prompt,
             fed: 0,
             chunk: 0,
             decoding: false,
+            moved: false,
             next: 0,
             dec: Some(dec),
         };
         self.order.push(id);
         Ok(id)
+    }
+
+    /// The group of sequences at `budget`, made on first use.
+    fn group_of(&mut self, budget: Budget) -> usize {
+        match self
+            .groups
+            .iter()
+            .position(|g| same_budget(&g.budget, &budget))
+        {
+            Some(g) => g,
+            None => {
+                self.groups.push(Group { budget });
+                self.groups.len() - 1
+            }
+        }
     }
 
     /// Ends sequence `id` without an event (cancelled) and frees its slot.
@@ -299,7 +346,7 @@ impl<'m> Engine<'m> {
         let (chunk, mut left) = (self.cfg.prefill_chunk, self.cfg.prefill_chunk);
         for &id in &self.order {
             let s = &mut self.slots[id];
-            s.chunk = 0;
+            (s.chunk, s.moved) = (0, false);
             if s.decoding || left == 0 {
                 continue;
             }
@@ -355,7 +402,7 @@ impl<'m> Engine<'m> {
         who.clear();
         for (id, st) in pool.states_mut().iter_mut().enumerate() {
             let s = &slots[id];
-            if !s.active || s.group != g {
+            if !s.active || s.group != g || s.moved {
                 continue;
             }
             let (tokens, logits) = if s.decoding {
@@ -392,6 +439,7 @@ impl<'m> Engine<'m> {
                 prefilled: 0,
                 token: None,
                 finished: None,
+                switched: false,
                 text: 0..0,
             };
             if !s.decoding {
@@ -407,10 +455,10 @@ impl<'m> Engine<'m> {
             let dec = s.dec.as_mut().expect("an active sequence has a decoder");
             let before = dec.tokens().len();
             let start = text.len();
-            let step = {
+            let (step, think_end) = {
                 let o = dec.step(tok, out.item(k))?;
                 text.push_str(o.text);
-                o.step
+                (o.step, o.think_end)
             };
             if dec.tokens().len() > before {
                 ev.token = dec.tokens().last().copied();
@@ -419,8 +467,21 @@ impl<'m> Engine<'m> {
                 Step::Stop(r) => Some(r),
                 Step::Next(t) => {
                     s.next = t;
+                    if let Some((answer, handoff)) = s.answer.filter(|_| think_end) {
+                        s.answer = None;
+                        // The hand-off (control.rs): `t` completed the marker.
+                        (s.group, s.moved) = (answer, true);
+                        ev.switched = true;
+                        if handoff == Handoff::Reprefill {
+                            s.prompt.truncate(s.prompt_len);
+                            s.prompt.extend_from_slice(dec.tokens());
+                            (s.fed, s.decoding) = (0, false);
+                            pool.get_mut(id)?.reset();
+                        }
+                    }
                     let seq = pool.get(id)?;
-                    (seq.pos >= seq.capacity()).then(|| {
+                    let need = if s.decoding { 1 } else { s.prompt.len() };
+                    (seq.pos + need > seq.capacity()).then(|| {
                         text.push_str(dec.finish(StopReason::Context));
                         StopReason::Context
                     })
@@ -430,7 +491,7 @@ impl<'m> Engine<'m> {
             if let Some(reason) = stop {
                 ev.finished = Some(Finished {
                     reason,
-                    prompt_tokens: s.prompt.len(),
+                    prompt_tokens: s.prompt_len,
                     tokens: dec.tokens().len(),
                 });
                 s.active = false;
@@ -499,6 +560,7 @@ pub fn batched_bench(
             ignore_eos: true,
         },
         think: None,
+        answer: None,
     };
     // The first token comes from the prefill, then tg decode steps.
     for (max, timed) in [(2, false), (tg + 1, true)] {

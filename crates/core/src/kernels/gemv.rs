@@ -88,8 +88,9 @@ impl ActScratch {
 
 /// Activation rows one pass over the weights serves; more rows take further passes.
 pub const MAX_ROWS: usize = 64;
-/// Weight rows read for all activation rows before moving on (they stay in L1/L2 meanwhile).
-const TILE: usize = 32;
+/// Bytes of weight rows read for all activation rows before moving on: they stay in L1
+/// meanwhile (at least 4 rows, one kernel tile).
+const TILE_BYTES: usize = 16 * 1024;
 
 /// y = W[rows, cols] x. `w` is [out, in]; `x.len() == seg_len(cols)`, `y.len() == seg_len(rows)`.
 pub fn matvec(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32], y: &mut [f32]) {
@@ -154,7 +155,12 @@ fn pass(
         let yp = SendPtr(y.as_mut_ptr());
         let run = |r: Range<usize>| {
             // Safety: threads write disjoint row ranges of every y[i].
-            let tile = if m == 1 { r.len() } else { TILE };
+            // Whole 4-row kernel tiles (a remainder row runs at 1 × A).
+            let tile = if m == 1 {
+                r.len()
+            } else {
+                (TILE_BYTES / w.row_bytes()).div_ceil(4).max(1) * 4
+            };
             let mut a = r.start;
             while a < r.end {
                 let b = (a + tile).min(r.end);
@@ -640,7 +646,13 @@ mod avx512 {
                 }
                 k += n;
             }
-            acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
+            let mut out = [[0f32; A]; R];
+            for r in 0..R {
+                for a in 0..A {
+                    out[r][a] = _mm512_reduce_add_ps(acc[r][a]);
+                }
+            }
+            out
         }
     }
 
@@ -716,7 +728,13 @@ mod avx512 {
                 }
                 k += n;
             }
-            acc.map(|row| row.map(|v| _mm512_reduce_add_ps(v)))
+            let mut out = [[0f32; A]; R];
+            for r in 0..R {
+                for a in 0..A {
+                    out[r][a] = _mm512_reduce_add_ps(acc[r][a]);
+                }
+            }
+            out
         }
     }
 
