@@ -547,9 +547,11 @@ mod avx512 {
                         };
                         mw[r] = _mm_set1_ps(m);
                     }
-                    let mut sv = [0f32; 4];
+                    // The A offsets in lanes, built in registers (a vector load of four scalar
+                    // stores would stall on store forwarding).
+                    let s = |a: usize| if a < A { *xs[a].add(k) } else { 0.0 };
+                    let sv = _mm_setr_ps(s(0), s(1), s(2), s(3));
                     for a in 0..A {
-                        sv[a] = *xs[a].add(k);
                         let xv = _mm256_loadu_si256(xq[a].add(32 * k) as *const _);
                         let dk = _mm256_set1_ps(*xd[a].add(k));
                         for r in 0..R {
@@ -561,7 +563,6 @@ mod avx512 {
                             );
                         }
                     }
-                    let sv = _mm_loadu_ps(sv.as_ptr());
                     for r in 0..R {
                         corr[r] = _mm_add_ps(corr[r], _mm_mul_ps(mw[r], sv));
                     }

@@ -55,7 +55,15 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[j] += a[i + j] * b[i + j];
         }
     }
-    let mut s: f32 = acc.iter().sum();
+    // A pairwise tree (16 → 8 → 4 → 2 → 1): vector adds, not a chain of 16 scalar ones.
+    let mut w = 8;
+    while w > 0 {
+        for j in 0..w {
+            acc[j] += acc[j + w];
+        }
+        w /= 2;
+    }
+    let mut s = acc[0];
     for i in n..a.len() {
         s += a[i] * b[i];
     }
