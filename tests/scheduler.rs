@@ -17,9 +17,11 @@ use elastica::generate::tokenizer::Tokenizer;
 use elastica::generate::{GenConfig, Generation, StopReason, generate};
 use elastica::runtime::control::{self, BudgetControl, Handoff};
 use elastica::runtime::scheduler::{
-    Answer, Engine, EngineConfig, Finished, Request, SeqId, batched_bench,
+    Answer, Engine, EngineConfig, Finished, Request, SeqId, Speculate, batched_bench,
 };
+use elastica::runtime::speculative::{self, Speculator};
 use elastica::{Budget, Cache, Model};
+use elastica::{Logits, SeqState, Work};
 use std::collections::BTreeMap;
 
 fn cfg(max_tokens: usize, stop: &[&str]) -> GenConfig {
@@ -77,11 +79,11 @@ fn schedule(eng: &mut Engine, reqs: &[Request], join: &[usize]) -> Vec<Out> {
             return outs;
         }
         let ev = eng.step().unwrap();
-        for (e, text) in ev.iter() {
+        for (e, toks, text) in ev.iter() {
             let o = &mut outs[of[&e.seq]];
             o.text.push_str(text);
-            if let Some(t) = e.token {
-                o.tokens.push(t);
+            if !toks.is_empty() {
+                o.tokens.extend_from_slice(toks);
                 o.token_steps.push(step);
             }
             if e.prefilled > 0 {
@@ -132,6 +134,7 @@ fn each_sequence_gets_its_tokens_alone() {
                 config: cfg(limits[i], if i == 4 { &["e"] } else { &[] }),
                 think: None,
                 answer: None,
+                speculate: None,
             })
             .collect();
         let ctx = 64;
@@ -139,6 +142,7 @@ fn each_sequence_gets_its_tokens_alone() {
             parallel: 4,
             ctx,
             prefill_chunk: 16,
+            draft_max: 0,
         };
         let mut eng = Engine::new(m, &tok, ecfg).unwrap();
         let outs = schedule(&mut eng, &reqs, &[0, 0, 1, 2, 2]);
@@ -168,6 +172,7 @@ fn long_prompt_does_not_stall_the_others() {
                 },
                 think: None,
                 answer: None,
+                speculate: None,
             })
             .collect();
         reqs.push(Request {
@@ -176,11 +181,13 @@ fn long_prompt_does_not_stall_the_others() {
             config: cfg(4, &[]),
             think: None,
             answer: None,
+            speculate: None,
         });
         let ecfg = EngineConfig {
             parallel: 3,
             ctx: 128,
             prefill_chunk: 16,
+            draft_max: 0,
         };
         let mut eng = Engine::new(&m, &tok, ecfg).unwrap();
         let outs = schedule(&mut eng, &reqs, &[0, 0, 3]);
@@ -209,6 +216,7 @@ fn parallel_limit_and_slot_reuse() {
         parallel: 2,
         ctx: 32,
         prefill_chunk: 64,
+        draft_max: 0,
     };
     let req = |n: usize, max: usize| Request {
         prompt: prompt(n, n as u32, m.vocab),
@@ -219,6 +227,7 @@ fn parallel_limit_and_slot_reuse() {
         },
         think: None,
         answer: None,
+        speculate: None,
     };
     let mut eng = Engine::new(m, &tok, ecfg).unwrap();
     let a = eng.add(req(4, 2)).unwrap();
@@ -234,7 +243,7 @@ fn parallel_limit_and_slot_reuse() {
         let ev = eng.step().unwrap();
         done.extend(
             ev.iter()
-                .filter_map(|(e, _)| e.finished.map(|f| (e.seq, f))),
+                .filter_map(|(e, _, _)| e.finished.map(|f| (e.seq, f))),
         );
     }
     assert_eq!(done[0].0, a);
@@ -347,6 +356,7 @@ fn budget_schedules_run_in_the_engine() {
                     budget: b.clone(),
                     handoff: *h,
                 }),
+                speculate: None,
             })
             .collect();
         let ctx = 64;
@@ -354,6 +364,7 @@ fn budget_schedules_run_in_the_engine() {
             parallel: 4,
             ctx,
             prefill_chunk: 64,
+            draft_max: 0,
         };
         let mut eng = Engine::new(m, &tok, ecfg).unwrap();
         let mut of: BTreeMap<SeqId, usize> = BTreeMap::new();
@@ -364,10 +375,10 @@ fn budget_schedules_run_in_the_engine() {
         let mut switched = vec![vec![]; reqs.len()];
         while !eng.is_idle() {
             let ev = eng.step().unwrap();
-            for (e, text) in ev.iter() {
+            for (e, toks, text) in ev.iter() {
                 let i = of[&e.seq];
                 outs[i].text.push_str(text);
-                outs[i].tokens.extend(e.token);
+                outs[i].tokens.extend_from_slice(toks);
                 if e.switched {
                     switched[i].push(outs[i].tokens.len());
                 }
@@ -408,4 +419,258 @@ fn budget_schedules_run_in_the_engine() {
         let e = eng.add(bad).unwrap_err().to_string();
         assert!(e.contains("answer budget needs thinking control"), "{e}");
     }
+}
+
+/// Runs `reqs` all added at step 0 to `eng`; outputs by request, and a hook called before each
+/// step with the engine, the ids by request and the tokens so far.
+fn run_all(
+    eng: &mut Engine,
+    reqs: &[Request],
+    mut before_step: impl FnMut(&mut Engine, &[SeqId], &[Out]),
+) -> Vec<Out> {
+    let ids: Vec<SeqId> = reqs.iter().map(|r| eng.add(r.clone()).unwrap()).collect();
+    let of: BTreeMap<SeqId, usize> = ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let mut outs: Vec<Out> = reqs.iter().map(|_| Out::default()).collect();
+    for step in 0..10_000 {
+        if eng.is_idle() {
+            return outs;
+        }
+        before_step(eng, &ids, &outs);
+        let ev = eng.step().unwrap();
+        for (e, toks, text) in ev.iter() {
+            let o = &mut outs[of[&e.seq]];
+            o.text.push_str(text);
+            if !toks.is_empty() {
+                o.tokens.extend_from_slice(toks);
+                o.token_steps.push(step);
+            }
+            if e.finished.is_some() {
+                o.finished = e.finished;
+            }
+        }
+    }
+    panic!("the scheduler did not finish");
+}
+
+/// Speculating sequences in the engine (the server's `speculate`): next to plain ones, each gets
+/// the greedy tokens and text it gets alone, on every fixture (Mamba rollbacks included) and
+/// SmolLM2; a round outputs several tokens in one step; the engine counts drafts and kept tokens.
+/// Sampled, a speculating sequence gets exactly what `speculative::generate` gives with the same
+/// seed (one sampler draws every token in both).
+#[test]
+fn speculating_sequences_in_the_engine() {
+    let models = fixtures_and_smollm2();
+    for (name, m, sub) in &models {
+        let tok = Tokenizer::for_model(m).unwrap();
+        let (full, small) = (m.full_budget(), m.budget(sub).unwrap());
+        let spec = |k| {
+            Some(Speculate {
+                draft: small.clone(),
+                k,
+            })
+        };
+        let plan = [(spec(3), 20), (None, 12), (spec(1), 9), (spec(4), 17)];
+        let reqs: Vec<Request> = plan
+            .iter()
+            .enumerate()
+            .map(|(i, (sp, n))| Request {
+                prompt: prompt(4 + 3 * i, i as u32, m.vocab),
+                budget: full.clone(),
+                config: GenConfig {
+                    ignore_eos: true,
+                    ..cfg(*n, &[])
+                },
+                think: None,
+                answer: None,
+                speculate: sp.clone(),
+            })
+            .collect();
+        let ctx = 64;
+        let ecfg = EngineConfig {
+            parallel: 4,
+            ctx,
+            prefill_chunk: 64,
+            draft_max: 4,
+        };
+        let mut eng = Engine::new(m, &tok, ecfg).unwrap();
+        let outs = run_all(&mut eng, &reqs, |_, _, _| {});
+        check_same(name, m, &tok, &reqs, &outs, ctx);
+        let t = eng.spec_totals().clone();
+        assert!(t.drafts > 0 && t.draft_tokens >= t.drafts, "{name}: {t:?}");
+        assert_eq!(t.accepted_per_pos.iter().sum::<u64>(), t.accepted_tokens);
+        // Each kept draft token is one more token in its round's step, but for the last round
+        // of a request, which its limit may cut (by at most K).
+        let extra: u64 = outs
+            .iter()
+            .map(|o| (o.tokens.len() - o.token_steps.len()) as u64)
+            .sum();
+        let cut: u64 = [3, 1, 4].iter().sum();
+        assert!(
+            extra <= t.accepted_tokens && extra + cut >= t.accepted_tokens,
+            "{name}: {extra} extra tokens in steps, {} accepted",
+            t.accepted_tokens
+        );
+        // Sampled: the same draws as speculative::generate.
+        let sampled = SamplerConfig {
+            temperature: 0.9,
+            top_k: 20,
+            top_p: 0.95,
+            seed: 7,
+        };
+        let mut r = reqs[0].clone();
+        r.config.sampler = sampled;
+        let outs = run_all(&mut eng, std::slice::from_ref(&r), |_, _, _| {});
+        let mut sp = Speculator::new(m, small.clone(), &full, 3).unwrap();
+        let mut cache = Cache {
+            seq: SeqState::try_new(m, ctx, 3).unwrap(),
+            work: Work::try_new(m, ctx).unwrap(),
+        };
+        let g = speculative::generate(m, &tok, &mut sp, &mut cache, &r.prompt, &r.config, |_| {})
+            .unwrap();
+        assert_eq!(outs[0].tokens, g.tokens, "{name}: sampled speculative");
+    }
+}
+
+/// Greedy tokens of `n1` steps at `a` after `prompt`, then `n2` at `b` on the same state.
+fn decode_then_switch(
+    m: &Model,
+    p: &[u32],
+    a: &Budget,
+    n1: usize,
+    b: &Budget,
+    n2: usize,
+) -> Vec<u32> {
+    use elastica::generate::sampler::argmax;
+    let mut c = Cache::new(m, 64);
+    let mut out = vec![argmax(m.forward(p, a, &mut c, Logits::Last).unwrap())];
+    while out.len() < n1 + n2 {
+        let bud = if out.len() < n1 { a } else { b };
+        let t = *out.last().unwrap();
+        out.push(argmax(m.forward(&[t], bud, &mut c, Logits::Last).unwrap()));
+    }
+    out
+}
+
+/// The control actions on running sequences (the server's control endpoint): `set_budget`
+/// moves a sequence to another budget on its state (its tokens equal decoding at one budget then
+/// the other), `end_reasoning` forces the end-of-thinking marker next, and both refuse what they
+/// cannot do.
+#[test]
+fn control_actions_on_running_sequences() {
+    let models = fixtures_and_smollm2();
+    for (name, m, sub) in &models {
+        let tok = Tokenizer::for_model(m).unwrap();
+        let (full, small) = (m.full_budget(), m.budget(sub).unwrap());
+        let end = think_end(None, &tok, Some("</think>")).unwrap();
+        let p = prompt(6, 3, m.vocab);
+        let base = Request {
+            prompt: p.clone(),
+            budget: full.clone(),
+            config: GenConfig {
+                ignore_eos: true,
+                ..cfg(16, &[])
+            },
+            think: None,
+            answer: None,
+            speculate: None,
+        };
+        let thinking = Request {
+            think: Some(ThinkControl {
+                end: end.clone(),
+                cap: None,
+                grace: 0,
+            }),
+            ..base.clone()
+        };
+        let ecfg = EngineConfig {
+            parallel: 2,
+            ctx: 64,
+            prefill_chunk: 64,
+            draft_max: 0,
+        };
+        let mut eng = Engine::new(m, &tok, ecfg).unwrap();
+        // Request 0 moves to the small budget once it has 5 tokens; request 1 ends its reasoning
+        // once it has 3.
+        let (mut moved, mut ended) = (false, false);
+        let outs = run_all(
+            &mut eng,
+            &[base.clone(), thinking.clone()],
+            |eng, ids, outs| {
+                if !moved && outs[0].tokens.len() == 5 {
+                    eng.set_budget(ids[0], small.clone()).unwrap();
+                    moved = true;
+                }
+                if !ended && outs[1].tokens.len() == 3 {
+                    eng.end_reasoning(ids[1]).unwrap();
+                    ended = true;
+                    let e = eng.end_reasoning(ids[0]).unwrap_err().to_string();
+                    assert!(e.contains("is not thinking"), "{e}");
+                }
+            },
+        );
+        assert!(moved && ended, "{name}");
+        let want = decode_then_switch(m, &p, &full, 5, &small, 11);
+        assert_eq!(outs[0].tokens, want, "{name}: set_budget");
+        let n = end.tokens.len();
+        assert_eq!(
+            &outs[1].tokens[3..3 + n],
+            &end.tokens[..],
+            "{name}: end_reasoning"
+        );
+        let e = eng.set_budget(0, small.clone()).unwrap_err().to_string();
+        assert!(e.contains("is not active"), "{e}");
+    }
+}
+
+/// Requests the engine cannot take: speculation without draft room or beyond it, with thinking
+/// control, or with a draft that does not nest.
+#[test]
+fn bad_speculative_requests_are_errors() {
+    let fx = fixtures();
+    let (_, m, sub) = &fx[0];
+    let tok = Tokenizer::for_model(m).unwrap();
+    let (full, small) = (m.full_budget(), m.budget(sub).unwrap());
+    let req = |draft: &Budget, target: &Budget, k| Request {
+        prompt: prompt(4, 1, m.vocab),
+        budget: target.clone(),
+        config: cfg(4, &[]),
+        think: None,
+        answer: None,
+        speculate: Some(Speculate {
+            draft: draft.clone(),
+            k,
+        }),
+    };
+    let ecfg = |draft_max| EngineConfig {
+        parallel: 2,
+        ctx: 32,
+        prefill_chunk: 32,
+        draft_max,
+    };
+    let mut none = Engine::new(m, &tok, ecfg(0)).unwrap();
+    let e = none.add(req(&small, &full, 2)).unwrap_err().to_string();
+    assert!(e.contains("engine started with draft tokens"), "{e}");
+    let mut eng = Engine::new(m, &tok, ecfg(4)).unwrap();
+    for (r, want) in [
+        (req(&small, &full, 5), "this engine allows 1 to 4"),
+        (req(&small, &full, 0), "this engine allows 1 to 4"),
+        (req(&full, &small, 2), "does not nest inside"),
+        (
+            Request {
+                think: Some(ThinkControl {
+                    end: think_end(None, &tok, Some("</think>")).unwrap(),
+                    cap: Some(3),
+                    grace: 0,
+                }),
+                ..req(&small, &full, 2)
+            },
+            "does not combine with thinking control",
+        ),
+    ] {
+        let e = eng.add(r).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    assert!(eng.is_idle());
+    let e = Engine::new(m, &tok, ecfg(17)).err().unwrap().to_string();
+    assert!(e.contains("must be 1 to 16"), "{e}");
 }

@@ -17,13 +17,20 @@
 //! - moves a sequence with a budget schedule ([`Request::answer`]) to its answer budget's group
 //!   once its decoder sees the end of thinking: `shared` decodes on, `reprefill` first runs
 //!   prompt + thinking again as a prefill at the answer budget (as [`crate::control`] does for
-//!   one sequence).
+//!   one sequence);
+//! - runs a speculative round ([`crate::speculative`]) for each decoding sequence that asked for
+//!   one ([`Request::speculate`]): it drafts and verifies on its own state, apart from the
+//!   groups' batches, and outputs the kept tokens and the target's next one in one event.
+//!
+//! Between steps, [`Engine::set_budget`] and [`Engine::end_reasoning`] act on a running
+//! sequence, and [`Engine::remove`] cancels one.
 //!
 //! The sequence states come from a [`SeqPool`] sized at start (`parallel` × `ctx`), the
 //! scratch is one [`Work`]; once warmed up to the batch, a step allocates nothing but the text
 //! the decoders' tokenizer stream builds (see [`Decoder`]).
 
 use crate::control::Handoff;
+use crate::speculative::{MAX_DRAFT, Speculator};
 use elastica_core::budget::Budget;
 use elastica_core::error::{Error, Result};
 use elastica_core::generate::tokenizer::Tokenizer;
@@ -44,6 +51,15 @@ pub struct Request {
     pub think: Option<ThinkControl>,
     /// The budget schedule: `budget` thinks, this answers (needs `think`; None: one budget).
     pub answer: Option<Answer>,
+    /// Nested self-speculative decoding: draft at a budget nested in `budget`.
+    pub speculate: Option<Speculate>,
+}
+
+/// A request's speculative decoding: the draft budget and the draft tokens per round.
+#[derive(Clone, Debug)]
+pub struct Speculate {
+    pub draft: Budget,
+    pub k: usize,
 }
 
 /// The answer phase of a budget schedule: its budget and how it takes over the state.
@@ -62,6 +78,9 @@ pub struct EngineConfig {
     pub ctx: usize,
     /// Prompt tokens run per step over all sequences.
     pub prefill_chunk: usize,
+    /// Draft tokens per round a speculative request may ask for at most (each sequence keeps
+    /// that many Mamba state checkpoints); 0: no speculation.
+    pub draft_max: usize,
 }
 
 /// Default prompt tokens per step: enough to keep the GEMMs of prefill efficient, small enough
@@ -83,20 +102,19 @@ pub struct Event {
     pub seq: SeqId,
     /// Prompt tokens run this step.
     pub prefilled: usize,
-    /// The token output this step (None while prefilling, or when the step stopped the sequence
-    /// without output: EOS, a stop string ending in it).
-    pub token: Option<u32>,
     /// Set when the sequence finished this step; its slot is free again.
     pub finished: Option<Finished>,
     /// The sequence moved to its answer budget after this step's token (the last of the
     /// end-of-thinking marker); with `reprefill`, its next steps are a prefill again.
     pub switched: bool,
+    tokens: Range<usize>,
     text: Range<usize>,
 }
 
-/// The events of one step, with their text deltas; valid until the next step.
+/// The events of one step, with their tokens and text deltas; valid until the next step.
 pub struct Events<'a> {
     list: &'a [Event],
+    tokens: &'a [u32],
     text: &'a str,
 }
 
@@ -107,9 +125,17 @@ impl<'a> Events<'a> {
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }
-    /// Each event with the text to stream for it.
-    pub fn iter(&self) -> impl Iterator<Item = (&'a Event, &'a str)> + '_ {
-        self.list.iter().map(|e| (e, &self.text[e.text.clone()]))
+    /// Each event with the tokens it output (none while prefilling, or when the step stopped
+    /// the sequence without output: EOS, a stop string ending in it; several for a speculative
+    /// round) and the text to stream for it.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a Event, &'a [u32], &'a str)> + '_ {
+        self.list.iter().map(|e| {
+            (
+                e,
+                &self.tokens[e.tokens.clone()],
+                &self.text[e.text.clone()],
+            )
+        })
     }
 }
 
@@ -129,6 +155,8 @@ struct Slot {
     decoding: bool,
     /// Moved to its answer group this step (it runs there from the next step on).
     moved: bool,
+    /// Nested self-speculative decoding, when the request asked for it.
+    spec: Option<Speculator>,
     next: u32,
     dec: Option<Decoder>,
 }
@@ -166,7 +194,38 @@ pub struct Engine<'m> {
     items: Vec<BatchItem<'static>>,
     who: Vec<SeqId>,
     events: Vec<Event>,
+    toks: Vec<u32>,
     text: String,
+    /// A speculative round's tokens.
+    round: Vec<u32>,
+    spec_totals: SpecTotals,
+}
+
+/// Speculative decoding counts over all sequences (vLLM's `spec_decode_*` counters).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SpecTotals {
+    /// Rounds (drafts verified).
+    pub drafts: u64,
+    /// Draft tokens proposed.
+    pub draft_tokens: u64,
+    /// Draft tokens kept.
+    pub accepted_tokens: u64,
+    /// Kept draft tokens by position in the draft.
+    pub accepted_per_pos: Vec<u64>,
+}
+
+impl SpecTotals {
+    fn add(&mut self, drafted: usize, kept: usize) {
+        self.drafts += 1;
+        self.draft_tokens += drafted as u64;
+        self.accepted_tokens += kept as u64;
+        if self.accepted_per_pos.len() < drafted {
+            self.accepted_per_pos.resize(drafted, 0);
+        }
+        for a in &mut self.accepted_per_pos[..kept] {
+            *a += 1;
+        }
+    }
 }
 
 impl<'m> Engine<'m> {
@@ -184,7 +243,14 @@ impl<'m> Engine<'m> {
                 "the prefill chunk must be at least 1 token per step".into(),
             ));
         }
-        let pool = SeqPool::try_new(model, cfg.parallel, cfg.ctx, 0)?;
+        if cfg.draft_max > MAX_DRAFT {
+            return Err(Error::Input(format!(
+                "--draft {}: the number of draft tokens must be 1 to {MAX_DRAFT}",
+                cfg.draft_max
+            )));
+        }
+        // Mamba state checkpoints for a speculative rollback of up to `draft_max` tokens.
+        let pool = SeqPool::try_new(model, cfg.parallel, cfg.ctx, cfg.draft_max)?;
         let work = Work::try_new(model, cfg.ctx)?;
         let slots = (0..cfg.parallel)
             .map(|_| Slot {
@@ -197,6 +263,7 @@ impl<'m> Engine<'m> {
                 chunk: 0,
                 decoding: false,
                 moved: false,
+                spec: None,
                 next: 0,
                 dec: None,
             })
@@ -214,7 +281,13 @@ impl<'m> Engine<'m> {
             items: Vec::with_capacity(cfg.parallel),
             who: Vec::with_capacity(cfg.parallel),
             events: Vec::with_capacity(cfg.parallel),
+            toks: Vec::with_capacity(cfg.parallel * (cfg.draft_max + 1)),
             text: String::new(),
+            round: Vec::with_capacity(cfg.draft_max + 1),
+            spec_totals: SpecTotals {
+                accepted_per_pos: vec![0; cfg.draft_max],
+                ..SpecTotals::default()
+            },
         })
     }
 
@@ -274,6 +347,35 @@ impl<'m> Engine<'m> {
                 "the request's answer budget was resolved for another model".into(),
             ));
         }
+        let spec = match req.speculate {
+            None => None,
+            Some(sp) => {
+                let most = self.cfg.draft_max;
+                if most == 0 {
+                    return Err(Error::Input(
+                        "speculative decoding needs an engine started with draft tokens (--speculate BUDGET --draft K)".into(),
+                    ));
+                }
+                if !(1..=most).contains(&sp.k) {
+                    return Err(Error::Input(format!(
+                        "speculate: {} draft tokens; this engine allows 1 to {most} (--draft)",
+                        sp.k
+                    )));
+                }
+                if req.think.is_some() {
+                    return Err(Error::Input(
+                        "speculative decoding does not combine with thinking control yet: ask for one of them".into(),
+                    ));
+                }
+                if sp.draft.hidden > m.shape.hidden || sp.draft.layers.len() != m.shape.layers.len()
+                {
+                    return Err(Error::Budget(
+                        "the request's draft budget was resolved for another model".into(),
+                    ));
+                }
+                Some(Speculator::new(m, sp.draft, &req.budget, sp.k)?)
+            }
+        };
         let Some(id) = self.slots.iter().position(|s| !s.active) else {
             return Err(Error::Input(format!(
                 "{parallel} sequences are already active, the most --parallel {parallel} allows: wait for one to finish or raise --parallel"
@@ -302,6 +404,7 @@ impl<'m> Engine<'m> {
             chunk: 0,
             decoding: false,
             moved: false,
+            spec,
             next: 0,
             dec: Some(dec),
         };
@@ -331,6 +434,60 @@ impl<'m> Engine<'m> {
         }
         self.free(id);
         Ok(())
+    }
+
+    fn slot(&mut self, id: SeqId) -> Result<&mut Slot> {
+        match self.slots.get_mut(id) {
+            Some(s) if s.active => Ok(s),
+            _ => Err(Error::Input(format!("sequence {id} is not active"))),
+        }
+    }
+
+    /// Ends the thinking of sequence `id` now: its decoder forces the end-of-thinking marker
+    /// from its next token on (a scheduled answer budget then takes over as usual). Errors when
+    /// the sequence has no thinking control or has already ended its thinking.
+    pub fn end_reasoning(&mut self, id: SeqId) -> Result<()> {
+        let s = self.slot(id)?;
+        match s.dec.as_mut().is_some_and(|d| d.force_think_end(0)) {
+            true => Ok(()),
+            false => Err(Error::Input(format!(
+                "sequence {id} is not thinking: it has no thinking control or its thinking has ended"
+            ))),
+        }
+    }
+
+    /// Runs sequence `id` at `budget` from its next step on, on the state it has (the `shared`
+    /// hand-off; a scheduled answer budget still takes over when thinking ends). A speculating
+    /// sequence keeps its draft, which must nest inside the new budget.
+    pub fn set_budget(&mut self, id: SeqId, budget: Budget) -> Result<()> {
+        let m = self.model;
+        if budget.hidden > m.shape.hidden || budget.layers.len() != m.shape.layers.len() {
+            return Err(Error::Budget(
+                "the budget was resolved for another model".into(),
+            ));
+        }
+        let s = self.slot(id)?;
+        if let Some(sp) = &s.spec
+            && !sp.draft.nested_in(&budget)
+        {
+            return Err(Error::Budget(format!(
+                "the draft budget {} does not nest inside {}",
+                sp.draft.spec(&m.shape),
+                budget.spec(&m.shape)
+            )));
+        }
+        let g = self.group_of(budget.clone());
+        let s = self.slot(id)?;
+        s.group = g;
+        if let Some(sp) = &mut s.spec {
+            sp.target = budget;
+        }
+        Ok(())
+    }
+
+    /// Speculative decoding counts since the engine started.
+    pub fn spec_totals(&self) -> &SpecTotals {
+        &self.spec_totals
     }
 
     fn free(&mut self, id: SeqId) {
@@ -366,6 +523,7 @@ impl<'m> Engine<'m> {
     /// unknown state: remove them.
     pub fn step(&mut self) -> Result<Events<'_>> {
         self.events.clear();
+        self.toks.clear();
         self.text.clear();
         self.grant_prefill();
         let ng = self.groups.len();
@@ -376,8 +534,10 @@ impl<'m> Engine<'m> {
         if ng > 0 {
             self.first = (self.first + 1) % ng;
         }
+        self.run_speculative()?;
         Ok(Events {
             list: &self.events,
+            tokens: &self.toks,
             text: &self.text,
         })
     }
@@ -396,13 +556,15 @@ impl<'m> Engine<'m> {
             order,
             events,
             text,
+            toks,
             ..
         } = self;
         let mut batch = recycle(std::mem::take(items));
         who.clear();
         for (id, st) in pool.states_mut().iter_mut().enumerate() {
             let s = &slots[id];
-            if !s.active || s.group != g || s.moved {
+            // Speculating decoders run their own rounds (run_speculative).
+            if !s.active || s.group != g || s.moved || (s.decoding && s.spec.is_some()) {
                 continue;
             }
             let (tokens, logits) = if s.decoding {
@@ -434,14 +596,7 @@ impl<'m> Engine<'m> {
         let out = r?;
         for (k, &id) in who.iter().enumerate() {
             let s = &mut slots[id];
-            let mut ev = Event {
-                seq: id,
-                prefilled: 0,
-                token: None,
-                finished: None,
-                switched: false,
-                text: 0..0,
-            };
+            let mut ev = Event::new(id, toks.len(), text.len());
             if !s.decoding {
                 s.fed += s.chunk;
                 ev.prefilled = s.chunk;
@@ -454,54 +609,133 @@ impl<'m> Engine<'m> {
             }
             let dec = s.dec.as_mut().expect("an active sequence has a decoder");
             let before = dec.tokens().len();
-            let start = text.len();
-            let (step, think_end) = {
-                let o = dec.step(tok, out.item(k))?;
-                text.push_str(o.text);
-                (o.step, o.think_end)
-            };
-            if dec.tokens().len() > before {
-                ev.token = dec.tokens().last().copied();
-            }
-            let stop = match step {
-                Step::Stop(r) => Some(r),
-                Step::Next(t) => {
-                    s.next = t;
-                    if let Some((answer, handoff)) = s.answer.filter(|_| think_end) {
-                        s.answer = None;
-                        // The hand-off (control.rs): `t` completed the marker.
-                        (s.group, s.moved) = (answer, true);
-                        ev.switched = true;
-                        if handoff == Handoff::Reprefill {
-                            s.prompt.truncate(s.prompt_len);
-                            s.prompt.extend_from_slice(dec.tokens());
-                            (s.fed, s.decoding) = (0, false);
-                            pool.get_mut(id)?.reset();
-                        }
-                    }
-                    let seq = pool.get(id)?;
-                    let need = if s.decoding { 1 } else { s.prompt.len() };
-                    (seq.pos + need > seq.capacity()).then(|| {
-                        text.push_str(dec.finish(StopReason::Context));
-                        StopReason::Context
-                    })
-                }
-            };
-            ev.text = start..text.len();
-            if let Some(reason) = stop {
-                ev.finished = Some(Finished {
-                    reason,
-                    prompt_tokens: s.prompt_len,
-                    tokens: dec.tokens().len(),
-                });
-                s.active = false;
-                order.retain(|&x| x != id);
-                pool.get_mut(id)?.reset();
-            }
+            let o = dec.step(tok, out.item(k))?;
+            text.push_str(o.text);
+            let (step, think_end) = (o.step, o.think_end);
+            after_tokens(
+                id, s, step, think_end, before, &mut ev, pool, order, toks, text,
+            )?;
             events.push(ev);
         }
         Ok(())
     }
+
+    /// A speculative round for every decoding sequence that speculates: drafts at its draft
+    /// budget and verifies at its own on its own state ([`Speculator::round`]), then feeds the
+    /// kept tokens and the target's next one to its decoder. One event per sequence, with all
+    /// its tokens of the round.
+    fn run_speculative(&mut self) -> Result<()> {
+        let Engine {
+            model,
+            tok,
+            pool,
+            work,
+            slots,
+            order,
+            events,
+            text,
+            toks,
+            round,
+            spec_totals,
+            ..
+        } = self;
+        for (id, s) in slots.iter_mut().enumerate() {
+            if !s.active || !s.decoding || s.moved {
+                continue;
+            }
+            let (Some(sp), Some(dec)) = (s.spec.as_mut(), s.dec.as_mut()) else {
+                continue;
+            };
+            round.clear();
+            let seq = pool.get_mut(id)?;
+            let (k, kept) = sp.round(model, seq, work, s.next, dec.sampler_mut(), round)?;
+            spec_totals.add(k, kept);
+            let mut ev = Event::new(id, toks.len(), text.len());
+            let before = dec.tokens().len();
+            let mut step = Step::Stop(StopReason::Length);
+            for &x in round.iter() {
+                let o = dec.accept(tok, x)?;
+                text.push_str(o.text);
+                step = o.step;
+                if matches!(step, Step::Stop(_)) {
+                    break;
+                }
+            }
+            after_tokens(id, s, step, false, before, &mut ev, pool, order, toks, text)?;
+            events.push(ev);
+        }
+        Ok(())
+    }
+}
+
+impl Event {
+    fn new(seq: SeqId, tok0: usize, text0: usize) -> Event {
+        Event {
+            seq,
+            prefilled: 0,
+            finished: None,
+            switched: false,
+            tokens: tok0..tok0,
+            text: text0..text0,
+        }
+    }
+}
+
+/// After a sequence's decoder took this step's tokens (its output from `before` on; `step` the
+/// last outcome): the budget hand-off when `think_end`, the context check, the end of a finished
+/// sequence, and the event's tokens and text.
+#[allow(clippy::too_many_arguments)]
+fn after_tokens(
+    id: SeqId,
+    s: &mut Slot,
+    step: Step,
+    think_end: bool,
+    before: usize,
+    ev: &mut Event,
+    pool: &mut SeqPool,
+    order: &mut Vec<SeqId>,
+    toks: &mut Vec<u32>,
+    text: &mut String,
+) -> Result<()> {
+    let dec = s.dec.as_mut().expect("an active sequence has a decoder");
+    let stop = match step {
+        Step::Stop(r) => Some(r),
+        Step::Next(t) => {
+            s.next = t;
+            if let Some((answer, handoff)) = s.answer.filter(|_| think_end) {
+                s.answer = None;
+                // The hand-off (control.rs): `t` completed the marker.
+                (s.group, s.moved) = (answer, true);
+                ev.switched = true;
+                if handoff == Handoff::Reprefill {
+                    s.prompt.truncate(s.prompt_len);
+                    s.prompt.extend_from_slice(dec.tokens());
+                    (s.fed, s.decoding) = (0, false);
+                    pool.get_mut(id)?.reset();
+                }
+            }
+            let seq = pool.get(id)?;
+            let need = if s.decoding { 1 } else { s.prompt.len() };
+            (seq.pos + need > seq.capacity()).then(|| {
+                text.push_str(dec.finish(StopReason::Context));
+                StopReason::Context
+            })
+        }
+    };
+    toks.extend_from_slice(&dec.tokens()[before..]);
+    ev.tokens.end = toks.len();
+    ev.text.end = text.len();
+    if let Some(reason) = stop {
+        ev.finished = Some(Finished {
+            reason,
+            prompt_tokens: s.prompt_len,
+            tokens: dec.tokens().len(),
+        });
+        s.active = false;
+        order.retain(|&x| x != id);
+        pool.get_mut(id)?.reset();
+    }
+    Ok(())
 }
 
 /// One width of `batched-bench` (the columns of llama.cpp's `llama-batched-bench`).
@@ -548,6 +782,7 @@ pub fn batched_bench(
         parallel: n,
         ctx: pp + tg + 1,
         prefill_chunk: chunk.unwrap_or(n.saturating_mul(pp)).max(1),
+        draft_max: 0,
     };
     let mut eng = Engine::new(model, tok, cfg)?;
     let req = |i: usize, max_tokens: usize| Request {
@@ -561,6 +796,7 @@ pub fn batched_bench(
         },
         think: None,
         answer: None,
+        speculate: None,
     };
     // The first token comes from the prefill, then tg decode steps.
     for (max, timed) in [(2, false), (tg + 1, true)] {
@@ -576,11 +812,7 @@ pub fn batched_bench(
         let t1 = std::time::Instant::now();
         let mut decoded = 0;
         while !eng.is_idle() {
-            decoded += eng
-                .step()?
-                .iter()
-                .filter(|(e, _)| e.token.is_some())
-                .count();
+            decoded += eng.step()?.iter().map(|(_, t, _)| t.len()).sum::<usize>();
         }
         let t_tg = t1.elapsed().as_secs_f64();
         if timed {

@@ -200,7 +200,8 @@ impl Speculator {
     /// stepwise (bit for bit the logits of plain decoding), keeps the accepted prefix and rolls
     /// the state back to it. Appends the kept drafts and the target's next token to `out`; the
     /// sequence then holds t0 and the kept drafts, and the last token of `out` is the new t0.
-    /// Needs K Mamba checkpoints in `seq` when the model has Mamba layers.
+    /// Needs K Mamba checkpoints in `seq` when the model has Mamba layers. Returns the draft
+    /// tokens proposed and kept.
     pub fn round(
         &mut self,
         model: &Model,
@@ -209,7 +210,7 @@ impl Speculator {
         t0: u32,
         sampler: &mut Sampler,
         out: &mut Vec<u32>,
-    ) -> Result<()> {
+    ) -> Result<(usize, usize)> {
         let v = model.vocab;
         let c = seq.pos;
         // Room for t0 and the drafts.
@@ -261,7 +262,7 @@ impl Speculator {
         }
         out.extend_from_slice(&self.toks[1..1 + d.accepted]);
         out.push(d.next);
-        Ok(())
+        Ok((k, d.accepted))
     }
 }
 
@@ -280,10 +281,10 @@ pub fn generate(
 ) -> Result<Generation> {
     let Cache { seq, work } = cache;
     check_prompt(prompt, seq)?;
+    // The decoder's sampler draws every token, as the scheduler's speculative sequences do.
     let mut dec = Decoder::new(cfg);
-    let mut sampler = Sampler::new(cfg.sampler.clone());
     let t = Instant::now();
-    let mut next = sampler.sample(one(model, seq, work, &spec.target, prompt, false)?);
+    let mut next = (dec.sampler_mut()).sample(one(model, seq, work, &spec.target, prompt, false)?);
     let prefill_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let mut round = Vec::with_capacity(spec.k + 1);
@@ -311,7 +312,7 @@ pub fn generate(
             break StopReason::Context;
         }
         round.clear();
-        spec.round(model, seq, work, next, &mut sampler, &mut round)?;
+        spec.round(model, seq, work, next, dec.sampler_mut(), &mut round)?;
         let (kept, last) = round.split_at(round.len() - 1);
         for &x in kept {
             if let Some(r) = take(dec.accept(tok, x)?) {

@@ -261,6 +261,11 @@ impl Decoder {
         }
     }
 
+    /// The sampler, for a caller that draws tokens itself (speculative rounds).
+    pub fn sampler_mut(&mut self) -> &mut Sampler {
+        &mut self.sampler
+    }
+
     /// The thinking phase (`None` without thinking control).
     pub fn phase(&self) -> Option<Phase> {
         self.think.as_ref().map(|t| t.phase)
