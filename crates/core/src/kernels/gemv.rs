@@ -640,7 +640,11 @@ mod avx512 {
                             xp[a].add(k + i) as *const _,
                         ));
                         for r in 0..R {
-                            acc[r][a] = _mm512_dpbf16_ps(acc[r][a], std::mem::transmute(wv[r]), xv);
+                            acc[r][a] = _mm512_dpbf16_ps(
+                                acc[r][a],
+                                std::mem::transmute::<__m512i, __m512bh>(wv[r]),
+                                xv,
+                            );
                         }
                     }
                     i += 32;
