@@ -513,7 +513,9 @@ mod avx512 {
                 (xq[a], xd[a], xs[a]) = (q.as_ptr(), d.as_ptr(), xsum.as_ptr());
             }
             let flip = _mm256_set1_epi8(-128);
-            let lo = _mm_set1_epi8(0x0F);
+            let lo = _mm256_set1_epi8(0x0F);
+            // Low nibbles (values 0..16) in the lower 128 bits, high nibbles (16..32) in the upper.
+            let nib_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
             let mut acc = [[_mm256_setzero_ps(); A]; R];
             // The offset terms of the A activation rows in the lanes of one vector per weight row.
             let mut corr = [_mm_setzero_ps(); R];
@@ -527,25 +529,27 @@ mod avx512 {
                     for r in 0..R {
                         let p = base.add(r * stride + (b0 + b) * bb);
                         _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride) as *const i8);
-                        let d = f16s(p);
-                        dw[r] = _mm256_set1_ps(d);
-                        let m = if KIND == Q8_0 {
-                            w[r] = _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const _), flip);
-                            -d
+                        if KIND == Q4_1 {
+                            // d and m converted together.
+                            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
+                                p as *const i32,
+                            )));
+                            dw[r] = _mm256_broadcastss_ps(dm);
+                            mw[r] = _mm_permute_ps::<0b01_01_01_01>(dm);
+                        } else {
+                            let d = f16s(p);
+                            dw[r] = _mm256_set1_ps(d);
+                            mw[r] = _mm_set1_ps(if KIND == Q8_0 { -d } else { -8.0 * d });
+                        }
+                        w[r] = if KIND == Q8_0 {
+                            _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const _), flip)
                         } else {
                             let off = if KIND == Q4_1 { 4 } else { 2 };
-                            let bytes = _mm_loadu_si128(p.add(off) as *const _);
-                            w[r] = _mm256_set_m128i(
-                                _mm_and_si128(_mm_srli_epi16(bytes, 4), lo),
-                                _mm_and_si128(bytes, lo),
-                            );
-                            if KIND == Q4_1 {
-                                f16s(p.add(2))
-                            } else {
-                                -8.0 * d
-                            }
+                            let bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                p.add(off) as *const _,
+                            ));
+                            _mm256_and_si256(_mm256_srlv_epi32(bytes, nib_shift), lo)
                         };
-                        mw[r] = _mm_set1_ps(m);
                     }
                     // The A offsets in lanes, built in registers (a vector load of four scalar
                     // stores would stall on store forwarding).
