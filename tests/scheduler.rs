@@ -421,8 +421,9 @@ fn budget_schedules_run_in_the_engine() {
     }
 }
 
-/// Runs `reqs` all added at step 0 to `eng`; outputs by request, and a hook called before each
-/// step with the engine, the ids by request and the tokens so far.
+/// Runs `reqs` all added at step 0 to `eng` (checking one event per sequence per step); outputs by
+/// request, and a hook called before each step with the engine, the ids by request and the
+/// tokens so far.
 fn run_all(
     eng: &mut Engine,
     reqs: &[Request],
@@ -437,7 +438,13 @@ fn run_all(
         }
         before_step(eng, &ids, &outs);
         let ev = eng.step().unwrap();
+        let mut seen = std::collections::BTreeSet::new();
         for (e, toks, text) in ev.iter() {
+            assert!(
+                seen.insert(e.seq),
+                "two events for sequence {} in one step",
+                e.seq
+            );
             let o = &mut outs[of[&e.seq]];
             o.text.push_str(text);
             if !toks.is_empty() {

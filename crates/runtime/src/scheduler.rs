@@ -153,8 +153,9 @@ struct Slot {
     chunk: usize,
     /// Prompt done: `next` is the token to feed.
     decoding: bool,
-    /// Moved to its answer group this step (it runs there from the next step on).
-    moved: bool,
+    /// Ran this step already (a forward of its group, which may have moved it to its answer
+    /// group): it runs again from the next step on, so each step gives it one event.
+    stepped: bool,
     /// Nested self-speculative decoding, when the request asked for it.
     spec: Option<Speculator>,
     next: u32,
@@ -262,7 +263,7 @@ impl<'m> Engine<'m> {
                 fed: 0,
                 chunk: 0,
                 decoding: false,
-                moved: false,
+                stepped: false,
                 spec: None,
                 next: 0,
                 dec: None,
@@ -403,7 +404,7 @@ impl<'m> Engine<'m> {
             fed: 0,
             chunk: 0,
             decoding: false,
-            moved: false,
+            stepped: false,
             spec,
             next: 0,
             dec: Some(dec),
@@ -503,7 +504,7 @@ impl<'m> Engine<'m> {
         let (chunk, mut left) = (self.cfg.prefill_chunk, self.cfg.prefill_chunk);
         for &id in &self.order {
             let s = &mut self.slots[id];
-            (s.chunk, s.moved) = (0, false);
+            (s.chunk, s.stepped) = (0, false);
             if s.decoding || left == 0 {
                 continue;
             }
@@ -564,7 +565,7 @@ impl<'m> Engine<'m> {
         for (id, st) in pool.states_mut().iter_mut().enumerate() {
             let s = &slots[id];
             // Speculating decoders run their own rounds (run_speculative).
-            if !s.active || s.group != g || s.moved || (s.decoding && s.spec.is_some()) {
+            if !s.active || s.group != g || s.stepped || (s.decoding && s.spec.is_some()) {
                 continue;
             }
             let (tokens, logits) = if s.decoding {
@@ -596,6 +597,7 @@ impl<'m> Engine<'m> {
         let out = r?;
         for (k, &id) in who.iter().enumerate() {
             let s = &mut slots[id];
+            s.stepped = true;
             let mut ev = Event::new(id, toks.len(), text.len());
             if !s.decoding {
                 s.fed += s.chunk;
@@ -640,7 +642,7 @@ impl<'m> Engine<'m> {
             ..
         } = self;
         for (id, s) in slots.iter_mut().enumerate() {
-            if !s.active || !s.decoding || s.moved {
+            if !s.active || !s.decoding || s.stepped {
                 continue;
             }
             let (Some(sp), Some(dec)) = (s.spec.as_mut(), s.dec.as_mut()) else {
@@ -705,7 +707,7 @@ fn after_tokens(
             if let Some((answer, handoff)) = s.answer.filter(|_| think_end) {
                 s.answer = None;
                 // The hand-off (control.rs): `t` completed the marker.
-                (s.group, s.moved) = (answer, true);
+                s.group = answer;
                 ev.switched = true;
                 if handoff == Handoff::Reprefill {
                     s.prompt.truncate(s.prompt_len);

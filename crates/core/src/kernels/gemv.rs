@@ -546,7 +546,7 @@ mod avx512 {
                         } else {
                             let off = if KIND == Q4_1 { 4 } else { 2 };
                             let bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                                p.add(off) as *const _,
+                                p.add(off) as *const _
                             ));
                             _mm256_and_si256(_mm256_srlv_epi32(bytes, nib_shift), lo)
                         };
