@@ -78,7 +78,7 @@ pub fn attend_head(q: &[f32], k: &[f32], v: &[f32], scale: f32, sc: &mut [f32], 
     #[cfg(target_arch = "x86_64")]
     match super::isa() {
         // Safety: the ISA was detected; the head size is checked.
-        super::Isa::Avx512 if q.len() % 16 == 0 && q.len() <= 256 => {
+        super::Isa::Avx512 if q.len().is_multiple_of(16) && q.len() <= 256 => {
             return unsafe { avx512::attend_head(q, k, v, scale, sc, o) };
         }
         // Safety: AVX2 and FMA are present on both SIMD levels.
