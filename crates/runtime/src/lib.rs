@@ -3,4 +3,5 @@
 
 pub mod control;
 pub mod scheduler;
+pub mod service;
 pub mod speculative;

@@ -306,6 +306,11 @@ impl<'m> Engine<'m> {
         self.order.is_empty()
     }
 
+    /// Whether sequence `id` is running (prefilling or decoding).
+    pub fn is_active(&self, id: SeqId) -> bool {
+        self.slots.get(id).is_some_and(|s| s.active)
+    }
+
     /// Whether sequence `id` is still prefilling its prompt.
     pub fn prefilling(&self, id: SeqId) -> bool {
         self.slots.get(id).is_some_and(|s| s.active && !s.decoding)
