@@ -8,7 +8,7 @@
 //! - A caller that drops its receiver cancels its request: the next update that cannot be
 //!   delivered removes the sequence and frees its slot (a client that disconnects).
 //! - [`Handle::control`] acts on a running request ([`Action`]); [`Handle::metrics`] is a snapshot
-//!   of the counters; [`Handle::shutdown`] lets running requests finish (or cancels them), then
+//!   of the counters; [`Service::shutdown`] lets running requests finish (or cancels them), then
 //!   joins the thread.
 
 use crate::scheduler::{Engine, EngineConfig, Finished, Request, SeqId, SpecTotals};
