@@ -17,6 +17,7 @@ use elastica_core::error::{Error, Result};
 use elastica_core::generate::tokenizer::Tokenizer;
 use elastica_core::model::Model;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -97,8 +98,8 @@ enum Command {
 #[derive(Clone)]
 pub struct Handle {
     tx: SyncSender<Command>,
-    next_id: Arc<Mutex<u64>>,
-    waiting: Arc<Mutex<usize>>,
+    next_id: Arc<AtomicU64>,
+    waiting: Arc<AtomicUsize>,
     metrics: Arc<Mutex<Metrics>>,
     queue: usize,
 }
@@ -111,28 +112,42 @@ pub struct Service {
 
 impl Service {
     /// Starts the engine thread over `model`. Errors (bad sizes, memory) come from
-    /// [`Engine::new`], before the thread runs.
+    /// [`Engine::new`], which runs on that thread before this returns.
     pub fn start(model: Arc<Model>, tok: Arc<Tokenizer>, cfg: ServiceConfig) -> Result<Service> {
-        // Check the sizes here, where the error can be returned.
-        drop(Engine::new(&model, &tok, cfg.engine)?);
         let (tx, rx) = mpsc::sync_channel(cfg.queue.max(1) + cfg.engine.parallel + 16);
         let metrics = Arc::new(Mutex::new(Metrics::default()));
-        let waiting = Arc::new(Mutex::new(0));
+        let waiting = Arc::new(AtomicUsize::new(0));
         let (m, w) = (metrics.clone(), waiting.clone());
+        let (ready_tx, ready) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("elastica-engine".into())
-            .spawn(move || {
-                // Sized above; a failure now is a failure of every request.
-                match Engine::new(&model, &tok, cfg.engine) {
-                    Ok(eng) => run(eng, rx, &m, &w),
-                    Err(e) => fail_all(rx, &e.to_string()),
+            .spawn(move || match Engine::new(&model, &tok, cfg.engine) {
+                Ok(eng) => {
+                    let _ = ready_tx.send(Ok(()));
+                    run(eng, rx, &m, &w)
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
                 }
             })
             .map_err(|e| Error::Input(format!("cannot start the engine thread: {e}")))?;
+        match ready.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(Error::Input(
+                    "the engine thread ended while starting".into(),
+                ));
+            }
+        }
         Ok(Service {
             handle: Handle {
                 tx,
-                next_id: Arc::new(Mutex::new(0)),
+                next_id: Arc::new(AtomicU64::new(0)),
                 waiting,
                 metrics,
                 queue: cfg.queue,
@@ -171,18 +186,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Handle {
     /// Queues `req`; refused when `queue` requests already wait.
     pub fn submit(&self, req: Request) -> Submitted {
-        {
-            let mut w = lock(&self.waiting);
-            if *w >= self.queue {
-                return Submitted::QueueFull;
-            }
-            *w += 1;
+        let queued = self
+            .waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (w < self.queue).then_some(w + 1)
+            });
+        if queued.is_err() {
+            return Submitted::QueueFull;
         }
-        let id = {
-            let mut n = lock(&self.next_id);
-            *n += 1;
-            *n
-        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel();
         if self
             .tx
@@ -193,7 +205,7 @@ impl Handle {
             })
             .is_err()
         {
-            *lock(&self.waiting) -= 1;
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
             let (tx, rx) = mpsc::channel();
             let _ = tx.send(Update::Failed("the engine has stopped".into()));
             return Submitted::Accepted { id, updates: rx };
@@ -227,23 +239,10 @@ struct Waiting {
     updates: Sender<Update>,
 }
 
-fn fail_all(rx: Receiver<Command>, msg: &str) {
-    for c in rx {
-        match c {
-            Command::Submit { updates, .. } => {
-                let _ = updates.send(Update::Failed(msg.into()));
-            }
-            Command::Control { reply, .. } => {
-                let _ = reply.send(Err(Error::Input(msg.into())));
-            }
-            Command::Shutdown { .. } => return,
-        }
-    }
-}
-
 /// The engine loop: take commands (blocking only when idle), fill free slots from the queue,
 /// step, deliver updates.
-fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting: &Mutex<usize>) {
+fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting: &AtomicUsize) {
+    let unqueue = || waiting.fetch_sub(1, Ordering::SeqCst);
     let mut queue: VecDeque<Waiting> = VecDeque::new();
     // Running requests by sequence, and sequences by request id.
     let mut running: BTreeMap<SeqId, (u64, Sender<Update>)> = BTreeMap::new();
@@ -270,7 +269,7 @@ fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting
             match c {
                 Command::Submit { id, req, updates } => match stopping {
                     Some(_) => {
-                        *lock(waiting) -= 1;
+                        unqueue();
                         let _ = updates.send(Update::Failed("the server is shutting down".into()));
                     }
                     None => queue.push_back(Waiting {
@@ -297,7 +296,7 @@ fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting
         if stopping == Some(true) {
             let mut m = lock(metrics);
             for w in queue.drain(..) {
-                *lock(waiting) -= 1;
+                unqueue();
                 let _ = w.updates.send(Update::Failed(
                     "cancelled: the server is shutting down".into(),
                 ));
@@ -315,7 +314,7 @@ fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting
         // Free slots to the oldest waiting requests.
         while eng.active() < eng.config().parallel {
             let Some(w) = queue.pop_front() else { break };
-            *lock(waiting) -= 1;
+            unqueue();
             let prompt = w.req.prompt.len() as u64;
             match eng.add(w.req) {
                 Ok(s) => {

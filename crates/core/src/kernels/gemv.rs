@@ -983,21 +983,10 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_rnd as rnd;
     use crate::tensor::{Buf, Tensor};
     use half::{bf16, f16};
     use std::sync::Arc;
-
-    fn rnd(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     fn tensor(dt: DType, n: usize, k: usize, v: &[f32]) -> Tensor {
         let mut b = vec![];

@@ -61,3 +61,17 @@ pub fn isa() -> Isa {
 pub fn seg_len(segs: &[Range<usize>]) -> usize {
     segs.iter().map(|r| r.len()).sum()
 }
+
+/// Reproducible values in [-0.5, 0.5) for the kernels' tests (an LCG).
+#[cfg(test)]
+pub(crate) fn test_rnd(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}

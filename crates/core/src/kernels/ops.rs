@@ -210,18 +210,7 @@ fn attend_head_impl(q: &[f32], k: &[f32], v: &[f32], scale: f32, sc: &mut [f32],
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rnd(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
+    use crate::kernels::test_rnd as rnd;
 
     /// The native decode attention (AVX-512 on such machines) against the portable code and
     /// against f64, over head sizes and lengths that cross the 8-position blocks.
