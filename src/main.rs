@@ -10,9 +10,5 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn main() -> std::process::ExitCode {
     // Safety: sets a global allocator option; -1 = never purge.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    // SIGINT/SIGTERM remove the temporaries of unfinished outputs.
-    if let Err(e) = elastica::formats::temp::remove_on_signals() {
-        eprintln!("warning: {e}");
-    }
     elastica::cli::main()
 }

@@ -20,6 +20,7 @@ fn cfg(n: usize) -> GenConfig {
         sampler: SamplerConfig::default(),
         stop: vec![],
         ignore_eos: true,
+        logprobs: None,
     }
 }
 

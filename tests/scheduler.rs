@@ -30,6 +30,7 @@ fn cfg(max_tokens: usize, stop: &[&str]) -> GenConfig {
         sampler: SamplerConfig::default(),
         stop: stop.iter().map(|s| s.to_string()).collect(),
         ignore_eos: false,
+        logprobs: None,
     }
 }
 
@@ -168,6 +169,7 @@ fn long_prompt_does_not_stall_the_others() {
                 budget: budgets[i as usize].clone(),
                 config: GenConfig {
                     ignore_eos: true,
+                    logprobs: None,
                     ..cfg(30, &[])
                 },
                 think: None,
@@ -223,6 +225,7 @@ fn parallel_limit_and_slot_reuse() {
         budget: m.full_budget(),
         config: GenConfig {
             ignore_eos: true,
+            logprobs: None,
             ..cfg(max, &[])
         },
         think: None,
@@ -349,6 +352,7 @@ fn budget_schedules_run_in_the_engine() {
                 budget: b.clone(),
                 config: GenConfig {
                     ignore_eos: true,
+                    logprobs: None,
                     ..cfg(14 + i, &[])
                 },
                 think: a.as_ref().map(|_| think(*cap)),
@@ -485,6 +489,7 @@ fn speculating_sequences_in_the_engine() {
                 budget: full.clone(),
                 config: GenConfig {
                     ignore_eos: true,
+                    logprobs: None,
                     ..cfg(*n, &[])
                 },
                 think: None,
@@ -575,6 +580,7 @@ fn control_actions_on_running_sequences() {
             budget: full.clone(),
             config: GenConfig {
                 ignore_eos: true,
+                logprobs: None,
                 ..cfg(16, &[])
             },
             think: None,

@@ -27,6 +27,7 @@ fn req(m: &Model, b: &Budget, n: usize, seed: u32, max_tokens: usize) -> Request
             sampler: SamplerConfig::default(),
             stop: vec![],
             ignore_eos: true,
+            logprobs: None,
         },
         think: None,
         answer: None,
@@ -54,6 +55,7 @@ fn accepted(h: &Handle, r: Request) -> (u64, Receiver<Update>) {
     match h.submit(r) {
         Submitted::Accepted { id, updates } => (id, updates),
         Submitted::QueueFull => panic!("queue full"),
+        Submitted::Refused(e) => panic!("refused: {e}"),
     }
 }
 
@@ -156,11 +158,19 @@ fn queue_cancellation_control_and_shutdown() {
         h.submit(req(&m, &full, 4, 3, 5)),
         Submitted::QueueFull
     ));
+    // A request that cannot run is refused at once, even with the queue full.
+    let mut bad = req(&m, &full, 4, 3, 5);
+    bad.prompt = vec![u32::MAX];
+    assert!(matches!(
+        h.submit(bad),
+        Submitted::Refused(e) if e.to_string().contains("outside the vocabulary")
+    ));
     // Control: the waiting request is not running; the running one takes a budget change and
     // refuses to end a reasoning it does not have.
     let e = h.control(b, Action::EndReasoning).unwrap_err().to_string();
     assert!(e.contains("not running"), "{e}");
-    h.control(a, Action::SetBudget(small.clone())).unwrap();
+    h.control(a, Action::SetBudget(small.clone(), "small".into()))
+        .unwrap();
     let e = h.control(a, Action::EndReasoning).unwrap_err().to_string();
     assert!(e.contains("is not thinking"), "{e}");
     // Cancel a by dropping its receiver: b runs and finishes.

@@ -91,6 +91,7 @@ fn greedy_generation_and_decode_consistency() {
         sampler: Default::default(),
         stop: vec![],
         ignore_eos: false,
+        logprobs: None,
     };
     let mut c = Cache::new(m, 256);
     let prompt = tok.encode("The capital of France is", true).unwrap();
@@ -168,6 +169,7 @@ fn stop_strings_and_streaming() {
             sampler: Default::default(),
             stop,
             ignore_eos: true,
+            logprobs: None,
         };
         let mut c = Cache::new(m, 256);
         let mut streamed = String::new();
@@ -295,6 +297,7 @@ fn think_marker_on_smollm2_tokens() {
         sampler: Default::default(),
         stop: vec![],
         ignore_eos: true,
+        logprobs: None,
     };
     let ctl = |cap| ThinkControl {
         end: end.clone(),

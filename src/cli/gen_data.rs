@@ -100,6 +100,7 @@ pub fn run(a: Args) -> Result<()> {
                 },
                 stop: vec![],
                 ignore_eos: false,
+                logprobs: None,
             };
             let g = generate(&m, &tok, &b, &mut cache, &ids, &cfg, |_| {})?;
             let full = if a.chat {

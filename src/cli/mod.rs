@@ -10,6 +10,7 @@ mod logits;
 mod perplexity;
 mod rank;
 mod run;
+mod serve;
 mod slice;
 mod train;
 
@@ -70,6 +71,8 @@ enum Cmd {
     },
     /// Generate text from a prompt.
     Run(run::Args),
+    /// An OpenAI-compatible HTTP server for every budget of one loaded model.
+    Serve(serve::Args),
     /// Logits for every position of a token sequence.
     Logits(logits::Args),
     /// Perplexity of a text file, scored like llama-perplexity.
@@ -106,6 +109,13 @@ pub fn command() -> clap::Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
+    // SIGINT/SIGTERM remove the temporaries of unfinished outputs; the server handles them
+    // itself (a graceful shutdown that exits 0).
+    if !matches!(cli.cmd, Cmd::Serve(_))
+        && let Err(e) = crate::formats::temp::remove_on_signals()
+    {
+        eprintln!("warning: {e}");
+    }
     if let Some(t) = cli.threads {
         if t == 0 {
             eprintln!("error: --threads must be at least 1");
@@ -129,6 +139,7 @@ pub fn main() -> ExitCode {
             json,
         } => info::run(&model, &budget, json),
         Cmd::Run(a) => run::run(a),
+        Cmd::Serve(a) => serve::run(a),
         Cmd::Logits(a) => logits::run(a),
         Cmd::Perplexity(a) => perplexity::run(a),
         Cmd::Bench(a) => bench::run(a),
@@ -146,6 +157,15 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A chat template file (`--chat-template`).
+pub(crate) fn chat_template(f: &std::path::Path) -> Result<String> {
+    let t = crate::data::read_text(f)?;
+    if t.trim().is_empty() {
+        return Err(Error::Input(format!("--chat-template {}: the file is empty", f.display())));
+    }
+    Ok(t)
 }
 
 pub(crate) fn load(a: &ModelArgs) -> Result<(Model, crate::Budget)> {

@@ -27,6 +27,9 @@ pub struct Args {
     /// System message (with --chat).
     #[arg(long)]
     system: Option<String>,
+    /// A Jinja chat template file to use instead of the model's.
+    #[arg(long, value_name = "FILE")]
+    chat_template: Option<PathBuf>,
     /// Tokens to generate at most (0 = only process the prompt).
     #[arg(short = 'n', long, default_value_t = 128)]
     n: usize,
@@ -102,7 +105,14 @@ pub fn run(a: Args) -> Result<()> {
         (None, Some(f)) => crate::data::read_text(f)?,
         (None, None) => return Err(Error::Input("give --prompt TEXT or --file FILE".into())),
     };
-    let (m, b) = super::load(&a.m)?;
+    let template = match &a.chat_template {
+        Some(f) => Some(super::chat_template(f)?),
+        None => None,
+    };
+    let (mut m, b) = super::load(&a.m)?;
+    if let Some(t) = template {
+        m.meta.chat_template = Some(t);
+    }
     let ctx = a.ctx.unwrap_or(m.meta.context.min(4096));
     super::check_ctx(&m, &format!("--ctx {ctx}"), ctx, a.force_ctx)?;
     let tok = Tokenizer::for_model(&m)?;
@@ -126,6 +136,7 @@ pub fn run(a: Args) -> Result<()> {
         },
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
+        logprobs: None,
     };
     let mut stdout = std::io::stdout().lock();
     let stream = |t: &str| {

@@ -94,6 +94,9 @@ pub struct Finished {
     pub prompt_tokens: usize,
     /// Tokens output.
     pub tokens: usize,
+    /// Of them, thinking tokens: up to and including the end-of-thinking marker (with
+    /// thinking control; else 0).
+    pub thinking_tokens: usize,
 }
 
 /// What one step did for one sequence.
@@ -109,6 +112,7 @@ pub struct Event {
     pub switched: bool,
     tokens: Range<usize>,
     text: Range<usize>,
+    logprobs: Range<usize>,
 }
 
 /// The events of one step, with their tokens and text deltas; valid until the next step.
@@ -116,6 +120,7 @@ pub struct Events<'a> {
     list: &'a [Event],
     tokens: &'a [u32],
     text: &'a str,
+    logprobs: &'a [(u32, f32)],
 }
 
 impl<'a> Events<'a> {
@@ -136,6 +141,12 @@ impl<'a> Events<'a> {
                 &self.text[e.text.clone()],
             )
         })
+    }
+
+    /// The log-probability records of an event's tokens, for a request with
+    /// [`GenConfig::logprobs`] (`1 + top` per token, see [`Decoder::logprobs`]); else empty.
+    pub fn logprobs(&self, e: &Event) -> &'a [(u32, f32)] {
+        &self.logprobs[e.logprobs.clone()]
     }
 }
 
@@ -179,6 +190,89 @@ fn recycle<'b>(mut v: Vec<BatchItem<'_>>) -> Vec<BatchItem<'b>> {
     v.into_iter().map(|_| unreachable!()).collect()
 }
 
+/// Whether `b` was resolved for `m` (a budget of another model would index out of its weights).
+fn fits(m: &Model, b: &Budget) -> bool {
+    b.hidden <= m.shape.hidden && b.layers.len() == m.shape.layers.len()
+}
+
+/// Refuses a request [`Engine::add`] could not run on an engine of `cfg` over `m`: an empty
+/// prompt, a token outside the vocabulary, a prompt longer than `cfg.ctx`, a budget of another
+/// model, an answer budget without thinking control, speculation the engine has no room for or
+/// whose draft does not nest, or logprobs with speculation. Callers that queue requests (the
+/// service) check before queueing, so a bad request is refused at once.
+pub fn check(m: &Model, cfg: &EngineConfig, req: &Request) -> Result<()> {
+    let ctx = cfg.ctx;
+    if req.prompt.is_empty() {
+        return Err(Error::Input("the prompt is empty".into()));
+    }
+    if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= m.vocab) {
+        return Err(Error::Input(format!(
+            "token id {bad} is outside the vocabulary (size {})",
+            m.vocab
+        )));
+    }
+    if req.prompt.len() > ctx {
+        return Err(Error::Input(format!(
+            "the prompt has {} tokens, longer than the context of {ctx} tokens per sequence (raise --ctx)",
+            req.prompt.len()
+        )));
+    }
+    if !fits(m, &req.budget) {
+        return Err(Error::Budget(
+            "the request's budget was resolved for another model".into(),
+        ));
+    }
+    if req.answer.is_some() && req.think.is_none() {
+        return Err(Error::Input(
+            "an answer budget needs thinking control: the end-of-thinking marker that ends the thinking phase".into(),
+        ));
+    }
+    if let Some(a) = &req.answer
+        && !fits(m, &a.budget)
+    {
+        return Err(Error::Budget(
+            "the request's answer budget was resolved for another model".into(),
+        ));
+    }
+    if let Some(sp) = &req.speculate {
+        let most = cfg.draft_max;
+        if most == 0 {
+            return Err(Error::Input(
+                "speculative decoding needs an engine started with draft tokens (--speculate BUDGET --draft K)".into(),
+            ));
+        }
+        if !(1..=most).contains(&sp.k) {
+            return Err(Error::Input(format!(
+                "speculate: {} draft tokens; this engine allows 1 to {most} (--draft)",
+                sp.k
+            )));
+        }
+        if req.think.is_some() {
+            return Err(Error::Input(
+                "speculative decoding does not combine with thinking control yet: ask for one of them".into(),
+            ));
+        }
+        if req.config.logprobs.is_some() {
+            return Err(Error::Input(
+                "speculative decoding does not give logprobs yet: ask for one of them".into(),
+            ));
+        }
+        if !fits(m, &sp.draft) {
+            return Err(Error::Budget(
+                "the request's draft budget was resolved for another model".into(),
+            ));
+        }
+        if !sp.draft.nested_in(&req.budget) {
+            return Err(Error::Budget(format!(
+                "the draft budget {} does not nest inside the target budget {}: it must be at most the target on every axis",
+                sp.draft.spec(&m.shape),
+                req.budget.spec(&m.shape)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Many sequences over one model: see the module doc.
 pub struct Engine<'m> {
     model: &'m Model,
@@ -195,8 +289,8 @@ pub struct Engine<'m> {
     items: Vec<BatchItem<'static>>,
     who: Vec<SeqId>,
     events: Vec<Event>,
-    toks: Vec<u32>,
-    text: String,
+    /// This step's tokens, text and logprobs, which the events index.
+    out: Outputs,
     /// A speculative round's tokens.
     round: Vec<u32>,
     spec_totals: SpecTotals,
@@ -282,8 +376,11 @@ impl<'m> Engine<'m> {
             items: Vec::with_capacity(cfg.parallel),
             who: Vec::with_capacity(cfg.parallel),
             events: Vec::with_capacity(cfg.parallel),
-            toks: Vec::with_capacity(cfg.parallel * (cfg.draft_max + 1)),
-            text: String::new(),
+            out: Outputs {
+                toks: Vec::with_capacity(cfg.parallel * (cfg.draft_max + 1)),
+                text: String::new(),
+                logprobs: vec![],
+            },
             round: Vec::with_capacity(cfg.draft_max + 1),
             spec_totals: SpecTotals {
                 accepted_per_pos: vec![0; cfg.draft_max],
@@ -320,67 +417,11 @@ impl<'m> Engine<'m> {
     /// outside the vocabulary, a prompt longer than `--ctx`, a budget of another model, or
     /// `--parallel` sequences already active.
     pub fn add(&mut self, req: Request) -> Result<SeqId> {
-        let (m, ctx, parallel) = (self.model, self.cfg.ctx, self.cfg.parallel);
-        if req.prompt.is_empty() {
-            return Err(Error::Input("the prompt is empty".into()));
-        }
-        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= m.vocab) {
-            return Err(Error::Input(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                m.vocab
-            )));
-        }
-        if req.prompt.len() > ctx {
-            return Err(Error::Input(format!(
-                "the prompt has {} tokens, longer than the context of {ctx} tokens per sequence (raise --ctx)",
-                req.prompt.len()
-            )));
-        }
-        if req.budget.hidden > m.shape.hidden || req.budget.layers.len() != m.shape.layers.len() {
-            return Err(Error::Budget(
-                "the request's budget was resolved for another model".into(),
-            ));
-        }
-        if req.answer.is_some() && req.think.is_none() {
-            return Err(Error::Input(
-                "an answer budget needs thinking control: the end-of-thinking marker that ends the thinking phase".into(),
-            ));
-        }
-        if let Some(a) = &req.answer
-            && (a.budget.hidden > m.shape.hidden || a.budget.layers.len() != m.shape.layers.len())
-        {
-            return Err(Error::Budget(
-                "the request's answer budget was resolved for another model".into(),
-            ));
-        }
+        check(self.model, &self.cfg, &req)?;
+        let (m, parallel) = (self.model, self.cfg.parallel);
         let spec = match req.speculate {
             None => None,
-            Some(sp) => {
-                let most = self.cfg.draft_max;
-                if most == 0 {
-                    return Err(Error::Input(
-                        "speculative decoding needs an engine started with draft tokens (--speculate BUDGET --draft K)".into(),
-                    ));
-                }
-                if !(1..=most).contains(&sp.k) {
-                    return Err(Error::Input(format!(
-                        "speculate: {} draft tokens; this engine allows 1 to {most} (--draft)",
-                        sp.k
-                    )));
-                }
-                if req.think.is_some() {
-                    return Err(Error::Input(
-                        "speculative decoding does not combine with thinking control yet: ask for one of them".into(),
-                    ));
-                }
-                if sp.draft.hidden > m.shape.hidden || sp.draft.layers.len() != m.shape.layers.len()
-                {
-                    return Err(Error::Budget(
-                        "the request's draft budget was resolved for another model".into(),
-                    ));
-                }
-                Some(Speculator::new(m, sp.draft, &req.budget, sp.k)?)
-            }
+            Some(sp) => Some(Speculator::new(m, sp.draft, &req.budget, sp.k)?),
         };
         let Some(id) = self.slots.iter().position(|s| !s.active) else {
             return Err(Error::Input(format!(
@@ -467,7 +508,7 @@ impl<'m> Engine<'m> {
     /// sequence keeps its draft, which must nest inside the new budget.
     pub fn set_budget(&mut self, id: SeqId, budget: Budget) -> Result<()> {
         let m = self.model;
-        if budget.hidden > m.shape.hidden || budget.layers.len() != m.shape.layers.len() {
+        if !fits(m, &budget) {
             return Err(Error::Budget(
                 "the budget was resolved for another model".into(),
             ));
@@ -529,8 +570,7 @@ impl<'m> Engine<'m> {
     /// unknown state: remove them.
     pub fn step(&mut self) -> Result<Events<'_>> {
         self.events.clear();
-        self.toks.clear();
-        self.text.clear();
+        self.out.clear();
         self.grant_prefill();
         let ng = self.groups.len();
         for gi in 0..ng {
@@ -543,8 +583,9 @@ impl<'m> Engine<'m> {
         self.run_speculative()?;
         Ok(Events {
             list: &self.events,
-            tokens: &self.toks,
-            text: &self.text,
+            tokens: &self.out.toks,
+            text: &self.out.text,
+            logprobs: &self.out.logprobs,
         })
     }
 
@@ -561,8 +602,7 @@ impl<'m> Engine<'m> {
             who,
             order,
             events,
-            text,
-            toks,
+            out: o,
             ..
         } = self;
         let mut batch = recycle(std::mem::take(items));
@@ -599,11 +639,11 @@ impl<'m> Engine<'m> {
         }
         let r = model.forward_batch(&mut batch, &groups[g].budget, work);
         *items = recycle(batch);
-        let out = r?;
+        let logits = r?;
         for (k, &id) in who.iter().enumerate() {
             let s = &mut slots[id];
             s.stepped = true;
-            let mut ev = Event::new(id, toks.len(), text.len());
+            let mut ev = Event::new(id, o);
             if !s.decoding {
                 s.fed += s.chunk;
                 ev.prefilled = s.chunk;
@@ -616,12 +656,10 @@ impl<'m> Engine<'m> {
             }
             let dec = s.dec.as_mut().expect("an active sequence has a decoder");
             let before = dec.tokens().len();
-            let o = dec.step(tok, out.item(k))?;
-            text.push_str(o.text);
-            let (step, think_end) = (o.step, o.think_end);
-            after_tokens(
-                id, s, step, think_end, before, &mut ev, pool, order, toks, text,
-            )?;
+            let r = dec.step(tok, logits.item(k))?;
+            o.text.push_str(r.text);
+            let (step, think_end) = (r.step, r.think_end);
+            after_tokens(id, s, step, think_end, before, &mut ev, pool, order, o)?;
             events.push(ev);
         }
         Ok(())
@@ -640,8 +678,7 @@ impl<'m> Engine<'m> {
             slots,
             order,
             events,
-            text,
-            toks,
+            out: o,
             round,
             spec_totals,
             ..
@@ -657,40 +694,58 @@ impl<'m> Engine<'m> {
             let seq = pool.get_mut(id)?;
             let (k, kept) = sp.round(model, seq, work, s.next, dec.sampler_mut(), round)?;
             spec_totals.add(k, kept);
-            let mut ev = Event::new(id, toks.len(), text.len());
+            let mut ev = Event::new(id, o);
             let before = dec.tokens().len();
             let mut step = Step::Stop(StopReason::Length);
             for &x in round.iter() {
-                let o = dec.accept(tok, x)?;
-                text.push_str(o.text);
-                step = o.step;
+                let r = dec.accept(tok, x)?;
+                o.text.push_str(r.text);
+                step = r.step;
                 if matches!(step, Step::Stop(_)) {
                     break;
                 }
             }
-            after_tokens(id, s, step, false, before, &mut ev, pool, order, toks, text)?;
+            after_tokens(id, s, step, false, before, &mut ev, pool, order, o)?;
             events.push(ev);
         }
         Ok(())
     }
 }
 
+/// A step's output buffers: every event's tokens, text and logprob records, end to end.
+struct Outputs {
+    toks: Vec<u32>,
+    text: String,
+    logprobs: Vec<(u32, f32)>,
+}
+
+impl Outputs {
+    fn clear(&mut self) {
+        self.toks.clear();
+        self.text.clear();
+        self.logprobs.clear();
+    }
+}
+
 impl Event {
-    fn new(seq: SeqId, tok0: usize, text0: usize) -> Event {
+    /// An event whose outputs start at the end of `o`'s.
+    fn new(seq: SeqId, o: &Outputs) -> Event {
+        let (t, x, l) = (o.toks.len(), o.text.len(), o.logprobs.len());
         Event {
             seq,
             prefilled: 0,
             finished: None,
             switched: false,
-            tokens: tok0..tok0,
-            text: text0..text0,
+            tokens: t..t,
+            text: x..x,
+            logprobs: l..l,
         }
     }
 }
 
 /// After a sequence's decoder took this step's tokens (its output from `before` on; `step` the
 /// last outcome): the budget hand-off when `think_end`, the context check, the end of a finished
-/// sequence, and the event's tokens and text.
+/// sequence, and the event's tokens, text and logprobs.
 #[allow(clippy::too_many_arguments)]
 fn after_tokens(
     id: SeqId,
@@ -701,8 +756,7 @@ fn after_tokens(
     ev: &mut Event,
     pool: &mut SeqPool,
     order: &mut Vec<SeqId>,
-    toks: &mut Vec<u32>,
-    text: &mut String,
+    o: &mut Outputs,
 ) -> Result<()> {
     let dec = s.dec.as_mut().expect("an active sequence has a decoder");
     let stop = match step {
@@ -724,19 +778,24 @@ fn after_tokens(
             let seq = pool.get(id)?;
             let need = if s.decoding { 1 } else { s.prompt.len() };
             (seq.pos + need > seq.capacity()).then(|| {
-                text.push_str(dec.finish(StopReason::Context));
+                o.text.push_str(dec.finish(StopReason::Context));
                 StopReason::Context
             })
         }
     };
-    toks.extend_from_slice(&dec.tokens()[before..]);
-    ev.tokens.end = toks.len();
-    ev.text.end = text.len();
+    o.toks.extend_from_slice(&dec.tokens()[before..]);
+    let lps = dec.logprobs();
+    let per = lps.len() / dec.tokens().len().max(1);
+    o.logprobs.extend_from_slice(&lps[before * per..]);
+    ev.tokens.end = o.toks.len();
+    ev.text.end = o.text.len();
+    ev.logprobs.end = o.logprobs.len();
     if let Some(reason) = stop {
         ev.finished = Some(Finished {
             reason,
             prompt_tokens: s.prompt_len,
             tokens: dec.tokens().len(),
+            thinking_tokens: dec.thinking_tokens(),
         });
         s.active = false;
         order.retain(|&x| x != id);
@@ -800,6 +859,7 @@ pub fn batched_bench(
             sampler: Default::default(),
             stop: vec![],
             ignore_eos: true,
+            logprobs: None,
         },
         think: None,
         answer: None,

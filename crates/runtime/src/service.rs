@@ -5,13 +5,15 @@
 //!
 //! - Requests beyond `--parallel` wait in a queue of at most `queue` requests, oldest first; a
 //!   submit to a full queue is refused at once ([`Submitted::QueueFull`]).
+//! - A request is checked ([`check`]) before it is queued: a bad one is refused at once.
 //! - A caller that drops its receiver cancels its request: the next update that cannot be
-//!   delivered removes the sequence and frees its slot (a client that disconnects).
+//!   delivered removes the sequence and frees its slot (a client that disconnects). Async
+//!   callers pass their own [`Sink`] ([`Handle::submit_to`]).
 //! - [`Handle::control`] acts on a running request ([`Action`]); [`Handle::metrics`] is a snapshot
 //!   of the counters; [`Service::shutdown`] lets running requests finish (or cancels them), then
 //!   joins the thread.
 
-use crate::scheduler::{Engine, EngineConfig, Finished, Request, SeqId, SpecTotals};
+use crate::scheduler::{Engine, EngineConfig, Finished, Request, SeqId, SpecTotals, check};
 use elastica_core::budget::Budget;
 use elastica_core::error::{Error, Result};
 use elastica_core::generate::tokenizer::Tokenizer;
@@ -33,6 +35,9 @@ pub enum Update {
         tokens: Vec<u32>,
         text: String,
         switched: bool,
+        /// With [`GenConfig::logprobs`](elastica_core::generate::GenConfig::logprobs):
+        /// `1 + top` records per token (see [`Decoder::logprobs`](elastica_core::generate::Decoder::logprobs)).
+        logprobs: Vec<(u32, f32)>,
     },
     Finished(Finished),
     /// The engine refused the request or failed while running it.
@@ -44,16 +49,38 @@ pub enum Update {
 pub enum Action {
     /// Force the end-of-thinking marker now.
     EndReasoning,
-    /// Run at this budget from the next step on.
-    SetBudget(Budget),
+    /// Run at this budget from the next step on; its metrics label.
+    SetBudget(Budget, String),
 }
 
-/// The outcome of [`Handle::submit`].
-pub enum Submitted {
+/// Where a request's updates go: returns false once nobody listens (the request is cancelled).
+pub type Sink = Box<dyn FnMut(Update) -> bool + Send>;
+
+/// The metrics labels of a request's budgets: the one it starts at, and its answer budget's.
+#[derive(Clone, Debug, Default)]
+pub struct Labels {
+    pub budget: String,
+    pub answer: Option<String>,
+}
+
+/// Token counts of one budget label.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct BudgetCounts {
+    /// Requests started at the budget.
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    /// Tokens generated while running at the budget.
+    pub generated_tokens: u64,
+}
+
+/// The outcome of [`Handle::submit`] (`R`: the updates' receiver) or [`Handle::submit_to`].
+pub enum Submitted<R = Receiver<Update>> {
     /// Accepted: its id (for [`Handle::control`]) and its updates.
-    Accepted { id: u64, updates: Receiver<Update> },
+    Accepted { id: u64, updates: R },
     /// `queue` requests are waiting already.
     QueueFull,
+    /// The request cannot run on this engine ([`check`]).
+    Refused(Error),
 }
 
 /// Counters of the service (the server's /metrics).
@@ -68,6 +95,8 @@ pub struct Metrics {
     pub cancelled: u64,
     pub failed: u64,
     pub spec: SpecTotals,
+    /// Tokens by budget label ([`Labels`]).
+    pub budgets: BTreeMap<String, BudgetCounts>,
 }
 
 /// Sizes fixed at start.
@@ -82,7 +111,8 @@ enum Command {
     Submit {
         id: u64,
         req: Box<Request>,
-        updates: Sender<Update>,
+        labels: Labels,
+        updates: Sink,
     },
     Control {
         id: u64,
@@ -101,7 +131,8 @@ pub struct Handle {
     next_id: Arc<AtomicU64>,
     waiting: Arc<AtomicUsize>,
     metrics: Arc<Mutex<Metrics>>,
-    queue: usize,
+    cfg: ServiceConfig,
+    model: Arc<Model>,
 }
 
 /// The engine thread; [`Service::handle`] gives callers their side.
@@ -119,9 +150,10 @@ impl Service {
         let waiting = Arc::new(AtomicUsize::new(0));
         let (m, w) = (metrics.clone(), waiting.clone());
         let (ready_tx, ready) = mpsc::channel();
+        let engine_model = model.clone();
         let thread = std::thread::Builder::new()
             .name("elastica-engine".into())
-            .spawn(move || match Engine::new(&model, &tok, cfg.engine) {
+            .spawn(move || match Engine::new(&engine_model, &tok, cfg.engine) {
                 Ok(eng) => {
                     let _ = ready_tx.send(Ok(()));
                     run(eng, rx, &m, &w)
@@ -150,7 +182,8 @@ impl Service {
                 next_id: Arc::new(AtomicU64::new(0)),
                 waiting,
                 metrics,
-                queue: cfg.queue,
+                cfg,
+                model,
             },
             thread: Some(thread),
         })
@@ -184,33 +217,48 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Handle {
-    /// Queues `req`; refused when `queue` requests already wait.
+    /// Queues `req`, its updates to a channel; refused when it cannot run or when `queue`
+    /// requests already wait.
     pub fn submit(&self, req: Request) -> Submitted {
+        let (tx, rx) = mpsc::channel();
+        let labels = Labels {
+            budget: "default".into(),
+            answer: req.answer.as_ref().map(|_| "answer".into()),
+        };
+        match self.submit_to(req, labels, Box::new(move |u| tx.send(u).is_ok())) {
+            Submitted::Accepted { id, .. } => Submitted::Accepted { id, updates: rx },
+            Submitted::QueueFull => Submitted::QueueFull,
+            Submitted::Refused(e) => Submitted::Refused(e),
+        }
+    }
+
+    /// Queues `req`, its updates to `sink`, its tokens counted under `labels`.
+    pub fn submit_to(&self, req: Request, labels: Labels, mut sink: Sink) -> Submitted<()> {
+        if let Err(e) = check(&self.model, &self.cfg.engine, &req) {
+            return Submitted::Refused(e);
+        }
+        let queue = self.cfg.queue;
         let queued = self
             .waiting
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
-                (w < self.queue).then_some(w + 1)
+                (w < queue).then_some(w + 1)
             });
         if queued.is_err() {
             return Submitted::QueueFull;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let (tx, rx) = mpsc::channel();
-        if self
-            .tx
-            .send(Command::Submit {
-                id,
-                req: Box::new(req),
-                updates: tx,
-            })
-            .is_err()
-        {
+        let cmd = Command::Submit {
+            id,
+            req: Box::new(req),
+            labels,
+            updates: sink,
+        };
+        if let Err(mpsc::SendError(Command::Submit { updates, .. })) = self.tx.send(cmd) {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
-            let (tx, rx) = mpsc::channel();
-            let _ = tx.send(Update::Failed("the engine has stopped".into()));
-            return Submitted::Accepted { id, updates: rx };
+            sink = updates;
+            sink(Update::Failed("the engine has stopped".into()));
         }
-        Submitted::Accepted { id, updates: rx }
+        Submitted::Accepted { id, updates: () }
     }
 
     /// Acts on running request `id`; errors when it is not running or the action does not apply.
@@ -227,6 +275,13 @@ impl Handle {
             .map_err(|_| Error::Input("the engine has stopped".into()))?
     }
 
+    /// Stops taking requests (they fail with "shutting down"); running and waiting ones
+    /// finish, or with `cancel` are cancelled. The thread ends once nothing is left; join it
+    /// with [`Service::shutdown`].
+    pub fn stop(&self, cancel: bool) {
+        let _ = self.tx.send(Command::Shutdown { cancel });
+    }
+
     pub fn metrics(&self) -> Metrics {
         lock(&self.metrics).clone()
     }
@@ -236,7 +291,15 @@ impl Handle {
 struct Waiting {
     id: u64,
     req: Request,
-    updates: Sender<Update>,
+    labels: Labels,
+    updates: Sink,
+}
+
+/// A running request: its id, updates, and the label its tokens count under now.
+struct Running {
+    id: u64,
+    updates: Sink,
+    labels: Labels,
 }
 
 /// The engine loop: take commands (blocking only when idle), fill free slots from the queue,
@@ -245,7 +308,7 @@ fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting
     let unqueue = || waiting.fetch_sub(1, Ordering::SeqCst);
     let mut queue: VecDeque<Waiting> = VecDeque::new();
     // Running requests by sequence, and sequences by request id.
-    let mut running: BTreeMap<SeqId, (u64, Sender<Update>)> = BTreeMap::new();
+    let mut running: BTreeMap<SeqId, Running> = BTreeMap::new();
     let mut seq_of: BTreeMap<u64, SeqId> = BTreeMap::new();
     let mut stopping: Option<bool> = None;
     loop {
@@ -267,14 +330,20 @@ fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting
                 }
             };
             match c {
-                Command::Submit { id, req, updates } => match stopping {
+                Command::Submit {
+                    id,
+                    req,
+                    labels,
+                    mut updates,
+                } => match stopping {
                     Some(_) => {
                         unqueue();
-                        let _ = updates.send(Update::Failed("the server is shutting down".into()));
+                        updates(Update::Failed("the server is shutting down".into()));
                     }
                     None => queue.push_back(Waiting {
                         id,
                         req: *req,
+                        labels,
                         updates,
                     }),
                 },
@@ -283,7 +352,11 @@ fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting
                         None => Err(Error::Input(format!("request {id} is not running"))),
                         Some(&s) => match action {
                             Action::EndReasoning => eng.end_reasoning(s),
-                            Action::SetBudget(b) => eng.set_budget(s, b),
+                            Action::SetBudget(b, label) => eng.set_budget(s, b).map(|()| {
+                                if let Some(r) = running.get_mut(&s) {
+                                    r.labels.budget = label;
+                                }
+                            }),
                         },
                     };
                     let _ = reply.send(r);
@@ -295,32 +368,44 @@ fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting
         }
         if stopping == Some(true) {
             let mut m = lock(metrics);
-            for w in queue.drain(..) {
+            let why = || Update::Failed("cancelled: the server is shutting down".into());
+            for mut w in queue.drain(..) {
                 unqueue();
-                let _ = w.updates.send(Update::Failed(
-                    "cancelled: the server is shutting down".into(),
-                ));
+                (w.updates)(why());
                 m.cancelled += 1;
             }
-            for (s, (_, tx)) in std::mem::take(&mut running) {
+            for (s, mut r) in std::mem::take(&mut running) {
                 let _ = eng.remove(s);
-                let _ = tx.send(Update::Failed(
-                    "cancelled: the server is shutting down".into(),
-                ));
+                (r.updates)(why());
                 m.cancelled += 1;
             }
             seq_of.clear();
         }
         // Free slots to the oldest waiting requests.
         while eng.active() < eng.config().parallel {
-            let Some(w) = queue.pop_front() else { break };
+            let Some(mut w) = queue.pop_front() else {
+                break;
+            };
             unqueue();
             let prompt = w.req.prompt.len() as u64;
             match eng.add(w.req) {
                 Ok(s) => {
-                    lock(metrics).prompt_tokens += prompt;
-                    if w.updates.send(Update::Started).is_ok() {
-                        running.insert(s, (w.id, w.updates));
+                    {
+                        let mut m = lock(metrics);
+                        m.prompt_tokens += prompt;
+                        let b = m.budgets.entry(w.labels.budget.clone()).or_default();
+                        b.requests += 1;
+                        b.prompt_tokens += prompt;
+                    }
+                    if (w.updates)(Update::Started) {
+                        running.insert(
+                            s,
+                            Running {
+                                id: w.id,
+                                updates: w.updates,
+                                labels: w.labels,
+                            },
+                        );
                         seq_of.insert(w.id, s);
                     } else {
                         let _ = eng.remove(s);
@@ -329,7 +414,7 @@ fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting
                 }
                 Err(e) => {
                     lock(metrics).failed += 1;
-                    let _ = w.updates.send(Update::Failed(e.to_string()));
+                    (w.updates)(Update::Failed(e.to_string()));
                 }
             }
         }
@@ -348,29 +433,35 @@ fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting
             Ok(ev) => {
                 let mut m = lock(metrics);
                 for (e, toks, text) in ev.iter() {
-                    let Some((id, tx)) = running.get(&e.seq) else {
+                    let Some(r) = running.get_mut(&e.seq) else {
                         continue;
                     };
                     m.generated_tokens += toks.len() as u64;
+                    let label = r.labels.budget.clone();
+                    m.budgets.entry(label).or_default().generated_tokens += toks.len() as u64;
+                    if e.switched
+                        && let Some(a) = r.labels.answer.take()
+                    {
+                        r.labels.budget = a;
+                    }
                     let mut ok = true;
                     if !toks.is_empty() || !text.is_empty() || e.switched {
-                        ok = tx
-                            .send(Update::Tokens {
-                                tokens: toks.to_vec(),
-                                text: text.to_string(),
-                                switched: e.switched,
-                            })
-                            .is_ok();
+                        ok = (r.updates)(Update::Tokens {
+                            tokens: toks.to_vec(),
+                            text: text.to_string(),
+                            switched: e.switched,
+                            logprobs: ev.logprobs(e).to_vec(),
+                        });
                     }
                     if let Some(f) = e.finished {
-                        let _ = tx.send(Update::Finished(f));
+                        (r.updates)(Update::Finished(f));
                         m.finished += 1;
-                        seq_of.remove(id);
+                        seq_of.remove(&r.id);
                         gone.push(e.seq);
                     } else if !ok {
-                        // The caller dropped its receiver: cancel.
+                        // The caller stopped listening: cancel.
                         m.cancelled += 1;
-                        seq_of.remove(id);
+                        seq_of.remove(&r.id);
                         gone.push(e.seq);
                     }
                 }
@@ -378,9 +469,9 @@ fn run(mut eng: Engine, rx: Receiver<Command>, metrics: &Mutex<Metrics>, waiting
             Err(err) => {
                 // The engine's sequences are in an unknown state: fail them all.
                 let mut m = lock(metrics);
-                for (s, (_, tx)) in std::mem::take(&mut running) {
+                for (s, mut r) in std::mem::take(&mut running) {
                     let _ = eng.remove(s);
-                    let _ = tx.send(Update::Failed(err.to_string()));
+                    (r.updates)(Update::Failed(err.to_string()));
                     m.failed += 1;
                 }
                 seq_of.clear();

@@ -20,6 +20,26 @@ pub fn render(
     bos: &str,
     eos: &str,
 ) -> Result<String> {
+    render_with(
+        template,
+        messages,
+        add_generation_prompt,
+        bos,
+        eos,
+        &Default::default(),
+    )
+}
+
+/// [`render`] with extra template variables (the server's `chat_template_kwargs`, such as
+/// `enable_thinking`); the standard ones win over them.
+pub fn render_with(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    bos: &str,
+    eos: &str,
+    kwargs: &serde_json::Map<String, serde_json::Value>,
+) -> Result<String> {
     let mut env = Environment::new();
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function(
@@ -40,6 +60,7 @@ pub fn render(
         add_generation_prompt => add_generation_prompt,
         bos_token => bos,
         eos_token => eos,
+        ..Value::from(minijinja::value::Serde(kwargs))
     })
     .map_err(|e| Error::Input(format!("chat template: {e}")))
 }
@@ -70,29 +91,44 @@ pub fn prompt_text(
 ) -> Result<String> {
     let tpl =
         template.ok_or_else(|| Error::Input("--chat: the model has no chat template".into()))?;
+    conversation_text(tpl, tok, &messages(system, user), &Default::default())
+}
+
+/// The text of a conversation: `template` rendered for `messages` with the generation prompt,
+/// `kwargs` and the tokenizer's BOS and first EOS as `bos_token` / `eos_token`.
+pub fn conversation_text(
+    template: &str,
+    tok: &Tokenizer,
+    messages: &[Message],
+    kwargs: &serde_json::Map<String, serde_json::Value>,
+) -> Result<String> {
     let name = |id: Option<u32>| {
         id.and_then(|i| tok.inner.id_to_token(i))
             .unwrap_or_default()
     };
     let bos = name(tok.bos);
     let eos = name(tok.eos.first().copied());
-    render(tpl, &messages(system, user), true, &bos, &eos)
+    render_with(template, messages, true, &bos, &eos, kwargs)
 }
 
-/// The tokens of a chat prompt ([`prompt_text`]), with BOS once: added when the model asks for
-/// it, unless the template already wrote it.
+/// The tokens of a chat prompt ([`prompt_text`]), with BOS once ([`encode`]).
 pub fn prompt(
     template: Option<&str>,
     tok: &Tokenizer,
     system: Option<&str>,
     user: &str,
 ) -> Result<Vec<u32>> {
-    let text = prompt_text(template, tok, system, user)?;
+    encode(tok, &prompt_text(template, tok, system, user)?)
+}
+
+/// The tokens of a rendered chat prompt, with BOS once: added when the model asks for it,
+/// unless the template already wrote it.
+pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     let has_bos = tok
         .bos
         .and_then(|b| tok.inner.id_to_token(b))
         .is_some_and(|b| !b.is_empty() && text.starts_with(&b));
-    tok.encode(&text, !has_bos)
+    tok.encode(text, !has_bos)
 }
 
 #[cfg(test)]

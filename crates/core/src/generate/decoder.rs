@@ -96,6 +96,39 @@ pub struct Decoder {
     prefix_index: usize,
     think: Option<Think>,
     done: Option<StopReason>,
+    /// Alternatives recorded per token with `logprobs`, and the records: per output token, the
+    /// token and its log-probability, then the `top` most likely (token, log-probability).
+    top: Option<usize>,
+    logprobs: Vec<(u32, f32)>,
+    /// The record of the token being accepted (filled by `step` from its logits).
+    pending: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities under `logits` (the model's distribution, before temperature): `out` gets
+/// `token`'s, then the `top` most likely tokens' in descending order (ties: lower id first).
+pub fn logprobs_of(logits: &[f32], token: u32, top: usize, out: &mut Vec<(u32, f32)>) {
+    out.clear();
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    let lp = |x: f32| (x as f64 - lse) as f32;
+    out.push((token, logits.get(token as usize).map_or(f32::NAN, |&x| lp(x))));
+    let top = top.min(logits.len());
+    // The `top` best so far, kept sorted in `out[1..]`.
+    for (i, &x) in logits.iter().enumerate() {
+        let k = out.len() - 1;
+        if k == top && (top == 0 || x <= logits[out[k].0 as usize]) {
+            continue;
+        }
+        let at = 1 + out[1..].partition_point(|&(j, _)| logits[j as usize] >= x);
+        if k == top {
+            out.pop();
+        }
+        out.insert(at, (i as u32, 0.0));
+    }
+    for e in &mut out[1..] {
+        e.1 = lp(logits[e.0 as usize]);
+    }
 }
 
 impl Decoder {
@@ -114,6 +147,9 @@ impl Decoder {
             prefix_index: 0,
             think: None,
             done: None,
+            top: cfg.logprobs,
+            logprobs: vec![],
+            pending: vec![],
         }
     }
 
@@ -146,6 +182,9 @@ impl Decoder {
         self.max_stop = cfg.stop.iter().map(|s| s.len()).max().unwrap_or(0);
         self.max_tokens = cfg.max_tokens;
         self.ignore_eos = cfg.ignore_eos;
+        self.top = cfg.logprobs;
+        self.logprobs.clear();
+        self.pending.clear();
         self.tokens.clear();
         self.text.clear();
         self.emitted = 0;
@@ -180,9 +219,13 @@ impl Decoder {
         }
     }
 
-    /// [`sample`](Self::sample) then [`accept`](Self::accept).
+    /// [`sample`](Self::sample) then [`accept`](Self::accept), recording the token's
+    /// log-probabilities under `logits` when the config asks for them.
     pub fn step(&mut self, tok: &Tokenizer, logits: &[f32]) -> Result<StepOut<'_>> {
         let t = self.sample(logits);
+        if let Some(top) = self.top {
+            logprobs_of(logits, t, top, &mut self.pending);
+        }
         self.accept(tok, t)
     }
 
@@ -200,6 +243,14 @@ impl Decoder {
             return Ok(self.stop_flush(StopReason::Eos));
         }
         self.tokens.push(token);
+        if let Some(top) = self.top {
+            // A token accepted without logits (a speculative round's) has no record: NaN.
+            if self.pending.first().is_none_or(|p| p.0 != token) {
+                self.pending.clear();
+                self.pending.resize(1 + top, (token, f32::NAN));
+            }
+            self.logprobs.append(&mut self.pending);
+        }
         let before = self.text.len();
         if let Some(delta) = tokenizers::step_decode_stream(
             &tok.inner,
@@ -278,6 +329,11 @@ impl Decoder {
 
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
+    }
+
+    /// With `logprobs: Some(top)`: `1 + top` records per output token (see [`logprobs_of`]).
+    pub fn logprobs(&self) -> &[(u32, f32)] {
+        &self.logprobs
     }
 
     /// The decoded output (after a stop string: up to it).
@@ -409,6 +465,7 @@ mod tests {
             sampler: SamplerConfig::default(),
             stop: stop.iter().map(|s| s.to_string()).collect(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 

@@ -17,12 +17,15 @@ use sampler::SamplerConfig;
 use std::time::Instant;
 use tokenizer::Tokenizer;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct GenConfig {
     pub max_tokens: usize,
     pub sampler: SamplerConfig,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// Record each output token's log-probability and this many most likely alternatives
+    /// ([`Decoder::logprobs`]); None: none (nothing is computed).
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
