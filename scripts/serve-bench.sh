@@ -15,9 +15,13 @@
 #   -g  completion tokens per request (default 128)   -c  context per sequence (default 512)
 #   -o  run only one server (llama or elastica; `--only X` works too); output then defaults to bench-out/serve
 #   -d  output folder (default docs/results): writes serve.md and serve.json there
+#   -W  before each run, wait up to this many seconds for the machine to be quiet (other processes
+#       under 15% of the CPUs; default 300, 0: do not wait). The CPU time other processes took during
+#       each run is recorded; a run where it passed 10% of the machine (or 40% for 4 s) is redone, up to
+#       -a times (default 3; the last attempt stands, and is listed in the output if still disturbed).
 # llama-server runs with prompt caching off (--no-cache-prompt --cache-ram 0): elastica has no
 # prefix cache, and the load repeats a few fixed prompts. Set LLAMA_EXTRA="..." to add flags.
-# Logs of every server and every load run: bench-out/serve/.
+# Logs of every server and every load run: bench-out/serve/. ELASTICA=BINARY replaces target/release/elastica.
 # Needs target/release/elastica (cargo build --release) unless -o llama; builds llama-server
 # (scripts/build-llama-cpp.sh) and fetches SmolLM2 when missing.
 set -euo pipefail
@@ -32,6 +36,8 @@ gen=128
 ctx=512
 only=""
 outdir=""
+quiet_max=300
+retries=3
 args=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -41,10 +47,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 set -- "${args[@]+"${args[@]}"}"
-while getopts "r:n:m:t:q:g:c:o:d:" o; do case $o in
+while getopts "r:n:m:t:q:g:c:o:d:W:a:" o; do case $o in
   r) rounds=$OPTARG ;; n) concs=$OPTARG ;; m) model=$OPTARG ;; t) threads=$OPTARG ;;
   q) reqs=$OPTARG ;; g) gen=$OPTARG ;; c) ctx=$OPTARG ;; o) only=$OPTARG ;; d) outdir=$OPTARG ;;
-  *) sed -n '2,22p' "$0" >&2; exit 2 ;; esac; done
+  W) quiet_max=$OPTARG ;; a) retries=$OPTARG ;; *) sed -n '2,26p' "$0" >&2; exit 2 ;; esac; done
 case $only in ""|llama|elastica) ;; *) echo "error: -o/--only takes llama or elastica" >&2; exit 2 ;; esac
 engines="llama elastica"
 [ -n "$only" ] && engines=$only
@@ -70,6 +76,7 @@ logs=bench-out/serve
 mkdir -p "$logs" "$outdir"
 runs=$logs/runs.jsonl
 : >"$runs"
+: >"$logs/disturbed.jsonl"
 
 srv_pid=""
 stop_server() {
@@ -85,7 +92,8 @@ stop_server() {
   wait "$srv_pid" 2>/dev/null && srv_rc=0 || srv_rc=$?
   srv_pid=""
 }
-trap 'stop_server' EXIT
+load_pid=""
+trap '[ -z "$load_pid" ] || kill -TERM "$load_pid" 2>/dev/null; stop_server' EXIT
 trap 'exit 130' INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -118,7 +126,85 @@ start_server() {
   stop_server; return 1
 }
 
+tick=$(getconf CLK_TCK)
+ncpu=$(nproc)
+busy_ticks() { awk '/^cpu /{ print $2 + $3 + $4 + $7 + $8 + $9 }' /proc/stat; }
+proc_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# wait until other processes use under 15% of the CPUs (sampled over 2 s), at most quiet_max s
+wait_quiet() {
+  [ "$quiet_max" -gt 0 ] || return 0
+  local t0=$SECONDS b0 b1 share said=""
+  while :; do
+    b0=$(busy_ticks); sleep 2; b1=$(busy_ticks)
+    share=$(((b1 - b0) * 100 / (2 * tick * ncpu)))
+    [ "$share" -lt 15 ] && return 0
+    if [ $((SECONDS - t0)) -ge "$quiet_max" ]; then
+      echo "warning: other processes still use $share% of the CPUs after ${quiet_max}s; running anyway" >&2; return 0
+    fi
+    [ -n "$said" ] || { echo "waiting for the machine to be quiet (other processes use $share% of the CPUs)" >&2; said=1; }
+  done
+}
+
 rss_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
+
+# run_once ENGINE C R ROUND TAG ABORTABLE: one run; its record goes to $logs/$TAG.run.json.
+# With ABORTABLE=1 the run is abandoned (return 3) as soon as other processes take over 40% of the
+# CPUs for two 2-second intervals in a row (llama.cpp's spinning threads slow down many times over
+# when they lose their CPUs, so such a run says nothing).
+run_once() {
+  local engine=$1 c=$2 r=$3 round=$4 tag=$5 abortable=$6 rss_ready b0 s0 w0 b1 s1 w1 lrc hwm rss url
+  local pb ps pl nb ns nl share hot=0 aborted=0
+  if ! start_server "$engine" "$c" "$logs/$tag.server.log"; then
+    printf '{"engine":"%s","round":%d,"clients":%d,"failed":"server did not start (see %s)"}\n' \
+      "$engine" "$round" "$c" "$logs/$tag.server.log" >"$logs/$tag.run.json"
+    return 0
+  fi
+  url="http://127.0.0.1:$port"
+  rss_ready=$(rss_kib "$srv_pid" VmRSS)
+  b0=$(busy_ticks); s0=$(proc_ticks "$srv_pid"); w0=$(date +%s.%N)
+  "$py" tools/bench/serve_load.py --url "$url" --clients "$c" --requests-per-client "$r" \
+    --max-tokens "$gen" --warmup 1 --label "$engine" >"$logs/$tag.load.json" 2>"$logs/$tag.load.err" &
+  load_pid=$!
+  pb=$b0; ps=$s0; pl=0
+  while kill -0 "$load_pid" 2>/dev/null; do
+    sleep 2
+    nb=$(busy_ticks); ns=$(proc_ticks "$srv_pid"); nl=$(proc_ticks "$load_pid")
+    share=$((((nb - pb) - (ns - ps) - (nl - pl)) * 100 / (2 * tick * ncpu)))
+    pb=$nb; ps=$ns; pl=$nl
+    if [ "$share" -gt 40 ]; then hot=$((hot + 1)); else hot=0; fi
+    if [ "$abortable" = 1 ] && [ "$hot" -ge 2 ]; then
+      kill -TERM "$load_pid" 2>/dev/null || true; aborted=1; break
+    fi
+  done
+  wait "$load_pid" && lrc=0 || lrc=$?
+  load_pid=""
+  b1=$(busy_ticks); s1=$(proc_ticks "$srv_pid"); w1=$(date +%s.%N)
+  hwm=$(rss_kib "$srv_pid" VmHWM); rss=$(rss_kib "$srv_pid" VmRSS)
+  if [ "$engine" = elastica ]; then curl -s "$url/metrics" >"$logs/$tag.metrics.txt" || true; fi
+  stop_server
+  if [ "$aborted" = 1 ]; then
+    echo "   other processes took over 40% of the CPUs: run abandoned" >&2; return 3
+  fi
+  cat "$logs/$tag.load.err" >&2
+  [ "${srv_rc:-0}" = 0 ] || [ "$engine" = llama ] \
+    || echo "warning: elastica serve exited with status $srv_rc after SIGTERM" >&2
+  "$py" - "$logs/$tag.load.json" "$engine" "$round" "$c" "$lrc" "${rss_ready:-0}" "${rss:-0}" "${hwm:-0}" "${srv_rc:-0}" \
+    "$((b1 - b0))" "$((s1 - s0))" "$w0" "$w1" "$tick" "$ncpu" >"$logs/$tag.run.json" <<'PY'
+import json, sys
+f, engine, rnd, c, lrc, rss0, rss, hwm, src, busy, srv, w0, w1, tick, ncpu = sys.argv[1:]
+try:
+    rep = json.loads(open(f).readline())
+except Exception:
+    rep = {"failed": f"load generator gave no report (exit {lrc})"}
+wall = float(w1) - float(w0)
+busy_s, srv_s = int(busy) / int(tick), int(srv) / int(tick)
+other_s = max(0.0, busy_s - srv_s - (rep.get("client_cpu_total_s") or 0))
+rep.update(engine=engine, round=int(rnd), clients=int(c), load_rc=int(lrc), rss_ready_kib=int(rss0),
+           rss_kib=int(rss), hwm_kib=int(hwm), server_exit=int(src), server_cpu_s=round(srv_s, 2),
+           other_cpu_s=round(other_s, 2), other_cpu_share=round(other_s / (wall * int(ncpu)), 3) if wall > 0 else None)
+print(json.dumps(rep))
+PY
+}
 
 for round in $(seq "$rounds"); do
   order=$engines
@@ -128,36 +214,21 @@ for round in $(seq "$rounds"); do
     [ $((c * r)) -ge 8 ] || r=$(((8 + c - 1) / c))
     for engine in $order; do
       tag="r${round}-c${c}-${engine}"
-      echo "== round $round, $c clients x $r requests, $engine" >&2
-      if ! start_server "$engine" "$c" "$logs/$tag.server.log"; then
-        printf '{"engine":"%s","round":%d,"clients":%d,"failed":"server did not start (see %s)"}\n' \
-          "$engine" "$round" "$c" "$logs/$tag.server.log" >>"$runs"
-        continue
-      fi
-      url="http://127.0.0.1:$port"
-      rss_ready=$(rss_kib "$srv_pid" VmRSS)
-      set +e
-      "$py" tools/bench/serve_load.py --url "$url" --clients "$c" --requests-per-client "$r" \
-        --max-tokens "$gen" --warmup 1 --label "$engine" >"$logs/$tag.load.json" 2>"$logs/$tag.load.err"
-      lrc=$?
-      set -e
-      cat "$logs/$tag.load.err" >&2
-      hwm=$(rss_kib "$srv_pid" VmHWM); rss=$(rss_kib "$srv_pid" VmRSS)
-      if [ "$engine" = elastica ]; then curl -s "$url/metrics" >"$logs/$tag.metrics.txt" || true; fi
-      stop_server
-      [ "${srv_rc:-0}" = 0 ] || [ "$engine" = llama ] \
-        || echo "warning: elastica serve exited with status $srv_rc after SIGTERM" >&2
-      "$py" - "$logs/$tag.load.json" "$engine" "$round" "$c" "$lrc" "${rss_ready:-0}" "${rss:-0}" "${hwm:-0}" "${srv_rc:-0}" >>"$runs" <<'PY'
-import json, sys
-f, engine, rnd, c, lrc, rss0, rss, hwm, src = sys.argv[1:]
-try:
-    rep = json.loads(open(f).readline())
-except Exception:
-    rep = {"failed": f"load generator gave no report (exit {lrc})"}
-rep.update(engine=engine, round=int(rnd), clients=int(c), load_rc=int(lrc), rss_ready_kib=int(rss0),
-           rss_kib=int(rss), hwm_kib=int(hwm), server_exit=int(src))
-print(json.dumps(rep))
-PY
+      for attempt in $(seq $((retries + 1))); do
+        wait_quiet
+        echo "== round $round, $c clients x $r requests, $engine$([ "$attempt" -gt 1 ] && echo " (attempt $attempt)")" >&2
+        abortable=0; [ "$attempt" -le "$retries" ] && abortable=1
+        run_once "$engine" "$c" "$r" "$round" "$tag" "$abortable" && rc=0 || rc=$?
+        [ "$rc" = 3 ] && continue
+        share=$(python3 -c 'import json,sys; print(int(100 * (json.load(open(sys.argv[1])).get("other_cpu_share") or 0)))' "$logs/$tag.run.json")
+        if [ "$share" -gt 10 ] && [ "$attempt" -le "$retries" ]; then
+          echo "   other processes took $share% of the CPUs during the run: redoing it" >&2
+          cat "$logs/$tag.run.json" >>"$logs/disturbed.jsonl"
+          continue
+        fi
+        break
+      done
+      cat "$logs/$tag.run.json" >>"$runs"
     done
   done
 done
@@ -245,12 +316,21 @@ for c in sorted(by):
             notes.append(f"- {name[e]}, {c} clients: {s['mismatches']} request(s) without exactly {gen} completion tokens")
         if s["usage_missing"]:
             notes.append(f"- {name[e]}, {c} clients: {s['usage_missing']} request(s) without a usage chunk (tokens counted as text chunks)")
+busy_runs = [r for r in rows if (r.get("other_cpu_share") or 0) > 0.10]
+for r in busy_runs:
+    notes.append(f"- {name[r['engine']]}, {r['clients']} clients, round {r['round']}: other processes took "
+                 f"{100 * r['other_cpu_share']:.0f}% of the CPUs during the run (figures disturbed)")
+for r in rows:
+    if r["engine"] == "elastica" and r.get("server_exit"):
+        notes.append(f"- elastica, {r['clients']} clients, round {r['round']}: the server exited with status {r['server_exit']} after SIGTERM")
+shares = [r["other_cpu_share"] for r in rows if r.get("other_cpu_share") is not None]
 lines += ["", "TTFT: time to the first streamed chunk with text. Latency: request sent to stream closed. "
           "Peak RSS: VmHWM of the server process after its run (model, KV/state for C sequences, buffers). "
           + (f"llama-server ({llama_ver}): `-t {threads} -np C -c C*{ctx} --no-webui --no-cache-prompt --cache-ram 0 --metrics{(' ' + extra) if extra else ''}` "
              "(continuous batching on by default). " if "llama" in engines else "")
           + (f"elastica: `serve --parallel C --ctx {ctx} -t {threads}`. " if "elastica" in engines else "")
-          + f"Code at {commit}; {ncpu} CPUs ({cpu})."]
+          + f"Code at {commit}; {ncpu} CPUs ({cpu})"
+          + (f"; other processes took at most {100 * max(shares):.0f}% of the CPUs during a run." if shares else ".")]
 if notes:
     lines += ["", "Problems:", ""] + notes
 else:

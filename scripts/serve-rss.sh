@@ -4,8 +4,8 @@
 # (tools/bench/serve_load.py: C clients x R requests of G tokens, streamed, ignore_eos):
 #   (a) one `elastica serve MODEL`, every request to the full budget (model NAME, the first id of
 #       GET /v1/models);
-#   (b) one `elastica serve MODEL`, the requests spread over all its ids (NAME, NAME:B1, NAME:B2, ...
-#       from GET /v1/models; request j of client i goes to id (i + j) mod m);
+#   (b) one `elastica serve MODEL`, the requests spread over all its budgets (NAME, NAME:B1, NAME:B2, ...
+#       from GET /v1/models, one id per budget; request j of client i goes to id (i + j) mod m);
 #   (c) the manifest's budgets cut out with `elastica slice MODEL --budget B`, one `elastica serve`
 #       per slice plus one for the full MODEL, side by side, the requests spread over them the same
 #       way; memory summed over the processes.
@@ -21,10 +21,11 @@
 #   -s --parallel of each server in (c) (default: ceil(CLIENTS / servers), the same slots in all)
 #   -o markdown output (default docs/results/serve-memory.md; a .json is written next to it)
 # Slices are cached in bench-out/serve-rss/slices/ (re-cut when older than MODEL). Logs: bench-out/serve-rss/.
+# ELASTICA=BINARY replaces target/release/elastica.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-usage() { sed -n '2,25p' "$0" >&2; exit 2; }
+usage() { sed -n '2,24p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 case $1 in -h|--help) usage ;; esac
 model=$1; shift
@@ -102,7 +103,15 @@ wait_healthy() {
   done
 }
 first_id() { curl -sf "$1/v1/models" | python3 -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])'; }
-all_ids() { curl -sf "$1/v1/models" | python3 -c 'import json, sys; print(",".join(m["id"] for m in json.load(sys.stdin)["data"]))'; }
+# every id of GET /v1/models, one per budget (the first id naming it: `NAME` and `NAME:full` are the same budget)
+all_ids() { curl -sf "$1/v1/models" | python3 -c '
+import json, sys
+seen, ids = set(), []
+for m in json.load(sys.stdin)["data"]:
+    key = m.get("budget", m["id"])
+    if key not in seen:
+        seen.add(key); ids.append(m["id"])
+print(",".join(ids))'; }
 status_kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 mem_json() {  # pids... -> {"vmrss": .., "vmhwm": .., "rssfile": .., "rssanon": ..} summed, KiB
   local p rss=0 hwm=0 file=0 anon=0
@@ -145,7 +154,7 @@ wait_healthy
 ready=$(status_kib "${pids[0]}" VmRSS)
 name=$(first_id "${urls[0]}")
 ids=$(all_ids "${urls[0]}")
-echo "model ids: $ids" >&2
+echo "model ids, one per budget: $ids" >&2
 run_setup a "$clients" "${urls[0]}" "$name" "$ready"
 stop_all; urls=()
 
@@ -156,7 +165,7 @@ ready=$(status_kib "${pids[0]}" VmRSS)
 ids=$(all_ids "${urls[0]}")
 nids=$(tr ',' '\n' <<<"$ids" | wc -l)
 [ "$nids" -eq $((${#budgets[@]} + 1)) ] \
-  || echo "warning: GET /v1/models lists $nids ids ($ids) for ${#budgets[@]} budgets besides full" >&2
+  || echo "warning: GET /v1/models lists $nids budgets ($ids) for ${#budgets[@]} manifest budgets besides full" >&2
 run_setup b "$clients" "${urls[0]}" "$ids" "$ready"
 stop_all; urls=()
 

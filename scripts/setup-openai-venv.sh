@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A Python venv with the official `openai` client (and httpx, which it brings), for the server's
+# A Python venv with the official `openai` client (and the HTTP client it brings), for the server's
 # tests and the serving benchmark's load generator. Prints the venv's python on stdout.
 # Usage: scripts/setup-openai-venv.sh [DIR]   (default: .cache/venv-openai). Idempotent.
 set -euo pipefail
@@ -7,7 +7,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 dir="${1:-$root/.cache/venv-openai}"
 pin="openai==3.57.0"
 py="$dir/bin/python"
-if [ -x "$py" ] && "$py" -c 'import openai, httpx, sys; sys.exit(openai.__version__ != "3.57.0")' 2>/dev/null; then
+if [ -x "$py" ] && "$py" -c 'import openai, sys; sys.exit(openai.__version__ != "3.57.0")' 2>/dev/null; then
   echo "$py"; exit 0
 fi
 rm -rf "$dir.tmp-$$"

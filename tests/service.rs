@@ -224,5 +224,6 @@ fn queue_cancellation_control_and_shutdown() {
             assert!(matches!(updates.recv().unwrap(), Update::Failed(_)))
         }
         Submitted::QueueFull => {}
+        Submitted::Refused(e) => panic!("refused: {e}"),
     }
 }

@@ -163,7 +163,10 @@ pub fn main() -> ExitCode {
 pub(crate) fn chat_template(f: &std::path::Path) -> Result<String> {
     let t = crate::data::read_text(f)?;
     if t.trim().is_empty() {
-        return Err(Error::Input(format!("--chat-template {}: the file is empty", f.display())));
+        return Err(Error::Input(format!(
+            "--chat-template {}: the file is empty",
+            f.display()
+        )));
     }
     Ok(t)
 }

@@ -65,7 +65,11 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let name = a.alias.clone().unwrap_or_else(|| {
         let p = a.m.model.as_path();
-        let stem = if p.is_dir() { p.file_name() } else { p.file_stem() };
+        let stem = if p.is_dir() {
+            p.file_name()
+        } else {
+            p.file_stem()
+        };
         stem.map_or("model".into(), |s| s.to_string_lossy().into_owned())
     });
     if name.is_empty() || name.contains(':') {
@@ -78,11 +82,16 @@ pub fn run(a: Args) -> Result<()> {
         None => None,
     };
     if a.shutdown_grace > 86_400.0 {
-        return Err(Error::Input("--shutdown-grace: at most 86400 seconds".into()));
+        return Err(Error::Input(
+            "--shutdown-grace: at most 86400 seconds".into(),
+        ));
     }
     // Checked before the port opens: the model file is there.
     if !a.m.model.exists() {
-        return Err(Error::Input(format!("{}: no such file or folder", a.m.model.display())));
+        return Err(Error::Input(format!(
+            "{}: no such file or folder",
+            a.m.model.display()
+        )));
     }
     let (m, force, ctx, max_tokens) = (a.m.clone(), a.force_ctx, a.ctx, a.max_tokens);
     let cfg = ServerConfig {

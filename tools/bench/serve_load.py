@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 
@@ -160,10 +161,10 @@ async def run(args, prompts, targets):
                 out.append(rec)
             return out
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         results = await asyncio.gather(*(client_loop(i) for i in range(args.clients)))
-        wall = time.perf_counter() - t0
-    return [r for rs in results for r in rs], wall
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return [r for rs in results for r in rs], wall, cpu
 
 
 def main():
@@ -215,7 +216,7 @@ def main():
     n = max(len(urls), len(models), 1)
     targets = [(urls[k % len(urls)], models[k % len(models)] if models else None) for k in range(n)]
 
-    recs, wall = asyncio.run(run(args, prompts, targets))
+    recs, wall, client_cpu = asyncio.run(run(args, prompts, targets))
 
     ok = [r for r in recs if not r["error"]]
     errors = [r for r in recs if r["error"]]
@@ -249,7 +250,8 @@ def main():
         "prompt_tokens_mean": (round(sum(r["prompt_tokens"] for r in ok if r["prompt_tokens"] is not None)
                                      / max(1, sum(1 for r in ok if r["prompt_tokens"] is not None)), 1)
                                if any(r["prompt_tokens"] is not None for r in ok) else None),
-        "wall_s": round(wall, 3),
+        "wall_s": round(wall, 3), "client_cpu_s": round(client_cpu, 3),
+        "client_cpu_total_s": round(sum(os.times()[:2]), 3),
         "tok_s": round(tokens / wall, 2) if wall > 0 else None,
         "req_s": round(len(ok) / wall, 3) if wall > 0 else None,
         "ttft_p50_ms": ms(pct(ttft, 50)), "ttft_p99_ms": ms(pct(ttft, 99)),

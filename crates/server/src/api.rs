@@ -156,14 +156,7 @@ struct CompletionFields {
 
 /// Deserializes `v` into `T`; an error names the field's path.
 fn fields<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        match path.as_str() {
-            "." => ApiError::bad(None, inner),
-            _ => ApiError::bad(path.clone(), format!("{path}: {inner}")),
-        }
-    })
+    serde_path_to_error::deserialize(v).map_err(ApiError::from_serde)
 }
 
 fn bad(field: &str, msg: impl std::fmt::Display) -> ApiError {
@@ -235,7 +228,10 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
                                 _ => {
                                     return Err(bad(
                                         &format!("messages[{i}].content[{j}]"),
-                                        format!("only text parts are supported (got type {:?})", p.kind),
+                                        format!(
+                                            "only text parts are supported (got type {:?})",
+                                            p.kind
+                                        ),
                                     ));
                                 }
                             }
@@ -263,7 +259,10 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
                 (Some(true), t) => {
                     let t = t.unwrap_or(0);
                     if t > MAX_TOP_LOGPROBS {
-                        return Err(bad("top_logprobs", format!("must be 0 to {MAX_TOP_LOGPROBS}")));
+                        return Err(bad(
+                            "top_logprobs",
+                            format!("must be 0 to {MAX_TOP_LOGPROBS}"),
+                        ));
                     }
                     top = Some(t as usize);
                 }
@@ -321,7 +320,11 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
     };
     if prompt.is_empty() {
         return Err(bad(
-            if kind == Kind::Chat { "messages" } else { "prompt" },
+            if kind == Kind::Chat {
+                "messages"
+            } else {
+                "prompt"
+            },
             "the prompt is empty",
         ));
     }
@@ -334,7 +337,11 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
     let ctx = r.ctx;
     if prompt.len() > ctx {
         return Err(bad(
-            if kind == Kind::Chat { "messages" } else { "prompt" },
+            if kind == Kind::Chat {
+                "messages"
+            } else {
+                "prompt"
+            },
             format!(
                 "the prompt has {} tokens, more than the context of {ctx} tokens per request (--ctx)",
                 prompt.len()
@@ -353,7 +360,10 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
         Some((f, n)) if n > r.max_tokens as u64 => {
             return Err(bad(
                 f,
-                format!("{n} is more than this server's limit of {} (--max-tokens)", r.max_tokens),
+                format!(
+                    "{n} is more than this server's limit of {} (--max-tokens)",
+                    r.max_tokens
+                ),
             ));
         }
         Some((_, n)) => n as usize,
@@ -414,9 +424,8 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
     }
 
     // Thinking and the budget schedule (chat with a thinking template).
-    let think_asked = c.think_budget.is_some()
-        || c.answer_budget.is_some()
-        || c.thinking_token_budget.is_some();
+    let think_asked =
+        c.think_budget.is_some() || c.answer_budget.is_some() || c.thinking_token_budget.is_some();
     let think = match (&r.think_end, &reasoning) {
         (Some(end), Some((_, _, opened))) if *opened || think_asked => Some(ThinkControl {
             end: end.clone(),
@@ -474,7 +483,11 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
     // Speculation: the request's, or the server's default where it applies.
     let speculate = match c.speculate {
         None => r.speculate.as_ref().and_then(|(d, k)| {
-            let ok = think.is_none() && top.is_none() && d.nested_in(&run_budget);
+            // Only a draft strictly inside the budget saves anything.
+            let ok = think.is_none()
+                && top.is_none()
+                && d.nested_in(&run_budget)
+                && !run_budget.nested_in(d);
             ok.then(|| Speculate {
                 draft: d.clone(),
                 k: *k,
@@ -497,7 +510,9 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
                     let d = match (draft, &r.speculate) {
                         (Some(d), _) => resolve("speculate.draft", &d)?.0,
                         (None, Some((d, _))) => d.clone(),
-                        (None, None) => return Err(bad("speculate.draft", "name the draft budget")),
+                        (None, None) => {
+                            return Err(bad("speculate.draft", "name the draft budget"));
+                        }
                     };
                     (d, k.unwrap_or(r.draft as u64))
                 }
@@ -505,7 +520,10 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
             if k == 0 || k > r.draft as u64 {
                 return Err(bad(
                     "speculate.k",
-                    format!("{k} draft tokens; this server allows 1 to {} (--draft)", r.draft),
+                    format!(
+                        "{k} draft tokens; this server allows 1 to {} (--draft)",
+                        r.draft
+                    ),
                 ));
             }
             if think.is_some() {
@@ -515,7 +533,10 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
                 ));
             }
             if top.is_some() {
-                return Err(bad("speculate", "speculative decoding does not give logprobs yet"));
+                return Err(bad(
+                    "speculate",
+                    "speculative decoding does not give logprobs yet",
+                ));
             }
             Some(Speculate {
                 draft,

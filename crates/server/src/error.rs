@@ -25,6 +25,21 @@ impl ApiError {
         }
     }
 
+    /// 400 for a body that does not deserialize: the field's path (or, for a missing field,
+    /// its name) as `param`.
+    pub fn from_serde<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ApiError {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let missing = inner
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next());
+        match (path.as_str(), missing) {
+            (".", Some(f)) => ApiError::bad(f.to_string(), format!("{f}: missing field")),
+            (".", None) => ApiError::bad(None, inner),
+            _ => ApiError::bad(path.clone(), format!("{path}: {inner}")),
+        }
+    }
+
     pub fn unauthorized() -> ApiError {
         ApiError {
             status: StatusCode::UNAUTHORIZED,

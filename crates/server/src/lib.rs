@@ -247,9 +247,7 @@ pub fn router(app: Arc<App>, max_body: usize) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions/control", post(control))
-        .fallback(|| async {
-            ApiError::not_found("no such endpoint", "not_found").into_response()
-        })
+        .fallback(|| async { ApiError::not_found("no such endpoint", "not_found").into_response() })
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(app)
 }
@@ -436,7 +434,9 @@ async fn generate(
 
 /// Server-sent events as OpenAI streams them: chunks, the usage chunk
 /// (`stream_options.include_usage`), then `data: [DONE]`.
-fn stream(flight: Flight) -> Sse<impl futures_util::Stream<Item = std::result::Result<Event, Infallible>>> {
+fn stream(
+    flight: Flight,
+) -> Sse<impl futures_util::Stream<Item = std::result::Result<Event, Infallible>>> {
     let s = futures_util::stream::unfold(
         (flight, VecDeque::<Event>::new(), false),
         |(mut f, mut q, done)| async move {
@@ -498,10 +498,7 @@ async fn control(
         let b = body(b)?;
         let v: serde_json::Value = serde_json::from_slice(&b)
             .map_err(|e| ApiError::bad(None, format!("the body is not valid JSON: {e}")))?;
-        let c: ControlBody = serde_path_to_error::deserialize(&v).map_err(|e| {
-            let p = e.path().to_string();
-            ApiError::bad(p.clone(), format!("{p}: {}", e.into_inner()))
-        })?;
+        let c: ControlBody = serde_path_to_error::deserialize(&v).map_err(ApiError::from_serde)?;
         let (action, label) = match (c.action.as_str(), &c.budget) {
             ("end_reasoning", None) => (Action::EndReasoning, None),
             ("end_reasoning", Some(_)) => {
@@ -538,7 +535,10 @@ async fn control(
             .get(&c.id)
             .cloned()
             .ok_or_else(|| {
-                ApiError::not_found(format!("no running request {:?}", c.id), "request_not_found")
+                ApiError::not_found(
+                    format!("no running request {:?}", c.id),
+                    "request_not_found",
+                )
             })?;
         let handle = r.handle.clone();
         let result = tokio::task::spawn_blocking(move || {
@@ -555,7 +555,9 @@ async fn control(
                 .find_map(|x| x.err())
                 .map_or_else(|| "no choice is running".into(), |e| e.to_string());
             let err = match why.contains("is not running") {
-                true => ApiError::not_found(format!("request {:?}: {why}", c.id), "request_not_found"),
+                true => {
+                    ApiError::not_found(format!("request {:?}: {why}", c.id), "request_not_found")
+                }
                 false => ApiError::bad(None, format!("request {:?}: {why}", c.id)),
             };
             return Err(err);

@@ -7,7 +7,9 @@ use std::fmt::Write;
 
 /// Escapes a label value.
 fn label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 pub fn render(m: &Metrics) -> String {
@@ -26,11 +28,36 @@ pub fn render(m: &Metrics) -> String {
             .map(|(b, c)| (format!("{{budget=\"{}\"}}", label(b)), f(c)))
             .collect::<Vec<_>>()
     };
-    metric("num_requests_running", "gauge", "Requests running in the engine.", &one(m.running as u64));
-    metric("num_requests_waiting", "gauge", "Requests waiting for a slot.", &one(m.waiting as u64));
-    metric("prompt_tokens_total", "counter", "Prompt tokens processed, by budget.", &per_budget(&|c| c.prompt_tokens));
-    metric("generation_tokens_total", "counter", "Tokens generated, by the budget they were generated at.", &per_budget(&|c| c.generated_tokens));
-    metric("request_budget_total", "counter", "Requests started, by budget.", &per_budget(&|c| c.requests));
+    metric(
+        "num_requests_running",
+        "gauge",
+        "Requests running in the engine.",
+        &one(m.running as u64),
+    );
+    metric(
+        "num_requests_waiting",
+        "gauge",
+        "Requests waiting for a slot.",
+        &one(m.waiting as u64),
+    );
+    metric(
+        "prompt_tokens_total",
+        "counter",
+        "Prompt tokens processed, by budget.",
+        &per_budget(&|c| c.prompt_tokens),
+    );
+    metric(
+        "generation_tokens_total",
+        "counter",
+        "Tokens generated, by the budget they were generated at.",
+        &per_budget(&|c| c.generated_tokens),
+    );
+    metric(
+        "request_budget_total",
+        "counter",
+        "Requests started, by budget.",
+        &per_budget(&|c| c.requests),
+    );
     metric(
         "request_success_total",
         "counter",
@@ -41,9 +68,24 @@ pub fn render(m: &Metrics) -> String {
             ("{outcome=\"failed\"}".into(), m.failed),
         ],
     );
-    metric("spec_decode_num_drafts_total", "counter", "Speculative rounds (drafts verified).", &one(m.spec.drafts));
-    metric("spec_decode_num_draft_tokens_total", "counter", "Draft tokens proposed.", &one(m.spec.draft_tokens));
-    metric("spec_decode_num_accepted_tokens_total", "counter", "Draft tokens accepted.", &one(m.spec.accepted_tokens));
+    metric(
+        "spec_decode_num_drafts_total",
+        "counter",
+        "Speculative rounds (drafts verified).",
+        &one(m.spec.drafts),
+    );
+    metric(
+        "spec_decode_num_draft_tokens_total",
+        "counter",
+        "Draft tokens proposed.",
+        &one(m.spec.draft_tokens),
+    );
+    metric(
+        "spec_decode_num_accepted_tokens_total",
+        "counter",
+        "Draft tokens accepted.",
+        &one(m.spec.accepted_tokens),
+    );
     let per_pos: Vec<(String, u64)> = m
         .spec
         .accepted_per_pos
@@ -51,6 +93,11 @@ pub fn render(m: &Metrics) -> String {
         .enumerate()
         .map(|(i, &v)| (format!("{{position=\"{i}\"}}"), v))
         .collect();
-    metric("spec_decode_num_accepted_tokens_per_pos", "counter", "Draft tokens accepted, by position in the draft.", &per_pos);
+    metric(
+        "spec_decode_num_accepted_tokens_per_pos",
+        "counter",
+        "Draft tokens accepted, by position in the draft.",
+        &per_pos,
+    );
     o
 }

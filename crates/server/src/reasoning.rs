@@ -8,7 +8,9 @@ enum State {
     Start,
     Reasoning,
     /// After the end marker (`trim`: leading whitespace not yet skipped) or without reasoning.
-    Content { trim: bool },
+    Content {
+        trim: bool,
+    },
 }
 
 pub struct Splitter {
@@ -33,7 +35,11 @@ impl Splitter {
         Splitter {
             start: start.into(),
             end: end.into(),
-            state: if opened { State::Reasoning } else { State::Start },
+            state: if opened {
+                State::Reasoning
+            } else {
+                State::Start
+            },
             held: String::new(),
         }
     }
@@ -134,7 +140,10 @@ mod tests {
     fn splits_reasoning_from_content_across_deltas() {
         let s = |a: &str, b: &str| (a.to_string(), b.to_string());
         assert_eq!(
-            split(&["Let me ", "think.</th", "ink>\n\nThe answer", " is 4."], true),
+            split(
+                &["Let me ", "think.</th", "ink>\n\nThe answer", " is 4."],
+                true
+            ),
             s("Let me think.", "The answer is 4.")
         );
         // The output opens the reasoning itself.
@@ -146,7 +155,10 @@ mod tests {
         assert_eq!(split(&["<b>bold</b>"], false), s("", "<b>bold</b>"));
         assert_eq!(split(&["plain ", "text"], false), s("", "plain text"));
         // Unterminated reasoning stays reasoning; a partial end marker at the end is flushed.
-        assert_eq!(split(&["still thinking </thi"], true), s("still thinking </thi", ""));
+        assert_eq!(
+            split(&["still thinking </thi"], true),
+            s("still thinking </thi", "")
+        );
         // Non-ASCII text next to the markers.
         assert_eq!(split(&["é</think>ü"], true), s("é", "ü"));
     }

@@ -13,6 +13,20 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+/// What one stream chunk of a choice carries.
+#[derive(Default)]
+struct Delta<'a> {
+    reasoning: &'a str,
+    content: &'a str,
+    /// Logprob entries of its tokens, and (completions) their texts and the first's offset.
+    lps: Vec<Value>,
+    texts: &'a [String],
+    offset0: usize,
+    finish: Option<&'a str>,
+    /// The first chunk of a chat choice: `role: assistant`.
+    role: bool,
+}
+
 struct Choice {
     split: Option<Splitter>,
     /// Non-streaming: the whole output.
@@ -128,8 +142,10 @@ impl Flight {
                 e
             }
             Kind::Completion => {
-                let top: serde_json::Map<String, Value> =
-                    at[1..].iter().map(|&(t, lp)| (text(t), json!(lp))).collect();
+                let top: serde_json::Map<String, Value> = at[1..]
+                    .iter()
+                    .map(|&(t, lp)| (text(t), json!(lp)))
+                    .collect();
                 json!({"token": text(t), "logprob": lp, "top": top})
             }
         }
@@ -166,19 +182,19 @@ impl Flight {
         c
     }
 
-    /// A stream chunk for choice `i` with these deltas (None when there is nothing to send).
-    fn delta_chunk(
-        &self,
-        i: usize,
-        reasoning: &str,
-        content: &str,
-        lps: Vec<Value>,
-        texts: &[String],
-        offset0: usize,
-        finish: Option<&str>,
-        role: bool,
-    ) -> Option<Value> {
-        if reasoning.is_empty() && content.is_empty() && finish.is_none() && !role && lps.is_empty() {
+    /// A stream chunk for choice `i` with this delta (None when there is nothing to send).
+    fn delta_chunk(&self, i: usize, d: Delta) -> Option<Value> {
+        let Delta {
+            reasoning,
+            content,
+            lps,
+            texts,
+            offset0,
+            finish,
+            role,
+        } = d;
+        if reasoning.is_empty() && content.is_empty() && finish.is_none() && !role && lps.is_empty()
+        {
             return None;
         }
         let logprobs = match (self.top, self.kind) {
@@ -219,7 +235,13 @@ impl Flight {
             Update::Started => {
                 self.choices[i].started = Some(now);
                 if stream && self.kind == Kind::Chat {
-                    out.extend(self.delta_chunk(i, "", "", vec![], &[], 0, None, true));
+                    out.extend(self.delta_chunk(
+                        i,
+                        Delta {
+                            role: true,
+                            ..Delta::default()
+                        },
+                    ));
                 }
             }
             Update::Tokens {
@@ -257,7 +279,17 @@ impl Flight {
                 let offset0 = c.offset;
                 c.offset += texts.iter().map(|x| x.len()).sum::<usize>();
                 if stream {
-                    out.extend(self.delta_chunk(i, &r, &t, lps, &texts, offset0, None, false));
+                    out.extend(self.delta_chunk(
+                        i,
+                        Delta {
+                            reasoning: &r,
+                            content: &t,
+                            lps,
+                            texts: &texts,
+                            offset0,
+                            ..Delta::default()
+                        },
+                    ));
                 } else {
                     c.reasoning.push_str(&r);
                     c.content.push_str(&t);
@@ -285,7 +317,15 @@ impl Flight {
                 }
                 let reason = finish_reason(f.reason);
                 if stream {
-                    out.extend(self.delta_chunk(i, &r, &t, vec![], &[], 0, Some(reason), false));
+                    out.extend(self.delta_chunk(
+                        i,
+                        Delta {
+                            reasoning: &r,
+                            content: &t,
+                            finish: Some(reason),
+                            ..Delta::default()
+                        },
+                    ));
                 } else {
                     c.reasoning.push_str(&r);
                     c.content.push_str(&t);

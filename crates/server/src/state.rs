@@ -69,7 +69,11 @@ impl Ready {
             return Ok(Some(b));
         }
         let ids: Vec<String> = std::iter::once(self.name.clone())
-            .chain(self.budget_names().iter().map(|b| format!("{}:{b}", self.name)))
+            .chain(
+                self.budget_names()
+                    .iter()
+                    .map(|b| format!("{}:{b}", self.name)),
+            )
             .collect();
         Err(ApiError::not_found(
             format!(

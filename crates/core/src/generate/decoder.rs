@@ -112,7 +112,10 @@ pub fn logprobs_of(logits: &[f32], token: u32, top: usize, out: &mut Vec<(u32, f
     let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
     let lse = max as f64 + sum.ln();
     let lp = |x: f32| (x as f64 - lse) as f32;
-    out.push((token, logits.get(token as usize).map_or(f32::NAN, |&x| lp(x))));
+    out.push((
+        token,
+        logits.get(token as usize).map_or(f32::NAN, |&x| lp(x)),
+    ));
     let top = top.min(logits.len());
     // The `top` best so far, kept sorted in `out[1..]`.
     for (i, &x) in logits.iter().enumerate() {
@@ -679,5 +682,55 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("at least 1"), "{e}");
+    }
+
+    /// `logprobs_of` against a plain f64 log-softmax and a full sort, with ties and a top
+    /// longer than the vocabulary; the decoder records one `1 + top` entry per output token.
+    #[test]
+    fn logprobs_against_a_plain_log_softmax() {
+        let logits: Vec<f32> = (0..300)
+            .map(|i| ((i * 37 % 101) as f32 * 0.173).sin() * 9.0)
+            .chain([5.0, 5.0, 5.0])
+            .collect();
+        let lse = logits.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln();
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        let mut out = vec![];
+        for (token, top) in [(7u32, 0usize), (301, 5), (3, 20), (0, 400)] {
+            logprobs_of(&logits, token, top, &mut out);
+            assert_eq!(out.len(), 1 + top.min(logits.len()));
+            let want = |t: u32| (logits[t as usize] as f64 - lse) as f32;
+            assert_eq!(out[0].0, token);
+            assert!((out[0].1 - want(token)).abs() < 1e-5, "{:?}", out[0]);
+            for (k, &(t, lp)) in out[1..].iter().enumerate() {
+                assert_eq!(t, order[k], "rank {k} of top {top}");
+                assert!((lp - want(t)).abs() < 1e-5);
+            }
+        }
+        // The decoder: greedy over one-hot logits, 2 alternatives per token.
+        let tok = bytes_for_test(&["<eos>"]);
+        let ids = tok.encode("abc", false).unwrap();
+        let mut d = Decoder::new(&GenConfig {
+            logprobs: Some(2),
+            ..cfg(100, &[])
+        });
+        feed(&mut d, &tok, &ids);
+        let lps = d.logprobs();
+        assert_eq!(lps.len(), 3 * ids.len());
+        for (rec, &id) in lps.chunks(3).zip(&ids) {
+            assert_eq!((rec[0].0, rec[1].0), (id, id));
+            // One-hot logits: 1 - ln(e + V - 1) for the hot token, then 0 - that.
+            let v = tok.inner.get_vocab_size(true) as f64;
+            let hot = (1.0 - (std::f64::consts::E + v - 1.0).ln()) as f32;
+            assert!(
+                (rec[0].1 - hot).abs() < 1e-5 && rec[1].1 == rec[0].1,
+                "{rec:?}"
+            );
+            assert!((rec[2].1 - (hot - 1.0)).abs() < 1e-5, "{rec:?}");
+        }
     }
 }
