@@ -143,11 +143,13 @@ for c in stream:
 check((sr, sc) == (want_r, want_c), f"streamed split {sr!r} {sc!r}")
 check(last.usage.completion_tokens == len(ref["tokens"]), f"stream usage {last.usage}")
 
-step("chat: enable_thinking false (chat_template_kwargs) gives content only")
+step("chat: enable_thinking false (chat_template_kwargs) gives content only; a thinking cap has nothing to cap")
 r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": USER}], max_tokens=16,
-                                   temperature=0, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-check(r.choices[0].message.content and not getattr(r.choices[0].message, "reasoning_content", None),
-      f"enable_thinking false: {r.choices[0].message}")
+                                   temperature=0, extra_body={"chat_template_kwargs": {"enable_thinking": False},
+                                                              "thinking_token_budget": 2})
+check(r.choices[0].message.content and not getattr(r.choices[0].message, "reasoning_content", None)
+      and r.usage.completion_tokens_details.reasoning_tokens == 0 and END not in r.choices[0].message.content,
+      f"enable_thinking false: {r.choices[0].message} {r.usage}")
 
 # --- thinking_token_budget, think and answer budgets -------------------------------------------
 step("thinking_token_budget caps the reasoning; equals elastica run --thinking-tokens")
@@ -292,6 +294,8 @@ cases = [
     (400, "n", lambda: client.completions.create(model="smol", prompt="x", n=100)),
     (400, "messages", lambda: client.chat.completions.create(model="smol", messages=[])),
     (400, "handoff", lambda: client.chat.completions.create(model="smol", messages=msgs, extra_body={"handoff": "teleport", "think_budget": "0.5"})),
+    (400, "think_budget", lambda: client.chat.completions.create(model="smol", messages=msgs, extra_body={
+        "think_budget": "0.5", "chat_template_kwargs": {"enable_thinking": False}})),
     (400, "thinking_token_budget", lambda: client.chat.completions.create(model="smol", messages=msgs, extra_body={"thinking_token_budget": 0})),
     (400, "speculate", lambda: client.chat.completions.create(model="smol", messages=msgs, extra_body={"speculate": {"draft": "full", "k": 99}})),
     (400, "prompt", lambda: client.completions.create(model="smol", prompt="word " * 600)),

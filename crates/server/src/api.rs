@@ -424,25 +424,33 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
     }
 
     // Thinking and the budget schedule (chat with a thinking template).
-    let think_asked =
-        c.think_budget.is_some() || c.answer_budget.is_some() || c.thinking_token_budget.is_some();
+    if c.thinking_token_budget == Some(0) {
+        return Err(bad("thinking_token_budget", "must be at least 1"));
+    }
+    let scheduled = c.think_budget.is_some() || c.answer_budget.is_some();
+    let think_asked = scheduled || c.thinking_token_budget.is_some();
+    let field = match (&c.think_budget, &c.answer_budget) {
+        (Some(_), _) => "think_budget",
+        (None, Some(_)) => "answer_budget",
+        _ => "thinking_token_budget",
+    };
     let think = match (&r.think_end, &reasoning) {
-        (Some(end), Some((_, _, opened))) if *opened || think_asked => Some(ThinkControl {
+        // The prompt opened the reasoning: the decoder tracks it (and caps it when asked).
+        (Some(end), Some((_, _, true))) => Some(ThinkControl {
             end: end.clone(),
-            cap: match c.thinking_token_budget {
-                Some(0) => return Err(bad("thinking_token_budget", "must be at least 1")),
-                x => x.map(|x| x as usize),
-            },
+            cap: c.thinking_token_budget.map(|x| x as usize),
             grace: 0,
         }),
+        // Thinking is off in this prompt (`enable_thinking: false`): a cap has nothing to cap,
+        // a schedule nothing to schedule.
+        (Some(_), Some((_, _, false))) if scheduled => {
+            return Err(bad(
+                field,
+                "thinking is off in this prompt (the chat template did not open the reasoning, e.g. enable_thinking is false)",
+            ));
+        }
+        (Some(_), Some(_)) => None,
         _ if think_asked => {
-            let field = if c.think_budget.is_some() {
-                "think_budget"
-            } else if c.answer_budget.is_some() {
-                "answer_budget"
-            } else {
-                "thinking_token_budget"
-            };
             let why = match kind {
                 Kind::Completion => "thinking control applies to /v1/chat/completions".to_string(),
                 Kind::Chat => match think::think_end(r.template.as_deref(), &r.tok, None) {
@@ -462,7 +470,7 @@ pub fn parse(r: &Ready, kind: Kind, body: &[u8]) -> Result<Job, ApiError> {
         },
     );
     let mut answer = None;
-    if c.think_budget.is_some() || c.answer_budget.is_some() {
+    if scheduled {
         if let Some(t) = &c.think_budget {
             (run_budget, labels.budget) = resolve("think_budget", t)?;
         }
