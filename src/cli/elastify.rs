@@ -214,6 +214,7 @@ pub fn run(a: Args) -> Result<()> {
             check: Some(&check),
             format: None,
             imatrix: imx.as_ref(),
+            quant: None,
         };
         (rewrite::write(&ck, &map, &out)?, manifest)
     } else {
@@ -231,6 +232,7 @@ pub fn run(a: Args) -> Result<()> {
                 check: Some(&check),
                 format: None,
                 imatrix: imx.as_ref(),
+                quant: None,
             };
             rewrite::write(&ck, &map, &first)?;
             let staged = crate::models::open(&stage)?;
@@ -256,6 +258,7 @@ pub fn run(a: Args) -> Result<()> {
                 check: None,
                 format: None,
                 imatrix: None,
+                quant: None,
             };
             Ok((rewrite::write(&staged, &identity, &last)?, manifest))
         })();

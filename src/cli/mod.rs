@@ -8,6 +8,7 @@ mod gen_data;
 mod info;
 mod logits;
 mod perplexity;
+mod quantize;
 mod rank;
 mod run;
 mod serve;
@@ -89,6 +90,8 @@ enum Cmd {
     GenData(gen_data::Args),
     /// Cut a budget out of an elastic checkpoint as a standalone model.
     Slice(slice::Args),
+    /// Quantize a checkpoint to FP8 or NVFP4 (ModelOpt layout; budgets still slice).
+    Quantize(quantize::Args),
     /// Train every budget at once: learned router + distillation from the frozen parent.
     Train(train::Args),
 }
@@ -145,6 +148,7 @@ pub fn main() -> ExitCode {
         Cmd::Bench(a) => bench::run(a),
         Cmd::BatchedBench(a) => batched_bench::run(a),
         Cmd::Slice(a) => slice::run(a),
+        Cmd::Quantize(a) => quantize::run(a),
         Cmd::GenData(a) => gen_data::run(a),
         Cmd::Rank(a) => rank::run(a),
         Cmd::Elastify(a) => elastify::run(a),

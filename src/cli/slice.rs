@@ -72,6 +72,7 @@ pub fn run(a: Args) -> Result<()> {
             check: if a.verify { Some(&verify) } else { None },
             format,
             imatrix: None,
+            quant: None,
         },
     )?;
     let mut report = serde_json::json!({

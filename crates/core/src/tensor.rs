@@ -18,13 +18,21 @@ pub enum DType {
     Q4K,
     Q5K,
     Q6K,
+    /// FP8 E4M3 (OCP "fn": no infinities, max 448), one byte per value; the tensor's `scale`
+    /// multiplies every value (ModelOpt's per-tensor `weight_scale`).
+    F8E4M3,
+    /// NVFP4: blocks of 16 E2M1 values with an E4M3 block scale (`[scale][8 bytes]`, value i in
+    /// the low nibble of byte i and value i + 8 in its high nibble, as ggml's `block_nvfp4`
+    /// sub-blocks); the tensor's `scale` is ModelOpt's `weight_scale_2`.
+    Nvfp4,
 }
 
 impl DType {
     /// Elements per quantization block (1 for plain floats).
     pub fn block_len(self) -> usize {
         match self {
-            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3 => 1,
+            DType::Nvfp4 => 16,
             DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => 32,
             DType::Q4K | DType::Q5K | DType::Q6K => 256,
         }
@@ -42,6 +50,8 @@ impl DType {
             DType::Q4K => 144,
             DType::Q5K => 176,
             DType::Q6K => 210,
+            DType::F8E4M3 => 1,
+            DType::Nvfp4 => 9,
         }
     }
     /// Bytes of a row of `cols` elements, or None if `cols` is not a whole number of blocks.
@@ -51,8 +61,13 @@ impl DType {
         }
         (cols / self.block_len()).checked_mul(self.block_bytes())
     }
+    /// A block format (its values need more than a cast).
     pub fn is_quantized(self) -> bool {
         self.block_len() > 1
+    }
+    /// FP8 or NVFP4: values carry the tensor's per-tensor scale (ModelOpt's formats).
+    pub fn is_scaled(self) -> bool {
+        matches!(self, DType::F8E4M3 | DType::Nvfp4)
     }
     pub fn name(self) -> &'static str {
         match self {
@@ -67,6 +82,8 @@ impl DType {
             DType::Q4K => "Q4_K",
             DType::Q5K => "Q5_K",
             DType::Q6K => "Q6_K",
+            DType::F8E4M3 => "F8_E4M3",
+            DType::Nvfp4 => "NVFP4",
         }
     }
 }
@@ -103,6 +120,12 @@ pub struct Tensor {
     pub dtype: DType,
     pub shape: Vec<usize>,
     pub buf: Buf,
+    /// Per-tensor factor of every stored value: 1 except for FP8 (`weight_scale`) and NVFP4
+    /// (`weight_scale_2`). A scalar, never sliced (method doc §6).
+    pub scale: f32,
+    /// ModelOpt's static activation scale of this weight's input (`input_scale`), carried
+    /// through slicing for engines that quantize activations; elastica's kernels do not use it.
+    pub input_scale: Option<f32>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -147,6 +170,8 @@ impl Tensor {
             dtype,
             shape,
             buf,
+            scale: 1.0,
+            input_scale: None,
         })
     }
 
@@ -157,6 +182,12 @@ impl Tensor {
         }
         Tensor::new(name, DType::F32, shape, Buf::Owned(Arc::new(v)))
             .expect("consistent f32 tensor")
+    }
+
+    /// The same tensor with per-tensor scale `s` (FP8, NVFP4).
+    pub fn with_scale(mut self, s: f32) -> Tensor {
+        self.scale = s;
+        self
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -210,6 +241,8 @@ impl Tensor {
             dtype: self.dtype,
             shape: self.shape[1..].to_vec(),
             buf,
+            scale: self.scale,
+            input_scale: self.input_scale,
         }
     }
 

@@ -12,12 +12,13 @@
 pub mod imatrix;
 pub mod importance;
 pub mod plot;
+pub mod quantize;
 pub mod rewrite;
 pub mod solver;
 
 use elastica_core::budget::{Axis, AxisMap, Budget, Shape};
 use elastica_core::error::{Error, Result};
-use elastica_core::kernels::quant;
+use elastica_core::kernels::{fp, quant};
 use elastica_core::model::{Cache, Logits, Model};
 use elastica_core::tensor::{DType, Tensor};
 
@@ -126,10 +127,14 @@ impl IndexMap {
 pub struct GatherPlan {
     pub shape: Vec<usize>,
     pub dtype: DType,
+    /// Per-tensor scale the values are encoded under when `dtype` is FP8 or NVFP4.
+    pub scale: f32,
     rows: Vec<usize>,
     inner: Vec<usize>,
     src_cols: usize,
     row_copy: bool,
+    /// Source blocks of each output row, in order, when they are copied whole.
+    blocks: Option<Vec<usize>>,
 }
 
 impl GatherPlan {
@@ -194,8 +199,21 @@ impl GatherPlan {
         let bl_fits = |d: DType| idx.last().unwrap().len().is_multiple_of(d.block_len());
         // A block format applies to the matrices whose rows are whole blocks (not conv taps).
         let want = convert.filter(|w| matrix && bl_fits(*w));
-        let (dtype, row_copy) = if row_copy && want.is_none_or(|w| w == t.dtype) {
-            (t.dtype, true)
+        // Kept columns that are whole blocks of a block format (or single FP8 bytes) are copied
+        // block by block: scales go with their blocks, nothing is re-quantized.
+        let keep = want.is_none_or(|w| w == t.dtype);
+        let whole_blocks = inner.len().is_multiple_of(bl)
+            && inner
+                .chunks(bl)
+                .all(|c| c[0] % bl == 0 && c.iter().enumerate().all(|(i, &x)| x == c[0] + i));
+        let blocks = (!row_copy
+            && keep
+            && !role.flat
+            && (t.dtype.is_quantized() || t.dtype.is_scaled())
+            && whole_blocks)
+            .then(|| inner.chunks(bl).map(|c| c[0] / bl).collect::<Vec<_>>());
+        let (dtype, row_copy) = if (row_copy && keep) || blocks.is_some() {
+            (t.dtype, row_copy && keep)
         } else {
             let requant = quant::requant_type(t.dtype);
             let fits = bl_fits;
@@ -206,7 +224,8 @@ impl GatherPlan {
                 None if matrix && quant::can_quantize(requant) && fits(requant) => requant,
                 None => DType::F32,
             };
-            if dt.is_quantized() && !(quant::can_quantize(dt) && fits(dt)) {
+            let scaled = dt.is_scaled() && fits(dt);
+            if dt.is_quantized() && !scaled && !(quant::can_quantize(dt) && fits(dt)) {
                 return Err(Error::Tensor {
                     name: t.name.clone(),
                     msg: format!(
@@ -219,10 +238,12 @@ impl GatherPlan {
         Ok(GatherPlan {
             shape: out_shape,
             dtype,
+            scale: 1.0,
             rows,
             inner,
             src_cols: cols,
             row_copy,
+            blocks,
         })
     }
 
@@ -240,6 +261,16 @@ impl GatherPlan {
             }
             return out;
         }
+        if let Some(bs) = &self.blocks {
+            let bb = t.dtype.block_bytes();
+            let mut out = Vec::with_capacity(self.rows.len() * bs.len() * bb);
+            for &r in &self.rows {
+                for &b in bs {
+                    out.extend_from_slice(&src[r * rb + b * bb..r * rb + (b + 1) * bb]);
+                }
+            }
+            return out;
+        }
         let mut full = vec![0f32; cols];
         let mut vals = Vec::with_capacity(self.inner.len());
         let mut out = Vec::with_capacity(self.rows.len() * self.inner.len() * 4);
@@ -249,10 +280,12 @@ impl GatherPlan {
         for &r in &self.rows {
             quant::dequant_row(t.dtype, &src[r * rb..(r + 1) * rb], 0, &mut full);
             vals.clear();
-            vals.extend(self.inner.iter().map(|&i| full[i]));
-            match &w {
-                Some(w) => quant::quantize_row_best(self.dtype, &vals, Some(w), &mut out),
-                None => encode(&vals, self.dtype, &mut out),
+            vals.extend(self.inner.iter().map(|&i| full[i] * t.scale));
+            match (self.dtype, &w) {
+                (DType::F8E4M3, _) => fp::quantize_fp8(&vals, self.scale, &mut out),
+                (DType::Nvfp4, _) => fp::quantize_nvfp4(&vals, self.scale, &mut out),
+                (_, Some(w)) => quant::quantize_row_best(self.dtype, &vals, Some(w), &mut out),
+                (_, None) => encode(&vals, self.dtype, &mut out),
             }
         }
         out

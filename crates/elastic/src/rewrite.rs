@@ -39,6 +39,8 @@ pub struct Output<'a> {
     pub values: Option<&'a Values<'a>>,
     /// Input moments weighting the error of re-quantized matrices (by source name).
     pub imatrix: Option<&'a super::imatrix::Imatrix>,
+    /// FP8/NVFP4 quantization of the listed matrices (`elastica quantize`).
+    pub quant: Option<&'a super::quantize::Plan>,
 }
 
 /// Source tensor name → replacement f32 values.
@@ -98,6 +100,9 @@ struct Gathered {
     plan: Option<GatherPlan>,
     shape: Vec<usize>,
     dtype: DType,
+    /// Per-tensor scale and input scale of an FP8/NVFP4 output.
+    scale: f32,
+    input_scale: Option<f32>,
 }
 
 /// Output name of a tensor: its layer renumbered, its expert renumbered (hub layout).
@@ -168,13 +173,32 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
         let Some(new_name) = rename(name, role.as_ref(), map) else {
             continue;
         };
+        let q = out
+            .quant
+            .and_then(|q| q.tensors.get(name).map(|s| (q.to, *s)));
         let (plan, shape, dtype) = match &role {
             Some(r) => {
-                let p = GatherPlan::new(t, r, map, &m.shape, convert)?;
+                let mut p = GatherPlan::new(t, r, map, &m.shape, q.map(|q| q.0).or(convert))?;
+                if let Some((_, s)) = q {
+                    p.scale = s.scale;
+                }
                 let (s, d) = (p.shape.clone(), p.dtype);
                 (Some(p), s, d)
             }
+            None if q.is_some() => {
+                return Err(Error::Tensor {
+                    name: name.clone(),
+                    msg: "has no elastic role; elastica quantizes the model's matrices only".into(),
+                });
+            }
             None => (None, t.shape.clone(), t.dtype),
+        };
+        // The per-tensor scales: the plan's for a newly quantized tensor, the source's when an
+        // FP8/NVFP4 tensor is copied as it is (slicing never changes them, method doc §6).
+        let (scale, input_scale) = match q {
+            Some((_, s)) => (s.scale, s.input_scale),
+            None if dtype == t.dtype && dtype.is_scaled() => (t.scale, t.input_scale),
+            None => (1.0, None),
         };
         gathered.push(Gathered {
             name: new_name,
@@ -183,6 +207,8 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
             plan,
             shape,
             dtype,
+            scale,
+            input_scale,
         });
     }
     let hp = sliced(&ck.hp, map);
@@ -194,6 +220,8 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
                     name: g.name,
                     dtype: g.dtype,
                     shape: g.shape,
+                    scale: g.scale,
+                    input_scale: g.input_scale,
                 },
                 pieces: vec![Piece {
                     src: g.src,
@@ -216,12 +244,15 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
         )));
     }
     if to == Format::Hf
-        && let Some(p) = planned
-            .iter()
-            .find(|p| !matches!(p.out.dtype, DType::F32 | DType::F16 | DType::BF16))
+        && let Some(p) = planned.iter().find(|p| {
+            !matches!(
+                p.out.dtype,
+                DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3 | DType::Nvfp4
+            )
+        })
     {
         return Err(Error::Input(format!(
-            "tensor {} is {}; safetensors holds float formats only",
+            "tensor {} is {}; safetensors holds float formats, FP8 and NVFP4 only",
             p.out.name, p.out.dtype
         )));
     }
@@ -297,6 +328,33 @@ pub fn write(ck: &Checkpoint, map: &IndexMap, out: &Output) -> Result<Written> {
                     .as_object_mut()
                     .ok_or_else(|| Error::config("config.json", "is not an object"))?;
                 o.remove("elastic");
+                // ModelOpt's two descriptions of the quantization: config.json's
+                // `quantization_config` and hf_quant_config.json (kept from a quantized input).
+                let hq = match out.quant {
+                    Some(q) => Some(q.hf_quant_config()),
+                    None => {
+                        let f = m.meta.path.join("hf_quant_config.json");
+                        if from == Format::Hf && f.exists() {
+                            Some(elastica_core::formats::json::read(&f)?)
+                        } else {
+                            None
+                        }
+                    }
+                };
+                match &hq {
+                    Some(h) => {
+                        o.insert(
+                            "quantization_config".into(),
+                            super::quantize::config_json_entry(h),
+                        );
+                        let hp = tmp.join("hf_quant_config.json");
+                        std::fs::write(&hp, serde_json::to_string_pretty(h).unwrap())
+                            .map_err(|e| Error::io(&hp, e))?;
+                    }
+                    None => {
+                        o.remove("quantization_config");
+                    }
+                }
                 if let Some(man) = out.manifest {
                     o.insert("elastic".into(), serde_json::to_value(man).unwrap());
                 }
@@ -518,11 +576,11 @@ fn convert_layout(
                 let view = src_t.index(e);
                 let plan = GatherPlan::new(&view, &sub_role, map, &m.shape, convert)?;
                 out.push(Planned {
-                    out: OutTensor {
-                        name: format!("{}mixer.experts.{p}.{proj}.weight", layer_pre(l)),
-                        dtype: plan.dtype,
-                        shape: plan.shape.clone(),
-                    },
+                    out: OutTensor::new(
+                        format!("{}mixer.experts.{p}.{proj}.weight", layer_pre(l)),
+                        plan.dtype,
+                        plan.shape.clone(),
+                    ),
                     pieces: vec![Piece {
                         src: g.src.clone(),
                         sub: Some(e),
@@ -570,6 +628,8 @@ fn convert_layout(
                 name,
                 dtype: g.dtype,
                 shape,
+                scale: g.scale,
+                input_scale: g.input_scale,
             },
             pieces: vec![Piece {
                 src: g.src,
@@ -592,11 +652,7 @@ fn convert_layout(
         let mut shape = vec![parts.len()];
         shape.extend(parts[0].shape.iter().copied());
         out.push(Planned {
-            out: OutTensor {
-                name: format!("blk.{l}.{proj}"),
-                dtype: dt,
-                shape,
-            },
+            out: OutTensor::new(format!("blk.{l}.{proj}"), dt, shape),
             pieces: parts
                 .into_iter()
                 .map(|g| Piece {

@@ -67,6 +67,7 @@ pub fn write(
             check: None,
             format: None,
             imatrix: None,
+            quant: None,
             values: Some(&get),
         },
     )?)

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{Buf, DType, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -205,6 +206,7 @@ pub fn ggml_type(t: u32) -> Option<DType> {
         13 => DType::Q5K,
         14 => DType::Q6K,
         30 => DType::BF16,
+        40 => DType::Nvfp4,
         _ => return None,
     })
 }
@@ -222,6 +224,9 @@ pub fn ggml_type_id(d: DType) -> u32 {
         DType::Q5K => 13,
         DType::Q6K => 14,
         DType::BF16 => 30,
+        DType::Nvfp4 => 40,
+        // llama.cpp has no FP8 type; writers refuse it before this point.
+        DType::F8E4M3 => u32::MAX,
     }
 }
 
@@ -409,6 +414,7 @@ impl Gguf {
                 ));
             }
         }
+        nvfp4_from_ggml(path, &mut tensors, &mut order)?;
         Ok(Gguf {
             path: path.to_path_buf(),
             version,
@@ -533,19 +539,131 @@ fn put_value(w: &mut Vec<u8>, v: &Value) {
     }
 }
 
+/// NVFP4 tensors (ggml super-blocks) → elastica's blocks, with llama.cpp's per-tensor `.scale`
+/// (one value, or one per expert: they must agree) and `.input_scale` folded in.
+fn nvfp4_from_ggml(
+    path: &Path,
+    tensors: &mut BTreeMap<String, Tensor>,
+    order: &mut Vec<String>,
+) -> Result<()> {
+    use crate::kernels::quant::ToF32;
+    let names: Vec<String> = tensors
+        .iter()
+        .filter(|(_, t)| t.dtype == DType::Nvfp4)
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in names {
+        let t = &tensors[&name];
+        let (rows, cols) = (t.rows(), t.cols());
+        if cols % 64 != 0 {
+            return Err(Error::format(
+                path,
+                format!("tensor {name}: NVFP4 rows of {cols} values are not whole 64-value blocks"),
+            ));
+        }
+        let blocks = super::modelopt::from_ggml(t.bytes(), rows, cols);
+        let mut nt = Tensor::new(
+            &name,
+            DType::Nvfp4,
+            t.shape.clone(),
+            Buf::Owned(Arc::new(blocks)),
+        )
+        .map_err(|e| Error::format(path, e.to_string()))?;
+        let base = name.strip_suffix(".weight").unwrap_or(&name).to_string();
+        let mut one = |suffix: &str| -> Result<Option<f32>> {
+            let sn = format!("{base}{suffix}");
+            let Some(st) = tensors.remove(&sn) else {
+                return Ok(None);
+            };
+            order.retain(|n| n != &sn);
+            let v = st.to_f32();
+            let first = *v
+                .first()
+                .ok_or_else(|| Error::format(path, format!("tensor {sn} is empty")))?;
+            if v.iter().any(|&x| x != first) {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor {sn}: per-expert scales differ ({} values); elastica reads one scale per tensor",
+                        v.len()
+                    ),
+                ));
+            }
+            if !(first.is_finite() && first > 0.0) {
+                return Err(Error::format(
+                    path,
+                    format!("tensor {sn} is {first}, expected a positive finite scale"),
+                ));
+            }
+            Ok(Some(first))
+        };
+        nt.scale = one(".scale")?.unwrap_or(1.0);
+        nt.input_scale = one(".input_scale")?;
+        tensors.insert(name, nt);
+    }
+    Ok(())
+}
+
 /// Writes a GGUF v3 file: metadata in the given order, tensor directory, then each tensor's
 /// bytes from `data(i)`, aligned to 32 bytes.
 pub fn write(
     path: &Path,
     meta: &[(String, Value)],
     tensors: &[super::OutTensor],
-    data: impl FnMut(usize) -> Result<Vec<u8>>,
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<()> {
     const ALIGN: usize = 32;
+    // NVFP4 weights take llama.cpp's `.scale` (and `.input_scale`) companions, F32 [1].
+    let mut all: Vec<super::OutTensor> = vec![];
+    let mut src: Vec<(usize, u8)> = vec![]; // (tensor, 0 = its bytes, 1 = scale, 2 = input scale)
+    for (i, t) in tensors.iter().enumerate() {
+        match t.dtype {
+            DType::F8E4M3 => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor {}: GGUF has no FP8 type (llama.cpp's converter dequantizes FP8); write HF (ModelOpt) or use NVFP4",
+                        t.name
+                    ),
+                ));
+            }
+            DType::Nvfp4 if t.cols() % 64 != 0 => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor {}: {} values per row; GGUF's NVFP4 (GGML_TYPE_NVFP4) needs whole 64-value blocks (write HF, which needs 16)",
+                        t.name,
+                        t.cols()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        all.push(t.clone());
+        src.push((i, 0));
+        if t.dtype == DType::Nvfp4 {
+            if t.scale != 1.0 {
+                all.push(super::OutTensor::new(
+                    t.companion(".scale"),
+                    DType::F32,
+                    vec![1],
+                ));
+                src.push((i, 1));
+            }
+            if t.input_scale.is_some() {
+                all.push(super::OutTensor::new(
+                    t.companion(".input_scale"),
+                    DType::F32,
+                    vec![1],
+                ));
+                src.push((i, 2));
+            }
+        }
+    }
     let mut h = Vec::new();
     h.extend_from_slice(b"GGUF");
     h.extend_from_slice(&3u32.to_le_bytes());
-    h.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    h.extend_from_slice(&(all.len() as u64).to_le_bytes());
     let meta: Vec<&(String, Value)> = meta
         .iter()
         .filter(|(k, _)| k != "general.alignment")
@@ -557,7 +675,7 @@ pub fn write(
         put_value(&mut h, v);
     }
     let mut off = 0usize;
-    for t in tensors {
+    for t in &all {
         put_str(&mut h, &t.name);
         h.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
         for d in t.shape.iter().rev() {
@@ -570,5 +688,20 @@ pub fn write(
     while h.len() % ALIGN != 0 {
         h.push(0);
     }
-    super::write_body(path, &h, tensors, ALIGN, data)
+    super::write_body(path, &h, &all, ALIGN, |j| {
+        let (i, part) = src[j];
+        let t = &tensors[i];
+        Ok(match part {
+            0 if t.dtype == DType::Nvfp4 => {
+                let b = data(i)?;
+                if b.len() != t.nbytes() {
+                    return Ok(b); // write_body names the tensor and the sizes
+                }
+                super::modelopt::to_ggml(&b, t.rows(), t.cols())
+            }
+            0 => data(i)?,
+            1 => t.scale.to_le_bytes().to_vec(),
+            _ => t.input_scale.unwrap_or(1.0).to_le_bytes().to_vec(),
+        })
+    })
 }

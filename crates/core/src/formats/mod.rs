@@ -3,6 +3,7 @@
 
 pub mod gguf;
 pub mod json;
+pub mod modelopt;
 pub mod safetensors;
 pub mod temp;
 pub mod tokenizer;
@@ -46,9 +47,38 @@ pub struct OutTensor {
     pub name: String,
     pub dtype: crate::tensor::DType,
     pub shape: Vec<usize>,
+    /// Per-tensor scale of FP8/NVFP4 values (1 otherwise); written as ModelOpt's
+    /// `weight_scale`/`weight_scale_2` or llama.cpp's `.scale`.
+    pub scale: f32,
+    /// ModelOpt's `input_scale`, written next to the weight when present.
+    pub input_scale: Option<f32>,
 }
 
 impl OutTensor {
+    pub fn new(
+        name: impl Into<String>,
+        dtype: crate::tensor::DType,
+        shape: Vec<usize>,
+    ) -> OutTensor {
+        OutTensor {
+            name: name.into(),
+            dtype,
+            shape,
+            scale: 1.0,
+            input_scale: None,
+        }
+    }
+    /// The name with `.weight` replaced by `suffix` (a companion scale's name).
+    pub fn companion(&self, suffix: &str) -> String {
+        let base = self.name.strip_suffix(".weight").unwrap_or(&self.name);
+        format!("{base}{suffix}")
+    }
+    pub fn cols(&self) -> usize {
+        *self.shape.last().unwrap_or(&1)
+    }
+    pub fn rows(&self) -> usize {
+        self.shape.iter().rev().skip(1).product()
+    }
     pub fn nbytes(&self) -> usize {
         let cols = *self.shape.last().unwrap_or(&1);
         let rows: usize = self.shape.iter().rev().skip(1).product();

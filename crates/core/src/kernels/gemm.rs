@@ -115,6 +115,10 @@ pub fn matmul(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
     } else {
         gemm_f32(t, n, k, x, k, y, n, &pack_f32);
     }
+    // FP8/NVFP4: the per-tensor scale (packing dequantizes the stored values only).
+    if w.scale != 1.0 {
+        y.iter_mut().for_each(|v| *v *= w.scale);
+    }
 }
 
 /// f32 → bf16 (round to nearest even), vectorized where AVX-512 BF16 is available.

@@ -50,7 +50,9 @@ fn act_kind(dt: DType, isa: Isa) -> ActKind {
         DType::F32 | DType::F16 => ActKind::F32,
         DType::BF16 if isa != Isa::Avx512 => ActKind::F32,
         DType::BF16 => ActKind::Bf16,
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => ActKind::Q8,
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Nvfp4 => ActKind::Q8,
+        DType::F8E4M3 if isa == Isa::Avx512 => ActKind::Bf16,
+        DType::F8E4M3 => ActKind::F32,
         DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q5K | DType::Q6K => ActKind::F32,
     }
 }
@@ -65,6 +67,9 @@ impl ActScratch {
             }
             ActKind::Q8 => {
                 self.q8.quantize(x);
+                if dt == DType::Nvfp4 {
+                    self.q8.interleave16();
+                }
                 self.xsum.resize(self.q8.d.len(), 0.0);
                 let c = if dt == DType::Q8_0 { 128.0 } else { 1.0 };
                 for b in 0..self.q8.d.len() {
@@ -174,6 +179,12 @@ fn pass(
             pool().for_range(n, 16, run);
         }
     });
+    // The per-tensor factor (FP8 weight_scale, NVFP4 weight_scale_2; 2 undoes NVFP4's doubled
+    // integer values).
+    let f = w.scale * if w.dtype == DType::Nvfp4 { 0.5 } else { 1.0 };
+    if f != 1.0 {
+        y.iter_mut().for_each(|v| *v *= f);
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -250,13 +261,16 @@ fn row_dots(w: &Tensor, first: usize, cols: &[Range<usize>], act: &Act, out: &mu
                 (Act::Q8 { q, d, .. }, DType::Q8_0) => {
                     avx2::rows_q8_0(base, stride, n, cols, q, d, out)
                 }
+                (Act::Q8 { q, d, .. }, DType::Nvfp4) => {
+                    avx2::rows_nvfp4(base, stride, n, cols, q, d, out)
+                }
                 (Act::Q8 { q, d, xsum }, DType::Q4_1) => {
                     avx2::rows_q4::<true>(base, stride, n, cols, q, d, xsum, out)
                 }
                 (Act::Q8 { q, d, xsum }, _) => {
                     avx2::rows_q4::<false>(base, stride, n, cols, q, d, xsum, out)
                 }
-                (Act::F32(x), DType::F32 | DType::F16 | DType::BF16) => out
+                (Act::F32(x), DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3) => out
                     .iter_mut()
                     .enumerate()
                     .for_each(|(i, o)| *o = avx2::dot_float(w.dtype, row(i), cols, x)),
@@ -272,6 +286,7 @@ fn row_dots(w: &Tensor, first: usize, cols: &[Range<usize>], act: &Act, out: &mu
     let _ = isa;
     for (i, o) in out.iter_mut().enumerate() {
         *o = match act {
+            Act::Q8 { q, d, .. } if w.dtype == DType::Nvfp4 => scalar_dot_nvfp4(row(i), cols, q, d),
             Act::Q8 { q, d, xsum } => scalar_dot_q(w.dtype, row(i), cols, q, d, xsum),
             Act::Bf16(_) => unreachable!("bf16 activations are only made for AVX-512"),
             Act::F32(x) => dot_generic(w.dtype, row(i), cols, x),
@@ -296,6 +311,53 @@ fn dot_generic(dt: DType, row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
             j += n;
         }
     }
+    s
+}
+
+/// NVFP4 16-blocks of the column segments in packed order, two per activation block of 32:
+/// `f(k, j0, j1)` for activation block k, weight blocks j0 and j1 (None after an odd count).
+#[inline(always)]
+fn nvfp4_pairs(cols: &[Range<usize>], mut f: impl FnMut(usize, usize, Option<usize>)) {
+    let (mut pending, mut k) = (None, 0);
+    for c in cols {
+        for j in c.start / 16..c.end / 16 {
+            match pending.take() {
+                None => pending = Some(j),
+                Some(j0) => {
+                    f(k, j0, Some(j));
+                    k += 1;
+                }
+            }
+        }
+    }
+    if let Some(j0) = pending {
+        f(k, j0, None);
+    }
+}
+
+/// E2M1 values doubled (integers), by code.
+const E2M1X2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Integer dot of an NVFP4 row with q8 activations interleaved by [`Q8Act::interleave16`],
+/// doubled (the caller halves): the reference for the SIMD paths.
+///
+/// [`Q8Act::interleave16`]: super::quant::Q8Act::interleave16
+fn scalar_dot_nvfp4(row: &[u8], cols: &[Range<usize>], q: &[i8], d: &[f32]) -> f32 {
+    let mut s = 0f32;
+    nvfp4_pairs(cols, |k, j0, j1| {
+        let x = &q[32 * k..32 * k + 32];
+        let blk = |j: usize, half: usize| -> f32 {
+            let b = &row[9 * j..9 * j + 9];
+            let mut acc = 0i32;
+            for i in 0..8 {
+                acc += E2M1X2[(b[1 + i] & 0xF) as usize] as i32 * x[8 * half + i] as i32;
+                acc += E2M1X2[(b[1 + i] >> 4) as usize] as i32 * x[16 + 8 * half + i] as i32;
+            }
+            super::fp::E4M3[(b[0] & 0x7F) as usize] * acc as f32
+        };
+        let v = blk(j0, 0) + j1.map_or(0.0, |j| blk(j, 1));
+        s += d[k] * v;
+    });
     s
 }
 
@@ -455,7 +517,9 @@ mod avx512 {
                 (Act::Q8 { .. }, DType::Q8_0) => rows_q::<Q8_0>(base, stride, n, cols, acts, y, ys),
                 (Act::Q8 { .. }, DType::Q4_0) => rows_q::<Q4_0>(base, stride, n, cols, acts, y, ys),
                 (Act::Q8 { .. }, DType::Q4_1) => rows_q::<Q4_1>(base, stride, n, cols, acts, y, ys),
-                (Act::Bf16(_), _) => rows_bf16(base, stride, n, cols, acts, y, ys),
+                (Act::Q8 { .. }, DType::Nvfp4) => rows_nvfp4(base, stride, n, cols, acts, y, ys),
+                (Act::Bf16(_), DType::F8E4M3) => rows_fp8(base, stride, n, cols, acts, y, ys),
+                (Act::Bf16(_), DType::BF16) => rows_bf16(base, stride, n, cols, acts, y, ys),
                 (Act::F32(_), DType::F32) => rows_f::<F32>(base, stride, n, cols, acts, y, ys),
                 (Act::F32(_), DType::F16) => rows_f::<F16>(base, stride, n, cols, acts, y, ys),
                 (Act::F32(_), DType::BF16) => rows_f::<BF16>(base, stride, n, cols, acts, y, ys),
@@ -747,6 +811,226 @@ mod avx512 {
         }
     }
 
+    /// NVFP4 rows · q8 x (interleaved by `Q8Act::interleave16`): per activation block of 32,
+    /// two weight blocks' nibbles are looked up as doubled E2M1 integers (vpshufb), and dpbusd
+    /// takes their magnitudes against x carrying their signs; lanes are scaled by their block's
+    /// E4M3 scale times d_x.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
+    unsafe fn rows_nvfp4(
+        base: *const u8,
+        stride: usize,
+        n: usize,
+        cols: &[Range<usize>],
+        acts: &[Act],
+        y: *mut f32,
+        ys: usize,
+    ) {
+        unsafe {
+            tiles!(n, acts, y, ys, |r, R, xa, A| nvfp4_tile::<R, A>(
+                base.add(r * stride),
+                stride,
+                cols,
+                xa
+            ))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn nvfp4_tile<const R: usize, const A: usize>(
+        base: *const u8,
+        stride: usize,
+        cols: &[Range<usize>],
+        xa: &[Act; A],
+    ) -> [[f32; A]; R] {
+        unsafe {
+            let (mut xq, mut xd) = ([std::ptr::null(); A], [std::ptr::null(); A]);
+            for a in 0..A {
+                let Act::Q8 { q, d, .. } = &xa[a] else {
+                    unreachable!("one activation kind per product")
+                };
+                (xq[a], xd[a]) = (q.as_ptr(), d.as_ptr());
+            }
+            let lut =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(super::E2M1X2.as_ptr() as *const _));
+            let lo = _mm256_set1_epi8(0x0F);
+            // Low nibbles (values 0..8 of both blocks) in the lower 128 bits, high in the upper.
+            let nib_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+            let scales = crate::kernels::fp::E4M3.as_ptr();
+            let mut acc = [[_mm256_setzero_ps(); A]; R];
+            super::nvfp4_pairs(cols, |k, j0, j1| {
+                let mut wu = [_mm256_setzero_si256(); R];
+                let mut ws = [_mm256_setzero_si256(); R];
+                let mut sc = [_mm256_setzero_ps(); R];
+                for r in 0..R {
+                    let p0 = base.add(r * stride + 9 * j0);
+                    _mm_prefetch::<_MM_HINT_T0>(p0.add(PF * stride) as *const i8);
+                    let s0 = *scales.add((*p0 & 0x7F) as usize);
+                    let b0 = std::ptr::read_unaligned(p0.add(1) as *const i64);
+                    let (s1, b1) = match j1 {
+                        Some(j) => {
+                            let p1 = base.add(r * stride + 9 * j);
+                            (
+                                *scales.add((*p1 & 0x7F) as usize),
+                                std::ptr::read_unaligned(p1.add(1) as *const i64),
+                            )
+                        }
+                        None => (0.0, 0),
+                    };
+                    let bytes = _mm256_broadcastsi128_si256(_mm_set_epi64x(b1, b0));
+                    let nib = _mm256_and_si256(_mm256_srlv_epi32(bytes, nib_shift), lo);
+                    ws[r] = _mm256_shuffle_epi8(lut, nib);
+                    wu[r] = _mm256_abs_epi8(ws[r]);
+                    let h = _mm_setr_ps(s0, s0, s1, s1);
+                    sc[r] = _mm256_set_m128(h, h);
+                }
+                for a in 0..A {
+                    let xv = _mm256_loadu_si256(xq[a].add(32 * k) as *const _);
+                    let dk = _mm256_set1_ps(*xd[a].add(k));
+                    for r in 0..R {
+                        let i = _mm256_dpbusd_epi32(
+                            _mm256_setzero_si256(),
+                            wu[r],
+                            _mm256_sign_epi8(xv, ws[r]),
+                        );
+                        acc[r][a] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(i),
+                            _mm256_mul_ps(sc[r], dk),
+                            acc[r][a],
+                        );
+                    }
+                }
+            });
+            let mut out = [[0f32; A]; R];
+            for r in 0..R {
+                for a in 0..A {
+                    out[r][a] = hsum256(acc[r][a]);
+                }
+            }
+            out
+        }
+    }
+
+    /// FP8 E4M3 rows · bf16 x (vdpbf16ps): each byte widened to the bf16 of its value, exactly
+    /// (normal codes by moving the exponent, subnormals by a table of eight).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
+    unsafe fn rows_fp8(
+        base: *const u8,
+        stride: usize,
+        n: usize,
+        cols: &[Range<usize>],
+        acts: &[Act],
+        y: *mut f32,
+        ys: usize,
+    ) {
+        unsafe {
+            tiles!(n, acts, y, ys, |r, R, xa, A| fp8_tile::<R, A>(
+                base.add(r * stride),
+                stride,
+                cols,
+                xa
+            ))
+        }
+    }
+
+    /// 32 E4M3 bytes → 32 bf16 of the same values.
+    #[inline(always)]
+    unsafe fn e4m3_to_bf16(v: __m256i) -> __m512i {
+        unsafe {
+            let w = _mm512_cvtepu8_epi16(v);
+            let mag = _mm512_and_si512(w, _mm512_set1_epi16(0x7F));
+            // e ≥ 1: bf16 exponent e − 7 + 127, mantissa bits moved up by 4.
+            let normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
+            // e = 0: m · 2⁻⁹ (bf16 bits of 0, 2⁻⁹, 2⁻⁸, 1.5·2⁻⁸, 2⁻⁷, 1.25·2⁻⁷, 1.5·2⁻⁷, 1.75·2⁻⁷).
+            let sub = _mm512_permutexvar_epi16(
+                mag,
+                _mm512_setr_epi32(
+                    0x3B00_0000,
+                    0x3BC0_3B80,
+                    0x3C20_3C00,
+                    0x3C60_3C40,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                ),
+            );
+            let small = _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8));
+            let m = _mm512_mask_mov_epi16(normal, small, sub);
+            // Sign: bit 7 of the byte to bit 15.
+            _mm512_or_si512(
+                m,
+                _mm512_and_si512(_mm512_slli_epi16(w, 8), _mm512_set1_epi16(-0x8000)),
+            )
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn fp8_tile<const R: usize, const A: usize>(
+        base: *const u8,
+        stride: usize,
+        cols: &[Range<usize>],
+        xa: &[Act; A],
+    ) -> [[f32; A]; R] {
+        unsafe {
+            let mut xp = [std::ptr::null::<u16>(); A];
+            for a in 0..A {
+                let Act::Bf16(x) = &xa[a] else {
+                    unreachable!("one activation kind per product")
+                };
+                xp[a] = x.as_ptr();
+            }
+            let mut acc = [[_mm512_setzero_ps(); A]; R];
+            let mut k = 0usize;
+            for c in cols {
+                let n = c.len();
+                let mut i = 0;
+                while i < n {
+                    let m: __mmask32 = if n - i >= 32 {
+                        !0
+                    } else {
+                        (1u32 << (n - i)) - 1
+                    };
+                    let mut wv = [_mm512_setzero_si512(); R];
+                    for r in 0..R {
+                        let wp = base.add(r * stride + c.start + i);
+                        _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
+                        wv[r] = e4m3_to_bf16(_mm256_maskz_loadu_epi8(m, wp as *const _));
+                    }
+                    for a in 0..A {
+                        let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(
+                            m,
+                            xp[a].add(k + i) as *const _,
+                        ));
+                        for r in 0..R {
+                            acc[r][a] = _mm512_dpbf16_ps(
+                                acc[r][a],
+                                std::mem::transmute::<__m512i, __m512bh>(wv[r]),
+                                xv,
+                            );
+                        }
+                    }
+                    i += 32;
+                }
+                k += n;
+            }
+            let mut out = [[0f32; A]; R];
+            for r in 0..R {
+                for a in 0..A {
+                    out[r][a] = _mm512_reduce_add_ps(acc[r][a]);
+                }
+            }
+            out
+        }
+    }
+
     #[inline(always)]
     unsafe fn hsum256(v: __m256) -> f32 {
         unsafe {
@@ -802,6 +1086,17 @@ mod avx2 {
                         DType::F16 => {
                             _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(2 * j) as *const _))
                         }
+                        // E4M3 · 2⁻⁸ is exactly the f16 with its bits moved up by 7 (the sum
+                        // is scaled back below).
+                        DType::F8E4M3 => {
+                            let b =
+                                _mm_cvtepu8_epi16(_mm_loadl_epi64(row.as_ptr().add(j) as *const _));
+                            let h = _mm_or_si128(
+                                _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7),
+                                _mm_and_si128(_mm_slli_epi16(b, 8), _mm_set1_epi16(-0x8000)),
+                            );
+                            _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0))
+                        }
                         _ => _mm256_castsi256_ps(_mm256_slli_epi32(
                             _mm256_cvtepu16_epi32(_mm_loadu_si128(
                                 row.as_ptr().add(2 * j) as *const _
@@ -817,6 +1112,7 @@ mod avx2 {
                     let w = match dt {
                         DType::F32 => f32::from_le_bytes(row[4 * j..4 * j + 4].try_into().unwrap()),
                         DType::F16 => f16s(row.as_ptr().add(2 * j)),
+                        DType::F8E4M3 => crate::kernels::fp::e4m3_to_f32(row[j]),
                         _ => f32::from_bits(
                             (u16::from_le_bytes([row[2 * j], row[2 * j + 1]]) as u32) << 16,
                         ),
@@ -903,6 +1199,75 @@ mod avx2 {
                     k += 1;
                 }
             }
+            acc.map(|a| hsum(a))
+        }
+    }
+
+    /// NVFP4 · q8 (interleaved): as the AVX-512 kernel, with maddubs for dpbusd.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_nvfp4(
+        base: *const u8,
+        stride: usize,
+        n: usize,
+        cols: &[Range<usize>],
+        q: &[i8],
+        d: &[f32],
+        y: &mut [f32],
+    ) {
+        unsafe {
+            by_four!(n, y, |r, R| nvfp4_group::<R>(
+                base.add(r * stride),
+                stride,
+                cols,
+                q,
+                d
+            ))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn nvfp4_group<const R: usize>(
+        base: *const u8,
+        stride: usize,
+        cols: &[Range<usize>],
+        q: &[i8],
+        d: &[f32],
+    ) -> [f32; R] {
+        unsafe {
+            let lut =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(super::E2M1X2.as_ptr() as *const _));
+            let lo = _mm256_set1_epi8(0x0F);
+            let nib_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+            let ones = _mm256_set1_epi16(1);
+            let scales = crate::kernels::fp::E4M3.as_ptr();
+            let mut acc = [_mm256_setzero_ps(); R];
+            super::nvfp4_pairs(cols, |k, j0, j1| {
+                let xv = _mm256_loadu_si256(q.as_ptr().add(32 * k) as *const _);
+                let dk = *d.get_unchecked(k);
+                for r in 0..R {
+                    let p0 = base.add(r * stride + 9 * j0);
+                    _mm_prefetch::<_MM_HINT_T0>(p0.add(PF * stride) as *const i8);
+                    let s0 = *scales.add((*p0 & 0x7F) as usize);
+                    let b0 = std::ptr::read_unaligned(p0.add(1) as *const i64);
+                    let (s1, b1) = match j1 {
+                        Some(j) => {
+                            let p1 = base.add(r * stride + 9 * j);
+                            (
+                                *scales.add((*p1 & 0x7F) as usize),
+                                std::ptr::read_unaligned(p1.add(1) as *const i64),
+                            )
+                        }
+                        None => (0.0, 0),
+                    };
+                    let bytes = _mm256_broadcastsi128_si256(_mm_set_epi64x(b1, b0));
+                    let nib = _mm256_and_si256(_mm256_srlv_epi32(bytes, nib_shift), lo);
+                    let ws = _mm256_shuffle_epi8(lut, nib);
+                    let prod = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(xv, ws));
+                    let i = _mm256_madd_epi16(prod, ones);
+                    let h = _mm_setr_ps(s0 * dk, s0 * dk, s1 * dk, s1 * dk);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set_m128(h, h), acc[r]);
+                }
+            });
             acc.map(|a| hsum(a))
         }
     }
@@ -1001,10 +1366,56 @@ mod tests {
                 DType::BF16 => row
                     .iter()
                     .for_each(|x| b.extend_from_slice(&bf16::from_f32(*x).to_le_bytes())),
+                DType::F8E4M3 => crate::kernels::fp::quantize_fp8(row, 0.004, &mut b),
+                DType::Nvfp4 => crate::kernels::fp::quantize_nvfp4(row, 0.0003, &mut b),
                 _ => quant::quantize_row(dt, row, &mut b),
             }
         }
-        Tensor::new("w", dt, vec![n, k], Buf::Owned(Arc::new(b))).unwrap()
+        let scale = match dt {
+            DType::F8E4M3 => 0.004,
+            DType::Nvfp4 => 0.0003,
+            _ => 1.0,
+        };
+        Tensor::new("w", dt, vec![n, k], Buf::Owned(Arc::new(b)))
+            .unwrap()
+            .with_scale(scale)
+    }
+
+    /// NVFP4 cuts fall on 16-value blocks, so the packed activation blocks of 32 straddle
+    /// column segments (and a final half block is padded): the product still equals the
+    /// dequantized weights', at one row and at many.
+    #[test]
+    fn nvfp4_on_sixteen_value_cuts() {
+        let (n, k) = (37, 160);
+        let rows = [0..9, 20..37];
+        for cols in [vec![0..48], vec![16..48, 80..96, 128..160], vec![0..16]] {
+            let (kk, nn) = (seg_len(&cols), seg_len(&rows));
+            let w = tensor(DType::Nvfp4, n, k, &rnd(n * k, 3));
+            let rl: Vec<usize> = rows.iter().flat_map(|r| r.clone()).collect();
+            let cl: Vec<usize> = cols.iter().flat_map(|r| r.clone()).collect();
+            for m in [1, 5] {
+                let x = rnd(m * kk, 9);
+                let mut y = vec![f32::NAN; m * nn];
+                matvec_rows(&w, &rows, &cols, &x, &mut y);
+                let mut deq = vec![0f32; k];
+                for i in 0..m {
+                    for (j, &r) in rl.iter().enumerate() {
+                        quant::dequant_row(DType::Nvfp4, w.row(r), 0, &mut deq);
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for (c, &col) in cl.iter().enumerate() {
+                            let p = (deq[col] * w.scale) as f64 * x[i * kk + c] as f64;
+                            want += p;
+                            mag += p.abs();
+                        }
+                        let got = y[i * nn + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-2 * mag + 1e-7,
+                            "cols {cols:?} m={m} row {i} out {j}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// A batch of m activation rows gives each the bits it gets alone, for every width of the
@@ -1025,6 +1436,8 @@ mod tests {
             DType::Q4_0,
             DType::Q4_1,
             DType::Q5_0,
+            DType::F8E4M3,
+            DType::Nvfp4,
         ] {
             let w = tensor(dt, n, k, &wv);
             let mut deq = vec![0f32; k];
@@ -1048,6 +1461,7 @@ mod tests {
                     }
                     for (j, &r) in rl.iter().enumerate() {
                         quant::dequant_row(dt, &w.bytes()[r * w.row_bytes()..], 0, &mut deq);
+                        deq.iter_mut().for_each(|v| *v *= w.scale);
                         let (mut want, mut mag) = (0f64, 0f64);
                         for (c, &col) in cl.iter().enumerate() {
                             let p = deq[col] as f64 * x[i * kk + c] as f64;

@@ -3,6 +3,7 @@
 //! The ISA is detected at run time: AVX-512 (BF16, VNNI), else AVX2 + FMA, else portable code;
 //! `ELASTICA_ISA=avx2` or `ELASTICA_NO_SIMD=1` force the lower levels (tests compare them).
 
+pub mod fp;
 pub mod gemm;
 pub mod gemv;
 pub mod ops;

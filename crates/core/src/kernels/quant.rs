@@ -1,6 +1,7 @@
 //! Block formats (GGUF/ggml layouts) and their scalar reference dequantization, plus the
 //! per-token q8 quantization of activations used by the integer dot products.
 
+use super::fp;
 use crate::tensor::{DType, Tensor};
 use half::{bf16, f16};
 
@@ -35,6 +36,12 @@ pub fn dequant_block(dtype: DType, b: &[u8], out: &mut [f32]) {
         DType::F32 => out[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         DType::F16 => out[0] = f16_at(b, 0),
         DType::BF16 => out[0] = bf16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+        DType::F8E4M3 => out[0] = fp::e4m3_to_f32(b[0]),
+        DType::Nvfp4 => {
+            for (i, o) in out.iter_mut().enumerate().take(16) {
+                *o = fp::nvfp4_at(b, i);
+            }
+        }
         DType::Q8_0 => {
             let d = f16_at(b, 0);
             for i in 0..32 {
@@ -132,7 +139,8 @@ pub fn dequant_block(dtype: DType, b: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Dequantizes `out.len()` values of a row starting at column `col0` (a multiple of the block length).
+/// Dequantizes `out.len()` values of a row starting at column `col0` (a multiple of the block
+/// length). The stored values: FP8 and NVFP4 tensors' per-tensor `scale` is not applied.
 pub fn dequant_row(dtype: DType, row: &[u8], col0: usize, out: &mut [f32]) {
     match dtype {
         DType::F32 => {
@@ -150,6 +158,11 @@ pub fn dequant_row(dtype: DType, row: &[u8], col0: usize, out: &mut [f32]) {
         DType::F16 => {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = f16_at(row, 2 * (col0 + i));
+            }
+        }
+        DType::F8E4M3 => {
+            for (o, &b) in out.iter_mut().zip(&row[col0..]) {
+                *o = fp::e4m3_to_f32(b);
             }
         }
         _ => {
@@ -178,14 +191,16 @@ pub struct Q8Act {
 }
 
 impl Q8Act {
+    /// Quantizes `x`, whose length is a multiple of 16: a final half block (NVFP4 widths) is
+    /// padded with zeros.
     pub fn quantize(&mut self, x: &[f32]) {
-        let nb = x.len() / 32;
-        debug_assert_eq!(x.len() % 32, 0);
-        self.q.resize(x.len(), 0);
+        debug_assert_eq!(x.len() % 16, 0);
+        let nb = x.len().div_ceil(32);
+        self.q.resize(32 * nb, 0);
         self.d.resize(nb, 0.0);
         self.sum.resize(nb, 0);
         for b in 0..nb {
-            let xs = &x[32 * b..32 * b + 32];
+            let xs = &x[32 * b..(32 * b + 32).min(x.len())];
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -198,8 +213,22 @@ impl Q8Act {
                 self.q[32 * b + i] = q as i8;
                 s += q;
             }
+            self.q[32 * b + xs.len()..32 * b + 32].fill(0);
             self.d[b] = d;
             self.sum[b] = s;
+        }
+    }
+
+    /// Reorders each block of 32 as NVFP4's nibbles come out of two 16-blocks' bytes: values
+    /// 0..8 of the first half, 0..8 of the second, 8..16 of the first, 8..16 of the second.
+    pub fn interleave16(&mut self) {
+        for b in self.q.chunks_exact_mut(32) {
+            let mut t = [0i8; 32];
+            t[..8].copy_from_slice(&b[..8]);
+            t[8..16].copy_from_slice(&b[16..24]);
+            t[16..24].copy_from_slice(&b[8..16]);
+            t[24..].copy_from_slice(&b[24..]);
+            b.copy_from_slice(&t);
         }
     }
 }
@@ -210,6 +239,7 @@ pub trait ToF32 {
 }
 
 impl ToF32 for Tensor {
+    /// The values, with the per-tensor scale applied.
     fn to_f32(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.numel()];
         let cols = self.cols();
@@ -220,6 +250,9 @@ impl ToF32 for Tensor {
                 0,
                 &mut out[r * cols..(r + 1) * cols],
             );
+        }
+        if self.scale != 1.0 {
+            out.iter_mut().for_each(|v| *v *= self.scale);
         }
         out
     }

@@ -113,12 +113,21 @@ impl Attention {
         let hid = [0..hidden];
         let kvr = [0..kvd];
         let q = buf(&mut s.a, t * nq * d);
+        if obs.enabled() {
+            obs.weight_input(&self.q, x);
+        }
         linear_rows(&self.q, &lb.q_rows, &hid, x, q, decode);
         add_bias(&self.q_bias, &lb.q_rows, q);
         let kb = buf(&mut s.b, t * kvd);
+        if obs.enabled() {
+            obs.weight_input(&self.k, x);
+        }
         linear_rows(&self.k, &kvr, &hid, x, kb, decode);
         add_bias(&self.k_bias, &kvr, kb);
         let vb = buf(&mut s.c, t * kvd);
+        if obs.enabled() {
+            obs.weight_input(&self.v, x);
+        }
         linear_rows(&self.v, &kvr, &hid, x, vb, decode);
         add_bias(&self.v_bias, &kvr, vb);
         let att = buf(&mut s.d, t * nq * d);
@@ -195,6 +204,9 @@ impl Attention {
         }
         if obs.enabled() {
             obs.attention(layer, att, nq, d);
+        }
+        if obs.enabled() {
+            obs.weight_input(&self.o, att);
         }
         linear_rows(&self.o, &hid, &lb.q_rows, att, out, decode);
         add_bias(&self.o_bias, &hid, out);

@@ -130,6 +130,9 @@ impl Mamba2 {
         let width = 2 * ni + 2 * gn + na;
         let cw = ni + gn * 2;
         let zx = buf(&mut s.a, t * width);
+        if obs.enabled() {
+            obs.weight_input(&self.in_proj, x);
+        }
         linear_rows(&self.in_proj, &lb.in_rows, &[0..hidden], x, zx, decode);
         if obs.enabled() {
             let mut xs = vec![0f32; t * ni];
@@ -181,6 +184,9 @@ impl Mamba2 {
                 }
                 c += seg.len();
             }
+        }
+        if obs.enabled() {
+            obs.weight_input(&self.out_proj, y);
         }
         linear_rows(&self.out_proj, &[0..hidden], &lb.inner, y, out, decode);
     }

@@ -43,11 +43,17 @@ impl Mlp {
         let rows = [0..ffn];
         let hid = [0..hidden];
         let u = buf(&mut s.d, t * ffn);
+        if obs.enabled() {
+            obs.weight_input(&self.up, x);
+        }
         linear_rows(&self.up, &rows, &hid, x, u, decode);
         add_bias(&self.up_bias, &rows, u);
         match (&self.gate, self.act) {
             (Some(g), _) => {
                 let gv = buf(&mut s.e, t * ffn);
+                if obs.enabled() {
+                    obs.weight_input(g, x);
+                }
                 linear_rows(g, &rows, &hid, x, gv, decode);
                 add_bias(&self.gate_bias, &rows, gv);
                 for (uv, gv) in u.iter_mut().zip(gv.iter()) {
@@ -59,6 +65,9 @@ impl Mlp {
         }
         if obs.enabled() {
             obs.down_input(at.0, at.1, u, ffn);
+        }
+        if obs.enabled() {
+            obs.weight_input(&self.down, u);
         }
         linear_rows(&self.down, &hid, &rows, u, out, decode);
         add_bias(&self.down_bias, &hid, out);

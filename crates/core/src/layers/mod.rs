@@ -35,6 +35,9 @@ pub trait Observer {
     fn down_input(&mut self, _layer: usize, _which: Ffn, _x: &[f32], _width: usize) {}
     /// One token's output of routed expert `expert`, with its gate weight.
     fn expert_output(&mut self, _layer: usize, _expert: usize, _weight: f32, _y: &[f32]) {}
+    /// The input of a matrix product with weight `w` (its checkpoint name; a stacked expert's
+    /// view is named `NAME[e]`): [T, active inputs]. Calibrates FP8/NVFP4 `input_scale`.
+    fn weight_input(&mut self, _w: &Tensor, _x: &[f32]) {}
 }
 
 /// The observer of a plain forward: no hooks.

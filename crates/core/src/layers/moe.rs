@@ -122,10 +122,16 @@ impl Moe {
         obs: &mut dyn Observer,
         layer: usize,
     ) {
+        if obs.enabled() {
+            obs.weight_input(&self.up[id], x);
+        }
         linear_rows(&self.up[id], &[0..ffn], &[0..hidden], x, h, decode);
         h.iter_mut().for_each(|v| *v = relu2(*v));
         if obs.enabled() {
             obs.down_input(layer, Ffn::Expert(id), h, ffn);
+        }
+        if obs.enabled() {
+            obs.weight_input(&self.down[id], h);
         }
         linear_rows(&self.down[id], &[0..hidden], &[0..ffn], h, y, decode);
     }
