@@ -68,7 +68,7 @@ impl ActScratch {
             ActKind::Q8 => {
                 self.q8.quantize(x);
                 if dt == DType::Nvfp4 {
-                    self.q8.interleave16();
+                    self.q8.interleave64();
                 }
                 self.xsum.resize(self.q8.d.len(), 0.0);
                 let c = if dt == DType::Q8_0 { 128.0 } else { 1.0 };
@@ -314,50 +314,82 @@ fn dot_generic(dt: DType, row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
     s
 }
 
-/// NVFP4 16-blocks of the column segments in packed order, two per activation block of 32:
-/// `f(k, j0, j1)` for activation block k, weight blocks j0 and j1 (None after an odd count).
-#[inline(always)]
-fn nvfp4_pairs(cols: &[Range<usize>], mut f: impl FnMut(usize, usize, Option<usize>)) {
-    let (mut pending, mut k) = (None, 0);
-    for c in cols {
-        for j in c.start / 16..c.end / 16 {
-            match pending.take() {
-                None => pending = Some(j),
-                Some(j0) => {
-                    f(k, j0, Some(j));
-                    k += 1;
-                }
-            }
+/// NVFP4 16-blocks of the column segments in packed order, four at a time (64 packed values,
+/// activation blocks 2q and 2q + 1): `(q, [j0, j1, j2, j3])`, None past the end. An iterator,
+/// not a closure: SIMD kernels loop over it in their own body, where their target features
+/// apply.
+struct Nvfp4Quads<'a> {
+    cols: &'a [Range<usize>],
+    seg: usize,
+    j: usize,
+    q: usize,
+}
+
+impl<'a> Nvfp4Quads<'a> {
+    fn new(cols: &'a [Range<usize>]) -> Self {
+        Self::starting(cols, 0)
+    }
+    /// The quads from number `skip` on; the skipped ones lie in the first segment.
+    fn starting(cols: &'a [Range<usize>], skip: usize) -> Self {
+        let j = cols.first().map_or(0, |c| c.start / 16 + 4 * skip);
+        Nvfp4Quads {
+            cols,
+            seg: 0,
+            j,
+            q: skip,
         }
     }
-    if let Some(j0) = pending {
-        f(k, j0, None);
+    #[inline(always)]
+    fn block(&mut self) -> Option<usize> {
+        while self.seg < self.cols.len() {
+            if self.j < self.cols[self.seg].end / 16 {
+                self.j += 1;
+                return Some(self.j - 1);
+            }
+            self.seg += 1;
+            if let Some(c) = self.cols.get(self.seg) {
+                self.j = c.start / 16;
+            }
+        }
+        None
+    }
+}
+
+impl Iterator for Nvfp4Quads<'_> {
+    type Item = (usize, [Option<usize>; 4]);
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        let j0 = self.block()?;
+        let q = self.q;
+        self.q += 1;
+        Some((q, [Some(j0), self.block(), self.block(), self.block()]))
     }
 }
 
 /// E2M1 values doubled (integers), by code.
 const E2M1X2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+/// The same plus 12 (unsigned bytes for dpbusd/maddubs).
+const E2M1X2_12: [u8; 16] = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
 
-/// Integer dot of an NVFP4 row with q8 activations interleaved by [`Q8Act::interleave16`],
+/// Integer dot of an NVFP4 row with q8 activations interleaved by [`Q8Act::interleave64`],
 /// doubled (the caller halves): the reference for the SIMD paths.
 ///
-/// [`Q8Act::interleave16`]: super::quant::Q8Act::interleave16
+/// [`Q8Act::interleave64`]: super::quant::Q8Act::interleave64
 fn scalar_dot_nvfp4(row: &[u8], cols: &[Range<usize>], q: &[i8], d: &[f32]) -> f32 {
     let mut s = 0f32;
-    nvfp4_pairs(cols, |k, j0, j1| {
-        let x = &q[32 * k..32 * k + 32];
-        let blk = |j: usize, half: usize| -> f32 {
+    for (k, js) in Nvfp4Quads::new(cols) {
+        let x = &q[64 * k..64 * k + 64];
+        for (t, j) in js.iter().enumerate() {
+            let Some(j) = *j else { continue };
             let b = &row[9 * j..9 * j + 9];
             let mut acc = 0i32;
             for i in 0..8 {
-                acc += E2M1X2[(b[1 + i] & 0xF) as usize] as i32 * x[8 * half + i] as i32;
-                acc += E2M1X2[(b[1 + i] >> 4) as usize] as i32 * x[16 + 8 * half + i] as i32;
+                acc += E2M1X2[(b[1 + i] & 0xF) as usize] as i32 * x[8 * t + i] as i32;
+                acc += E2M1X2[(b[1 + i] >> 4) as usize] as i32 * x[32 + 8 * t + i] as i32;
             }
-            super::fp::E4M3[(b[0] & 0x7F) as usize] * acc as f32
-        };
-        let v = blk(j0, 0) + j1.map_or(0.0, |j| blk(j, 1));
-        s += d[k] * v;
-    });
+            s += d[2 * k + t / 2] * (super::fp::E4M3[(b[0] & 0x7F) as usize] * acc as f32);
+        }
+    }
     s
 }
 
@@ -517,6 +549,9 @@ mod avx512 {
                 (Act::Q8 { .. }, DType::Q8_0) => rows_q::<Q8_0>(base, stride, n, cols, acts, y, ys),
                 (Act::Q8 { .. }, DType::Q4_0) => rows_q::<Q4_0>(base, stride, n, cols, acts, y, ys),
                 (Act::Q8 { .. }, DType::Q4_1) => rows_q::<Q4_1>(base, stride, n, cols, acts, y, ys),
+                (Act::Q8 { .. }, DType::Nvfp4) if vbmi() => {
+                    rows_nvfp4_vbmi(base, stride, n, cols, acts, y, ys)
+                }
                 (Act::Q8 { .. }, DType::Nvfp4) => rows_nvfp4(base, stride, n, cols, acts, y, ys),
                 (Act::Bf16(_), DType::F8E4M3) => rows_fp8(base, stride, n, cols, acts, y, ys),
                 (Act::Bf16(_), DType::BF16) => rows_bf16(base, stride, n, cols, acts, y, ys),
@@ -811,10 +846,10 @@ mod avx512 {
         }
     }
 
-    /// NVFP4 rows · q8 x (interleaved by `Q8Act::interleave16`): per activation block of 32,
-    /// two weight blocks' nibbles are looked up as doubled E2M1 integers (vpshufb), and dpbusd
-    /// takes their magnitudes against x carrying their signs; lanes are scaled by their block's
-    /// E4M3 scale times d_x.
+    /// NVFP4 rows · q8 x (interleaved by `Q8Act::interleave64`): four weight blocks (64
+    /// values) per step, their nibbles looked up as doubled E2M1 integers (vpshufb); dpbusd takes
+    /// the magnitudes against x negated where the weight is negative, and each i32 lane is
+    /// scaled by its block's E4M3 scale times its activation block's d.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     unsafe fn rows_nvfp4(
         base: *const u8,
@@ -826,7 +861,7 @@ mod avx512 {
         ys: usize,
     ) {
         unsafe {
-            tiles!(n, acts, y, ys, |r, R, xa, A| nvfp4_tile::<R, A>(
+            tiles!(n, acts, y, ys, |r, R, xa, A| nvfp4_tile::<R, A, false>(
                 base.add(r * stride),
                 stride,
                 cols,
@@ -835,8 +870,59 @@ mod avx512 {
         }
     }
 
+    /// [`rows_nvfp4`] where AVX-512 VBMI byte permutes take four contiguous blocks' bytes
+    /// and scales from one 36-byte load.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,fma")]
+    unsafe fn rows_nvfp4_vbmi(
+        base: *const u8,
+        stride: usize,
+        n: usize,
+        cols: &[Range<usize>],
+        acts: &[Act],
+        y: *mut f32,
+        ys: usize,
+    ) {
+        unsafe {
+            tiles!(n, acts, y, ys, |r, R, xa, A| nvfp4_tile::<R, A, true>(
+                base.add(r * stride),
+                stride,
+                cols,
+                xa
+            ))
+        }
+    }
+
+    /// Byte permutes of a 36-byte group of four NVFP4 blocks [s0 d0(8) s1 d1(8) s2 d2(8) s3 d3(8)]:
+    /// the 32 data bytes twice (for the low and the high nibbles), and each i32 lane's scale
+    /// byte in the low byte of a u16 (lanes 0-1 block 0, 2-3 block 1, 4-5 block 2, 6-7 block 3,
+    /// then again).
+    static NVFP4_DATA_IDX: [u8; 64] = {
+        let mut ix = [0u8; 64];
+        let mut i = 0;
+        while i < 64 {
+            ix[i] = (9 * ((i % 32) / 8) + 1 + i % 8) as u8;
+            i += 1;
+        }
+        ix
+    };
+    static NVFP4_SCALE_IDX: [u8; 32] = {
+        let mut ix = [0u8; 32];
+        let mut lane = 0;
+        while lane < 16 {
+            ix[2 * lane] = (9 * ((lane % 8) / 2)) as u8;
+            lane += 1;
+        }
+        ix
+    };
+
+    /// Whether the CPU has AVX-512 VBMI (byte permutes).
+    fn vbmi() -> bool {
+        static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *V.get_or_init(|| is_x86_feature_detected!("avx512vbmi"))
+    }
+
     #[inline(always)]
-    unsafe fn nvfp4_tile<const R: usize, const A: usize>(
+    unsafe fn nvfp4_tile<const R: usize, const A: usize, const V: bool>(
         base: *const u8,
         stride: usize,
         cols: &[Range<usize>],
@@ -850,60 +936,122 @@ mod avx512 {
                 };
                 (xq[a], xd[a]) = (q.as_ptr(), d.as_ptr());
             }
+            // Doubled E2M1 values + 12 (unsigned for dpbusd); the 12·Σx this adds per lane is
+            // subtracted by starting each lane at −12·Σx.
             let lut =
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(super::E2M1X2.as_ptr() as *const _));
-            let lo = _mm256_set1_epi8(0x0F);
-            // Low nibbles (values 0..8 of both blocks) in the lower 128 bits, high in the upper.
-            let nib_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+                _mm512_broadcast_i32x4(_mm_loadu_si128(super::E2M1X2_12.as_ptr() as *const _));
+            let twelve = _mm512_set1_epi8(12);
+            let lo = _mm512_set1_epi8(0x0F);
+            // Low nibbles of the four blocks' bytes in the lower 256 bits, high in the upper.
+            let nib_shift = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
+            // i32 lane → block (lanes 0-1 b0, 2-3 b1, 4-5 b2, 6-7 b3, then again) and → d.
+            let sc_idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1, 2, 2, 3, 3);
+            let d_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+            let data_idx = _mm512_loadu_si512(NVFP4_DATA_IDX.as_ptr() as *const _);
+            let scale_idx = _mm256_loadu_si256(NVFP4_SCALE_IDX.as_ptr() as *const _);
             let scales = crate::kernels::fp::E4M3.as_ptr();
-            let mut acc = [[_mm256_setzero_ps(); A]; R];
-            super::nvfp4_pairs(cols, |k, j0, j1| {
-                let mut wu = [_mm256_setzero_si256(); R];
-                let mut ws = [_mm256_setzero_si256(); R];
-                let mut sc = [_mm256_setzero_ps(); R];
-                for r in 0..R {
-                    let p0 = base.add(r * stride + 9 * j0);
-                    _mm_prefetch::<_MM_HINT_T0>(p0.add(PF * stride) as *const i8);
-                    let s0 = *scales.add((*p0 & 0x7F) as usize);
-                    let b0 = std::ptr::read_unaligned(p0.add(1) as *const i64);
-                    let (s1, b1) = match j1 {
-                        Some(j) => {
-                            let p1 = base.add(r * stride + 9 * j);
-                            (
-                                *scales.add((*p1 & 0x7F) as usize),
-                                std::ptr::read_unaligned(p1.add(1) as *const i64),
-                            )
-                        }
-                        None => (0.0, 0),
-                    };
-                    let bytes = _mm256_broadcastsi128_si256(_mm_set_epi64x(b1, b0));
-                    let nib = _mm256_and_si256(_mm256_srlv_epi32(bytes, nib_shift), lo);
-                    ws[r] = _mm256_shuffle_epi8(lut, nib);
-                    wu[r] = _mm256_abs_epi8(ws[r]);
-                    let h = _mm_setr_ps(s0, s0, s1, s1);
-                    sc[r] = _mm256_set_m128(h, h);
-                }
-                for a in 0..A {
-                    let xv = _mm256_loadu_si256(xq[a].add(32 * k) as *const _);
-                    let dk = _mm256_set1_ps(*xd[a].add(k));
-                    for r in 0..R {
-                        let i = _mm256_dpbusd_epi32(
-                            _mm256_setzero_si256(),
-                            wu[r],
-                            _mm256_sign_epi8(xv, ws[r]),
-                        );
-                        acc[r][a] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(i),
-                            _mm256_mul_ps(sc[r], dk),
-                            acc[r][a],
+            let zero = _mm512_setzero_si512();
+            let mut acc = [[_mm512_setzero_ps(); A]; R];
+            // One step: weight bytes and per-lane scales of R rows against A activations.
+            macro_rules! step {
+                ($k:expr, |$r:ident| $bytes:expr, |$r2:ident| $sc:expr, $dmul:expr) => {{
+                    let k = $k;
+                    let mut xv = [zero; A];
+                    let mut negc = [zero; A];
+                    let mut dv = [_mm512_setzero_ps(); A];
+                    for a in 0..A {
+                        xv[a] = _mm512_loadu_si512(xq[a].add(64 * k) as *const _);
+                        negc[a] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, twelve, xv[a]));
+                        dv[a] = _mm512_mul_ps(
+                            _mm512_permutexvar_ps(
+                                d_idx,
+                                _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(
+                                    xd[a].add(2 * k) as *const f64,
+                                ))),
+                            ),
+                            _mm512_set1_ps($dmul),
                         );
                     }
+                    for $r in 0..R {
+                        let $r2 = $r;
+                        let bytes: __m512i = $bytes;
+                        let sc: __m512 = $sc;
+                        let nib = _mm512_and_si512(_mm512_srlv_epi64(bytes, nib_shift), lo);
+                        let w = _mm512_shuffle_epi8(lut, nib);
+                        for a in 0..A {
+                            let i = _mm512_dpbusd_epi32(negc[a], w, xv[a]);
+                            acc[$r][a] = _mm512_fmadd_ps(
+                                _mm512_cvtepi32_ps(i),
+                                _mm512_mul_ps(sc, dv[a]),
+                                acc[$r][a],
+                            );
+                        }
+                    }
+                }};
+            }
+            // Whole groups of four contiguous blocks on the first segment, when it starts the
+            // packed activation (every prefix budget): one 36-byte load per row and group.
+            let mut fast = 0;
+            if V {
+                fast = cols[0].len() / 64;
+                let j00 = cols[0].start / 16;
+                for k in 0..fast {
+                    let off = 9 * (j00 + 4 * k);
+                    let mut grp = [zero; R];
+                    for r in 0..R {
+                        let row = base.add(r * stride + off);
+                        _mm_prefetch::<_MM_HINT_T0>(row.add(PF * stride) as *const i8);
+                        grp[r] = _mm512_maskz_loadu_epi8(0xF_FFFF_FFFF, row as *const _);
+                    }
+                    // UE4M3 scales as f16 bits (value · 2⁻⁸, made up in d).
+                    step!(
+                        k,
+                        |r| _mm512_permutexvar_epi8(data_idx, grp[r]),
+                        |r| {
+                            let sb = _mm256_maskz_permutexvar_epi8(
+                                0x5555_5555,
+                                scale_idx,
+                                _mm512_castsi512_si256(grp[r]),
+                            );
+                            _mm512_cvtph_ps(_mm256_slli_epi16(
+                                _mm256_and_si256(sb, _mm256_set1_epi16(0x7F)),
+                                7,
+                            ))
+                        },
+                        256.0f32
+                    );
                 }
-            });
+            }
+            // The rest (or everything without VBMI), block by block.
+            for (k, js) in super::Nvfp4Quads::starting(cols, fast) {
+                let mut b = [[0i64; 4]; R];
+                let mut s = [[0f32; 4]; R];
+                for r in 0..R {
+                    let row = base.add(r * stride);
+                    for t in 0..4 {
+                        if let Some(j) = js[t] {
+                            let p = row.add(9 * j);
+                            s[r][t] = *scales.add((*p & 0x7F) as usize);
+                            b[r][t] = std::ptr::read_unaligned(p.add(1) as *const i64);
+                        }
+                    }
+                }
+                step!(
+                    k,
+                    |r| _mm512_broadcast_i64x4(_mm256_setr_epi64x(
+                        b[r][0], b[r][1], b[r][2], b[r][3]
+                    )),
+                    |r| _mm512_permutexvar_ps(
+                        sc_idx,
+                        _mm512_castps128_ps512(_mm_setr_ps(s[r][0], s[r][1], s[r][2], s[r][3])),
+                    ),
+                    1.0f32
+                );
+            }
             let mut out = [[0f32; A]; R];
             for r in 0..R {
                 for a in 0..A {
-                    out[r][a] = hsum256(acc[r][a]);
+                    out[r][a] = _mm512_reduce_add_ps(acc[r][a]);
                 }
             }
             out
@@ -1203,7 +1351,8 @@ mod avx2 {
         }
     }
 
-    /// NVFP4 · q8 (interleaved): as the AVX-512 kernel, with maddubs for dpbusd.
+    /// NVFP4 · q8 (interleaved): as the AVX-512 kernel, the low and high nibbles of four blocks
+    /// in two vectors, with maddubs for dpbusd.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn rows_nvfp4(
         base: *const u8,
@@ -1237,37 +1386,48 @@ mod avx2 {
             let lut =
                 _mm256_broadcastsi128_si256(_mm_loadu_si128(super::E2M1X2.as_ptr() as *const _));
             let lo = _mm256_set1_epi8(0x0F);
-            let nib_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
             let ones = _mm256_set1_epi16(1);
             let scales = crate::kernels::fp::E4M3.as_ptr();
             let mut acc = [_mm256_setzero_ps(); R];
-            super::nvfp4_pairs(cols, |k, j0, j1| {
-                let xv = _mm256_loadu_si256(q.as_ptr().add(32 * k) as *const _);
-                let dk = *d.get_unchecked(k);
+            for (k, js) in super::Nvfp4Quads::new(cols) {
+                let xl = _mm256_loadu_si256(q.as_ptr().add(64 * k) as *const _);
+                let xh = _mm256_loadu_si256(q.as_ptr().add(64 * k + 32) as *const _);
+                let (d0, d1) = (*d.get_unchecked(2 * k), *d.get_unchecked(2 * k + 1));
                 for r in 0..R {
-                    let p0 = base.add(r * stride + 9 * j0);
-                    _mm_prefetch::<_MM_HINT_T0>(p0.add(PF * stride) as *const i8);
-                    let s0 = *scales.add((*p0 & 0x7F) as usize);
-                    let b0 = std::ptr::read_unaligned(p0.add(1) as *const i64);
-                    let (s1, b1) = match j1 {
-                        Some(j) => {
-                            let p1 = base.add(r * stride + 9 * j);
-                            (
-                                *scales.add((*p1 & 0x7F) as usize),
-                                std::ptr::read_unaligned(p1.add(1) as *const i64),
-                            )
+                    let row = base.add(r * stride);
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        row.add(PF * stride + 9 * js[0].unwrap_unchecked()) as *const i8,
+                    );
+                    let mut b = [0i64; 4];
+                    let mut s = [0f32; 4];
+                    for t in 0..4 {
+                        if let Some(j) = js[t] {
+                            let p = row.add(9 * j);
+                            s[t] = *scales.add((*p & 0x7F) as usize);
+                            b[t] = std::ptr::read_unaligned(p.add(1) as *const i64);
                         }
-                        None => (0.0, 0),
-                    };
-                    let bytes = _mm256_broadcastsi128_si256(_mm_set_epi64x(b1, b0));
-                    let nib = _mm256_and_si256(_mm256_srlv_epi32(bytes, nib_shift), lo);
-                    let ws = _mm256_shuffle_epi8(lut, nib);
-                    let prod = _mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(xv, ws));
-                    let i = _mm256_madd_epi16(prod, ones);
-                    let h = _mm_setr_ps(s0 * dk, s0 * dk, s1 * dk, s1 * dk);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set_m128(h, h), acc[r]);
+                    }
+                    let bytes = _mm256_setr_epi64x(b[0], b[1], b[2], b[3]);
+                    let wl = _mm256_shuffle_epi8(lut, _mm256_and_si256(bytes, lo));
+                    let wh =
+                        _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), lo));
+                    let pl = _mm256_maddubs_epi16(_mm256_abs_epi8(wl), _mm256_sign_epi8(xl, wl));
+                    let ph = _mm256_maddubs_epi16(_mm256_abs_epi8(wh), _mm256_sign_epi8(xh, wh));
+                    let i =
+                        _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones));
+                    let sv = _mm256_setr_ps(
+                        s[0] * d0,
+                        s[0] * d0,
+                        s[1] * d0,
+                        s[1] * d0,
+                        s[2] * d1,
+                        s[2] * d1,
+                        s[3] * d1,
+                        s[3] * d1,
+                    );
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sv, acc[r]);
                 }
-            });
+            }
             acc.map(|a| hsum(a))
         }
     }

@@ -219,15 +219,20 @@ impl Q8Act {
         }
     }
 
-    /// Reorders each block of 32 as NVFP4's nibbles come out of two 16-blocks' bytes: values
-    /// 0..8 of the first half, 0..8 of the second, 8..16 of the first, 8..16 of the second.
-    pub fn interleave16(&mut self) {
-        for b in self.q.chunks_exact_mut(32) {
-            let mut t = [0i8; 32];
-            t[..8].copy_from_slice(&b[..8]);
-            t[8..16].copy_from_slice(&b[16..24]);
-            t[16..24].copy_from_slice(&b[8..16]);
-            t[24..].copy_from_slice(&b[24..]);
+    /// Reorders the values for NVFP4 weights, 64 at a time (4 blocks of 16, b0..b3), as their
+    /// nibbles come out of the blocks' bytes: values 0..8 of b0, b1, b2, b3, then values 8..16
+    /// of each. Pads to a whole 64 (d of the padding is 0).
+    pub fn interleave64(&mut self) {
+        let n = self.q.len().next_multiple_of(64);
+        self.q.resize(n, 0);
+        self.d.resize(n / 32, 0.0);
+        self.sum.resize(n / 32, 0);
+        for b in self.q.chunks_exact_mut(64) {
+            let mut t = [0i8; 64];
+            for blk in 0..4 {
+                t[8 * blk..8 * blk + 8].copy_from_slice(&b[16 * blk..16 * blk + 8]);
+                t[32 + 8 * blk..40 + 8 * blk].copy_from_slice(&b[16 * blk + 8..16 * blk + 16]);
+            }
             b.copy_from_slice(&t);
         }
     }
