@@ -1,7 +1,7 @@
 //! `elastica quantize`: FP8 or NVFP4 post-training quantization of an elastic checkpoint, in
 //! NVIDIA ModelOpt's HF layout or llama.cpp's GGUF NVFP4; every budget still slices from it.
 
-use crate::elastic::{IndexMap, quantize, rewrite};
+use crate::elastic::quantize;
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 
@@ -57,52 +57,18 @@ pub fn run(a: Args) -> Result<()> {
     let ids = crate::data::tokenize_all(&tok, &crate::data::read_texts(&a.calib)?)?;
     let bos = if tok.add_bos { tok.bos } else { None };
     let seqs = crate::elastic::importance::samples(&ids, a.samples, a.seq, bos)?;
-    progress.stage(
-        "calibrate",
-        seqs.len() as u64,
-        crate::progress::Unit::Count("sequences"),
-    );
-    let amax = quantize::input_amax(m, &seqs)?;
-    progress.inc(seqs.len() as u64);
-    let plan = quantize::plan(&ck, to, a.exclude.as_deref(), &amax)?;
-    // Every manifest budget must still resolve on the written file: for NVFP4, its cuts of the
-    // quantized matrices' inputs fall on 16-value blocks. A file that fails is not kept.
-    let budgets: Vec<String> = m
-        .meta
-        .manifest
-        .as_ref()
-        .map(|man| man.budgets.iter().map(|b| b.name.clone()).collect())
-        .unwrap_or_default();
-    let check = |p: &std::path::Path| -> Result<()> {
-        let q = crate::models::load(p)?;
-        for name in &budgets {
-            let b = q.budget(name).map_err(|e| {
-                Error::Budget(format!(
-                    "budget {name:?} does not fit the {} blocks: {e}",
-                    plan.algo()
-                ))
-            })?;
-            q.check_alignment(&b)
-                .map_err(|e| Error::Budget(format!("budget {name:?}: {e}")))?;
-        }
-        Ok(())
-    };
-    let map = IndexMap::identity(&m.shape);
-    let w = rewrite::write(
+    let quantize::Quantized {
+        plan,
+        written: w,
+        budgets,
+    } = quantize::write(
         &ck,
-        &map,
-        &rewrite::Output {
-            values: None,
-            path: &a.out,
-            convert: None,
-            manifest: m.meta.manifest.as_ref(),
-            force: a.force,
-            progress: &progress,
-            check: Some(&check),
-            format: None,
-            imatrix: None,
-            quant: Some(&plan),
-        },
+        to,
+        a.exclude.as_deref(),
+        &seqs,
+        &a.out,
+        a.force,
+        &progress,
     )?;
     let quantized: Vec<&String> = plan.tensors.keys().collect();
     let report = serde_json::json!({

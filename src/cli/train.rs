@@ -107,9 +107,17 @@ pub struct Args {
     /// Stop after this many steps (checkpointed, no export), as if the run were interrupted.
     #[arg(long, value_parser = super::at_least_one::<u64>)]
     pub stop_after: Option<u64>,
-    /// Float format of the written model.
+    /// Float format of the written model (of its unquantized tensors with --quant).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Quantization-aware distillation (method doc §6): train with `fp8` or `nvfp4` fake
+    /// quantization (straight-through) of the matrices `quantize` quantizes, against the
+    /// unquantized teacher, and write the quantized elastic checkpoint.
+    #[arg(long)]
+    pub quant: Option<String>,
+    /// With --quant: matrices kept unquantized, as `quantize --exclude` (comma-separated globs).
+    #[arg(long, value_delimiter = ',', requires = "quant")]
+    pub quant_exclude: Option<Vec<String>>,
     /// Replace an existing run in OUT.
     #[arg(long)]
     pub force: bool,
@@ -273,6 +281,12 @@ pub fn run(a: Args) -> Result<()> {
         eval_every: a.eval_every,
         eval_seqs: a.eval_seqs,
         ckpt_every: a.ckpt_every,
+        quant: a
+            .quant
+            .as_deref()
+            .map(|q| crate::elastic::quantize::parse_to(q).map(|_| q.to_ascii_lowercase()))
+            .transpose()?,
+        quant_exclude: a.quant_exclude.clone(),
     };
     let dir = RunDir {
         root: a.out.clone(),
@@ -292,6 +306,7 @@ pub fn run(a: Args) -> Result<()> {
         "curves.png",
         "summary.json",
         "log.jsonl",
+        "float-export",
     ] {
         temp::sweep(&a.out.join(f));
     }
@@ -395,15 +410,48 @@ pub fn run(a: Args) -> Result<()> {
     };
     // The model, curves and summary are renamed into place together.
     let model_tmp = Temp::new(&out_path)?;
-    let w = crate::train::export::write(
-        &ck,
-        &tr.net,
-        &manifest,
-        &model_tmp,
-        dtype,
-        true,
-        !a.no_progress,
-    )?;
+    let w = match &tr.cfg.quant {
+        None => crate::train::export::write(
+            &ck,
+            &tr.net,
+            &manifest,
+            &model_tmp,
+            dtype,
+            true,
+            !a.no_progress,
+        )?,
+        Some(q) => {
+            // QAD: the trained weights in float, then quantized exactly as they were trained
+            // (per-tensor scales from their absolute maxima), input scales calibrated on the
+            // training text.
+            let float_tmp = Temp::new(&a.out.join("float-export"))?;
+            crate::train::export::write(
+                &ck,
+                &tr.net,
+                &manifest,
+                &float_tmp,
+                dtype,
+                true,
+                !a.no_progress,
+            )?;
+            let fck = crate::models::open(&float_tmp)?;
+            let sp = fck.model.meta.specials();
+            let bos = if sp.add_bos { sp.bos } else { None };
+            let seqs = crate::elastic::importance::samples(&tr.train, 16, a.seq.min(256), bos)?;
+            let progress = crate::progress::Progress::new_if(!a.no_progress, "train", false);
+            let out = crate::elastic::quantize::write(
+                &fck,
+                crate::elastic::quantize::parse_to(q)?,
+                tr.cfg.quant_exclude.as_deref(),
+                &seqs,
+                &model_tmp,
+                true,
+                &progress,
+            )?;
+            drop(fck);
+            out.written
+        }
+    };
     let summary = serde_json::json!({
         "model": out_path,
         "steps": tr.state.step,

@@ -181,7 +181,7 @@ pub fn input_amax(model: &Model, seqs: &[Vec<u32>]) -> Result<HashMap<String, f3
 
 /// Routed experts of one layer and projection share a scale: their names with the expert
 /// number replaced.
-fn scale_group(name: &str) -> String {
+pub fn scale_group(name: &str) -> String {
     match name.find("experts.") {
         Some(p) => {
             let rest = &name[p + 8..];
@@ -196,17 +196,12 @@ fn scale_group(name: &str) -> String {
     }
 }
 
-/// Plans the quantization of `ck` to `to`: picks the matrices (`exclude`: ModelOpt-style globs
-/// over module names replacing the default recipe), checks them (float source, finite values,
-/// whole NVFP4 blocks), and computes their scales; `amax` holds the calibrated input maxima.
-pub fn plan(
-    ck: &Checkpoint,
-    to: DType,
+/// The matrices to quantize (`exclude`: ModelOpt-style globs over module or tensor names,
+/// replacing the default recipe) and the modules left out (ModelOpt's `exclude_modules`).
+pub fn selection(
+    model: &Model,
     exclude: Option<&[String]>,
-    amax: &HashMap<String, f32>,
-) -> Result<Plan> {
-    let model = &ck.model;
-    let tensors = ck.raw.tensors();
+) -> Result<(Vec<Candidate>, Vec<String>)> {
     let patterns = match exclude {
         Some(globs) => Some(
             globs
@@ -235,6 +230,20 @@ pub fn plan(
     }
     // conv1d is never a matrix product here; listed as NVIDIA's recipe lists it.
     excluded.push("*conv1d*".into());
+    Ok((chosen, excluded))
+}
+
+/// Plans the quantization of `ck` to `to`: picks the matrices (`exclude`: ModelOpt-style globs
+/// over module names replacing the default recipe), checks them (float source, finite values,
+/// whole NVFP4 blocks), and computes their scales; `amax` holds the calibrated input maxima.
+pub fn plan(
+    ck: &Checkpoint,
+    to: DType,
+    exclude: Option<&[String]>,
+    amax: &HashMap<String, f32>,
+) -> Result<Plan> {
+    let tensors = ck.raw.tensors();
+    let (chosen, excluded) = selection(&ck.model, exclude)?;
     // Per-tensor amax, shared within expert groups; every value checked.
     let mut group_amax: HashMap<String, f32> = HashMap::new();
     for c in &chosen {
@@ -299,6 +308,80 @@ pub fn plan(
         to,
         tensors: out,
         excluded,
+    })
+}
+
+/// What [`write`] produced.
+pub struct Quantized {
+    pub plan: Plan,
+    pub written: super::rewrite::Written,
+    /// The manifest budgets checked on the written file.
+    pub budgets: Vec<String>,
+}
+
+/// Quantizes `ck` to `to` and writes it at `out` (the input's format, manifest kept): input
+/// scales calibrated on `seqs`, matrices chosen by `exclude` (default: NVIDIA's recipe). Every
+/// manifest budget must still resolve on the written file, its cuts on whole blocks; a file
+/// that fails is not kept.
+pub fn write(
+    ck: &Checkpoint,
+    to: DType,
+    exclude: Option<&[String]>,
+    seqs: &[Vec<u32>],
+    out: &std::path::Path,
+    force: bool,
+    progress: &elastica_core::progress::Progress,
+) -> Result<Quantized> {
+    let m = &ck.model;
+    progress.stage(
+        "calibrate",
+        seqs.len() as u64,
+        elastica_core::progress::Unit::Count("sequences"),
+    );
+    let amax = input_amax(m, seqs)?;
+    progress.inc(seqs.len() as u64);
+    let plan = plan(ck, to, exclude, &amax)?;
+    let budgets: Vec<String> = m
+        .meta
+        .manifest
+        .as_ref()
+        .map(|man| man.budgets.iter().map(|b| b.name.clone()).collect())
+        .unwrap_or_default();
+    let check = |p: &std::path::Path| -> Result<()> {
+        let q = elastica_core::models::load(p)?;
+        for name in &budgets {
+            let b = q.budget(name).map_err(|e| {
+                Error::Budget(format!(
+                    "budget {name:?} does not fit the {} blocks: {e}",
+                    plan.algo()
+                ))
+            })?;
+            q.check_alignment(&b)
+                .map_err(|e| Error::Budget(format!("budget {name:?}: {e}")))?;
+        }
+        Ok(())
+    };
+    let map = super::IndexMap::identity(&m.shape);
+    let written = super::rewrite::write(
+        ck,
+        &map,
+        &super::rewrite::Output {
+            values: None,
+            path: out,
+            convert: None,
+            manifest: m.meta.manifest.as_ref(),
+            force,
+            progress,
+            check: Some(&check),
+            format: None,
+            imatrix: None,
+            quant: Some(&plan),
+        },
+    )?;
+    Ok(Quantized {
+        plan,
+        written,
+        budgets,
     })
 }
 

@@ -70,6 +70,12 @@ pub struct Config {
     pub eval_every: u64,
     pub eval_seqs: usize,
     pub ckpt_every: u64,
+    /// Quantization-aware distillation: `fp8` or `nvfp4` fake quantization of the matrices
+    /// `quantize` would quantize (`quant_exclude`: its globs; none = NVIDIA's recipe).
+    #[serde(default)]
+    pub quant: Option<String>,
+    #[serde(default)]
+    pub quant_exclude: Option<Vec<String>>,
 }
 
 impl Config {
@@ -153,7 +159,20 @@ impl<'a> Trainer<'a> {
                 need * cfg.batch.max(cfg.batch2)
             )));
         }
-        let net = Net::from_model(m, &student.raw, CD::F32)?;
+        let mut net = Net::from_model(m, &student.raw, CD::F32)?;
+        if let Some(q) = &cfg.quant {
+            let to = elastica_elastic::quantize::parse_to(q)?;
+            let (chosen, _) =
+                elastica_elastic::quantize::selection(m, cfg.quant_exclude.as_deref())?;
+            let names: Vec<(String, String)> = chosen
+                .into_iter()
+                .map(|c| {
+                    let g = elastica_elastic::quantize::scale_group(&c.name);
+                    (c.name, g)
+                })
+                .collect();
+            net.set_fake(to, &names)?;
+        }
         let mut rng = Rng::new(cfg.seed);
         let router = Router::new(&m.shape, &budgets, cfg.per_layer, &mut rng, CD::F32)?;
         router.warm_start(&budgets, 500, 0.002, cfg.router_init_p)?;
@@ -321,6 +340,7 @@ impl<'a> Trainer<'a> {
         let scale = (gn > self.cfg.clip && self.cfg.clip > 0.0).then(|| self.cfg.clip / gn);
         let lr = self.lr(step, self.cfg.lr);
         self.opt_model.step(&self.model_vars, &grads, lr, scale)?;
+        self.net.refresh_fake()?;
         let rlr = self.lr(step, self.cfg.router_lr);
         self.opt_router.step(&self.router_vars, &grads, rlr, None)?;
         self.state.step += 1;
@@ -464,6 +484,7 @@ impl<'a> Trainer<'a> {
         self.opt_model.t = st.opt_t.0;
         self.opt_router.t = st.opt_t.1;
         self.state = st;
+        self.net.refresh_fake()?;
         Ok(())
     }
 }

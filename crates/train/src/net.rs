@@ -99,6 +99,21 @@ pub struct Net<'m> {
     norm_f: usize,
     /// One per block of the model.
     blocks: Vec<NBlock>,
+    /// Quantization-aware distillation: matrices run as their FP8/NVFP4 round trip.
+    fake: Option<Fake>,
+}
+
+/// Fake quantization (method doc §6, QAD): each listed matrix's forward uses the values its
+/// FP8/NVFP4 encoding under a per-tensor scale from its current absolute maximum (shared within
+/// a scale group, as `quantize` shares it among routed experts) reads back; gradients pass
+/// straight through to the full-precision weights.
+struct Fake {
+    to: elastica_core::tensor::DType,
+    /// (parameter, scale group).
+    params: Vec<(usize, usize)>,
+    groups: usize,
+    /// The round-tripped values of each listed parameter, refreshed after every update.
+    q: std::collections::HashMap<usize, CT>,
 }
 
 pub fn dev() -> Device {
@@ -241,6 +256,7 @@ impl<'m> Net<'m> {
             lm_head,
             norm_f,
             blocks,
+            fake: None,
         })
     }
 
@@ -270,6 +286,82 @@ impl<'m> Net<'m> {
 
     fn p(&self, i: usize) -> &CT {
         self.params[i].var.as_tensor()
+    }
+
+    /// A matrix as the forward uses it: its fake-quantized values under QAD (straight-through),
+    /// else itself.
+    fn w(&self, i: usize) -> Result<CT> {
+        let p = self.p(i);
+        Ok(match self.fake.as_ref().and_then(|f| f.q.get(&i)) {
+            Some(q) => (p + (q - p)?.detach())?,
+            None => p.clone(),
+        })
+    }
+
+    /// Turns on fake quantization to `to` of the matrices whose source tensors are listed, with
+    /// their scale groups (`names[i].1`); a stacked expert's parameter (`NAME[e]`) counts as
+    /// NAME. Errors name a source that matches no parameter.
+    pub fn set_fake(
+        &mut self,
+        to: elastica_core::tensor::DType,
+        names: &[(String, String)],
+    ) -> Result<()> {
+        let mut group_ids: Vec<String> = vec![];
+        let mut params = vec![];
+        for (name, group) in names {
+            let gi = match group_ids.iter().position(|g| g == group) {
+                Some(i) => i,
+                None => {
+                    group_ids.push(group.clone());
+                    group_ids.len() - 1
+                }
+            };
+            let before = params.len();
+            for (i, p) in self.params.iter().enumerate() {
+                let Some(src) = &p.source else { continue };
+                let base = src
+                    .strip_suffix(']')
+                    .and_then(|s| s.rsplit_once('['))
+                    .map_or(src.as_str(), |x| x.0);
+                if base == name {
+                    params.push((i, gi));
+                }
+            }
+            if params.len() == before {
+                return Err(Error::Train(format!(
+                    "fake quantization: no trained parameter comes from {name}"
+                )));
+            }
+        }
+        self.fake = Some(Fake {
+            to,
+            params,
+            groups: group_ids.len(),
+            q: Default::default(),
+        });
+        self.refresh_fake()
+    }
+
+    /// Recomputes the fake-quantized values from the current weights.
+    pub fn refresh_fake(&mut self) -> Result<()> {
+        let Some(f) = &self.fake else { return Ok(()) };
+        let mut vals = Vec::with_capacity(f.params.len());
+        let mut amax = vec![0f32; f.groups];
+        for &(i, g) in &f.params {
+            let v: Vec<f32> = self.p(i).to_dtype(CD::F32)?.flatten_all()?.to_vec1()?;
+            amax[g] = v.iter().fold(amax[g], |m, x| m.max(x.abs()));
+            vals.push(v);
+        }
+        let to = f.to;
+        let mut q = std::collections::HashMap::new();
+        for (&(i, g), v) in f.params.iter().zip(vals) {
+            let scale = elastica_core::kernels::fp::scale_for(to, amax[g]);
+            let r = elastica_core::kernels::fp::round_trip(to, &v, scale);
+            let t = CT::from_vec(r, self.p(i).shape(), &dev())?.to_dtype(self.dtype)?;
+            q.insert(i, t);
+        }
+        self.fake.as_mut().unwrap().q = q;
+        Ok(())
     }
 
     /// Logits [B·T, vocab] of `b` sequences of `t` tokens (row-major in `tokens`) under `masks`.
@@ -304,12 +396,15 @@ impl<'m> Net<'m> {
             x = (x + y.broadcast_mul(mh)?)?;
         }
         let xn = rmsnorm(&x, self.p(self.norm_f), mh, &count, eps)?;
-        let head = self.p(self.lm_head.unwrap_or(self.embed));
+        let head = match self.lm_head {
+            Some(h) => self.w(h)?,
+            None => self.p(self.embed).clone(),
+        };
         Ok(xn.matmul(&head.t()?)?)
     }
 
     fn linear(&self, x: &CT, w: usize, bias: Option<usize>) -> Result<CT> {
-        let y = x.matmul(&self.p(w).t()?)?;
+        let y = x.matmul(&self.w(w)?.t()?)?;
         Ok(match bias {
             Some(bi) => y.broadcast_add(self.p(bi))?,
             None => y,
@@ -503,11 +598,11 @@ impl<'m> Net<'m> {
                 &dev(),
             )?;
             let xs = x.index_select(&toks, 0)?;
-            let mut h = xs.matmul(&self.p(up[j]).t()?)?.relu()?.sqr()?;
+            let mut h = xs.matmul(&self.w(up[j])?.t()?)?.relu()?.sqr()?;
             if let Some(fm) = &lm.axes[Axis::MoeFfn] {
                 h = h.broadcast_mul(fm)?;
             }
-            let y = h.matmul(&self.p(down[j]).t()?)?;
+            let y = h.matmul(&self.w(down[j])?.t()?)?;
             let y = y.broadcast_mul(&wf.index_select(&pos, 0)?.unsqueeze(1)?)?;
             out = out.index_add(&toks, &y, 0)?;
         }

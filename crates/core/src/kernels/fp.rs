@@ -165,6 +165,32 @@ pub fn quantize_nvfp4(x: &[f32], scale2: f32, out: &mut Vec<u8>) {
     }
 }
 
+/// The values `x` take stored as `to` (F8E4M3 or NVFP4) under per-tensor `scale` and read
+/// back: quantization-aware training's forward (the bytes `quantize` would write, dequantized).
+pub fn round_trip(to: crate::tensor::DType, x: &[f32], scale: f32) -> Vec<f32> {
+    let mut b = Vec::with_capacity(x.len());
+    match to {
+        crate::tensor::DType::F8E4M3 => {
+            quantize_fp8(x, scale, &mut b);
+            b.iter().map(|&q| e4m3_to_f32(q) * scale).collect()
+        }
+        _ => {
+            quantize_nvfp4(x, scale, &mut b);
+            b.chunks_exact(9)
+                .flat_map(|blk| (0..16).map(move |i| nvfp4_at(blk, i) * scale))
+                .collect()
+        }
+    }
+}
+
+/// The per-tensor scale of `to` for values with absolute maximum `amax`.
+pub fn scale_for(to: crate::tensor::DType, amax: f32) -> f32 {
+    match to {
+        crate::tensor::DType::F8E4M3 => fp8_scale(amax),
+        _ => nvfp4_scale(amax),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1548,7 +1548,13 @@ mod tests {
     fn nvfp4_on_sixteen_value_cuts() {
         let (n, k) = (37, 160);
         let rows = [0..9, 20..37];
-        for cols in [vec![0..48], vec![16..48, 80..96, 128..160], vec![0..16]] {
+        for cols in [
+            vec![0..48],
+            vec![16..48, 80..96, 128..160],
+            vec![0..16],
+            vec![0..112],
+            vec![32..128, 144..160],
+        ] {
             let (kk, nn) = (seg_len(&cols), seg_len(&rows));
             let w = tensor(DType::Nvfp4, n, k, &rnd(n * k, 3));
             let rl: Vec<usize> = rows.iter().flat_map(|r| r.clone()).collect();
