@@ -662,6 +662,8 @@ fn teacher_vocabulary_mismatch_is_refused() {
         eval_every: 0,
         eval_seqs: 0,
         ckpt_every: 0,
+        quant: None,
+        quant_exclude: None,
     };
     let e = elastica::train::Trainer::new(cfg, &ck, &teacher, b, vec![1; 100], vec![])
         .err()
