@@ -245,6 +245,33 @@ fn gguf_nvfp4_agrees_with_hf_nvfp4() {
     assert!(d < 1e-5, "GGUF NVFP4 vs HF NVFP4: {d}");
     // And it is not the float model.
     assert!(rel_diff(&a, &logits_all(&load(&g), &toks, "full")) > 1e-5);
+    // Stacked routed experts (one GGUF tensor, one llama.cpp `.scale` value per expert) against
+    // the HF layout's one tensor per expert.
+    let mg = fixture("nemotron_h_moe").join("model-f32.gguf");
+    let (qmg, qmh) = (dir.join("moe.gguf"), dir.join("moe-hf"));
+    let (ok, err) = quantize(
+        &mg,
+        "nvfp4",
+        &qmg,
+        &["--exclude", "*attn*,*ssm*,*ffn_down*,output"],
+    );
+    assert!(ok, "{err}");
+    let (ok, err) = quantize(
+        &fixture("nemotron_h_moe"),
+        "nvfp4",
+        &qmh,
+        &[
+            "--exclude",
+            "*q_proj,*k_proj,*v_proj,*o_proj,*in_proj,*out_proj,*down_proj,lm_head",
+        ],
+    );
+    assert!(ok, "{err}");
+    // Exact mode (f32 activations): int8 activation rounding would amplify the two layouts'
+    // 1e-6 float differences.
+    let mt = reference("nemotron_h_moe").tokens;
+    let ex = [("ELASTICA_EXACT", "1")];
+    let d = rel_diff(&logits_env(&ex, &qmg, &mt), &logits_env(&ex, &qmh, &mt));
+    assert!(d < 1e-5, "MoE GGUF NVFP4 vs HF NVFP4: {d}");
     // FP8 has no GGUF type.
     let (ok, err) = quantize(&g, "fp8", &dir.join("f.gguf"), &[]);
     assert!(!ok && err.contains("FP8") && err.contains("GGUF"), "{err}");

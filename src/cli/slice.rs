@@ -66,7 +66,13 @@ pub fn run(a: Args) -> Result<()> {
             values: None,
             path: &a.out,
             convert,
-            manifest: None,
+            // The full budget cuts nothing: the copy (another format or float type) is the same
+            // elastic checkpoint, so its budgets stay; any smaller budget is a standalone model.
+            manifest: if b.spec(&m.shape) == m.full_budget().spec(&m.shape) {
+                m.meta.manifest.as_ref()
+            } else {
+                None
+            },
             force: a.force,
             progress: &crate::progress::Progress::new("slice", a.json),
             check: if a.verify { Some(&verify) } else { None },

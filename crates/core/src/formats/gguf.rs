@@ -642,11 +642,13 @@ pub fn write(
         all.push(t.clone());
         src.push((i, 0));
         if t.dtype == DType::Nvfp4 {
+            // One value, or one per expert of a stack (llama.cpp's shapes {1} and {n_expert}).
+            let n = if t.shape.len() == 3 { t.shape[0] } else { 1 };
             if t.scale != 1.0 {
                 all.push(super::OutTensor::new(
                     t.companion(".scale"),
                     DType::F32,
-                    vec![1],
+                    vec![n],
                 ));
                 src.push((i, 1));
             }
@@ -654,7 +656,7 @@ pub fn write(
                 all.push(super::OutTensor::new(
                     t.companion(".input_scale"),
                     DType::F32,
-                    vec![1],
+                    vec![n],
                 ));
                 src.push((i, 2));
             }
@@ -700,8 +702,12 @@ pub fn write(
                 super::modelopt::to_ggml(&b, t.rows(), t.cols())
             }
             0 => data(i)?,
-            1 => t.scale.to_le_bytes().to_vec(),
-            _ => t.input_scale.unwrap_or(1.0).to_le_bytes().to_vec(),
+            1 => t.scale.to_le_bytes().repeat(all[j].numel()),
+            _ => t
+                .input_scale
+                .unwrap_or(1.0)
+                .to_le_bytes()
+                .repeat(all[j].numel()),
         })
     })
 }

@@ -79,6 +79,9 @@ impl OutTensor {
     pub fn rows(&self) -> usize {
         self.shape.iter().rev().skip(1).product()
     }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
     pub fn nbytes(&self) -> usize {
         let cols = *self.shape.last().unwrap_or(&1);
         let rows: usize = self.shape.iter().rev().skip(1).product();
