@@ -16,6 +16,7 @@ pins=(
   "safetensors==0.8.0"
   "numpy==2.4.6"
   "gguf==0.19.0"
+  "sentencepiece==0.2.3"
 )
 
 if [ ! -x "$venv/bin/python" ]; then

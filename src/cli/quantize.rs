@@ -20,9 +20,10 @@ pub struct Args {
     /// Calibration text for the static input scales (`input_scale`).
     #[arg(long, required = true)]
     calib: Vec<PathBuf>,
-    /// Calibration sequences and their length in tokens.
+    /// Calibration sequences.
     #[arg(long, default_value_t = 16)]
     samples: usize,
+    /// Tokens per calibration sequence.
     #[arg(long, default_value_t = 256)]
     seq: usize,
     /// Output folder (HF) or file (GGUF); the input's format.
