@@ -1384,7 +1384,8 @@ mod avx2 {
     ) -> [f32; R] {
         unsafe {
             let lut =
-                _mm256_broadcastsi128_si256(_mm_loadu_si128(super::E2M1X2.as_ptr() as *const _));
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(super::E2M1X2_12.as_ptr() as *const _));
+            let twelve = _mm256_set1_epi8(12);
             let lo = _mm256_set1_epi8(0x0F);
             let ones = _mm256_set1_epi16(1);
             let scales = crate::kernels::fp::E4M3.as_ptr();
@@ -1393,6 +1394,11 @@ mod avx2 {
                 let xl = _mm256_loadu_si256(q.as_ptr().add(64 * k) as *const _);
                 let xh = _mm256_loadu_si256(q.as_ptr().add(64 * k + 32) as *const _);
                 let (d0, d1) = (*d.get_unchecked(2 * k), *d.get_unchecked(2 * k + 1));
+                // The table adds 12 to every value: 12·Σx per lane comes off.
+                let c12 = _mm256_add_epi32(
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(twelve, xl), ones),
+                    _mm256_madd_epi16(_mm256_maddubs_epi16(twelve, xh), ones),
+                );
                 for r in 0..R {
                     let row = base.add(r * stride);
                     _mm_prefetch::<_MM_HINT_T0>(
@@ -1411,10 +1417,12 @@ mod avx2 {
                     let wl = _mm256_shuffle_epi8(lut, _mm256_and_si256(bytes, lo));
                     let wh =
                         _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), lo));
-                    let pl = _mm256_maddubs_epi16(_mm256_abs_epi8(wl), _mm256_sign_epi8(xl, wl));
-                    let ph = _mm256_maddubs_epi16(_mm256_abs_epi8(wh), _mm256_sign_epi8(xh, wh));
-                    let i =
-                        _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones));
+                    let pl = _mm256_maddubs_epi16(wl, xl);
+                    let ph = _mm256_maddubs_epi16(wh, xh);
+                    let i = _mm256_sub_epi32(
+                        _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones)),
+                        c12,
+                    );
                     let sv = _mm256_setr_ps(
                         s[0] * d0,
                         s[0] * d0,
