@@ -414,7 +414,7 @@ fn quantize_refuses_bad_input_and_writes_nothing() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-fn train(model: &Path, out: &Path, quant: Option<&str>) -> serde_json::Value {
+fn train(model: &Path, out: &Path, quant: Option<&str>, dtype: &str) -> serde_json::Value {
     let data = fixture("text/gpl-3.txt");
     let mut args = vec![
         "train",
@@ -443,6 +443,8 @@ fn train(model: &Path, out: &Path, quant: Option<&str>) -> serde_json::Value {
         "2",
         "--no-progress",
         "--force",
+        "--dtype",
+        dtype,
     ];
     if let Some(q) = quant {
         args.extend(["--quant", q]);
@@ -467,11 +469,17 @@ fn qad_trains_through_fake_quantization_and_writes_a_nested_quantized_checkpoint
     let m = elastic_copy("nemotron_h_dense", &dir, &DENSE);
     let toks = reference("nemotron_h_dense").tokens;
     let plain = dir.join("plain");
-    train(&m, &plain, None);
+    train(&m, &plain, None, "f32");
     let mut kds = vec![first_kd(&plain)];
-    for (to, algo) in [("fp8", "FP8"), ("nvfp4", "NVFP4")] {
+    // A BF16 copy of the elastic checkpoint (a full-budget slice keeps the manifest): a BF16
+    // student written back as BF16.
+    let bf = dir.join("bf16");
+    let (ok, _, err) = cli(&["slice", m.to_str().unwrap(), "-b", "full", "--dtype", "bf16", "-o", bf.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(load(&bf).meta.manifest.as_ref().map(|x| x.budgets.len()), Some(DENSE.len()));
+    for (to, algo, src, dt) in [("fp8", "FP8", &m, "f32"), ("nvfp4", "NVFP4", &bf, "bf16")] {
         let out = dir.join(to);
-        let s = train(&m, &out, Some(to));
+        let s = train(src, &out, Some(to), dt);
         kds.push(first_kd(&out));
         let q = out.join("model");
         assert_eq!(quant_algo(&q), algo);

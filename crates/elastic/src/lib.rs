@@ -253,7 +253,8 @@ impl GatherPlan {
         let cols = self.src_cols;
         let rb = t.dtype.row_bytes(cols).unwrap();
         let src = t.bytes();
-        if self.row_copy {
+        // Bytes are copied only from a tensor in the planned format (trained values come as F32).
+        if self.row_copy && t.dtype == self.dtype {
             let nb = t.dtype.row_bytes(self.inner.len()).unwrap();
             let mut out = Vec::with_capacity(self.rows.len() * nb);
             for &r in &self.rows {
@@ -261,7 +262,7 @@ impl GatherPlan {
             }
             return out;
         }
-        if let Some(bs) = &self.blocks {
+        if let Some(bs) = self.blocks.as_ref().filter(|_| t.dtype == self.dtype) {
             let bb = t.dtype.block_bytes();
             let mut out = Vec::with_capacity(self.rows.len() * bs.len() * bb);
             for &r in &self.rows {
