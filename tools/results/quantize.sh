@@ -5,8 +5,9 @@
 # Usage: tools/results/quantize.sh [NESTED_MODEL] [WORK_DIR]
 #   NESTED_MODEL: default .cache/nested-kd/nested/model.gguf (tools/results/smollm2_nested_kd.sh)
 #   WORK_DIR:     default .cache/quantize
-# Env: QAD_TOKENS (default 32768), QAD_LR (default 1e-4), CHUNKS (default 40), REPS (default 3).
-# Writes WORK_DIR/results.json; tools/results/quantize_report.py turns it into the results page.
+# Env: QAD_TOKENS (default 32768), QAD_LR (default 1e-4), CHUNKS (default 40), REPS (default 5).
+# Writes WORK_DIR/ppl.jsonl and bench.jsonl; tools/results/quantize_report.py turns them into the
+# results page (WORK_DIR/report.md).
 # The QAD run checkpoints every 8 steps; rerunning the script resumes it.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -20,7 +21,7 @@ e=./target/release/elastica
 tokens=${QAD_TOKENS:-32768}
 lr=${QAD_LR:-1e-4}
 chunks=${CHUNKS:-40}
-reps=${REPS:-3}
+reps=${REPS:-5}
 mkdir -p "$w"
 # One BF16 HF copy of the elastic checkpoint (a full-budget slice keeps the manifest), then PTQ.
 [ -d "$w/bf16" ] || $e slice "$nested" -b full --format hf --dtype bf16 -o "$w/bf16" >&2
@@ -38,24 +39,28 @@ if [ ! -f "$w/qad/summary.json" ]; then
   fi
 fi
 models=("bf16:$w/bf16" "fp8:$w/fp8" "nvfp4-ptq:$w/nvfp4" "nvfp4-qad:$w/qad/model")
-out="$w/results.jsonl"
-: > "$out"
-for mb in "${models[@]}"; do
-  label=${mb%%:*}; m=${mb#*:}
-  size=$(stat -c %s "$m/model.safetensors")
-  for b in full 0.75 0.5; do
-    p=$($e perplexity "$m" -f data/eval.txt --ctx 512 --chunks "$chunks" --budget "$b" --json -t 2)
-    echo "{\"label\": \"$label\", \"budget\": \"$b\", \"bytes\": $size, \"ppl\": $p}" >> "$out"
-    echo "$label $b scored" >&2
+# Perplexity once (kept across reruns); decode speed on every run (rerun it on a quiet machine).
+if [ ! -s "$w/ppl.jsonl" ]; then
+  : > "$w/ppl.tmp"
+  for mb in "${models[@]}"; do
+    label=${mb%%:*}; m=${mb#*:}
+    size=$(stat -c %s "$m/model.safetensors")
+    for b in full 0.75 0.5; do
+      p=$($e perplexity "$m" -f data/eval.txt --ctx 512 --chunks "$chunks" --budget "$b" --json -t 2)
+      echo "{\"label\": \"$label\", \"budget\": \"$b\", \"bytes\": $size, \"ppl\": $p}" >> "$w/ppl.tmp"
+      echo "$label $b scored" >&2
+    done
   done
-done
+  mv "$w/ppl.tmp" "$w/ppl.jsonl"
+fi
 # Decode speed: every format and budget, interleaved rounds (this machine's times wander).
+: > "$w/bench.jsonl"
 for r in $(seq 1 "$reps"); do
   for mb in "${models[@]}"; do
     label=${mb%%:*}; m=${mb#*:}
     for b in full 0.75 0.5; do
       t=$($e bench "$m" --budget "$b" -p 16 -n 128 -r 3 --json -t 2)
-      echo "{\"label\": \"$label\", \"budget\": \"$b\", \"round\": $r, \"bench\": $t}" >> "$out"
+      echo "{\"label\": \"$label\", \"budget\": \"$b\", \"round\": $r, \"bench\": $t}" >> "$w/bench.jsonl"
     done
   done
   echo "bench round $r done" >&2

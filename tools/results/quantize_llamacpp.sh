@@ -6,14 +6,15 @@
 # Usage: tools/results/quantize_llamacpp.sh [WORK_DIR]   (default .cache/quantize; run
 #        tools/results/quantize.sh first). Env: CHUNKS (default 40), SLICE (default below).
 # The NVFP4 slice cuts at 64-value multiples: llama.cpp's NVFP4 is made of 64-value super-blocks
-# (the nested model's own 0.75/0.5 budgets cut hidden at 560/400, multiples of 16 only).
+# (the nested model's 0.5 budget cuts hidden at 480 and FFN at 496, multiples of 16 only), and
+# transformers (which the converter loads the config with) wants hidden divisible by the heads.
 # Writes WORK_DIR/llamacpp.jsonl.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 w="${1:-.cache/quantize}"
 chunks=${CHUNKS:-40}
-slice=${SLICE:-hidden=448,ffn=1024}
+slice=${SLICE:-ffn=1024,heads=6}
 [ -d "$w/nvfp4" ] && [ -d "$w/fp8" ] || { echo "error: run tools/results/quantize.sh first" >&2; exit 1; }
 scripts/setup-ref-env.sh "$root/.venv-ref" >&2
 scripts/build-llama-cpp.sh >&2

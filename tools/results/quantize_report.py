@@ -6,7 +6,7 @@ import statistics
 import sys
 
 w = sys.argv[1] if len(sys.argv) > 1 else ".cache/quantize"
-rows = [json.loads(l) for l in open(f"{w}/results.jsonl")]
+rows = [json.loads(l) for f in ("ppl", "bench") for l in open(f"{w}/{f}.jsonl")]
 labels = ["bf16", "fp8", "nvfp4-ptq", "nvfp4-qad"]
 names = {"bf16": "BF16", "fp8": "FP8 PTQ", "nvfp4-ptq": "NVFP4 PTQ", "nvfp4-qad": "NVFP4 QAD"}
 budgets = ["full", "0.75", "0.5"]
@@ -22,9 +22,11 @@ qad = json.load(open(f"{w}/qad/summary.json"))
 log = [json.loads(l) for l in open(f"{w}/qad/log.jsonl")]
 spent = {}
 seen = 0
+step_s = 0.0
 for d in log:
     if "budget" in d:
         spent[d["budget"]] = spent.get(d["budget"], 0) + d["tokens"] - seen
+        step_s += (d["tokens"] - seen) / d["tok_per_s"]
         seen = d["tokens"]
 
 out = []
@@ -48,7 +50,7 @@ for b in budgets:
     won = 100 * (ptq - qd) / (ptq - base) if ptq != base else float("nan")
     p(f"| {b} | " + " | ".join(rec) + f" | {won:.0f}% |")
 p("")
-p(f"QAD: {qad['tokens']} tokens ({qad['steps']} steps, {qad['seconds'] / 60:.1f} min on this CPU), "
+p(f"QAD: {qad['tokens']} tokens ({qad['steps']} steps, {step_s / 60:.1f} min of step time on this CPU), "
   + ", ".join(f"{b} {spent.get(b, 0)}" for b in budgets) + " per budget; QAD's learned architectures: "
   + ", ".join(f"{n} `{s}`" for n, s in arch.items()) + ".")
 p("")
