@@ -474,9 +474,21 @@ fn qad_trains_through_fake_quantization_and_writes_a_nested_quantized_checkpoint
     // A BF16 copy of the elastic checkpoint (a full-budget slice keeps the manifest): a BF16
     // student written back as BF16.
     let bf = dir.join("bf16");
-    let (ok, _, err) = cli(&["slice", m.to_str().unwrap(), "-b", "full", "--dtype", "bf16", "-o", bf.to_str().unwrap()]);
+    let (ok, _, err) = cli(&[
+        "slice",
+        m.to_str().unwrap(),
+        "-b",
+        "full",
+        "--dtype",
+        "bf16",
+        "-o",
+        bf.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
-    assert_eq!(load(&bf).meta.manifest.as_ref().map(|x| x.budgets.len()), Some(DENSE.len()));
+    assert_eq!(
+        load(&bf).meta.manifest.as_ref().map(|x| x.budgets.len()),
+        Some(DENSE.len())
+    );
     for (to, algo, src, dt) in [("fp8", "FP8", &m, "f32"), ("nvfp4", "NVFP4", &bf, "bf16")] {
         let out = dir.join(to);
         let s = train(src, &out, Some(to), dt);

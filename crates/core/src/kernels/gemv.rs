@@ -68,7 +68,7 @@ impl ActScratch {
             ActKind::Q8 => {
                 self.q8.quantize(x);
                 if dt == DType::Nvfp4 {
-                    self.q8.interleave64();
+                    self.q8.interleave128();
                 }
                 self.xsum.resize(self.q8.d.len(), 0.0);
                 let c = if dt == DType::Q8_0 { 128.0 } else { 1.0 };
@@ -314,29 +314,29 @@ fn dot_generic(dt: DType, row: &[u8], cols: &[Range<usize>], x: &[f32]) -> f32 {
     s
 }
 
-/// NVFP4 16-blocks of the column segments in packed order, four at a time (64 packed values,
-/// activation blocks 2q and 2q + 1): `(q, [j0, j1, j2, j3])`, None past the end. An iterator,
+/// NVFP4 16-blocks of the column segments in packed order, eight at a time (128 packed
+/// values, activation blocks 4g..4g + 4): `(g, [j0, .., j7])`, None past the end. An iterator,
 /// not a closure: SIMD kernels loop over it in their own body, where their target features
 /// apply.
-struct Nvfp4Quads<'a> {
+struct Nvfp4Groups<'a> {
     cols: &'a [Range<usize>],
     seg: usize,
     j: usize,
-    q: usize,
+    g: usize,
 }
 
-impl<'a> Nvfp4Quads<'a> {
+impl<'a> Nvfp4Groups<'a> {
     fn new(cols: &'a [Range<usize>]) -> Self {
         Self::starting(cols, 0)
     }
-    /// The quads from number `skip` on; the skipped ones lie in the first segment.
+    /// The groups from number `skip` on; the skipped ones lie in the first segment.
     fn starting(cols: &'a [Range<usize>], skip: usize) -> Self {
-        let j = cols.first().map_or(0, |c| c.start / 16 + 4 * skip);
-        Nvfp4Quads {
+        let j = cols.first().map_or(0, |c| c.start / 16 + 8 * skip);
+        Nvfp4Groups {
             cols,
             seg: 0,
             j,
-            q: skip,
+            g: skip,
         }
     }
     #[inline(always)]
@@ -355,14 +355,19 @@ impl<'a> Nvfp4Quads<'a> {
     }
 }
 
-impl Iterator for Nvfp4Quads<'_> {
-    type Item = (usize, [Option<usize>; 4]);
+impl Iterator for Nvfp4Groups<'_> {
+    type Item = (usize, [Option<usize>; 8]);
     #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
         let j0 = self.block()?;
-        let q = self.q;
-        self.q += 1;
-        Some((q, [Some(j0), self.block(), self.block(), self.block()]))
+        let g = self.g;
+        self.g += 1;
+        let mut js = [None; 8];
+        js[0] = Some(j0);
+        for j in js.iter_mut().skip(1) {
+            *j = self.block();
+        }
+        Some((g, js))
     }
 }
 
@@ -371,23 +376,23 @@ const E2M1X2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -1
 /// The same plus 12 (unsigned bytes for dpbusd/maddubs).
 const E2M1X2_12: [u8; 16] = [12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0];
 
-/// Integer dot of an NVFP4 row with q8 activations interleaved by [`Q8Act::interleave64`],
+/// Integer dot of an NVFP4 row with q8 activations interleaved by [`Q8Act::interleave128`],
 /// doubled (the caller halves): the reference for the SIMD paths.
 ///
-/// [`Q8Act::interleave64`]: super::quant::Q8Act::interleave64
+/// [`Q8Act::interleave128`]: super::quant::Q8Act::interleave128
 fn scalar_dot_nvfp4(row: &[u8], cols: &[Range<usize>], q: &[i8], d: &[f32]) -> f32 {
     let mut s = 0f32;
-    for (k, js) in Nvfp4Quads::new(cols) {
-        let x = &q[64 * k..64 * k + 64];
+    for (g, js) in Nvfp4Groups::new(cols) {
+        let x = &q[128 * g..128 * g + 128];
         for (t, j) in js.iter().enumerate() {
             let Some(j) = *j else { continue };
             let b = &row[9 * j..9 * j + 9];
             let mut acc = 0i32;
             for i in 0..8 {
                 acc += E2M1X2[(b[1 + i] & 0xF) as usize] as i32 * x[8 * t + i] as i32;
-                acc += E2M1X2[(b[1 + i] >> 4) as usize] as i32 * x[32 + 8 * t + i] as i32;
+                acc += E2M1X2[(b[1 + i] >> 4) as usize] as i32 * x[64 + 8 * t + i] as i32;
             }
-            s += d[2 * k + t / 2] * (super::fp::E4M3[(b[0] & 0x7F) as usize] * acc as f32);
+            s += d[4 * g + t / 2] * (super::fp::E4M3[(b[0] & 0x7F) as usize] * acc as f32);
         }
     }
     s
@@ -892,24 +897,23 @@ mod avx512 {
         }
     }
 
-    /// Byte permutes of a 36-byte group of four NVFP4 blocks [s0 d0(8) s1 d1(8) s2 d2(8) s3 d3(8)]:
-    /// the 32 data bytes twice (for the low and the high nibbles), and each i32 lane's scale
-    /// byte in the low byte of a u16 (lanes 0-1 block 0, 2-3 block 1, 4-5 block 2, 6-7 block 3,
-    /// then again).
+    /// Byte permutes of a 72-byte group of eight NVFP4 blocks [s0 d0(8) s1 d1(8) .. s7 d7(8)]
+    /// held in two registers (bytes 64.. in the second): the 64 data bytes in block order, and
+    /// each i32 lane's scale byte in the low byte of a u16 (lanes 2t and 2t + 1 → block t).
     static NVFP4_DATA_IDX: [u8; 64] = {
         let mut ix = [0u8; 64];
         let mut i = 0;
         while i < 64 {
-            ix[i] = (9 * ((i % 32) / 8) + 1 + i % 8) as u8;
+            ix[i] = (9 * (i / 8) + 1 + i % 8) as u8;
             i += 1;
         }
         ix
     };
-    static NVFP4_SCALE_IDX: [u8; 32] = {
-        let mut ix = [0u8; 32];
+    static NVFP4_SCALE_IDX: [u8; 64] = {
+        let mut ix = [0u8; 64];
         let mut lane = 0;
         while lane < 16 {
-            ix[2 * lane] = (9 * ((lane % 8) / 2)) as u8;
+            ix[2 * lane] = (9 * (lane / 2)) as u8;
             lane += 1;
         }
         ix
@@ -937,37 +941,41 @@ mod avx512 {
                 (xq[a], xd[a]) = (q.as_ptr(), d.as_ptr());
             }
             // Doubled E2M1 values + 12 (unsigned for dpbusd); the 12·Σx this adds per lane is
-            // subtracted by starting each lane at −12·Σx.
+            // taken off by starting each lane at −12·Σx.
             let lut =
                 _mm512_broadcast_i32x4(_mm_loadu_si128(super::E2M1X2_12.as_ptr() as *const _));
             let twelve = _mm512_set1_epi8(12);
             let lo = _mm512_set1_epi8(0x0F);
-            // Low nibbles of the four blocks' bytes in the lower 256 bits, high in the upper.
-            let nib_shift = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
-            // i32 lane → block (lanes 0-1 b0, 2-3 b1, 4-5 b2, 6-7 b3, then again) and → d.
-            let sc_idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 1, 1, 2, 2, 3, 3);
-            let d_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+            // i32 lane → block (lanes 2t, 2t + 1 → block t) and → activation block (t / 2).
+            let sc_idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+            let d_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
             let data_idx = _mm512_loadu_si512(NVFP4_DATA_IDX.as_ptr() as *const _);
-            let scale_idx = _mm256_loadu_si256(NVFP4_SCALE_IDX.as_ptr() as *const _);
+            let scale_idx = _mm512_loadu_si512(NVFP4_SCALE_IDX.as_ptr() as *const _);
             let scales = crate::kernels::fp::E4M3.as_ptr();
             let zero = _mm512_setzero_si512();
             let mut acc = [[_mm512_setzero_ps(); A]; R];
-            // One step: weight bytes and per-lane scales of R rows against A activations.
+            // One group of eight blocks (128 values): the low nibbles of all eight against the
+            // first 64 activations, the high ones against the next 64, both into the same lanes.
             macro_rules! step {
-                ($k:expr, |$r:ident| $bytes:expr, |$r2:ident| $sc:expr, $dmul:expr) => {{
-                    let k = $k;
-                    let mut xv = [zero; A];
+                ($g:expr, |$r:ident| $bytes:expr, |$r2:ident| $sc:expr, $dmul:expr) => {{
+                    let g = $g;
+                    let mut xl = [zero; A];
+                    let mut xh = [zero; A];
                     let mut negc = [zero; A];
                     let mut dv = [_mm512_setzero_ps(); A];
                     for a in 0..A {
-                        xv[a] = _mm512_loadu_si512(xq[a].add(64 * k) as *const _);
-                        negc[a] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, twelve, xv[a]));
+                        xl[a] = _mm512_loadu_si512(xq[a].add(128 * g) as *const _);
+                        xh[a] = _mm512_loadu_si512(xq[a].add(128 * g + 64) as *const _);
+                        let c = _mm512_dpbusd_epi32(
+                            _mm512_dpbusd_epi32(zero, twelve, xl[a]),
+                            twelve,
+                            xh[a],
+                        );
+                        negc[a] = _mm512_sub_epi32(zero, c);
                         dv[a] = _mm512_mul_ps(
                             _mm512_permutexvar_ps(
                                 d_idx,
-                                _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(
-                                    xd[a].add(2 * k) as *const f64,
-                                ))),
+                                _mm512_castps128_ps512(_mm_loadu_ps(xd[a].add(4 * g))),
                             ),
                             _mm512_set1_ps($dmul),
                         );
@@ -976,10 +984,17 @@ mod avx512 {
                         let $r2 = $r;
                         let bytes: __m512i = $bytes;
                         let sc: __m512 = $sc;
-                        let nib = _mm512_and_si512(_mm512_srlv_epi64(bytes, nib_shift), lo);
-                        let w = _mm512_shuffle_epi8(lut, nib);
+                        let wl = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, lo));
+                        let wh = _mm512_shuffle_epi8(
+                            lut,
+                            _mm512_and_si512(_mm512_srli_epi16(bytes, 4), lo),
+                        );
                         for a in 0..A {
-                            let i = _mm512_dpbusd_epi32(negc[a], w, xv[a]);
+                            let i = _mm512_dpbusd_epi32(
+                                _mm512_dpbusd_epi32(negc[a], wl, xl[a]),
+                                wh,
+                                xh[a],
+                            );
                             acc[$r][a] = _mm512_fmadd_ps(
                                 _mm512_cvtepi32_ps(i),
                                 _mm512_mul_ps(sc, dv[a]),
@@ -989,32 +1004,34 @@ mod avx512 {
                     }
                 }};
             }
-            // Whole groups of four contiguous blocks on the first segment, when it starts the
-            // packed activation (every prefix budget): one 36-byte load per row and group.
+            // Whole groups of eight contiguous blocks at the start of the first segment: two
+            // loads (64 + 8 bytes) per row and group, two byte permutes.
             let mut fast = 0;
             if V {
-                fast = cols[0].len() / 64;
+                fast = cols[0].len() / 128;
                 let j00 = cols[0].start / 16;
-                for k in 0..fast {
-                    let off = 9 * (j00 + 4 * k);
-                    let mut grp = [zero; R];
+                for g in 0..fast {
+                    let off = 9 * (j00 + 8 * g);
+                    let mut z0 = [zero; R];
+                    let mut z1 = [zero; R];
                     for r in 0..R {
                         let row = base.add(r * stride + off);
                         _mm_prefetch::<_MM_HINT_T0>(row.add(PF * stride) as *const i8);
-                        grp[r] = _mm512_maskz_loadu_epi8(0xF_FFFF_FFFF, row as *const _);
+                        _mm_prefetch::<_MM_HINT_T0>(row.add(PF * stride + 64) as *const i8);
+                        z0[r] = _mm512_loadu_si512(row as *const _);
+                        z1[r] = _mm512_maskz_loadu_epi8(0xFF, row.add(64) as *const _);
                     }
                     // UE4M3 scales as f16 bits (value · 2⁻⁸, made up in d).
                     step!(
-                        k,
-                        |r| _mm512_permutexvar_epi8(data_idx, grp[r]),
+                        g,
+                        |r| _mm512_permutex2var_epi8(z0[r], data_idx, z1[r]),
                         |r| {
-                            let sb = _mm256_maskz_permutexvar_epi8(
-                                0x5555_5555,
-                                scale_idx,
-                                _mm512_castsi512_si256(grp[r]),
-                            );
+                            let sb = _mm512_maskz_permutexvar_epi8(0x5555_5555, scale_idx, z0[r]);
                             _mm512_cvtph_ps(_mm256_slli_epi16(
-                                _mm256_and_si256(sb, _mm256_set1_epi16(0x7F)),
+                                _mm256_and_si256(
+                                    _mm512_castsi512_si256(sb),
+                                    _mm256_set1_epi16(0x7F),
+                                ),
                                 7,
                             ))
                         },
@@ -1023,12 +1040,12 @@ mod avx512 {
                 }
             }
             // The rest (or everything without VBMI), block by block.
-            for (k, js) in super::Nvfp4Quads::starting(cols, fast) {
-                let mut b = [[0i64; 4]; R];
-                let mut s = [[0f32; 4]; R];
+            for (g, js) in super::Nvfp4Groups::starting(cols, fast) {
+                let mut b = [[0i64; 8]; R];
+                let mut s = [[0f32; 8]; R];
                 for r in 0..R {
                     let row = base.add(r * stride);
-                    for t in 0..4 {
+                    for t in 0..8 {
                         if let Some(j) = js[t] {
                             let p = row.add(9 * j);
                             s[r][t] = *scales.add((*p & 0x7F) as usize);
@@ -1037,13 +1054,15 @@ mod avx512 {
                     }
                 }
                 step!(
-                    k,
-                    |r| _mm512_broadcast_i64x4(_mm256_setr_epi64x(
-                        b[r][0], b[r][1], b[r][2], b[r][3]
-                    )),
+                    g,
+                    |r| _mm512_setr_epi64(
+                        b[r][0], b[r][1], b[r][2], b[r][3], b[r][4], b[r][5], b[r][6], b[r][7]
+                    ),
                     |r| _mm512_permutexvar_ps(
                         sc_idx,
-                        _mm512_castps128_ps512(_mm_setr_ps(s[r][0], s[r][1], s[r][2], s[r][3])),
+                        _mm512_castps256_ps512(_mm256_setr_ps(
+                            s[r][0], s[r][1], s[r][2], s[r][3], s[r][4], s[r][5], s[r][6], s[r][7]
+                        )),
                     ),
                     1.0f32
                 );
@@ -1383,57 +1402,73 @@ mod avx2 {
         d: &[f32],
     ) -> [f32; R] {
         unsafe {
+            // Doubled E2M1 values + 12, unsigned for maddubs; 12·Σx per lane is taken off.
             let lut =
                 _mm256_broadcastsi128_si256(_mm_loadu_si128(super::E2M1X2_12.as_ptr() as *const _));
             let twelve = _mm256_set1_epi8(12);
             let lo = _mm256_set1_epi8(0x0F);
             let ones = _mm256_set1_epi16(1);
             let scales = crate::kernels::fp::E4M3.as_ptr();
+            // A macro, not a closure: the intrinsics must be inlined where AVX2 is enabled.
+            macro_rules! dot {
+                ($w:expr, $x:expr) => {
+                    _mm256_madd_epi16(_mm256_maddubs_epi16($w, $x), ones)
+                };
+            }
             let mut acc = [_mm256_setzero_ps(); R];
-            for (k, js) in super::Nvfp4Quads::new(cols) {
-                let xl = _mm256_loadu_si256(q.as_ptr().add(64 * k) as *const _);
-                let xh = _mm256_loadu_si256(q.as_ptr().add(64 * k + 32) as *const _);
-                let (d0, d1) = (*d.get_unchecked(2 * k), *d.get_unchecked(2 * k + 1));
-                // The table adds 12 to every value: 12·Σx per lane comes off.
-                let c12 = _mm256_add_epi32(
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(twelve, xl), ones),
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(twelve, xh), ones),
-                );
+            for (g, js) in super::Nvfp4Groups::new(cols) {
+                // Four 8-block halves: low nibbles of blocks 0-3 and 4-7, then the high ones.
+                let xp = q.as_ptr().add(128 * g);
+                let x = [
+                    _mm256_loadu_si256(xp as *const _),
+                    _mm256_loadu_si256(xp.add(32) as *const _),
+                    _mm256_loadu_si256(xp.add(64) as *const _),
+                    _mm256_loadu_si256(xp.add(96) as *const _),
+                ];
+                let dg = d.as_ptr().add(4 * g);
+                let c12 = [
+                    _mm256_add_epi32(dot!(twelve, x[0]), dot!(twelve, x[2])),
+                    _mm256_add_epi32(dot!(twelve, x[1]), dot!(twelve, x[3])),
+                ];
                 for r in 0..R {
                     let row = base.add(r * stride);
                     _mm_prefetch::<_MM_HINT_T0>(
                         row.add(PF * stride + 9 * js[0].unwrap_unchecked()) as *const i8,
                     );
-                    let mut b = [0i64; 4];
-                    let mut s = [0f32; 4];
-                    for t in 0..4 {
+                    let mut b = [0i64; 8];
+                    let mut s = [0f32; 8];
+                    for t in 0..8 {
                         if let Some(j) = js[t] {
                             let p = row.add(9 * j);
                             s[t] = *scales.add((*p & 0x7F) as usize);
                             b[t] = std::ptr::read_unaligned(p.add(1) as *const i64);
                         }
                     }
-                    let bytes = _mm256_setr_epi64x(b[0], b[1], b[2], b[3]);
-                    let wl = _mm256_shuffle_epi8(lut, _mm256_and_si256(bytes, lo));
-                    let wh =
-                        _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), lo));
-                    let pl = _mm256_maddubs_epi16(wl, xl);
-                    let ph = _mm256_maddubs_epi16(wh, xh);
-                    let i = _mm256_sub_epi32(
-                        _mm256_add_epi32(_mm256_madd_epi16(pl, ones), _mm256_madd_epi16(ph, ones)),
-                        c12,
-                    );
-                    let sv = _mm256_setr_ps(
-                        s[0] * d0,
-                        s[0] * d0,
-                        s[1] * d0,
-                        s[1] * d0,
-                        s[2] * d1,
-                        s[2] * d1,
-                        s[3] * d1,
-                        s[3] * d1,
-                    );
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sv, acc[r]);
+                    for h in 0..2 {
+                        let bytes =
+                            _mm256_setr_epi64x(b[4 * h], b[4 * h + 1], b[4 * h + 2], b[4 * h + 3]);
+                        let wl = _mm256_shuffle_epi8(lut, _mm256_and_si256(bytes, lo));
+                        let wh = _mm256_shuffle_epi8(
+                            lut,
+                            _mm256_and_si256(_mm256_srli_epi16(bytes, 4), lo),
+                        );
+                        let i = _mm256_sub_epi32(
+                            _mm256_add_epi32(dot!(wl, x[h]), dot!(wh, x[2 + h])),
+                            c12[h],
+                        );
+                        let (d0, d1) = (*dg.add(2 * h), *dg.add(2 * h + 1));
+                        let sv = _mm256_setr_ps(
+                            s[4 * h] * d0,
+                            s[4 * h] * d0,
+                            s[4 * h + 1] * d0,
+                            s[4 * h + 1] * d0,
+                            s[4 * h + 2] * d1,
+                            s[4 * h + 2] * d1,
+                            s[4 * h + 3] * d1,
+                            s[4 * h + 3] * d1,
+                        );
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sv, acc[r]);
+                    }
                 }
             }
             acc.map(|a| hsum(a))
@@ -1562,6 +1597,9 @@ mod tests {
             vec![0..16],
             vec![0..112],
             vec![32..128, 144..160],
+            vec![0..160],
+            vec![16..160],
+            vec![0..128, 144..160],
         ] {
             let (kk, nn) = (seg_len(&cols), seg_len(&rows));
             let w = tensor(DType::Nvfp4, n, k, &rnd(n * k, 3));

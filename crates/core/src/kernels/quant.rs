@@ -219,19 +219,19 @@ impl Q8Act {
         }
     }
 
-    /// Reorders the values for NVFP4 weights, 64 at a time (4 blocks of 16, b0..b3), as their
-    /// nibbles come out of the blocks' bytes: values 0..8 of b0, b1, b2, b3, then values 8..16
-    /// of each. Pads to a whole 64 (d of the padding is 0).
-    pub fn interleave64(&mut self) {
-        let n = self.q.len().next_multiple_of(64);
+    /// Reorders the values for NVFP4 weights, 128 at a time (8 blocks of 16, b0..b7), as their
+    /// nibbles come out of the blocks' bytes: values 0..8 of b0..b7, then values 8..16 of b0..b7.
+    /// Pads to a whole 128 (d of the padding is 0).
+    pub fn interleave128(&mut self) {
+        let n = self.q.len().next_multiple_of(128);
         self.q.resize(n, 0);
         self.d.resize(n / 32, 0.0);
         self.sum.resize(n / 32, 0);
-        for b in self.q.chunks_exact_mut(64) {
-            let mut t = [0i8; 64];
-            for blk in 0..4 {
+        for b in self.q.chunks_exact_mut(128) {
+            let mut t = [0i8; 128];
+            for blk in 0..8 {
                 t[8 * blk..8 * blk + 8].copy_from_slice(&b[16 * blk..16 * blk + 8]);
-                t[32 + 8 * blk..40 + 8 * blk].copy_from_slice(&b[16 * blk + 8..16 * blk + 16]);
+                t[64 + 8 * blk..72 + 8 * blk].copy_from_slice(&b[16 * blk + 8..16 * blk + 16]);
             }
             b.copy_from_slice(&t);
         }
