@@ -14,10 +14,19 @@ ppl = {(r["label"], r["budget"]): r["ppl"] for r in rows if "ppl" in r}
 size = {r["label"]: r["bytes"] for r in rows if "bytes" in r}
 tg = {}
 bpt = {}
+by_round = {}
 for r in rows:
     if "bench" in r:
         tg.setdefault((r["label"], r["budget"]), []).append(r["bench"]["tg"])
         bpt[(r["label"], r["budget"])] = r["bench"]["bytes_per_token"]
+        by_round[(r["label"], r["budget"], r["round"])] = r["bench"]["tg"]
+rounds = sorted({k[2] for k in by_round})
+
+
+def speedup(l, b):
+    """Median over rounds of the format's tok/s over BF16's in the same round and budget."""
+    return statistics.median(by_round[(l, b, k)] / by_round[("bf16", b, k)] for k in rounds)
+
 qad = json.load(open(f"{w}/qad/summary.json"))
 log = [json.loads(l) for l in open(f"{w}/qad/log.jsonl")]
 spent = {}
@@ -54,13 +63,14 @@ p(f"QAD: {qad['tokens']} tokens ({qad['steps']} steps, {step_s / 60:.1f} min of 
   + ", ".join(f"{b} {spent.get(b, 0)}" for b in budgets) + " per budget; QAD's learned architectures: "
   + ", ".join(f"{n} `{s}`" for n, s in arch.items()) + ".")
 p("")
-p("| format | model.safetensors | bytes read per token (full / 0.75 / 0.5) | decode tok/s (full / 0.75 / 0.5) | vs BF16 (full) | bytes ratio (full) |")
-p("|---|---:|---|---|---:|---:|")
+p("| format | model.safetensors | bytes read per token (full / 0.75 / 0.5) | decode tok/s (full / 0.75 / 0.5) | vs BF16, same round (full / 0.75 / 0.5) | bytes ratio (full / 0.75 / 0.5) | speedup / bytes ratio (full) |")
+p("|---|---:|---|---|---|---|---:|")
 for l in labels:
     t = {b: statistics.median(tg[(l, b)]) for b in budgets}
     by = " / ".join(f"{bpt[(l, b)] / 2**20:.0f} MiB" for b in budgets)
     ts = " / ".join(f"{t[b]:.1f}" for b in budgets)
-    sp = t["full"] / statistics.median(tg[("bf16", "full")])
-    br = bpt[("bf16", "full")] / bpt[(l, "full")]
-    p(f"| {names[l]} | {size[l] / 2**20:.1f} MiB | {by} | {ts} | {sp:.2f}x | {br:.2f}x |")
+    sp = " / ".join(f"{speedup(l, b):.2f}x" for b in budgets)
+    br = " / ".join(f"{bpt[('bf16', b)] / bpt[(l, b)]:.2f}x" for b in budgets)
+    frac = speedup(l, "full") / (bpt[("bf16", "full")] / bpt[(l, "full")])
+    p(f"| {names[l]} | {size[l] / 2**20:.1f} MiB | {by} | {ts} | {sp} | {br} | {frac:.2f} |")
 print("\n".join(out))
