@@ -6,40 +6,6 @@ mod common;
 use common::*;
 use std::process::Command;
 
-fn logits(env: &[(&str, &str)], model: &std::path::Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
-    let mut c = Command::new(env!("CARGO_BIN_EXE_elastica"));
-    c.args([
-        "logits",
-        model.to_str().unwrap(),
-        "--tokens",
-        &toks.join(","),
-        "--json",
-    ]);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
-}
-
 const LEVELS: [(&str, &str); 2] = [("ELASTICA_ISA", "avx2"), ("ELASTICA_NO_SIMD", "1")];
 
 #[test]
@@ -57,7 +23,7 @@ fn fixtures_match_transformers_at_every_isa() {
             } else {
                 fixture(name).join(file)
             };
-            let d = rel_diff(&logits(&[level], &p, &r.tokens), &r.logits);
+            let d = rel_diff(&logits_cli(&[level], &p, &r.tokens), &r.logits);
             assert!(d < 1e-4, "{name} {file} under {level:?}: {d}");
         }
     }
@@ -82,12 +48,15 @@ fn quantized_model_agrees_across_isas() {
     }
     let toks: Vec<u32> = (0..24).map(|i| 100 + 37 * i).collect();
     // Exact mode removes the per-ISA activation rounding: all levels compute the same f32 math.
-    let base = logits(&[("ELASTICA_EXACT", "1")], &p, &toks);
+    let base = logits_cli(&[("ELASTICA_EXACT", "1")], &p, &toks);
     for level in LEVELS {
-        let d = rel_diff(&logits(&[level, ("ELASTICA_EXACT", "1")], &p, &toks), &base);
+        let d = rel_diff(
+            &logits_cli(&[level, ("ELASTICA_EXACT", "1")], &p, &toks),
+            &base,
+        );
         assert!(d < 1e-4, "exact mode under {level:?}: {d}");
         // Default mode: each level rounds activations its own way (bf16 or not); close, not equal.
-        let d = rel_diff(&logits(&[level], &p, &toks), &base);
+        let d = rel_diff(&logits_cli(&[level], &p, &toks), &base);
         assert!(d < 0.02, "default mode under {level:?}: {d}");
     }
 }

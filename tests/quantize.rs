@@ -270,7 +270,7 @@ fn gguf_nvfp4_agrees_with_hf_nvfp4() {
     // 1e-6 float differences.
     let mt = reference("nemotron_h_moe").tokens;
     let ex = [("ELASTICA_EXACT", "1")];
-    let d = rel_diff(&logits_env(&ex, &qmg, &mt), &logits_env(&ex, &qmh, &mt));
+    let d = rel_diff(&logits_cli(&ex, &qmg, &mt), &logits_cli(&ex, &qmh, &mt));
     assert!(d < 1e-5, "MoE GGUF NVFP4 vs HF NVFP4: {d}");
     // FP8 has no GGUF type.
     let (ok, err) = quantize(&g, "fp8", &dir.join("f.gguf"), &[]);
@@ -548,39 +548,6 @@ fn ppl(model: &Path) -> f64 {
         .unwrap()
 }
 
-fn logits_env(env: &[(&str, &str)], model: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elastica"))
-        .args([
-            "logits",
-            model.to_str().unwrap(),
-            "--tokens",
-            &toks.join(","),
-            "--json",
-        ])
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
-}
-
 /// SmolLM2 (a real model): FP8 keeps BF16's perplexity, NVFP4 PTQ loses a little; the GGUF and
 /// HF NVFP4 files are the same model; every ISA level computes the same FP8/NVFP4 products.
 #[test]
@@ -634,9 +601,9 @@ fn smollm2_fp8_and_nvfp4() {
     );
     let toks: Vec<u32> = (0..24).map(|i| 100 + 37 * i).collect();
     for m in [&f8, &f4] {
-        let base = logits_env(&[], m, &toks);
+        let base = logits_cli(&[], m, &toks);
         for level in [("ELASTICA_ISA", "avx2"), ("ELASTICA_NO_SIMD", "1")] {
-            let d = rel_diff(&logits_env(&[level], m, &toks), &base);
+            let d = rel_diff(&logits_cli(&[level], m, &toks), &base);
             println!("{} under {level:?}: {d:.2e}", m.display());
             assert!(d < 0.02, "{} under {level:?}: {d}", m.display());
         }

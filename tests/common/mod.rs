@@ -132,3 +132,38 @@ pub fn cli(args: &[&str]) -> (bool, String, String) {
     let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     (out.status.success(), s(&out.stdout), s(&out.stderr))
 }
+
+/// All-position logits from `elastica logits --json` run with extra environment (e.g. an ISA
+/// level or exact mode) in a child process.
+pub fn logits_cli(env: &[(&str, &str)], model: &std::path::Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elastica"))
+        .args([
+            "logits",
+            model.to_str().unwrap(),
+            "--tokens",
+            &toks.join(","),
+            "--json",
+        ])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}

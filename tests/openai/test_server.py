@@ -250,6 +250,18 @@ x = http.post("/v1/chat/completions/control", json={"id": "x"})
 check(x.status_code == 400 and x.json()["error"]["param"] == "action", f"missing action: {x.text}")
 
 # --- cancellation ------------------------------------------------------------------------------
+def wait_cancelled(m0, what):
+    """Waits until /metrics counts one more cancelled request than `m0` and none running."""
+    key = 'elastica:request_success_total{outcome="cancelled"}'
+    t0 = time.time()
+    while True:
+        m1 = metrics()
+        if m1[key] > m0[key] and m1["elastica:num_requests_running"] == 0:
+            return
+        check(time.time() - t0 < 30, f"{what} was not cancelled: {m1}")
+        time.sleep(0.1)
+
+
 step("cancellation: a client that goes away frees its slot; /metrics shows it")
 m0 = metrics()
 with http.stream("POST", "/v1/completions", json={"model": "smol", "prompt": PROMPTS[4], "max_tokens": 400,
@@ -259,14 +271,7 @@ with http.stream("POST", "/v1/completions", json={"model": "smol", "prompt": PRO
         n += line.startswith("data: {")
         if n >= 3:
             break
-t0 = time.time()
-while True:
-    m1 = metrics()
-    if (m1['elastica:request_success_total{outcome="cancelled"}'] > m0['elastica:request_success_total{outcome="cancelled"}']
-            and m1["elastica:num_requests_running"] == 0):
-        break
-    check(time.time() - t0 < 30, f"the stream's request was not cancelled: {m1}")
-    time.sleep(0.1)
+wait_cancelled(m0, "the stream's request")
 step("cancellation: a non-streaming client that disconnects is cancelled too")
 m0 = metrics()
 try:
@@ -274,14 +279,7 @@ try:
                json={"model": "smol", "prompt": PROMPTS[5], "max_tokens": 400, "ignore_eos": True}, timeout=0.5)
 except httpx.TimeoutException:
     pass
-t0 = time.time()
-while True:
-    m1 = metrics()
-    if (m1['elastica:request_success_total{outcome="cancelled"}'] > m0['elastica:request_success_total{outcome="cancelled"}']
-            and m1["elastica:num_requests_running"] == 0):
-        break
-    check(time.time() - t0 < 30, f"the non-streaming request was not cancelled: {m1}")
-    time.sleep(0.1)
+wait_cancelled(m0, "the non-streaming request")
 
 # --- refusals ----------------------------------------------------------------------------------
 step("refusals: OpenAI error objects with the right status")

@@ -690,7 +690,7 @@ pub fn write(
     while h.len() % ALIGN != 0 {
         h.push(0);
     }
-    super::write_body(path, &h, &all, ALIGN, |j| {
+    let data = |j: usize| -> Result<Vec<u8>> {
         let (i, part) = src[j];
         let t = &tensors[i];
         Ok(match part {
@@ -709,5 +709,6 @@ pub fn write(
                 .to_le_bytes()
                 .repeat(all[j].numel()),
         })
-    })
+    };
+    super::write_body(path, &h, &all, ALIGN, data, |_, b| vec![b])
 }

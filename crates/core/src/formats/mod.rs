@@ -89,14 +89,16 @@ impl OutTensor {
     }
 }
 
-/// Writes `header`, then each tensor's bytes from `data(i)` (checked against its size) padded to
-/// `align`, and syncs: the body writer of both formats.
+/// Writes `header`, then each tensor's bytes from `data(i)` (checked against its size) in the
+/// pieces `split` makes of them (the tensor and its companions; `vec![b]` for most formats),
+/// padded to `align`, and syncs: the body writer of both formats.
 pub(crate) fn write_body(
     path: &std::path::Path,
     header: &[u8],
     tensors: &[OutTensor],
     align: usize,
     mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+    split: impl Fn(&OutTensor, Vec<u8>) -> Vec<Vec<u8>>,
 ) -> Result<()> {
     use std::io::Write;
     let f = temp::create_file(path)?;
@@ -111,8 +113,11 @@ pub(crate) fn write_body(
                 msg: format!("produced {} bytes, expected {}", b.len(), t.nbytes()),
             });
         }
-        w.write_all(&b).map_err(io)?;
-        let pad = b.len().next_multiple_of(align) - b.len();
+        let n = b.len();
+        for piece in split(t, b) {
+            w.write_all(&piece).map_err(io)?;
+        }
+        let pad = n.next_multiple_of(align) - n;
         w.write_all(&[0u8; 64][..pad]).map_err(io)?; // align <= 64
     }
     w.into_inner()

@@ -268,9 +268,8 @@ pub fn load_dir(dir: &Path) -> Result<TensorMap> {
 pub fn write(
     path: &Path,
     tensors: &[super::OutTensor],
-    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+    data: impl FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<()> {
-    use std::io::Write;
     let mut header = serde_json::Map::new();
     let mut off = 0usize;
     let mut put = |name: String, dt: &str, shape: Vec<usize>, n: usize| {
@@ -331,39 +330,19 @@ pub fn write(
     }
     let mut head = (h.len() as u64).to_le_bytes().to_vec();
     head.extend_from_slice(&h);
-    let f = super::temp::create_file(path)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    let io = |e| Error::io(path, e);
-    w.write_all(&head).map_err(io)?;
-    for (i, t) in tensors.iter().enumerate() {
-        let b = data(i)?;
-        if b.len() != t.nbytes() {
-            return Err(Error::Tensor {
-                name: t.name.clone(),
-                msg: format!("produced {} bytes, expected {}", b.len(), t.nbytes()),
-            });
-        }
-        match t.dtype {
+    super::write_body(path, &head, tensors, 1, data, |t, b| {
+        // ModelOpt's tensors of one FP8/NVFP4 weight, in the header's order.
+        let mut pieces = match t.dtype {
             DType::Nvfp4 => {
-                let cols = t.shape[t.shape.len() - 1];
-                let rows = t.shape[..t.shape.len() - 1].iter().product();
-                let (packed, scales) = super::modelopt::to_modelopt(&b, rows, cols);
-                w.write_all(&packed).map_err(io)?;
-                w.write_all(&scales).map_err(io)?;
-                w.write_all(&t.scale.to_le_bytes()).map_err(io)?;
+                let (packed, scales) = super::modelopt::to_modelopt(&b, t.rows(), t.cols());
+                vec![packed, scales, t.scale.to_le_bytes().to_vec()]
             }
-            DType::F8E4M3 => {
-                w.write_all(&b).map_err(io)?;
-                w.write_all(&t.scale.to_le_bytes()).map_err(io)?;
-            }
-            _ => w.write_all(&b).map_err(io)?,
-        }
+            DType::F8E4M3 => vec![b, t.scale.to_le_bytes().to_vec()],
+            _ => vec![b],
+        };
         if let Some(s) = t.input_scale {
-            w.write_all(&s.to_le_bytes()).map_err(io)?;
+            pieces.push(s.to_le_bytes().to_vec());
         }
-    }
-    w.into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?
-        .sync_all()
-        .map_err(io)
+        pieces
+    })
 }

@@ -65,7 +65,7 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
         0x7E
     } else if a < 1.0 / 64.0 {
         // Subnormal range: multiples of 2⁻⁹ (8 · 2⁻⁹ is the smallest normal, code 0x08).
-        round_even(a * 512.0) as u8
+        (a * 512.0).round_ties_even() as u8
     } else {
         let bits = a.to_bits();
         let mut e = ((bits >> 23) & 0xFF) as i32 - 127 + 7;
@@ -85,15 +85,6 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
         }
     };
     if code == 0 { 0 } else { sign | code }
-}
-
-fn round_even(x: f32) -> f32 {
-    let r = x.round();
-    if (r - x).abs() == 0.5 && r % 2.0 != 0.0 {
-        r - x.signum()
-    } else {
-        r
-    }
 }
 
 /// f32 → E2M1 code, round to nearest with ties to the even code (ModelOpt's `cast_fp4`),

@@ -701,7 +701,7 @@ mod avx512 {
         ys: usize,
     ) {
         unsafe {
-            tiles!(n, acts, y, ys, |r, R, xa, A| bf16_tile::<R, A>(
+            tiles!(n, acts, y, ys, |r, R, xa, A| bf16_tile::<R, A, false>(
                 base.add(r * stride),
                 stride,
                 cols,
@@ -710,8 +710,9 @@ mod avx512 {
         }
     }
 
+    /// BF16 weights, or FP8 ones widened to bf16 (`FP8`), against bf16 activations.
     #[inline(always)]
-    unsafe fn bf16_tile<const R: usize, const A: usize>(
+    unsafe fn bf16_tile<const R: usize, const A: usize, const FP8: bool>(
         base: *const u8,
         stride: usize,
         cols: &[Range<usize>],
@@ -738,9 +739,14 @@ mod avx512 {
                     };
                     let mut wv = [_mm512_setzero_si512(); R];
                     for r in 0..R {
-                        let wp = base.add(r * stride + 2 * (c.start + i));
+                        let esz = if FP8 { 1 } else { 2 };
+                        let wp = base.add(r * stride + esz * (c.start + i));
                         _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
-                        wv[r] = _mm512_maskz_loadu_epi16(m, wp as *const _);
+                        wv[r] = if FP8 {
+                            e4m3_to_bf16(_mm256_maskz_loadu_epi8(m, wp as *const _))
+                        } else {
+                            _mm512_maskz_loadu_epi16(m, wp as *const _)
+                        };
                     }
                     for a in 0..A {
                         let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(
@@ -1090,7 +1096,7 @@ mod avx512 {
         ys: usize,
     ) {
         unsafe {
-            tiles!(n, acts, y, ys, |r, R, xa, A| fp8_tile::<R, A>(
+            tiles!(n, acts, y, ys, |r, R, xa, A| bf16_tile::<R, A, true>(
                 base.add(r * stride),
                 stride,
                 cols,
@@ -1136,65 +1142,6 @@ mod avx512 {
                 m,
                 _mm512_and_si512(_mm512_slli_epi16(w, 8), _mm512_set1_epi16(-0x8000)),
             )
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn fp8_tile<const R: usize, const A: usize>(
-        base: *const u8,
-        stride: usize,
-        cols: &[Range<usize>],
-        xa: &[Act; A],
-    ) -> [[f32; A]; R] {
-        unsafe {
-            let mut xp = [std::ptr::null::<u16>(); A];
-            for a in 0..A {
-                let Act::Bf16(x) = &xa[a] else {
-                    unreachable!("one activation kind per product")
-                };
-                xp[a] = x.as_ptr();
-            }
-            let mut acc = [[_mm512_setzero_ps(); A]; R];
-            let mut k = 0usize;
-            for c in cols {
-                let n = c.len();
-                let mut i = 0;
-                while i < n {
-                    let m: __mmask32 = if n - i >= 32 {
-                        !0
-                    } else {
-                        (1u32 << (n - i)) - 1
-                    };
-                    let mut wv = [_mm512_setzero_si512(); R];
-                    for r in 0..R {
-                        let wp = base.add(r * stride + c.start + i);
-                        _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
-                        wv[r] = e4m3_to_bf16(_mm256_maskz_loadu_epi8(m, wp as *const _));
-                    }
-                    for a in 0..A {
-                        let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(
-                            m,
-                            xp[a].add(k + i) as *const _,
-                        ));
-                        for r in 0..R {
-                            acc[r][a] = _mm512_dpbf16_ps(
-                                acc[r][a],
-                                std::mem::transmute::<__m512i, __m512bh>(wv[r]),
-                                xv,
-                            );
-                        }
-                    }
-                    i += 32;
-                }
-                k += n;
-            }
-            let mut out = [[0f32; A]; R];
-            for r in 0..R {
-                for a in 0..A {
-                    out[r][a] = _mm512_reduce_add_ps(acc[r][a]);
-                }
-            }
-            out
         }
     }
 
