@@ -331,8 +331,35 @@ fn quantize_refuses_bad_input_and_writes_nothing() {
             .collect();
         assert!(left.is_empty(), "temporaries left: {left:?}");
     };
-    // An unknown target.
+    // An unknown target, a glob that does not parse, no calibration sequences.
     refused(&m, "int4", &[], &["--to", "int4"]);
+    refused(
+        &m,
+        "nvfp4",
+        &["--exclude", "*.up_proj,[q"],
+        &["--exclude", "[q"],
+    );
+    refused(&m, "nvfp4", &["--samples", "0"], &["--samples"]);
+    // QAD: an unknown format, and excludes without a format.
+    let data = fixture("text/gpl-3.txt");
+    let run = dir.join("out-run");
+    for (extra, want) in [
+        (&["--quant", "int4"][..], "int4"),
+        (&["--quant-exclude", "*.up_proj"][..], "--quant"),
+    ] {
+        let mut args = vec![
+            "train",
+            m.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            run.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = cli(&args);
+        assert!(!ok && err.contains(want), "train {extra:?}: {err}");
+        assert!(!run.join("model").exists());
+    }
     // A budget whose cuts split NVFP4 blocks (Mamba heads cut to 8 of 16 channels).
     let odd = dir.join("odd");
     std::fs::create_dir_all(&odd).unwrap();
