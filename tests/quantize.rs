@@ -486,7 +486,7 @@ fn first_kd(out: &Path) -> f64 {
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
     log.lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find_map(|v| v["kd"].as_f64())
+        .find_map(|v| v["loss"].as_f64())
         .unwrap()
 }
 

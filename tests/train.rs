@@ -664,9 +664,147 @@ fn teacher_vocabulary_mismatch_is_refused() {
         ckpt_every: 0,
         quant: None,
         quant_exclude: None,
+        objective: elastica::train::Objective::Kd,
     };
-    let e = elastica::train::Trainer::new(cfg, &ck, &teacher, b, vec![1; 100], vec![])
+    let e = elastica::train::Trainer::new(cfg, &ck, Some(&teacher), b, vec![1; 100], vec![])
         .err()
         .expect("refused");
     assert!(e.to_string().contains("vocabulary"), "{e}");
+}
+
+/// `init` writes every tensor the architecture reads with the reference initial values
+/// (reproducibly from the seed); `train --objective lm` then learns the next token from scratch
+/// and writes a model the engine loads; what does not apply is refused.
+#[test]
+fn from_scratch_init_and_next_token_training() {
+    let dir = std::env::temp_dir().join(format!("elastica-train-scratch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fx = fixture("nemotron_h_moe");
+    let cfg = fx.join("config.json").display().to_string();
+    let init = |out: &str, seed: &str| {
+        bin()
+            .args(["init", "--config", &cfg, "--tokenizer"])
+            .arg(&fx)
+            .arg("-o")
+            .arg(dir.join(out))
+            .args(["--seed", seed])
+            .output()
+            .unwrap()
+    };
+    for (out, seed) in [("a", "3"), ("b", "3"), ("c", "4")] {
+        let o = init(out, seed);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let bytes = |d: &str| std::fs::read(dir.join(d).join("model.safetensors")).unwrap();
+    assert_eq!(bytes("a"), bytes("b"), "same seed, same weights");
+    assert_ne!(bytes("a"), bytes("c"), "another seed, other weights");
+    let ck = elastica::models::open(&dir.join("a")).unwrap();
+    let t = ck.raw.tensors();
+    let vals = |n: &str| -> Vec<f32> {
+        let b = t.get(n).unwrap().bytes();
+        b.chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    // Layer 0 is Mamba (pattern MEM*EMEE): A_log = log(1..=heads), D = 1, softplus(dt_bias) in
+    // [time_step_min, time_step_max]; norms at one; linears N(0, 0.02²).
+    let a = vals("backbone.layers.0.mixer.A_log");
+    for (h, v) in a.iter().enumerate() {
+        assert!((v - ((h + 1) as f32).ln()).abs() < 1e-6);
+    }
+    assert!(vals("backbone.layers.0.mixer.D").iter().all(|&v| v == 1.0));
+    for b in vals("backbone.layers.0.mixer.dt_bias") {
+        let dt = (b as f64).exp().ln_1p();
+        assert!((0.99e-3..=0.101).contains(&dt), "{dt}");
+    }
+    assert!(vals("backbone.norm_f.weight").iter().all(|&v| v == 1.0));
+    let w = vals("backbone.layers.0.mixer.in_proj.weight");
+    let sd = (w.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+    assert!((sd - 0.02).abs() < 0.002, "{sd}");
+    // Training from scratch: held-out perplexity falls well below the untrained model's.
+    let out = dir.join("lm");
+    let o = bin()
+        .arg("train")
+        .arg(dir.join("a"))
+        .args(["--objective", "lm", "--data"])
+        .arg(fixture("text/gpl-3.txt"))
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--tokens",
+            "24576",
+            "--seq",
+            "64",
+            "--batch",
+            "4",
+            "--stage1",
+            "1",
+            "--lr",
+            "3e-3",
+            "--warmup",
+            "4",
+            "--eval-every",
+            "0",
+            "--eval-seqs",
+            "4",
+            "--no-progress",
+            "-t",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let evals: Vec<f64> = log_lines(&out.join("log.jsonl"))
+        .iter()
+        .filter_map(|v| v["eval_ppl"]["full"].as_f64())
+        .collect();
+    let (first, last) = (evals[0], *evals.last().unwrap());
+    assert!(last < first / 4.0, "held-out perplexity {first} → {last}");
+    let m = elastica::models::load(&out.join("model")).unwrap();
+    assert!(m.meta.manifest.is_none());
+    // Refused: what the next-token objective does not take, an unknown objective, a vocabulary
+    // smaller than the tokenizer's, an existing output, an architecture without a layout.
+    let lm = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["train", &dir.join("a").display().to_string(), "--objective"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v.extend([
+            "--data".into(),
+            fixture("text/gpl-3.txt").display().to_string(),
+        ]);
+        v.extend(["--out".into(), dir.join("x").display().to_string()]);
+        v
+    };
+    refused(&lm(&["lm", "--budgets", "full"]), "--objective lm");
+    refused(&lm(&["lm", "--quant", "nvfp4"]), "--objective lm");
+    refused(&lm(&["distill"]), "--objective \"distill\"");
+    refused(&lm(&["kd"]), "no elastic manifest");
+    let mut small: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("config.json")).unwrap()).unwrap();
+    small["vocab_size"] = 100.into();
+    let sc = dir.join("small.json");
+    std::fs::write(&sc, small.to_string()).unwrap();
+    let args = |c: &std::path::Path, out: &str| -> Vec<String> {
+        let s = |p: &std::path::Path| p.display().to_string();
+        vec![
+            "init".into(),
+            "--config".into(),
+            s(c),
+            "--tokenizer".into(),
+            s(&fx),
+            "-o".into(),
+            s(&dir.join(out)),
+        ]
+    };
+    refused(&args(&sc, "small"), "vocab_size");
+    assert!(!dir.join("small").exists(), "nothing left behind");
+    refused(&args(&fx.join("config.json"), "a"), "exists");
+    refused(
+        &args(&fixture("llama_tiny").join("config.json"), "llama"),
+        "not supported",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

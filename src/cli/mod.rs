@@ -6,6 +6,7 @@ mod bench;
 mod elastify;
 mod gen_data;
 mod info;
+mod init;
 mod logits;
 mod perplexity;
 mod quantize;
@@ -36,12 +37,26 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// An HF checkpoint folder (config.json + safetensors) or a .gguf file.
+    /// An HF checkpoint folder (config.json + safetensors) or a .gguf file (default: the tiny
+    /// elastic Nemotron-H reasoning model shipped in models/).
+    #[arg(default_value_os_t = default_model())]
     pub model: PathBuf,
     /// Budget: a manifest name, `full`, explicit sizes like `hidden=384,ffn=1024,heads=6,skip=3+7`,
     /// or a target like `0.6` or `params:80e6` (resolved between the manifest's budgets).
     #[arg(short, long, default_value = "full")]
     pub budget: String,
+}
+
+/// The model shipped in the repository, `models/nemotron-h-elastic-tiny`: under the working
+/// directory, else under the source tree this binary was built from.
+pub fn default_model() -> PathBuf {
+    let rel = PathBuf::from("models/nemotron-h-elastic-tiny");
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(&rel);
+    if !rel.exists() && built.exists() {
+        built
+    } else {
+        rel
+    }
 }
 
 /// Nested self-speculative decoding (`run`, `bench`).
@@ -94,6 +109,8 @@ enum Cmd {
     Quantize(quantize::Args),
     /// Train every budget at once: learned router + distillation from the frozen parent.
     Train(train::Args),
+    /// A new checkpoint with random weights from a config.json, to train from scratch.
+    Init(init::Args),
 }
 
 /// The command line. Values that look like negative numbers parse as values (`--temp -1`), so
@@ -153,6 +170,7 @@ pub fn main() -> ExitCode {
         Cmd::Rank(a) => rank::run(a),
         Cmd::Elastify(a) => elastify::run(a),
         Cmd::Train(a) => train::run(a),
+        Cmd::Init(a) => init::run(a),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

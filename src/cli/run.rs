@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "file"])))]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "file", "prompts"])))]
 pub struct Args {
     #[command(flatten)]
     m: ModelArgs,
@@ -21,9 +21,17 @@ pub struct Args {
     /// Read the prompt (or the user message with --chat) from this UTF-8 file.
     #[arg(short, long)]
     file: Option<PathBuf>,
+    /// Many prompts, one model load: a JSONL file with one object per line, {"prompt": TEXT}
+    /// and optionally "id" and "system"; prints one JSON line per prompt (implies --json).
+    #[arg(long, value_name = "FILE.jsonl")]
+    prompts: Option<PathBuf>,
     /// Wrap the prompt in the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// With --chat: render the template with `enable_thinking` false (a reasoning model then
+    /// answers without thinking).
+    #[arg(long, requires = "chat")]
+    no_thinking: bool,
     /// System message (with --chat).
     #[arg(long)]
     system: Option<String>,
@@ -99,12 +107,66 @@ fn thinking_cap(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+/// One prompt of a run: its id (with --prompts), system message and text.
+struct Prompt {
+    id: Option<serde_json::Value>,
+    system: Option<String>,
+    text: String,
+}
+
+/// The prompts of --prompts FILE.jsonl.
+fn read_prompts(f: &std::path::Path) -> Result<Vec<Prompt>> {
+    let text = crate::data::read_text(f)?;
+    let mut out = vec![];
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let at = format!("{}:{}", f.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| Error::Input(format!("{at}: not JSON: {e}")))?;
+        let field = |k: &str| -> Result<Option<String>> {
+            match v.get(k) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(x) => Err(Error::Input(format!("{at}: \"{k}\" is {x}, not a string"))),
+            }
+        };
+        let text =
+            field("prompt")?.ok_or_else(|| Error::Input(format!("{at}: no \"prompt\" string")))?;
+        out.push(Prompt {
+            id: v.get("id").cloned(),
+            system: field("system")?,
+            text,
+        });
+    }
+    if out.is_empty() {
+        return Err(Error::Input(format!("{}: no prompts", f.display())));
+    }
+    Ok(out)
+}
+
 pub fn run(a: Args) -> Result<()> {
-    let prompt = match (&a.prompt, &a.file) {
-        (Some(p), _) => p.clone(),
-        (None, Some(f)) => crate::data::read_text(f)?,
-        (None, None) => return Err(Error::Input("give --prompt TEXT or --file FILE".into())),
+    let prompts = match (&a.prompt, &a.file, &a.prompts) {
+        (Some(p), _, _) => vec![Prompt {
+            id: None,
+            system: a.system.clone(),
+            text: p.clone(),
+        }],
+        (None, Some(f), _) => vec![Prompt {
+            id: None,
+            system: a.system.clone(),
+            text: crate::data::read_text(f)?,
+        }],
+        (None, None, Some(f)) => read_prompts(f)?,
+        _ => {
+            return Err(Error::Input(
+                "give --prompt TEXT, --file FILE or --prompts FILE.jsonl".into(),
+            ));
+        }
     };
+    let json = a.json || a.prompts.is_some();
     let template = match &a.chat_template {
         Some(f) => Some(super::chat_template(f)?),
         None => None,
@@ -116,16 +178,25 @@ pub fn run(a: Args) -> Result<()> {
     let ctx = a.ctx.unwrap_or(m.meta.context.min(4096));
     super::check_ctx(&m, &format!("--ctx {ctx}"), ctx, a.force_ctx)?;
     let tok = Tokenizer::for_model(&m)?;
-    let prompt = if a.chat {
-        chat::prompt(
-            m.meta.chat_template.as_deref(),
-            &tok,
-            a.system.as_deref(),
-            &prompt,
-        )?
-    } else {
-        tok.encode(&prompt, true)?
+    let mut kwargs = serde_json::Map::new();
+    if a.no_thinking {
+        kwargs.insert("enable_thinking".into(), false.into());
+    }
+    let encode = |p: &Prompt| -> Result<Vec<u32>> {
+        if a.chat {
+            let tpl = m
+                .meta
+                .chat_template
+                .as_deref()
+                .ok_or_else(|| Error::Input("--chat: the model has no chat template".into()))?;
+            let msgs = chat::messages(p.system.as_deref(), &p.text);
+            chat::encode(&tok, &chat::conversation_text(tpl, &tok, &msgs, &kwargs)?)
+        } else {
+            tok.encode(&p.text, true)
+        }
     };
+    // Every prompt is checked before the first is run.
+    let encoded: Vec<Vec<u32>> = prompts.iter().map(&encode).collect::<Result<_>>()?;
     let cfg = GenConfig {
         max_tokens: a.n,
         sampler: SamplerConfig {
@@ -139,14 +210,13 @@ pub fn run(a: Args) -> Result<()> {
         logprobs: None,
     };
     let mut stdout = std::io::stdout().lock();
-    let stream = |t: &str| {
-        if !a.json {
+    let mut stream = |t: &str| {
+        if !json {
             let _ = stdout.write_all(t.as_bytes());
             let _ = stdout.flush();
         }
     };
     // Budget control: think at --think-budget, answer at --answer-budget (default --budget).
-    let mut controlled = None;
     let budget_control = match &a.think_budget {
         Some(s) => Some(BudgetControl {
             think: m.budget(s)?,
@@ -167,61 +237,81 @@ pub fn run(a: Args) -> Result<()> {
         }),
         None => None,
     };
-    let mut spec = None;
-    let g = match (&a.spec.speculate, &budget_control) {
-        (_, Some(bc)) => {
-            let mut cache = Cache::try_new(&m, ctx)?;
-            let c = controlled.insert(control::generate(
-                &m, &tok, bc, &mut cache, &prompt, &cfg, stream,
-            )?);
-            c.generation.clone()
-        }
-        (None, None) => generate(
-            &m,
-            &tok,
-            &b,
-            &mut Cache::try_new(&m, ctx)?,
-            &prompt,
-            &cfg,
-            stream,
-        )?,
-        (Some(d), None) => {
-            let s = spec.insert(Speculator::new(&m, m.budget(d)?, &b, a.spec.draft)?);
-            let mut cache = Cache {
-                seq: SeqState::try_new(&m, ctx, a.spec.draft)?,
-                work: Work::try_new(&m, ctx)?,
-            };
-            speculative::generate(&m, &tok, s, &mut cache, &prompt, &cfg, stream)?
-        }
-    };
-    // With budget control, the budget the sequence ended at (the answer's).
-    let b = budget_control.as_ref().map_or(&b, |c| &c.answer);
-    if a.json {
-        let mut v = serde_json::to_value(&g).unwrap();
-        v["budget"] = b.spec(&m.shape).into();
-        if let Some(s) = &spec {
-            v["speculative"] = s.report(&m.shape);
-        }
-        if let Some(c) = &controlled {
-            v["phases"] = c.phases_json();
-        }
-        println!("{v}");
-    } else {
-        println!();
-        eprintln!(
-            "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {}, budget {}]",
-            g.prompt_tokens,
-            g.prompt_tokens as f64 / g.prefill_seconds.max(1e-9),
-            g.tokens.len(),
-            g.tokens.len().saturating_sub(1) as f64 / g.decode_seconds.max(1e-9),
-            g.stop_reason.describe(),
-            b.spec(&m.shape)
-        );
-        if let Some(s) = &spec {
-            eprintln!("[{}]", s.summary(&m.shape));
-        }
-        if let Some(c) = &controlled {
-            eprintln!("[{}]", c.summary());
+    for (p, prompt) in prompts.iter().zip(&encoded) {
+        let t0 = std::time::Instant::now();
+        let mut controlled = None;
+        let mut spec = None;
+        let g = match (&a.spec.speculate, &budget_control) {
+            (_, Some(bc)) => {
+                let mut cache = Cache::try_new(&m, ctx)?;
+                let c = controlled.insert(control::generate(
+                    &m,
+                    &tok,
+                    bc,
+                    &mut cache,
+                    prompt,
+                    &cfg,
+                    &mut stream,
+                )?);
+                c.generation.clone()
+            }
+            (None, None) => generate(
+                &m,
+                &tok,
+                &b,
+                &mut Cache::try_new(&m, ctx)?,
+                prompt,
+                &cfg,
+                &mut stream,
+            )?,
+            (Some(d), None) => {
+                let s = spec.insert(Speculator::new(&m, m.budget(d)?, &b, a.spec.draft)?);
+                let mut cache = Cache {
+                    seq: SeqState::try_new(&m, ctx, a.spec.draft)?,
+                    work: Work::try_new(&m, ctx)?,
+                };
+                speculative::generate(&m, &tok, s, &mut cache, prompt, &cfg, &mut stream)?
+            }
+        };
+        // With budget control, the budget the sequence ended at (the answer's).
+        let ended = budget_control.as_ref().map_or(&b, |c| &c.answer);
+        if json {
+            let mut v = serde_json::to_value(&g).unwrap();
+            if let Some(id) = &p.id {
+                v["id"] = id.clone();
+            }
+            v["budget"] = ended.spec(&m.shape).into();
+            v["seconds"] = t0.elapsed().as_secs_f64().into();
+            if let Some(s) = &spec {
+                v["speculative"] = s.report(&m.shape);
+            }
+            if let Some(c) = &controlled {
+                v["phases"] = c.phases_json();
+            }
+            // A closed pipe (`| head`) ends the run quietly.
+            if let Err(e) = writeln!(std::io::stdout(), "{v}") {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    return Ok(());
+                }
+                return Err(Error::io("stdout", e));
+            }
+        } else {
+            println!();
+            eprintln!(
+                "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {}, budget {}]",
+                g.prompt_tokens,
+                g.prompt_tokens as f64 / g.prefill_seconds.max(1e-9),
+                g.tokens.len(),
+                g.tokens.len().saturating_sub(1) as f64 / g.decode_seconds.max(1e-9),
+                g.stop_reason.describe(),
+                ended.spec(&m.shape)
+            );
+            if let Some(s) = &spec {
+                eprintln!("[{}]", s.summary(&m.shape));
+            }
+            if let Some(c) = &controlled {
+                eprintln!("[{}]", c.summary());
+            }
         }
     }
     Ok(())

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::formats::temp::{self, Temp};
 use crate::manifest::{FORMAT, Manifest, NamedBudget};
 use crate::model::Format;
-use crate::train::{Config, RunDir, Trainer};
+use crate::train::{Config, Objective, RunDir, Trainer};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -118,6 +118,10 @@ pub struct Args {
     /// With --quant: matrices kept unquantized, as `quantize --exclude` (comma-separated globs).
     #[arg(long, value_delimiter = ',', requires = "quant")]
     pub quant_exclude: Option<Vec<String>>,
+    /// Training signal: `kd` (distillation from the teacher, every budget) or `lm` (next-token
+    /// cross-entropy of the full model: training from scratch, e.g. after `elastica init`).
+    #[arg(long, default_value = "kd")]
+    pub objective: String,
     /// Replace an existing run in OUT.
     #[arg(long)]
     pub force: bool,
@@ -137,18 +141,13 @@ fn fnv(ids: &[u32]) -> String {
     format!("{h:016x}")
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let dtype = parse_float_dtype(&a.dtype)?;
-    let ck = crate::models::open(&a.model)?;
-    let m = &ck.model;
-    let man = m.meta.manifest.clone().ok_or_else(|| {
-        Error::Input(format!(
-            "{} has no elastic manifest; make one with `elastica elastify`",
-            a.model.display()
-        ))
-    })?;
-    // Budgets: manifest names, kept in manifest order (largest first), nested.
-    let names: Vec<String> = match &a.budgets {
+/// The manifest budgets `--budgets` names (default: all), largest first, checked to nest.
+fn kd_budgets(
+    m: &crate::Model,
+    man: &Manifest,
+    names: Option<&str>,
+) -> Result<(Vec<NamedBudget>, Vec<crate::Budget>)> {
+    let names: Vec<String> = match names {
         Some(s) => s
             .split(',')
             .map(|x| x.trim().to_string())
@@ -170,26 +169,56 @@ pub fn run(a: Args) -> Result<()> {
     if chosen.is_empty() {
         return Err(Error::Budget("--budgets names no budget".into()));
     }
-    let mut budgets = vec![];
-    for nb in &chosen {
-        budgets.push(m.budget(&nb.name)?);
+    let mut pairs = vec![];
+    for nb in chosen {
+        pairs.push((nb.clone(), m.budget(&nb.name)?));
     }
-    budgets.sort_by_key(|b| std::cmp::Reverse(m.params(b).0));
-    let order: Vec<usize> = {
-        let mut idx: Vec<usize> = (0..chosen.len()).collect();
-        idx.sort_by_key(|&i| std::cmp::Reverse(m.params(&m.budget(&chosen[i].name).unwrap()).0));
-        idx
-    };
-    let chosen: Vec<&NamedBudget> = order.iter().map(|&i| chosen[i]).collect();
-    for w in 0..budgets.len().saturating_sub(1) {
-        if !budgets[w + 1].nested_in(&budgets[w]) {
+    pairs.sort_by_key(|(_, b)| std::cmp::Reverse(m.params(b).0));
+    for w in pairs.windows(2) {
+        if !w[1].1.nested_in(&w[0].1) {
             return Err(Error::Budget(format!(
                 "budgets {:?} and {:?} are not nested (every axis of the smaller must be at most the larger's)",
-                chosen[w].name,
-                chosen[w + 1].name
+                w[0].0.name, w[1].0.name
             )));
         }
     }
+    Ok(pairs.into_iter().unzip())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let dtype = parse_float_dtype(&a.dtype)?;
+    let ck = crate::models::open(&a.model)?;
+    let m = &ck.model;
+    let objective = match a.objective.as_str() {
+        "kd" => Objective::Kd,
+        "lm" => Objective::Lm,
+        o => return Err(Error::Input(format!("--objective {o:?}: use kd or lm"))),
+    };
+    let objective_name = a.objective.as_str();
+    let man = m.meta.manifest.clone();
+    let (chosen, budgets): (Vec<NamedBudget>, Vec<crate::Budget>) = match (objective, &man) {
+        (Objective::Lm, _) => {
+            if a.budgets.is_some() || a.teacher.is_some() || a.quant.is_some() {
+                return Err(Error::Input(
+                    "--objective lm trains the full model on the data: --budgets, --teacher and --quant do not apply".into(),
+                ));
+            }
+            let full = m.full_budget();
+            let nb = NamedBudget {
+                name: "full".into(),
+                spec: full.spec(&m.shape),
+                target: None,
+            };
+            (vec![nb], vec![full])
+        }
+        (Objective::Kd, None) => {
+            return Err(Error::Input(format!(
+                "{} has no elastic manifest; make one with `elastica elastify` (or train from scratch with --objective lm)",
+                a.model.display()
+            )));
+        }
+        (Objective::Kd, Some(man)) => kd_budgets(m, man, a.budgets.as_deref())?,
+    };
     let probs: Vec<f64> = a
         .probs
         .split(',')
@@ -240,12 +269,13 @@ pub fn run(a: Args) -> Result<()> {
         crate::data::tokenize_all(&tok, &crate::data::read_texts(&a.eval_data)?)?
     };
     let teacher_model;
-    let teacher = match &a.teacher {
-        Some(p) => {
+    let teacher = match (&a.teacher, objective) {
+        (_, Objective::Lm) => None,
+        (Some(p), _) => {
             teacher_model = crate::models::load(p)?;
-            &teacher_model
+            Some(&teacher_model)
         }
-        None => &ck.model,
+        (None, _) => Some(&ck.model),
     };
     let cfg = Config {
         model: format!(
@@ -287,6 +317,7 @@ pub fn run(a: Args) -> Result<()> {
             .map(|q| crate::elastic::quantize::parse_to(q).map(|_| q.to_ascii_lowercase()))
             .transpose()?,
         quant_exclude: a.quant_exclude.clone(),
+        objective,
     };
     let dir = RunDir {
         root: a.out.clone(),
@@ -346,7 +377,7 @@ pub fn run(a: Args) -> Result<()> {
             return Ok(());
         }
         let log = tr.step()?;
-        last_loss.insert(log.budget.clone(), log.kd);
+        last_loss.insert(log.budget.clone(), log.loss);
         dir.log_line(&serde_json::to_value(&log).unwrap())?;
         tr.state.log_lines += 1;
         let s = tr.state.step;
@@ -366,7 +397,7 @@ pub fn run(a: Args) -> Result<()> {
         pb.status(
             s,
             total,
-            format!("{tps:.0} tok/s, kd: {}", losses.join(", ")),
+            format!("{tps:.0} tok/s, {}: {}", objective_name, losses.join(", ")),
         );
     }
     pb.finish();
@@ -375,35 +406,43 @@ pub fn run(a: Args) -> Result<()> {
     tr.state.log_lines += 1;
     tr.save(&dir.checkpoint())?;
 
-    // The learned architectures into the manifest; the model in the input's format.
-    let archs = tr.architectures()?;
-    let mut manifest = Manifest {
-        format: FORMAT.into(),
-        parent: man.parent.clone(),
-        budgets: man.budgets.clone(),
-        layer_order: man.layer_order.clone(),
-        mass: man.mass.clone(),
-    };
-    for (nb, b) in chosen.iter().zip(&archs) {
-        if let Some(x) = manifest.budgets.iter_mut().find(|x| x.name == nb.name) {
-            x.spec = b.spec(&m.shape);
-        }
-    }
-    // Budgets not trained keep their specs; keep the list nested by dropping any that no longer fit.
-    let mut kept: Vec<NamedBudget> = vec![];
-    let mut prev: Option<crate::Budget> = None;
+    // The learned architectures into the manifest (a model trained from scratch keeps what it
+    // had, usually none); the model in the input's format.
     let mut dropped = vec![];
-    for nb in &manifest.budgets {
-        let b = nb.spec.parse::<crate::BudgetSpec>()?.resolve(&m.shape)?;
-        if prev.as_ref().is_none_or(|p| b.nested_in(p)) {
-            prev = Some(b);
-            kept.push(nb.clone());
-        } else {
-            dropped.push(nb.name.clone());
+    let manifest = match (&man, objective) {
+        (Some(man), Objective::Kd) => {
+            let archs = tr.architectures()?;
+            let mut manifest = Manifest {
+                format: FORMAT.into(),
+                parent: man.parent.clone(),
+                budgets: man.budgets.clone(),
+                layer_order: man.layer_order.clone(),
+                mass: man.mass.clone(),
+            };
+            for (nb, b) in chosen.iter().zip(&archs) {
+                if let Some(x) = manifest.budgets.iter_mut().find(|x| x.name == nb.name) {
+                    x.spec = b.spec(&m.shape);
+                }
+            }
+            // Budgets not trained keep their specs; keep the list nested by dropping any that no
+            // longer fit.
+            let mut kept: Vec<NamedBudget> = vec![];
+            let mut prev: Option<crate::Budget> = None;
+            for nb in &manifest.budgets {
+                let b = nb.spec.parse::<crate::BudgetSpec>()?.resolve(&m.shape)?;
+                if prev.as_ref().is_none_or(|p| b.nested_in(p)) {
+                    prev = Some(b);
+                    kept.push(nb.clone());
+                } else {
+                    dropped.push(nb.name.clone());
+                }
+            }
+            manifest.budgets = kept;
+            manifest.validate(&m.shape)?;
+            Some(manifest)
         }
-    }
-    manifest.budgets = kept;
-    manifest.validate(&m.shape)?;
+        (man, _) => man.clone(),
+    };
     let out_path = match m.meta.format {
         Format::Gguf => a.out.join("model.gguf"),
         Format::Hf => a.out.join("model"),
@@ -414,7 +453,7 @@ pub fn run(a: Args) -> Result<()> {
         None => crate::train::export::write(
             &ck,
             &tr.net,
-            &manifest,
+            manifest.as_ref(),
             &model_tmp,
             dtype,
             true,
@@ -428,7 +467,7 @@ pub fn run(a: Args) -> Result<()> {
             crate::train::export::write(
                 &ck,
                 &tr.net,
-                &manifest,
+                manifest.as_ref(),
                 &float_tmp,
                 dtype,
                 true,
@@ -458,7 +497,8 @@ pub fn run(a: Args) -> Result<()> {
         "tokens": tr.state.tokens_seen,
         "seconds": t0.elapsed().as_secs_f64(),
         "tok_per_s": (tr.state.tokens_seen - start_tokens) as f64 / t0.elapsed().as_secs_f64(),
-        "budgets": manifest.budgets,
+        "objective": objective_name,
+        "budgets": manifest.as_ref().map(|m| &m.budgets),
         "dropped_untrained_budgets": dropped,
         "eval_ppl": ev.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
         "written": w,

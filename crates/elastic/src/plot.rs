@@ -257,6 +257,76 @@ pub fn plot(imp: &Importance, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Accuracy against latency (budget control): each named group of (x, y) points in its own
+/// colour, and the Pareto frontier (highest y for any smaller x) as a line through them.
+pub fn pareto(
+    path: &Path,
+    title: &str,
+    labels: (&str, &str),
+    groups: &[(String, Vec<(f32, f32)>)],
+) -> Result<()> {
+    register_font()?;
+    let e = |x: String| Error::Input(format!("plot: {x}"));
+    let all: Vec<(f32, f32)> = groups.iter().flat_map(|g| g.1.iter().copied()).collect();
+    if all.is_empty() {
+        return Err(e("no points".into()));
+    }
+    let x1 = all.iter().map(|p| p.0).fold(0f32, f32::max) * 1.05;
+    let (y0, y1) = all
+        .iter()
+        .fold((f32::MAX, f32::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let pad = ((y1 - y0) * 0.08).max(0.01);
+    let root = BitMapBackend::new(path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut c = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f32..x1, (y0 - pad).max(0.0)..(y1 + pad).min(1.0))
+        .map_err(|x| e(x.to_string()))?;
+    c.configure_mesh()
+        .x_desc(labels.0)
+        .y_desc(labels.1)
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    let n = groups.len().max(1);
+    for (i, (name, pts)) in groups.iter().enumerate() {
+        let col = HSLColor(0.8 * i as f64 / n as f64, 0.75, 0.45);
+        c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, col.filled())))
+            .map_err(|x| e(x.to_string()))?
+            .label(name.clone())
+            .legend(move |(x, y)| Circle::new((x + 8, y), 4, col.filled()));
+    }
+    c.draw_series(LineSeries::new(frontier(&all), BLACK.stroke_width(1)))
+        .map_err(|x| e(x.to_string()))?
+        .label("Pareto frontier")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.stroke_width(1)));
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    root.present()
+        .map_err(|x| Error::Input(format!("{}: {x}", path.display())))?;
+    Ok(())
+}
+
+/// The points no other point beats (lower or equal x with higher y), by x.
+pub fn frontier(points: &[(f32, f32)]) -> Vec<(f32, f32)> {
+    let mut p = points.to_vec();
+    p.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.total_cmp(&a.1)));
+    let mut out: Vec<(f32, f32)> = vec![];
+    for q in p {
+        if out.last().is_none_or(|l| q.1 > l.1) {
+            out.push(q);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,5 +341,11 @@ mod tests {
             assert_eq!(named.len(), LEGEND_MAX, "{n}: {named:?}");
             assert_eq!((named[0], *named.last().unwrap()), (0, n - 1));
         }
+    }
+
+    #[test]
+    fn frontier_keeps_what_nothing_beats() {
+        let f = frontier(&[(3.0, 0.5), (1.0, 0.2), (2.0, 0.6), (2.5, 0.4), (1.0, 0.3)]);
+        assert_eq!(f, vec![(1.0, 0.3), (2.0, 0.6)]);
     }
 }

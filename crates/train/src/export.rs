@@ -46,7 +46,7 @@ pub fn values(net: &Net) -> Result<HashMap<String, Vec<f32>>> {
 pub fn write(
     ck: &Checkpoint,
     net: &Net,
-    manifest: &Manifest,
+    manifest: Option<&Manifest>,
     path: &Path,
     dtype: DType,
     force: bool,
@@ -61,7 +61,7 @@ pub fn write(
         &rewrite::Output {
             path,
             convert: Some(dtype),
-            manifest: Some(manifest),
+            manifest,
             force,
             progress: &elastica_core::progress::Progress::new_if(progress, "train", false),
             check: None,

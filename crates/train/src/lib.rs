@@ -76,6 +76,20 @@ pub struct Config {
     pub quant: Option<String>,
     #[serde(default)]
     pub quant_exclude: Option<Vec<String>>,
+    /// What the student learns from: the teacher's distribution, or the next token.
+    #[serde(default)]
+    pub objective: Objective,
+}
+
+/// The training signal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Distillation from the frozen teacher, every budget at once (method doc §4).
+    #[default]
+    Kd,
+    /// Next-token cross-entropy of the full model on the data: training from scratch.
+    Lm,
 }
 
 impl Config {
@@ -104,7 +118,8 @@ pub struct Trainer<'a> {
     pub cfg: Config,
     pub net: Net<'a>,
     pub router: Router,
-    pub teacher: &'a Model,
+    /// None with [`Objective::Lm`].
+    pub teacher: Option<&'a Model>,
     pub budgets: Vec<Budget>,
     pub targets: Vec<f64>,
     pub train: Vec<u32>,
@@ -124,7 +139,9 @@ pub struct StepLog {
     pub stage: u8,
     pub budget: String,
     pub tokens: u64,
-    pub kd: f64,
+    pub objective: Objective,
+    /// The step's training loss: KD, or next-token cross-entropy.
+    pub loss: f64,
     pub budget_loss: f64,
     pub expected_params: f64,
     pub target_params: f64,
@@ -138,14 +155,30 @@ impl<'a> Trainer<'a> {
     pub fn new(
         cfg: Config,
         student: &'a Checkpoint,
-        teacher: &'a Model,
+        teacher: Option<&'a Model>,
         budgets: Vec<Budget>,
         train: Vec<u32>,
         eval: Vec<u32>,
     ) -> Result<Trainer<'a>> {
         denormal::flush_everywhere();
         let m = &student.model;
-        if teacher.vocab != m.vocab {
+        match (cfg.objective, teacher) {
+            (Objective::Kd, None) => {
+                return Err(Error::Input("distillation needs a teacher".into()));
+            }
+            (Objective::Lm, _)
+                if budgets.len() != 1
+                    || budgets[0].spec(&m.shape) != m.full_budget().spec(&m.shape) =>
+            {
+                return Err(Error::Input(
+                    "the next-token objective trains the full model only (no --budgets)".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(teacher) = teacher
+            && teacher.vocab != m.vocab
+        {
             return Err(Error::Input(format!(
                 "the teacher's vocabulary ({}) differs from the student's ({}); distillation needs the same tokens",
                 teacher.vocab, m.vocab
@@ -250,7 +283,9 @@ impl<'a> Trainer<'a> {
 
     /// Token windows of a step: deterministic from the seed, the stage and the step, so a resumed
     /// run reads the same data.
+    /// With [`Objective::Lm`] each window has one more token: the last position's target.
     fn batch_tokens(&self, step: u64, seq: usize, batch: usize) -> Vec<u32> {
+        let take = seq + (self.cfg.objective == Objective::Lm) as usize;
         let windows = (self.train.len() - 1) / seq;
         let per_epoch = (windows / batch).max(1) as u64;
         let epoch = step / per_epoch;
@@ -258,27 +293,88 @@ impl<'a> Trainer<'a> {
             Rng::new(self.cfg.seed ^ (epoch.wrapping_mul(0x1000_0000_01B3)) ^ ((seq as u64) << 40));
         let order = r.permutation(windows);
         let i0 = ((step % per_epoch) as usize) * batch;
-        let mut out = Vec::with_capacity(seq * batch);
+        let mut out = Vec::with_capacity(take * batch);
         for j in 0..batch {
             let w = order[(i0 + j) % windows];
-            out.extend_from_slice(&self.train[w * seq..(w + 1) * seq]);
+            out.extend_from_slice(&self.train[w * seq..w * seq + take]);
         }
         out
     }
 
     fn teacher_logits(&mut self, tokens: &[u32], seq: usize) -> Result<Vec<f32>> {
-        let v = self.teacher.vocab;
+        let teacher = self.teacher.expect("distillation has a teacher");
+        let v = teacher.vocab;
         let mut out = Vec::with_capacity(tokens.len() * v);
-        let full = self.teacher.full_budget();
+        let full = teacher.full_budget();
         if self.caches.first().is_none_or(|c| c.capacity() < seq) {
-            self.caches = vec![Cache::new(self.teacher, seq)];
+            self.caches = vec![Cache::new(teacher, seq)];
         }
         let cache = &mut self.caches[0];
         for s in tokens.chunks(seq) {
             cache.reset();
-            out.extend_from_slice(self.teacher.forward(s, &full, cache, Logits::All)?);
+            out.extend_from_slice(teacher.forward(s, &full, cache, Logits::All)?);
         }
         Ok(out)
+    }
+
+    /// One next-token step of the full model: cross-entropy, AdamW, no router.
+    fn step_lm(
+        &mut self,
+        t0: Instant,
+        step: u64,
+        stage: u8,
+        seq: usize,
+        batch: usize,
+    ) -> Result<StepLog> {
+        let win = self.batch_tokens(step, seq, batch);
+        let (mut inputs, mut targets) = (
+            Vec::with_capacity(seq * batch),
+            Vec::with_capacity(seq * batch),
+        );
+        for w in win.chunks(seq + 1) {
+            inputs.extend_from_slice(&w[..seq]);
+            targets.extend_from_slice(&w[1..]);
+        }
+        let full = &self.budgets[0];
+        let masks = masks::Masks::hard(&self.net.model.shape, full, CD::F32)?;
+        let logits = self.net.forward(&inputs, batch, seq, &masks)?;
+        let z: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let (ce, g) = loss::ce(&z, &targets, self.net.model.vocab);
+        if !ce.is_finite() {
+            return Err(Error::Train(format!(
+                "loss is not finite at step {step}: cross-entropy {ce}; the last good checkpoint is kept"
+            )));
+        }
+        let grads = loss::surrogate(&logits, g)?.backward()?;
+        let gn = adamw::grad_norm(&self.model_vars, &grads)?;
+        if !gn.is_finite() {
+            return Err(Error::Train(format!(
+                "gradient norm is not finite at step {step}; the last good checkpoint is kept"
+            )));
+        }
+        let scale = (gn > self.cfg.clip && self.cfg.clip > 0.0).then(|| self.cfg.clip / gn);
+        let lr = self.lr(step, self.cfg.lr);
+        self.opt_model.step(&self.model_vars, &grads, lr, scale)?;
+        self.net.refresh_fake()?;
+        self.state.step += 1;
+        self.state.tokens_seen += inputs.len() as u64;
+        self.state.opt_t = (self.opt_model.t, self.opt_router.t);
+        let p = self.targets[0];
+        Ok(StepLog {
+            step,
+            stage,
+            budget: self.cfg.budgets[0].clone(),
+            tokens: self.state.tokens_seen,
+            objective: Objective::Lm,
+            loss: ce,
+            budget_loss: 0.0,
+            expected_params: p,
+            target_params: p,
+            lr,
+            tau: 0.0,
+            grad_norm: gn,
+            tok_per_s: inputs.len() as f64 / t0.elapsed().as_secs_f64(),
+        })
     }
 
     /// Budget drawn for a step: uniform in stage 1, `probs2` in stage 2.
@@ -298,6 +394,9 @@ impl<'a> Trainer<'a> {
         let t0 = Instant::now();
         let step = self.state.step;
         let (stage, seq, batch) = self.stage(step);
+        if self.cfg.objective == Objective::Lm {
+            return self.step_lm(t0, step, stage, seq, batch);
+        }
         let bi = self.draw_budget(stage);
         let tau = self.tau(step);
         let dec = self
@@ -352,7 +451,8 @@ impl<'a> Trainer<'a> {
             stage,
             budget: name,
             tokens: self.state.tokens_seen,
-            kd,
+            objective: Objective::Kd,
+            loss: kd,
             budget_loss: blv,
             expected_params: ev,
             target_params: target,
@@ -366,6 +466,9 @@ impl<'a> Trainer<'a> {
     /// The current argmax architecture of every budget, made nested (each axis clipped to the
     /// next larger budget's size; budgets are listed largest first).
     pub fn architectures(&self) -> Result<Vec<Budget>> {
+        if self.cfg.objective == Objective::Lm {
+            return Ok(self.budgets.clone());
+        }
         let shape = &self.net.model.shape;
         let mut out: Vec<Budget> = vec![];
         for (bi, base) in self.budgets.iter().enumerate() {
@@ -558,12 +661,13 @@ impl RunDir {
     }
 }
 
-/// Training curves from a run's log: KD loss per budget (moving average over 8 of its steps)
+/// Training curves from a run's log: the loss (KD or cross-entropy) per budget (moving average over 8 of its steps)
 /// and held-out perplexity per budget (log10), as one PNG.
 pub fn plot_log(log: &Path, png: &Path) -> Result<()> {
     use std::collections::BTreeMap;
     let text = std::fs::read_to_string(log).map_err(|e| Error::io(log, e))?;
     let mut kd: BTreeMap<String, Vec<(f32, f32)>> = BTreeMap::new();
+    let mut title = "KD loss";
     let mut ppl: BTreeMap<String, Vec<(f32, f32)>> = BTreeMap::new();
     for line in text.lines() {
         let v: serde_json::Value =
@@ -577,7 +681,10 @@ pub fn plot_log(log: &Path, png: &Path) -> Result<()> {
                         .push((step, x.log10() as f32));
                 }
             }
-        } else if let (Some(b), Some(x)) = (v["budget"].as_str(), v["kd"].as_f64()) {
+        } else if let (Some(b), Some(x)) = (v["budget"].as_str(), v["loss"].as_f64()) {
+            if v["objective"] == "lm" {
+                title = "cross-entropy";
+            }
             kd.entry(b.to_string()).or_default().push((step, x as f32));
         }
     }
@@ -596,7 +703,7 @@ pub fn plot_log(log: &Path, png: &Path) -> Result<()> {
     Ok(elastica_elastic::plot::curves(
         png,
         &[
-            ("KD loss (moving avg of 8)".into(), "step".into(), kd),
+            (format!("{title} (moving avg of 8)"), "step".into(), kd),
             ("held-out log10 perplexity".into(), "step".into(), ppl),
         ],
     )?)

@@ -5,6 +5,7 @@
 //! - `nemotron_h.rs`: Nemotron-H hybrids (Mamba-2, attention, relu² MLP, MoE).
 
 pub mod hparams;
+pub mod init;
 pub mod llama;
 pub mod nemotron_h;
 pub mod role;
@@ -70,6 +71,16 @@ pub trait Arch: Sync {
         let _ = l;
         vec![]
     }
+    /// Every tensor of a new checkpoint with these hyper-parameters (HF names, torch shapes) and
+    /// how it starts (`cfg`: config.json, for initialisation fields such as
+    /// `initializer_range`); `elastica init`.
+    fn layout(&self, hp: &HParams, cfg: &Json) -> Result<Vec<init::InitTensor>> {
+        let _ = (hp, cfg);
+        Err(Error::Input(format!(
+            "initialising a new {} checkpoint is not supported",
+            self.name()
+        )))
+    }
 }
 
 /// The known architectures.
@@ -117,6 +128,15 @@ fn hf_arch(v: &Json, path: &Path) -> Result<&'static dyn Arch> {
                 ),
             )
         })
+}
+
+/// A new checkpoint's tensors for the config.json at `path` (`elastica init`), and the config.
+pub fn layout(path: &Path) -> Result<(Json, Vec<init::InitTensor>)> {
+    let v: Json = json::read(path)?;
+    let arch = hf_arch(&v, path)?;
+    let hp = arch.read_hf(&v, path)?;
+    let t = arch.layout(&hp, &v)?;
+    Ok((v, t))
 }
 
 /// A loaded model together with everything its checkpoint holds (config or metadata and every

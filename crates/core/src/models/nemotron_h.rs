@@ -3,6 +3,7 @@
 //! hub layout (`backbone.*`, one tensor per expert) or the newest transformers layout (`model.*`,
 //! stacked experts); GGUF `nemotron_h` / `nemotron_h_moe` as llama.cpp's converter writes them.
 
+use super::init::{Init, InitTensor};
 use super::role::{Dim, TensorName, t};
 use super::{Arch, HParams, Role, lenient, matrix, opt_vec_f32, parse_config, vec_f32};
 use crate::error::{Error, Result};
@@ -657,6 +658,132 @@ impl Arch for NemotronH {
     }
     fn gguf_unused(&self) -> &'static [&'static str] {
         &["attention.layer_norm_rms_epsilon", "rope.freq_base"]
+    }
+    /// The hub layout, initialised like transformers' NemotronH: linears and embeddings
+    /// N(0, initializer_range²), residual-branch outputs scaled by 1/√layers
+    /// (`rescale_prenorm_residual`), norms and D at one, Mamba A and Δt as in Mamba-2.
+    fn layout(&self, hp: &HParams, cfg: &Json) -> Result<Vec<InitTensor>> {
+        let f = |k: &str, d: f64| -> Result<f32> {
+            match cfg.get(k) {
+                None | Some(Json::Null) => Ok(d as f32),
+                Some(v) => super::parse_float(v).map(|x| x as f32).ok_or_else(|| {
+                    Error::config(format!("config.json: {k}"), format!("{v} is not a number"))
+                }),
+            }
+        };
+        let std = f("initializer_range", 0.02)?;
+        let dt = Init::DtBias {
+            min: f("time_step_min", 0.001)?,
+            max: f("time_step_max", 0.1)?,
+            floor: f("time_step_floor", 1e-4)?,
+        };
+        let out = Init::Normal(std / (hp.layers.len() as f32).sqrt());
+        let (hidden, vocab) = (hp.hidden(), hp.vocab);
+        let mut v = vec![InitTensor::new(
+            "backbone.embeddings.weight",
+            vec![vocab, hidden],
+            Init::Normal(std),
+        )];
+        for (i, l) in hp.layers.iter().enumerate() {
+            let s = |a| l.size[a];
+            let t = |n: &str, shape: Vec<usize>, init: Init| {
+                InitTensor::new(format!("backbone.layers.{i}.{n}"), shape, init)
+            };
+            v.push(t("norm.weight", vec![hidden], Init::Ones));
+            let w = Init::Normal(std);
+            match l.kind {
+                LayerKind::Mamba => {
+                    let (mh, g, n) = (s(Axis::MambaHeads), hp.mamba_groups, hp.ssm_state);
+                    let di = mh * s(Axis::MambaHeadDim);
+                    let cd = di + 2 * g * n;
+                    let k = hp.conv_k;
+                    v.extend([
+                        t(
+                            "mixer.in_proj.weight",
+                            vec![2 * di + 2 * g * n + mh, hidden],
+                            w,
+                        ),
+                        // nn.Conv1d's default: U(±1/√fan_in), fan_in = kernel (depthwise).
+                        t(
+                            "mixer.conv1d.weight",
+                            vec![cd, 1, k],
+                            Init::Uniform(1.0 / (k as f32).sqrt()),
+                        ),
+                        t("mixer.conv1d.bias", vec![cd], Init::Zeros),
+                        t("mixer.dt_bias", vec![mh], dt.clone()),
+                        t("mixer.A_log", vec![mh], Init::ALog),
+                        t("mixer.D", vec![mh], Init::Ones),
+                        t("mixer.norm.weight", vec![di], Init::Ones),
+                        t("mixer.out_proj.weight", vec![hidden, di], out.clone()),
+                    ]);
+                }
+                LayerKind::Attention => {
+                    let (qd, kvd) = (s(Axis::Heads) * hp.head_dim, hp.kv_heads * hp.head_dim);
+                    v.extend([
+                        t("mixer.q_proj.weight", vec![qd, hidden], w.clone()),
+                        t("mixer.k_proj.weight", vec![kvd, hidden], w.clone()),
+                        t("mixer.v_proj.weight", vec![kvd, hidden], w),
+                        t("mixer.o_proj.weight", vec![hidden, qd], out.clone()),
+                    ]);
+                }
+                LayerKind::Mlp => v.extend([
+                    t("mixer.up_proj.weight", vec![s(Axis::Ffn), hidden], w),
+                    t(
+                        "mixer.down_proj.weight",
+                        vec![hidden, s(Axis::Ffn)],
+                        out.clone(),
+                    ),
+                ]),
+                LayerKind::Moe => {
+                    let (e, ffn, sh) = (s(Axis::Experts), s(Axis::MoeFfn), s(Axis::SharedFfn));
+                    v.push(t("mixer.gate.weight", vec![e, hidden], w.clone()));
+                    v.push(t(
+                        "mixer.gate.e_score_correction_bias",
+                        vec![e],
+                        Init::Zeros,
+                    ));
+                    for x in 0..e {
+                        let p = format!("mixer.experts.{x}");
+                        v.push(t(
+                            &format!("{p}.up_proj.weight"),
+                            vec![ffn, hidden],
+                            w.clone(),
+                        ));
+                        v.push(t(
+                            &format!("{p}.down_proj.weight"),
+                            vec![hidden, ffn],
+                            out.clone(),
+                        ));
+                    }
+                    if sh > 0 {
+                        v.push(t(
+                            "mixer.shared_experts.up_proj.weight",
+                            vec![sh, hidden],
+                            w,
+                        ));
+                        v.push(t(
+                            "mixer.shared_experts.down_proj.weight",
+                            vec![hidden, sh],
+                            out.clone(),
+                        ));
+                    }
+                }
+                LayerKind::Transformer => unreachable!("Nemotron-H has no transformer blocks"),
+            }
+        }
+        v.push(InitTensor::new(
+            "backbone.norm_f.weight",
+            vec![hidden],
+            Init::Ones,
+        ));
+        if hp.tied != Some(true) {
+            v.push(InitTensor::new(
+                "lm_head.weight",
+                vec![vocab, hidden],
+                Init::Normal(std),
+            ));
+        }
+        Ok(v)
     }
     fn hf_layer(&self, l: usize) -> String {
         format!("backbone.layers.{l}.")
