@@ -337,3 +337,71 @@ fn importance_plot_draws_the_models_axes() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `run --prompts FILE.jsonl`: one JSON line per prompt, carrying its id, each the generation the
+/// prompt gets alone (system message included); `--no-thinking` renders the template with
+/// `enable_thinking` false; bad lines are named by file and line, and nothing is generated.
+#[test]
+fn run_many_prompts_from_jsonl() {
+    let m = fixture("llama_tiny");
+    let m = m.to_str().unwrap();
+    let tpl = fixture("templates/chatml-think.jinja");
+    let tpl = tpl.to_str().unwrap();
+    let dir = std::env::temp_dir().join(format!("elastica-prompts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("p.jsonl");
+    std::fs::write(
+        &p,
+        "{\"id\": \"a\", \"prompt\": \"hello\"}\n\n{\"id\": 7, \"prompt\": \"hi there\", \"system\": \"be brief\"}\n",
+    )
+    .unwrap();
+    let chat = ["--chat", "--chat-template", tpl, "-n", "5", "--ignore-eos"];
+    let o = elastica(&[&["run", m, "--prompts", p.to_str().unwrap()][..], &chat].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        (&lines[0]["id"], &lines[1]["id"]),
+        (&Value::from("a"), &Value::from(7))
+    );
+    let alone = run(&[&["run", m, "-p", "hello", "--json"][..], &chat].concat());
+    assert_eq!(lines[0]["tokens"], alone["tokens"]);
+    let alone = run(&[
+        &["run", m, "-p", "hi there", "--system", "be brief", "--json"][..],
+        &chat,
+    ]
+    .concat());
+    assert_eq!(lines[1]["tokens"], alone["tokens"]);
+    assert_eq!(lines[1]["prompt_tokens"], alone["prompt_tokens"]);
+    assert!(lines[0]["seconds"].as_f64().unwrap() > 0.0);
+    // Thinking off: the template's empty reasoning block closes the one the prompt would open;
+    // the same as the rendered text given raw.
+    let off = run(&[
+        &["run", m, "-p", "hello", "--json", "--no-thinking"][..],
+        &chat,
+    ]
+    .concat());
+    let text = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n";
+    let raw = run(&["run", m, "-p", text, "--json", "-n", "5", "--ignore-eos"]);
+    assert_eq!(off["prompt_tokens"], raw["prompt_tokens"]);
+    assert_eq!(off["tokens"], raw["tokens"]);
+    let o = elastica(&["run", m, "-p", "hello", "--no-thinking"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--chat"));
+    // Bad files: the line is named and nothing runs.
+    for (text, want) in [
+        ("{\"prompt\": \"ok\"}\nnot json\n", "p.jsonl:2: not JSON"),
+        ("{\"prompt\": 3}\n", "\"prompt\" is 3, not a string"),
+        ("{\"id\": 1}\n", "p.jsonl:1: no \"prompt\" string"),
+        ("\n\n", "no prompts"),
+    ] {
+        std::fs::write(&p, text).unwrap();
+        let o = elastica(&["run", m, "--prompts", p.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{text:?}: {err}");
+        assert!(o.stdout.is_empty(), "{text:?}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

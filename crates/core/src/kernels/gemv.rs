@@ -1014,35 +1014,53 @@ mod avx512 {
             // loads (64 + 8 bytes) per row and group, two byte permutes.
             let mut fast = 0;
             if V {
-                fast = cols[0].len() / 128;
+                // One group from its first block j0: the row bytes under masks m0 (bytes 0..64)
+                // and m1 (64..72); blocks past the mask read as zero with a zero scale.
+                macro_rules! group {
+                    ($g:expr, $j0:expr, $m0:expr, $m1:expr, $prefetch:expr) => {{
+                        let off = 9 * $j0;
+                        let mut z0 = [zero; R];
+                        let mut z1 = [zero; R];
+                        for r in 0..R {
+                            let row = base.add(r * stride + off);
+                            if $prefetch {
+                                _mm_prefetch::<_MM_HINT_T0>(row.add(PF * stride) as *const i8);
+                                _mm_prefetch::<_MM_HINT_T0>(row.add(PF * stride + 64) as *const i8);
+                            }
+                            z0[r] = _mm512_maskz_loadu_epi8($m0, row as *const _);
+                            z1[r] = _mm512_maskz_loadu_epi8($m1, row.add(64) as *const _);
+                        }
+                        // UE4M3 scales as f16 bits (value · 2⁻⁸, made up in d).
+                        step!(
+                            $g,
+                            |r| _mm512_permutex2var_epi8(z0[r], data_idx, z1[r]),
+                            |r| {
+                                let sb =
+                                    _mm512_maskz_permutexvar_epi8(0x5555_5555, scale_idx, z0[r]);
+                                _mm512_cvtph_ps(_mm256_slli_epi16(
+                                    _mm256_and_si256(
+                                        _mm512_castsi512_si256(sb),
+                                        _mm256_set1_epi16(0x7F),
+                                    ),
+                                    7,
+                                ))
+                            },
+                            256.0f32
+                        );
+                    }};
+                }
+                let blocks = cols[0].len() / 16;
                 let j00 = cols[0].start / 16;
+                fast = blocks / 8;
                 for g in 0..fast {
-                    let off = 9 * (j00 + 8 * g);
-                    let mut z0 = [zero; R];
-                    let mut z1 = [zero; R];
-                    for r in 0..R {
-                        let row = base.add(r * stride + off);
-                        _mm_prefetch::<_MM_HINT_T0>(row.add(PF * stride) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(row.add(PF * stride + 64) as *const i8);
-                        z0[r] = _mm512_loadu_si512(row as *const _);
-                        z1[r] = _mm512_maskz_loadu_epi8(0xFF, row.add(64) as *const _);
-                    }
-                    // UE4M3 scales as f16 bits (value · 2⁻⁸, made up in d).
-                    step!(
-                        g,
-                        |r| _mm512_permutex2var_epi8(z0[r], data_idx, z1[r]),
-                        |r| {
-                            let sb = _mm512_maskz_permutexvar_epi8(0x5555_5555, scale_idx, z0[r]);
-                            _mm512_cvtph_ps(_mm256_slli_epi16(
-                                _mm256_and_si256(
-                                    _mm512_castsi512_si256(sb),
-                                    _mm256_set1_epi16(0x7F),
-                                ),
-                                7,
-                            ))
-                        },
-                        256.0f32
-                    );
+                    group!(g, j00 + 8 * g, !0u64, 0xFFu64, true);
+                }
+                // A last part group of one segment: its activations are zero-padded to 128.
+                let tail = blocks % 8;
+                if tail > 0 && cols.len() == 1 {
+                    // At most 7 blocks: 63 bytes, all under the first mask.
+                    group!(fast, j00 + 8 * fast, (1u64 << (9 * tail)) - 1, 0u64, false);
+                    fast += 1;
                 }
             }
             // The rest (or everything without VBMI), block by block.
