@@ -37,26 +37,12 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// An HF checkpoint folder (config.json + safetensors) or a .gguf file (default: the tiny
-    /// elastic Nemotron-H reasoning model shipped in models/).
-    #[arg(default_value_os_t = default_model())]
+    /// An HF checkpoint folder (config.json + safetensors) or a .gguf file.
     pub model: PathBuf,
     /// Budget: a manifest name, `full`, explicit sizes like `hidden=384,ffn=1024,heads=6,skip=3+7`,
     /// or a target like `0.6` or `params:80e6` (resolved between the manifest's budgets).
     #[arg(short, long, default_value = "full")]
     pub budget: String,
-}
-
-/// The model shipped in the repository, `models/nemotron-h-elastic-tiny`: under the working
-/// directory, else under the source tree this binary was built from.
-pub fn default_model() -> PathBuf {
-    let rel = PathBuf::from("models/nemotron-h-elastic-tiny");
-    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(&rel);
-    if !rel.exists() && built.exists() {
-        built
-    } else {
-        rel
-    }
 }
 
 /// Nested self-speculative decoding (`run`, `bench`).
