@@ -64,6 +64,16 @@ fn quantize(model: &Path, to: &str, out: &Path, extra: &[&str]) -> (bool, String
     let (ok, _, err) = cli(&args);
     (ok, err)
 }
+/// `elastica slice SRC -b BUDGET [--dtype DT] -o OUT`: (success, stderr).
+fn slice(src: &Path, budget: &str, dtype: Option<&str>, out: &Path) -> (bool, String) {
+    let (s, o) = (src.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = vec!["slice", s, "-b", budget, "-o", o];
+    if let Some(d) = dtype {
+        args.extend(["--dtype", d]);
+    }
+    let (ok, _, err) = cli(&args);
+    (ok, err)
+}
 
 fn quant_algo(dir: &Path) -> String {
     let v: serde_json::Value =
@@ -129,14 +139,7 @@ fn quantized_budgets_slice_to_the_parents_logits() {
             );
             for (b, spec) in budgets {
                 let s = dir.join(format!("{name}-{to}-{b}"));
-                let (ok, _, err) = cli(&[
-                    "slice",
-                    q.to_str().unwrap(),
-                    "-b",
-                    b,
-                    "-o",
-                    s.to_str().unwrap(),
-                ]);
+                let (ok, err) = slice(&q, b, None, &s);
                 assert!(ok, "{name} {to} {b}: {err}");
                 // A quantized checkpoint of the same kind, cut to the budget.
                 assert_eq!(quant_algo(&s), algo, "{name} {to} {b}");
@@ -178,16 +181,7 @@ fn stored_values_match_modelopt_dequantization() {
             assert!(quantize(&m, to, &q, &[]).0);
             // elastica's dequantized values: the checkpoint written as F32.
             let f = dir.join(format!("{name}-{to}-f32"));
-            let (ok, _, err) = cli(&[
-                "slice",
-                q.to_str().unwrap(),
-                "-b",
-                "full",
-                "--dtype",
-                "f32",
-                "-o",
-                f.to_str().unwrap(),
-            ]);
+            let (ok, err) = slice(&q, "full", Some("f32"), &f);
             assert!(ok, "{err}");
             let out = std::process::Command::new("python3")
                 .arg(&script)
@@ -416,14 +410,7 @@ fn quantize_refuses_bad_input_and_writes_nothing() {
     ];
     for (tag, drop, want) in cases {
         let c = dir.join(tag);
-        let (ok, _, err) = cli(&[
-            "slice",
-            q.to_str().unwrap(),
-            "-b",
-            "full",
-            "-o",
-            c.to_str().unwrap(),
-        ]);
+        let (ok, err) = slice(&q, "full", None, &c);
         assert!(ok, "{err}");
         rewrite(&c, |n, d, s, x| {
             if drop.as_deref() == Some(n) {
@@ -501,16 +488,7 @@ fn qad_trains_through_fake_quantization_and_writes_a_nested_quantized_checkpoint
     // A BF16 copy of the elastic checkpoint (a full-budget slice keeps the manifest): a BF16
     // student written back as BF16.
     let bf = dir.join("bf16");
-    let (ok, _, err) = cli(&[
-        "slice",
-        m.to_str().unwrap(),
-        "-b",
-        "full",
-        "--dtype",
-        "bf16",
-        "-o",
-        bf.to_str().unwrap(),
-    ]);
+    let (ok, err) = slice(&m, "full", Some("bf16"), &bf);
     assert!(ok, "{err}");
     assert_eq!(
         load(&bf).meta.manifest.as_ref().map(|x| x.budgets.len()),
@@ -527,14 +505,7 @@ fn qad_trains_through_fake_quantization_and_writes_a_nested_quantized_checkpoint
         for b in s["budgets"].as_array().unwrap() {
             let name = b["name"].as_str().unwrap();
             let sl = dir.join(format!("{to}-{name}"));
-            let (ok, _, err) = cli(&[
-                "slice",
-                q.to_str().unwrap(),
-                "-b",
-                name,
-                "-o",
-                sl.to_str().unwrap(),
-            ]);
+            let (ok, err) = slice(&q, name, None, &sl);
             assert!(ok, "{to} {name}: {err}");
             assert_eq!(quant_algo(&sl), algo);
             assert!(

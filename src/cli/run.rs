@@ -184,13 +184,14 @@ pub fn run(a: Args) -> Result<()> {
     }
     let encode = |p: &Prompt| -> Result<Vec<u32>> {
         if a.chat {
-            let tpl = m
-                .meta
-                .chat_template
-                .as_deref()
-                .ok_or_else(|| Error::Input("--chat: the model has no chat template".into()))?;
-            let msgs = chat::messages(p.system.as_deref(), &p.text);
-            chat::encode(&tok, &chat::conversation_text(tpl, &tok, &msgs, &kwargs)?)
+            let text = chat::prompt_text_with(
+                m.meta.chat_template.as_deref(),
+                &tok,
+                p.system.as_deref(),
+                &p.text,
+                &kwargs,
+            )?;
+            chat::encode(&tok, &text)
         } else {
             tok.encode(&p.text, true)
         }

@@ -125,8 +125,14 @@ pub fn fixtures_and_smollm2() -> Vec<(String, Model, String)> {
 
 /// Runs the elastica binary: (success, stdout, stderr).
 pub fn cli(args: &[&str]) -> (bool, String, String) {
+    cli_env(&[], args)
+}
+
+/// [`cli`] with extra environment (an ISA level, exact mode).
+pub fn cli_env(env: &[(&str, &str)], args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_elastica"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
@@ -137,33 +143,16 @@ pub fn cli(args: &[&str]) -> (bool, String, String) {
 /// level or exact mode) in a child process.
 pub fn logits_cli(env: &[(&str, &str)], model: &std::path::Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_elastica"))
-        .args([
+    let (ok, out, err) = cli_env(
+        env,
+        &[
             "logits",
             model.to_str().unwrap(),
             "--tokens",
             &toks.join(","),
             "--json",
-        ])
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
+    assert!(ok, "{err}");
+    parse_reference(&serde_json::from_str(&out).unwrap()).logits
 }

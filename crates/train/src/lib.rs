@@ -317,6 +317,28 @@ impl<'a> Trainer<'a> {
         Ok(out)
     }
 
+    /// The model's AdamW step from `grads` (clipped to the global norm `--clip`), fake
+    /// quantization refreshed: (gradient norm, learning rate). `what` names the step's budget in
+    /// the error.
+    fn update_model(
+        &mut self,
+        grads: &candle_core::backprop::GradStore,
+        step: u64,
+        what: &str,
+    ) -> Result<(f64, f64)> {
+        let gn = adamw::grad_norm(&self.model_vars, grads)?;
+        if !gn.is_finite() {
+            return Err(Error::Train(format!(
+                "gradient norm is not finite at step {step}{what}; the last good checkpoint is kept"
+            )));
+        }
+        let scale = (gn > self.cfg.clip && self.cfg.clip > 0.0).then(|| self.cfg.clip / gn);
+        let lr = self.lr(step, self.cfg.lr);
+        self.opt_model.step(&self.model_vars, grads, lr, scale)?;
+        self.net.refresh_fake()?;
+        Ok((gn, lr))
+    }
+
     /// One next-token step of the full model: cross-entropy, AdamW, no router.
     fn step_lm(
         &mut self,
@@ -346,16 +368,7 @@ impl<'a> Trainer<'a> {
             )));
         }
         let grads = loss::surrogate(&logits, g)?.backward()?;
-        let gn = adamw::grad_norm(&self.model_vars, &grads)?;
-        if !gn.is_finite() {
-            return Err(Error::Train(format!(
-                "gradient norm is not finite at step {step}; the last good checkpoint is kept"
-            )));
-        }
-        let scale = (gn > self.cfg.clip && self.cfg.clip > 0.0).then(|| self.cfg.clip / gn);
-        let lr = self.lr(step, self.cfg.lr);
-        self.opt_model.step(&self.model_vars, &grads, lr, scale)?;
-        self.net.refresh_fake()?;
+        let (gn, lr) = self.update_model(&grads, step, "")?;
         self.state.step += 1;
         self.state.tokens_seen += inputs.len() as u64;
         self.state.opt_t = (self.opt_model.t, self.opt_router.t);
@@ -430,16 +443,7 @@ impl<'a> Trainer<'a> {
         }
         let total = (loss::surrogate(&logits, g)? + (bl * self.cfg.budget_weight)?)?;
         let grads = total.backward()?;
-        let gn = adamw::grad_norm(&self.model_vars, &grads)?;
-        if !gn.is_finite() {
-            return Err(Error::Train(format!(
-                "gradient norm is not finite at step {step} (budget {name}); the last good checkpoint is kept"
-            )));
-        }
-        let scale = (gn > self.cfg.clip && self.cfg.clip > 0.0).then(|| self.cfg.clip / gn);
-        let lr = self.lr(step, self.cfg.lr);
-        self.opt_model.step(&self.model_vars, &grads, lr, scale)?;
-        self.net.refresh_fake()?;
+        let (gn, lr) = self.update_model(&grads, step, &format!(" (budget {name})"))?;
         let rlr = self.lr(step, self.cfg.router_lr);
         self.opt_router.step(&self.router_vars, &grads, rlr, None)?;
         self.state.step += 1;

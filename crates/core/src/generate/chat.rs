@@ -89,9 +89,20 @@ pub fn prompt_text(
     system: Option<&str>,
     user: &str,
 ) -> Result<String> {
+    prompt_text_with(template, tok, system, user, &Default::default())
+}
+
+/// [`prompt_text`] with extra template variables (`enable_thinking`).
+pub fn prompt_text_with(
+    template: Option<&str>,
+    tok: &Tokenizer,
+    system: Option<&str>,
+    user: &str,
+    kwargs: &serde_json::Map<String, serde_json::Value>,
+) -> Result<String> {
     let tpl =
         template.ok_or_else(|| Error::Input("--chat: the model has no chat template".into()))?;
-    conversation_text(tpl, tok, &messages(system, user), &Default::default())
+    conversation_text(tpl, tok, &messages(system, user), kwargs)
 }
 
 /// The text of a conversation: `template` rendered for `messages` with the generation prompt,
