@@ -14,7 +14,7 @@ src=models/SmolLM2-135M-Instruct.Q4_1.gguf
 el=models/SmolLM2-135M-Instruct.elastic.gguf
 if [ ! -f "$el" ]; then
   echo "making $src elastic (about a minute)..." >&2
-  "$bin" rank "$src" --calib tests/fixtures/text/gpl-3.txt --samples 8 --seq 128 --depth-samples 0 \
+  "$bin" rank "$src" --calib tests/fixtures/text/gpl-3.txt --samples 8 --seq 128 \
     --out models/.importance.json >&2
   "$bin" elastify "$src" --importance models/.importance.json --budgets full,0.75,0.5 --out "$el" >&2
 fi

@@ -40,6 +40,8 @@ fn elastic(name: &str, budgets: &str, axes: &str, objective: &str) -> PathBuf {
         "4",
         "--seq",
         "32",
+        "--depth",
+        "oneshot",
         "--depth-samples",
         "1",
         "--depth-seq",

@@ -323,6 +323,8 @@ fn importance_plot_draws_the_models_axes() {
             "2",
             "--seq",
             "32",
+            "--depth",
+            "oneshot",
             "--depth-samples",
             "1",
             "--depth-seq",

@@ -59,6 +59,8 @@ fn rank(model: &Path, imp: &Path) {
         "6",
         "--seq",
         "48",
+        "--depth",
+        "oneshot",
         "--depth-samples",
         "1",
         "--depth-seq",
@@ -590,8 +592,6 @@ fn measured_solver() {
         "4",
         "--seq",
         "32",
-        "--depth-samples",
-        "0",
         "--out",
         s(&imp),
     ]));
@@ -654,8 +654,6 @@ fn measured_solver_is_the_default() {
         "4",
         "--seq",
         "32",
-        "--depth-samples",
-        "0",
         "--out",
         s(&imp),
     ]));
@@ -706,6 +704,67 @@ fn measured_solver_is_the_default() {
     assert_eq!(v["objective"], "logits");
 }
 
+/// Depth is ranked only when asked for. One-shot removal (one forward per layer) and iterative
+/// removal agree where they must: the layer iterative removal drops first is the one whose
+/// removal alone costs least, with the same score; one-shot's order follows its scores.
+#[test]
+fn depth_ranking_one_shot_and_iterative_agree() {
+    let dir = tmp("depth");
+    let src = fixture("nemotron_h_dense");
+    let ranked = |depth: Option<&str>| -> Value {
+        let imp = dir.join(format!("{}.json", depth.unwrap_or("none")));
+        let mut c = exe();
+        c.args(["rank", s(&src), "--calib", s(&calib()), "--samples", "3"]);
+        c.args(["--seq", "32", "--depth-samples", "2", "--depth-seq", "24"]);
+        if let Some(d) = depth {
+            c.args(["--depth", d]);
+        }
+        ok(c.args(["--out", s(&imp)]));
+        serde_json::from_str(&std::fs::read_to_string(&imp).unwrap()).unwrap()
+    };
+    let none = ranked(None);
+    assert!(none.get("depth").is_none(), "{}", none["calibration"]);
+    assert_eq!(none["calibration"]["depth"], "none");
+    let scores = |v: &Value| -> (Vec<f64>, Vec<usize>) {
+        let d = &v["depth"];
+        let f = |k: &str| d[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap());
+        (
+            f("scores").collect(),
+            f("order").map(|x| x as usize).collect(),
+        )
+    };
+    let (one, one_order) = scores(&ranked(Some("oneshot")));
+    let (it, it_order) = scores(&ranked(Some("iterative")));
+    let n = one.len();
+    assert!(n > 2);
+    let mut by_score: Vec<usize> = (0..n).collect();
+    by_score.sort_by(|&a, &b| one[b].total_cmp(&one[a]).then(a.cmp(&b)));
+    assert_eq!(one_order, by_score);
+    assert!(one.iter().all(|&x| x > 0.0 && x.is_finite()), "{one:?}");
+    let first_dropped = *it_order.last().unwrap();
+    assert_eq!(first_dropped, *one_order.last().unwrap(), "{one:?} {it:?}");
+    assert_eq!(it[first_dropped], one[first_dropped]);
+    // Different methods, different orders in general; both are permutations of the layers.
+    let mut sorted = it_order.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..n).collect::<Vec<_>>());
+    fails(
+        exe()
+            .args([
+                "rank",
+                s(&src),
+                "--calib",
+                s(&calib()),
+                "--depth",
+                "oneshot",
+            ])
+            .args(["--depth-samples=0", "--out", s(&dir.join("x.json"))]),
+        &["--depth-samples"],
+    );
+    assert!(!dir.join("x.json").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Without a terminal, long commands print progress lines (JSON lines with --json) on stderr.
 #[test]
 fn progress_without_a_terminal() {
@@ -730,6 +789,8 @@ fn progress_without_a_terminal() {
         "4",
         "--seq",
         "32",
+        "--depth",
+        "oneshot",
         "--depth-samples",
         "1",
         "--depth-seq",

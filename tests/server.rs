@@ -57,8 +57,6 @@ fn elastic_smollm2(dir: &Path) -> PathBuf {
             "2",
             "--seq",
             "32",
-            "--depth-samples",
-            "0",
             "--out",
             s(&imp),
         ]),

@@ -1,7 +1,8 @@
-use crate::elastic::importance::{RankOptions, rank, samples};
+use crate::elastic::importance::{DepthMethod, RankOptions, rank, samples};
 use crate::error::{Error, Result};
 use crate::formats::temp::{self, Temp};
 use crate::generate::tokenizer::Tokenizer;
+use clap::ValueEnum;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -17,9 +18,13 @@ pub struct Args {
     /// Tokens per sequence (at most 512).
     #[arg(long, default_value_t = 256)]
     seq: usize,
-    /// Sequences used for the depth ranking (iterative layer removal; 0 = no depth ranking; at
-    /// most --samples are used).
-    #[arg(long, default_value_t = 2)]
+    /// Rank layers for the depth axis (needed only by budgets that drop layers): `oneshot`
+    /// removes each layer alone (one forward per layer), `iterative` removes the least important
+    /// layer and re-scores the rest (layers² / 2 forwards).
+    #[arg(long, value_enum, default_value_t = Depth::None)]
+    depth: Depth,
+    /// Sequences used for the depth ranking (at most --samples are used).
+    #[arg(long, default_value_t = 2, value_parser = super::at_least_one::<usize>)]
     depth_samples: usize,
     /// Tokens per depth sequence (at least 2; at most --seq are used).
     #[arg(long, default_value_t = 128)]
@@ -38,6 +43,13 @@ pub struct Args {
     json: bool,
 }
 
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum Depth {
+    None,
+    Oneshot,
+    Iterative,
+}
+
 pub fn run(a: Args) -> Result<()> {
     for p in std::iter::once(&a.out).chain(a.plot.iter()) {
         if p.exists() && !a.force {
@@ -54,9 +66,14 @@ pub fn run(a: Args) -> Result<()> {
             crate::model::UBATCH
         )));
     }
-    if a.depth_samples > 0 && a.depth_seq < 2 {
+    let depth = match a.depth {
+        Depth::None => None,
+        Depth::Oneshot => Some(DepthMethod::OneShot),
+        Depth::Iterative => Some(DepthMethod::Iterative),
+    };
+    if a.depth_seq < 2 {
         return Err(Error::Input(format!(
-            "--depth-seq {} must be at least 2 (or --depth-samples 0)",
+            "--depth-seq {} must be at least 2",
             a.depth_seq
         )));
     }
@@ -79,6 +96,7 @@ pub fn run(a: Args) -> Result<()> {
     let info = serde_json::json!({
         "files": files,
         "samples": a.samples, "seq": a.seq, "tokens_available": ids.len(),
+        "depth": a.depth.to_possible_value().map(|v| v.get_name().to_string()),
         "depth_samples": a.depth_samples, "depth_seq": a.depth_seq,
     });
     let pb = crate::progress::Progress::new("rank", a.json);
@@ -87,6 +105,7 @@ pub fn run(a: Args) -> Result<()> {
         &m,
         &cal,
         &RankOptions {
+            depth,
             depth_samples: a.depth_samples,
             depth_seq: a.depth_seq,
         },
@@ -112,10 +131,10 @@ pub fn run(a: Args) -> Result<()> {
         a.model.display(),
         a.samples,
         a.seq,
-        if a.depth_samples > 0 {
-            ", depth by iterative removal"
-        } else {
-            ""
+        match a.depth {
+            Depth::None => "",
+            Depth::Oneshot => ", depth by one-shot layer removal",
+            Depth::Iterative => ", depth by iterative layer removal",
         },
         a.out.display()
     );

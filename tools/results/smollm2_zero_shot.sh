@@ -16,7 +16,7 @@ e=./target/release/elastica
 m=models/SmolLM2-135M-Instruct.Q4_1.gguf
 chunks=${CHUNKS:-40}
 t=2
-[ -f "$w/importance.json" ] || $e rank "$m" --calib data/calib.txt --samples 64 --seq 256 --depth-samples 2 --depth-seq 128 \
+[ -f "$w/importance.json" ] || $e rank "$m" --calib data/calib.txt --samples 64 --seq 256 --depth iterative --depth-samples 2 --depth-seq 128 \
   --out "$w/importance.json" --plot "$w/importance.png" -t $t
 # Importance order, width axes (the default) and depth only, at 75% and 50% of parameters.
 [ -f "$w/width.gguf" ] || $e elastify "$m" --importance "$w/importance.json" --budgets full,0.75,0.5 --calib data/calib.txt --dtype f32 --out "$w/width.gguf" --json -t $t > "$w/width.json"

@@ -40,7 +40,8 @@ pub struct Importance {
     pub calibration: serde_json::Value,
     pub hidden: Scores,
     pub layers: Vec<LayerImportance>,
-    /// Per layer: NMSE of the logits at the step it was removed; order = most important first.
+    /// Per layer: NMSE of the logits when it is removed (one-shot: alone; iterative: on top of
+    /// the layers removed before it); order = most important first. Absent unless asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub depth: Option<Scores>,
 }
@@ -221,10 +222,31 @@ pub fn samples(tokens: &[u32], n: usize, len: usize, bos: Option<u32>) -> Result
         .collect())
 }
 
+/// How `rank` scores layers for the depth axis (method doc §2.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DepthMethod {
+    /// Each layer removed alone: one forward per layer, O(layers).
+    OneShot,
+    /// Remove the least important layer, re-score the rest, repeat: O(layers²) forwards.
+    Iterative,
+}
+
 pub struct RankOptions {
-    /// Samples (sequences) for the depth ranking, and their length; 0 disables depth.
+    /// The depth ranking, if any, with its samples (sequences) and their length.
+    pub depth: Option<DepthMethod>,
     pub depth_samples: usize,
     pub depth_seq: usize,
+}
+
+impl RankOptions {
+    /// Forwards per depth sample for an `n`-layer model.
+    fn depth_forwards(&self, n: usize) -> usize {
+        match self.depth {
+            None => 0,
+            Some(DepthMethod::OneShot) => n,
+            Some(DepthMethod::Iterative) => n * (n + 1) / 2,
+        }
+    }
 }
 
 /// Ranks every axis of `model` on the calibration samples. `progress(done, total, stage)`.
@@ -250,12 +272,12 @@ pub fn rank(
     };
     let max_len = cal.iter().map(|s| s.len()).max().unwrap_or(1);
     let mut cache = Cache::new(model, max_len);
-    let depth_total = if opts.depth_samples > 0 {
-        n * (n + 1) / 2
-    } else {
-        0
-    };
-    let total = cal.len() + depth_total;
+    if opts.depth.is_some() && opts.depth_samples == 0 {
+        return Err(Error::Input(
+            "a depth ranking needs at least one depth sample".into(),
+        ));
+    }
+    let total = cal.len() + opts.depth_forwards(n);
     for (i, s) in cal.iter().enumerate() {
         cache.reset();
         model.forward_observed(s, &full, &mut cache, Logits::None, &mut col)?;
@@ -331,17 +353,20 @@ pub fn rank(
         }
         layers.push(li);
     }
-    let depth = if opts.depth_samples > 0 {
-        let ds: Vec<Vec<u32>> = cal
-            .iter()
-            .take(opts.depth_samples)
-            .map(|s| s[..s.len().min(opts.depth_seq.max(2))].to_vec())
-            .collect();
-        Some(depth_order(model, &ds, |k| {
-            progress(cal.len() + k, total, "depth")
-        })?)
-    } else {
-        None
+    let depth = match opts.depth {
+        Some(method) => {
+            let ds: Vec<Vec<u32>> = cal
+                .iter()
+                .take(opts.depth_samples)
+                .map(|s| s[..s.len().min(opts.depth_seq.max(2))].to_vec())
+                .collect();
+            let mut p = |k| progress(cal.len() + k, total, "depth");
+            Some(match method {
+                DepthMethod::OneShot => depth_one_shot(model, &ds, &mut p)?,
+                DepthMethod::Iterative => depth_order(model, &ds, &mut p)?,
+            })
+        }
+        None => None,
     };
     Ok(Importance {
         format: FORMAT.into(),
@@ -356,46 +381,91 @@ pub fn rank(
     })
 }
 
+/// The full model's logits on `seqs`, to score layer removals against:
+/// s = Σ(M − M′)² / Σ M² (method doc §2.4).
+struct DepthRef<'a> {
+    model: &'a Model,
+    seqs: &'a [Vec<u32>],
+    refs: Vec<Vec<f32>>,
+    energy: f64,
+    cache: Cache,
+}
+
+impl<'a> DepthRef<'a> {
+    fn new(model: &'a Model, seqs: &'a [Vec<u32>]) -> Result<Self> {
+        let max_len = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
+        let mut cache = Cache::new(model, max_len);
+        let full = model.full_budget();
+        let (mut refs, mut energy) = (vec![], 0f64);
+        for s in seqs {
+            cache.reset();
+            let l = model.forward(s, &full, &mut cache, Logits::All)?.to_vec();
+            energy += l.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>();
+            refs.push(l);
+        }
+        Ok(DepthRef {
+            model,
+            seqs,
+            refs,
+            energy,
+            cache,
+        })
+    }
+
+    /// NMSE of the logits with the layers `skip` removed.
+    fn nmse(&mut self, skip: impl IntoIterator<Item = usize>) -> Result<f64> {
+        let mut spec = BudgetSpec::default();
+        spec.skip.extend(skip);
+        let b = spec.resolve(&self.model.shape)?;
+        let mut err = 0f64;
+        for (s, r) in self.seqs.iter().zip(&self.refs) {
+            self.cache.reset();
+            let l = self.model.forward(s, &b, &mut self.cache, Logits::All)?;
+            err += l
+                .iter()
+                .zip(r)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>();
+        }
+        Ok(err / self.energy.max(f64::MIN_POSITIVE))
+    }
+}
+
+/// One-shot layer removal (method doc §2.4): every layer scored by removing it alone; the
+/// order is by score, most important first.
+fn depth_one_shot(
+    model: &Model,
+    seqs: &[Vec<u32>],
+    mut progress: impl FnMut(usize),
+) -> Result<Scores> {
+    let n = model.shape.layers.len();
+    let mut r = DepthRef::new(model, seqs)?;
+    let mut scores = Vec::with_capacity(n);
+    for j in 0..n {
+        scores.push(r.nmse([j])? as f32);
+        progress(j + 1);
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    Ok(Scores { scores, order })
+}
+
 /// Iterative layer removal (method doc §2.4): at each step drop the layer whose removal (on top
-/// of those already dropped) changes the logits least, s_j = Σ(M − M₋ⱼ)² / Σ M².
+/// of those already dropped) changes the logits least.
 fn depth_order(
     model: &Model,
     seqs: &[Vec<u32>],
     mut progress: impl FnMut(usize),
 ) -> Result<Scores> {
     let n = model.shape.layers.len();
-    let full = model.full_budget();
-    let max_len = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
-    let mut cache = Cache::new(model, max_len);
-    let mut refs = vec![];
-    let mut energy = 0f64;
-    for s in seqs {
-        cache.reset();
-        let l = model.forward(s, &full, &mut cache, Logits::All)?.to_vec();
-        energy += l.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>();
-        refs.push(l);
-    }
+    let mut r = DepthRef::new(model, seqs)?;
     let mut removed: Vec<usize> = vec![];
     let mut score = vec![0f32; n];
     let mut done = 0;
     while removed.len() + 1 < n {
         let mut best: Option<(usize, f64)> = None;
         for j in (0..n).filter(|j| !removed.contains(j)) {
-            let mut spec = BudgetSpec::default();
-            spec.skip.extend(removed.iter().copied());
-            spec.skip.insert(j);
-            let b = spec.resolve(&model.shape)?;
-            let mut err = 0f64;
-            for (s, r) in seqs.iter().zip(&refs) {
-                cache.reset();
-                let l = model.forward(s, &b, &mut cache, Logits::All)?;
-                err += l
-                    .iter()
-                    .zip(r)
-                    .map(|(a, b)| ((a - b) as f64).powi(2))
-                    .sum::<f64>();
-            }
-            let s = err / energy.max(f64::MIN_POSITIVE);
+            let s = r.nmse(removed.iter().copied().chain([j]))?;
             if best.is_none_or(|(_, bs)| s < bs) {
                 best = Some((j, s));
             }

@@ -438,7 +438,7 @@ pub fn solve(
     let s = &model.shape;
     if axes.contains(&Knob::Depth) && imp.depth.is_none() {
         return Err(Error::Budget(
-            "the depth axis needs a depth ranking (run `elastica rank` without --no-depth)".into(),
+            "the depth axis needs a depth ranking (run `elastica rank --depth oneshot` or `--depth iterative`)".into(),
         ));
     }
     let layer_order: Vec<usize> = imp
