@@ -2,7 +2,7 @@
 //!
 //! `rows` and `cols` list index ranges of the parent tensor; `x` holds the active input columns
 //! packed in segment order and `y` receives the active rows packed likewise. Weights are read in
-//! their stored format: BF16 against bf16-rounded activations (vdpbf16ps), Q8_0/Q4_0/Q4_1 against
+//! their stored format: BF16 against bf16-rounded activations (vdpbf16ps), Q8_0/Q4_0/Q4_1/K-quants against
 //! activations quantized to int8 per block of 32 (VNNI), F32/F16 against f32. Per-token buffers
 //! live in a thread-local scratch, so the decode loop allocates nothing after the first token
 //! (or, for a batch of m tokens, once the scratch has grown to m).
@@ -51,9 +51,9 @@ fn act_kind(dt: DType, isa: Isa) -> ActKind {
         DType::BF16 if isa != Isa::Avx512 => ActKind::F32,
         DType::BF16 => ActKind::Bf16,
         DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Nvfp4 => ActKind::Q8,
+        DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q5K | DType::Q6K => ActKind::Q8,
         DType::F8E4M3 if isa == Isa::Avx512 => ActKind::Bf16,
         DType::F8E4M3 => ActKind::F32,
-        DType::Q5_0 | DType::Q5_1 | DType::Q4K | DType::Q5K | DType::Q6K => ActKind::F32,
     }
 }
 
@@ -251,6 +251,12 @@ fn row_dots(w: &Tensor, first: usize, cols: &[Range<usize>], act: &Act, out: &mu
     let stride = w.row_bytes();
     let bytes = w.bytes();
     let row = |i: usize| &bytes[(first + i) * stride..(first + i + 1) * stride];
+    if let (Act::Q8 { q, d, xsum }, true) = (act, super::qdot::covers(w.dtype)) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = super::qdot::dot(isa, w.dtype, row(i), cols, q, d, xsum);
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx2 {
         let base = bytes[first * stride..].as_ptr();

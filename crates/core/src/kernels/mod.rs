@@ -8,6 +8,7 @@ pub mod gemm;
 pub mod gemv;
 pub mod ops;
 pub mod pool;
+pub mod qdot;
 pub mod quant;
 
 use std::ops::Range;

@@ -19,7 +19,9 @@ pub fn f32_to_bf16(x: f32) -> u16 {
     bf16::from_f32(x).to_bits()
 }
 
-fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+/// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K super-block (ggml's get_scale_min_k4).
+#[inline(always)]
+pub(crate) fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
