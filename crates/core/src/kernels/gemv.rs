@@ -481,6 +481,8 @@ mod avx512 {
     const Q8_0: u8 = 0;
     const Q4_0: u8 = 1;
     const Q4_1: u8 = 2;
+    const Q5_0: u8 = 3;
+    const Q5_1: u8 = 4;
     /// Float weight formats against f32 activations.
     const F32: u8 = 0;
     const F16: u8 = 1;
@@ -560,6 +562,8 @@ mod avx512 {
                 (Act::Q8 { .. }, DType::Q8_0) => rows_q::<Q8_0>(base, stride, n, cols, acts, y, ys),
                 (Act::Q8 { .. }, DType::Q4_0) => rows_q::<Q4_0>(base, stride, n, cols, acts, y, ys),
                 (Act::Q8 { .. }, DType::Q4_1) => rows_q::<Q4_1>(base, stride, n, cols, acts, y, ys),
+                (Act::Q8 { .. }, DType::Q5_0) => rows_q::<Q5_0>(base, stride, n, cols, acts, y, ys),
+                (Act::Q8 { .. }, DType::Q5_1) => rows_q::<Q5_1>(base, stride, n, cols, acts, y, ys),
                 (Act::Q8 { .. }, DType::Nvfp4) if vbmi() => {
                     rows_nvfp4_vbmi(base, stride, n, cols, acts, y, ys)
                 }
@@ -575,9 +579,10 @@ mod avx512 {
         true
     }
 
-    /// Q8_0 / Q4_0 / Q4_1 rows · q8 x (VNNI dpbusd takes unsigned × signed bytes). Q8_0 weights
-    /// are made unsigned by flipping the sign bit (w+128); Q4 nibbles already are. The offset
-    /// term (−128·d_w for Q8_0, −8·d_w for Q4_0, m for Q4_1) times d_x·Σq comes from `xsum`.
+    /// Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 rows · q8 x (VNNI dpbusd takes unsigned × signed bytes).
+    /// Q8_0 weights are made unsigned by flipping the sign bit (w+128); Q4 nibbles already are,
+    /// and Q5 adds bit i of qh to value i as 16. The offset term (−128·d_w for Q8_0, −8·d_w for
+    /// Q4_0, −16·d_w for Q5_0, m for Q4_1/Q5_1) times d_x·Σq comes from `xsum`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     unsafe fn rows_q<const KIND: u8>(
         base: *const u8,
@@ -609,7 +614,9 @@ mod avx512 {
             let bb = match KIND {
                 Q8_0 => 34,
                 Q4_0 => 18,
-                _ => 20,
+                Q4_1 => 20,
+                Q5_0 => 22,
+                _ => 24,
             };
             let (mut xq, mut xd, mut xs) = (
                 [std::ptr::null(); A],
@@ -624,6 +631,7 @@ mod avx512 {
             }
             let flip = _mm256_set1_epi8(-128);
             let lo = _mm256_set1_epi8(0x0F);
+            let sixteen = _mm256_set1_epi8(16);
             // Low nibbles (values 0..16) in the lower 128 bits, high nibbles (16..32) in the upper.
             let nib_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
             let mut acc = [[_mm256_setzero_ps(); A]; R];
@@ -639,7 +647,7 @@ mod avx512 {
                     for r in 0..R {
                         let p = base.add(r * stride + (b0 + b) * bb);
                         _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride) as *const i8);
-                        if KIND == Q4_1 {
+                        if KIND == Q4_1 || KIND == Q5_1 {
                             // d and m converted together.
                             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
                                 p as *const i32,
@@ -649,16 +657,32 @@ mod avx512 {
                         } else {
                             let d = f16s(p);
                             dw[r] = _mm256_set1_ps(d);
-                            mw[r] = _mm_set1_ps(if KIND == Q8_0 { -d } else { -8.0 * d });
+                            mw[r] = _mm_set1_ps(match KIND {
+                                Q8_0 => -d,
+                                Q4_0 => -8.0 * d,
+                                _ => -16.0 * d,
+                            });
                         }
                         w[r] = if KIND == Q8_0 {
                             _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const _), flip)
                         } else {
-                            let off = if KIND == Q4_1 { 4 } else { 2 };
+                            // The nibbles follow d (and m), and Q5's 32 high bits.
+                            let off = match KIND {
+                                Q4_0 => 2,
+                                Q4_1 => 4,
+                                Q5_0 => 6,
+                                _ => 8,
+                            };
                             let bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(
                                 p.add(off) as *const _
                             ));
-                            _mm256_and_si256(_mm256_srlv_epi32(bytes, nib_shift), lo)
+                            let nib = _mm256_and_si256(_mm256_srlv_epi32(bytes, nib_shift), lo);
+                            if KIND == Q5_0 || KIND == Q5_1 {
+                                let qh = std::ptr::read_unaligned(p.add(off - 4) as *const u32);
+                                _mm256_or_si256(nib, _mm256_maskz_mov_epi8(qh, sixteen))
+                            } else {
+                                nib
+                            }
                         };
                     }
                     // The A offsets in lanes, built in registers (a vector load of four scalar
@@ -1619,6 +1643,7 @@ mod tests {
             DType::Q4_0,
             DType::Q4_1,
             DType::Q5_0,
+            DType::Q5_1,
             DType::F8E4M3,
             DType::Nvfp4,
         ] {
