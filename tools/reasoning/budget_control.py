@@ -12,13 +12,17 @@ thinking, hand-off, answer). A capped run forces "\\n</think>" (what the truncat
 documents end their cut trace with) once the cap is reached.
 
     python3 tools/reasoning/budget_control.py MODEL TEST.jsonl OUT [--budgets full,0.75,0.5]
-        [--caps 8,16,32,64] [--pair-caps 16,32] [--limit N] [--threads T] [--bin PATH]
+        [--caps 8,16,32,64] [--pair-caps 16,32] [--limit N] [--threads T] [--jobs J] [--bin PATH]
+
+--jobs runs J configurations at once (each its own process with --threads threads): for a model
+that fits in the caches, as the tiny reasoning model does, they barely disturb each other.
 
 Writes OUT/runs/NAME.jsonl (raw outputs; a configuration whose file is complete is not run
 again) and OUT/results.jsonl (one line per configuration). Standard library only.
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -66,6 +70,7 @@ def main():
     ap.add_argument("--pair-caps", default="16,32")
     ap.add_argument("--limit", type=int, default=0, help="first N test problems only")
     ap.add_argument("--threads", type=int, default=0, help="elastica -t (0: its default)")
+    ap.add_argument("--jobs", type=int, default=1, help="configurations run at once")
     ap.add_argument("--max-tokens", type=int, default=320)
     ap.add_argument("--bin", default="target/release/elastica")
     a = ap.parse_args()
@@ -81,40 +86,49 @@ def main():
     os.replace(prompts + ".tmp", prompts)
     results = []
     cs = configs(a.budgets.split(","), ints(a.caps), ints(a.pair_caps))
-    for i, (name, fields, args) in enumerate(cs):
+
+    def rows_of(name, args):
+        """The configuration's outputs: read back if complete, else run (atomically written)."""
         path = os.path.join(a.out, "runs", name + ".jsonl")
-        rows = []
         if os.path.exists(path):
             rows = [json.loads(l) for l in open(path) if l.strip()]
-        if len(rows) != len(test):
-            cmd = [a.bin, "run", a.model, "--prompts", prompts, "--chat", "-n", str(a.max_tokens)]
-            if a.threads:
-                cmd += ["-t", str(a.threads)]
-            p = subprocess.run(cmd + args, capture_output=True, text=True)
-            if p.returncode != 0:
-                sys.exit(f"{name}: {' '.join(cmd + args)} failed:\n{p.stderr}")
-            rows = [json.loads(l) for l in p.stdout.splitlines() if l.strip()]
-            with open(path + ".tmp", "w") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(path + ".tmp", path)
-        s = score.score(test, {r["id"]: r["text"] for r in rows})
-        think_tokens = [sum(ph["tokens"] for ph in r.get("phases", []) if ph["phase"] == "thinking")
-                        for r in rows]
-        res = dict(
-            name=name,
-            **fields,
-            no_think=fields["think"] is None,
-            n=len(rows),
-            accuracy=s["accuracy"],
-            by_level=s.get("by_level"),
-            by_family=s.get("by_family"),
-            seconds=sum(r["seconds"] for r in rows) / len(rows),
-            tokens=sum(len(r["tokens"]) for r in rows) / len(rows),
-            thinking_tokens=sum(think_tokens) / len(rows),
-        )
-        results.append(res)
-        print(f"[{i + 1}/{len(cs)}] {name}: accuracy {res['accuracy']:.3f}, "
-              f"{res['seconds'] * 1000:.1f} ms/problem, {res['tokens']:.1f} tokens", file=sys.stderr)
+            if len(rows) == len(test):
+                return rows
+        cmd = [a.bin, "run", a.model, "--prompts", prompts, "--chat", "-n", str(a.max_tokens)]
+        if a.threads:
+            cmd += ["-t", str(a.threads)]
+        p = subprocess.run(cmd + args, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"{name}: {' '.join(cmd + args)} failed:\n{p.stderr}")
+        rows = [json.loads(l) for l in p.stdout.splitlines() if l.strip()]
+        with open(path + ".tmp", "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(path + ".tmp", path)
+        return rows
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        runs = [pool.submit(rows_of, name, args) for name, _, args in cs]
+        for i, ((name, fields, _), run) in enumerate(zip(cs, runs)):
+            rows = run.result()
+            s = score.score(test, {r["id"]: r["text"] for r in rows})
+            think_tokens = [sum(ph["tokens"] for ph in r.get("phases", [])
+                                if ph["phase"] == "thinking") for r in rows]
+            res = dict(
+                name=name,
+                **fields,
+                no_think=fields["think"] is None,
+                n=len(rows),
+                accuracy=s["accuracy"],
+                by_level=s.get("by_level"),
+                by_family=s.get("by_family"),
+                seconds=sum(r["seconds"] for r in rows) / len(rows),
+                tokens=sum(len(r["tokens"]) for r in rows) / len(rows),
+                thinking_tokens=sum(think_tokens) / len(rows),
+            )
+            results.append(res)
+            print(f"[{i + 1}/{len(cs)}] {name}: accuracy {res['accuracy']:.3f}, "
+                  f"{res['seconds'] * 1000:.1f} ms/problem, {res['tokens']:.1f} tokens",
+                  file=sys.stderr)
     out = os.path.join(a.out, "results.jsonl")
     with open(out + ".tmp", "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in results))
