@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the default model: fetch SmolLM2-135M-Instruct, build elastica, make the model
-# elastic (rank + elastify: budgets full, 0.75, 0.5 in one file; once), serve every budget from one
-# loaded copy with the OpenAI-compatible server, ask the same question at each budget through the
-# API, and stop the server.
-# Usage: scripts/quickstart.sh ["your question"]
+# The real pretrained example: fetch SmolLM2-135M-Instruct, build elastica, make the model elastic
+# (rank + elastify: budgets full, 0.75, 0.5 in one file; once), serve every budget from one loaded
+# copy with the OpenAI-compatible server, ask the same question at each budget through the API, and
+# stop the server.
+# Usage: scripts/smollm2-serve.sh ["your question"]
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"

@@ -37,7 +37,9 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// An HF checkpoint folder (config.json + safetensors) or a .gguf file.
+    /// An HF checkpoint folder (config.json + safetensors) or a .gguf file (default: the tiny
+    /// elastic reasoning model shipped in models/).
+    #[arg(default_value_os_t = default_model())]
     pub model: PathBuf,
     /// Budget: a manifest name, `full`, explicit sizes like `hidden=384,ffn=1024,heads=6,skip=3+7`,
     /// or a target like `0.6` or `params:80e6` (resolved between the manifest's budgets).
@@ -61,7 +63,9 @@ pub struct SpeculateArgs {
 enum Cmd {
     /// Architecture, dimensions, parameter counts of the parent and of each manifest budget.
     Info {
-        /// An HF checkpoint folder (config.json + safetensors) or a .gguf file.
+        /// An HF checkpoint folder (config.json + safetensors) or a .gguf file (default: the
+        /// shipped tiny elastic reasoning model).
+        #[arg(default_value_os_t = default_model())]
         model: PathBuf,
         /// Also show what these budgets resolve to: targets such as `0.6` or `params:80e6`
         /// (between the manifest's budgets), names or explicit sizes.
@@ -177,6 +181,19 @@ pub(crate) fn chat_template(f: &std::path::Path) -> Result<String> {
         )));
     }
     Ok(t)
+}
+
+/// The model shipped in the repository (tools/reasoning/reproduce.sh): `models/` under the
+/// working directory, else under the source tree this binary was built from.
+pub const DEFAULT_MODEL: &str = "models/nemotron-h-elastic-tiny";
+
+fn default_model() -> PathBuf {
+    let here = PathBuf::from(DEFAULT_MODEL);
+    if here.exists() {
+        return here;
+    }
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL);
+    if built.exists() { built } else { here }
 }
 
 pub(crate) fn load(a: &ModelArgs) -> Result<(Model, crate::Budget)> {

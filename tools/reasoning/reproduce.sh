@@ -7,7 +7,7 @@
 # Usage: tools/reasoning/reproduce.sh [WORK] [--install]
 #   WORK:      default .cache/reasoning (every step's output; rerunning resumes or skips what is done)
 #   --install: copy the result over models/nemotron-h-elastic-tiny
-# Env: LM_TOKENS (parent, default 12000000), KD_TOKENS (nested, default 2000000), THREADS (default 2).
+# Env: LM_TOKENS (parent, default 10000000), KD_TOKENS (nested, default 1500000), THREADS (default 2).
 # About 1 h 50 min (parent, ~1850 tok/s) + 25 min (nested) on 2 cores of an AMD EPYC Zen 5; every
 # run checkpoints, so it may span several sittings.
 set -euo pipefail
@@ -21,8 +21,8 @@ for a in "$@"; do
     *) w=$a ;;
   esac
 done
-lm_tokens=${LM_TOKENS:-12000000}
-kd_tokens=${KD_TOKENS:-2000000}
+lm_tokens=${LM_TOKENS:-10000000}
+kd_tokens=${KD_TOKENS:-1500000}
 t=${THREADS:-2}
 cargo build --release --quiet
 e=./target/release/elastica

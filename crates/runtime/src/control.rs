@@ -99,22 +99,33 @@ impl Controlled {
     pub fn summary(&self) -> String {
         let t = &self.thinking;
         let mut s = format!(
-            "thinking at {}: {} tokens in {:.2} s",
-            t.budget, t.tokens, t.seconds
+            "thinking at {}: {} tokens in {}",
+            t.budget,
+            t.tokens,
+            duration(t.seconds)
         );
         match &self.answer {
             Some(a) => s.push_str(&format!(
-                "; answer at {} ({} hand-off, {} tokens in {:.2} s): {} tokens in {:.2} s",
+                "; answer at {} ({} hand-off, {} tokens in {}): {} tokens in {}",
                 a.budget,
                 self.handoff.name(),
                 a.start_tokens,
-                a.start_seconds,
+                duration(a.start_seconds),
                 a.tokens,
-                a.seconds
+                duration(a.seconds)
             )),
             None => s.push_str("; no answer phase (stopped while thinking)"),
         }
         s
+    }
+}
+
+/// Seconds as `12.3 ms` below one second, else `1.23 s`.
+fn duration(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
     }
 }
 
