@@ -95,7 +95,10 @@ fn greedy_answers_to_fixed_problems_stay_stable_at_every_isa() {
     ] {
         for (mode, extra) in [
             ("full", &[][..]),
-            ("0.5->full", &["--think-budget", "0.5", "--answer-budget", "full"]),
+            (
+                "0.5->full",
+                &["--think-budget", "0.5", "--answer-budget", "full"],
+            ),
         ] {
             let mut args = vec!["--prompts", p, "--chat", "-n", "320"];
             args.extend(extra);
