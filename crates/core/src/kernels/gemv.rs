@@ -458,18 +458,10 @@ mod avx512 {
     //! each activation block once per R weight rows. Every (row, activation) pair sees the same
     //! operations in the same order for any R and A: m = 1 decode and a batch agree bit for bit.
     use super::Act;
+    use crate::kernels::x86::{f16s, hsum256};
     use crate::tensor::DType;
     use std::arch::x86_64::*;
     use std::ops::Range;
-
-    #[inline(always)]
-    unsafe fn f16s(b: *const u8) -> f32 {
-        unsafe {
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                std::ptr::read_unaligned(b as *const u16) as i32,
-            )))
-        }
-    }
 
     /// Rows ahead to prefetch: rows are short (a few hundred bytes), too short for the hardware
     /// prefetcher to ramp up on each.
@@ -1192,43 +1184,16 @@ mod avx512 {
             )
         }
     }
-
-    #[inline(always)]
-    unsafe fn hsum256(v: __m256) -> f32 {
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-            _mm_cvtss_f32(s)
-        }
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use crate::kernels::x86::{f16s, hsum256 as hsum};
     use crate::tensor::DType;
     use std::arch::x86_64::*;
     use std::ops::Range;
 
     const PF: usize = 8;
-
-    #[inline(always)]
-    unsafe fn f16s(b: *const u8) -> f32 {
-        unsafe {
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                std::ptr::read_unaligned(b as *const u16) as i32,
-            )))
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-        }
-    }
 
     /// F32 / F16 / BF16 weights against f32 activations, 8 lanes at a time.
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -10,6 +10,8 @@ pub mod ops;
 pub mod pool;
 pub mod qdot;
 pub mod quant;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use std::ops::Range;
 use std::sync::OnceLock;

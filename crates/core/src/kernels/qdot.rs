@@ -127,18 +127,10 @@ fn scalar_dot(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::k4_scale_min;
+    use crate::kernels::x86::f16s;
     use crate::tensor::DType;
     use std::arch::x86_64::*;
     use std::ops::Range;
-
-    #[inline(always)]
-    unsafe fn f16s(b: *const u8) -> f32 {
-        unsafe {
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                std::ptr::read_unaligned(b as *const u16) as i32,
-            )))
-        }
-    }
 
     /// Two activation blocks (64 values) at once: the 16 dpbusd lanes are 8 per block.
     #[inline(always)]
@@ -260,18 +252,10 @@ mod avx512 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::k4_scale_min;
+    use crate::kernels::x86::{f16s, hsum256 as hsum};
     use crate::tensor::DType;
     use std::arch::x86_64::*;
     use std::ops::Range;
-
-    #[inline(always)]
-    unsafe fn f16s(b: *const u8) -> f32 {
-        unsafe {
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                std::ptr::read_unaligned(b as *const u16) as i32,
-            )))
-        }
-    }
 
     /// One 32-value block: Σ over pairs of u8 w · i8 x (maddubs cannot saturate here: w ≤ 63),
     /// widened to 8 i32 lanes, 4 per 16 values.
@@ -335,15 +319,6 @@ mod avx2 {
                 }
             }
             hsum(acc) + corr
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn hsum(acc: __m256) -> f32 {
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
         }
     }
 
