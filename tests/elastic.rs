@@ -762,6 +762,13 @@ fn depth_ranking_one_shot_and_iterative_agree() {
         &["--depth-samples"],
     );
     assert!(!dir.join("x.json").exists());
+    fails(
+        exe()
+            .args(["rank", s(&src), "--calib", s(&calib()), "--depth", "deep"])
+            .args(["--out", s(&dir.join("x.json"))]),
+        &["--depth", "deep", "oneshot"],
+    );
+    assert!(!dir.join("x.json").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
