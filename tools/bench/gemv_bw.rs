@@ -1,0 +1,77 @@
+//! Decode-product throughput per weight format: GB/s of weight bytes read by `gemv::matvec`, for a
+//! matrix small enough for L2 (the kernel's compute ceiling) and one far larger than the caches
+//! (what decode sees). A kernel at its memory roofline is much faster in L2 than from DRAM.
+//!
+//!     cargo run --release --example gemv_bw -- [THREADS]        (default 1)
+//!
+//! Prints one JSON line per (format, size): {"dtype", "rows", "cols", "mib", "gb_per_s"}.
+
+use elastica_core::kernels::{gemv, pool};
+use elastica_core::tensor::{Buf, DType, Tensor};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Random but valid bytes for `dt`: f16 scales in a sane range, any payload.
+fn tensor(dt: DType, rows: usize, cols: usize) -> Tensor {
+    let rb = dt.row_bytes(cols).unwrap();
+    let mut b = vec![0u8; rows * rb];
+    let mut s = 0x9E3779B97F4A7C15u64;
+    for v in b.iter_mut() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        *v = s as u8;
+    }
+    let bb = dt.block_bytes();
+    if dt.is_quantized() {
+        // f16 0.01 = 0x211f in every scale field at the start of each block.
+        for blk in b.chunks_mut(bb) {
+            blk[0] = 0x1f;
+            blk[1] = 0x21;
+        }
+    } else if dt == DType::BF16 {
+        for v in b.chunks_mut(2) {
+            v[1] = 0x3c | (v[1] & 0x80);
+        }
+    }
+    Tensor::new("w", dt, vec![rows, cols], Buf::Owned(Arc::new(b))).unwrap()
+}
+
+fn main() {
+    let threads: usize = std::env::args().nth(1).map_or(1, |s| s.parse().unwrap());
+    pool::init(threads);
+    let cols = 576;
+    for dt in [
+        DType::BF16,
+        DType::Q8_0,
+        DType::Q4_0,
+        DType::Q4K,
+        DType::Q6K,
+    ] {
+        let cols = if dt.block_len() == 256 { 1536 } else { cols };
+        for mib in [0.25f64, 256.0] {
+            let rb = dt.row_bytes(cols).unwrap();
+            let rows = ((mib * 1048576.0) as usize / rb).max(4) / 4 * 4;
+            let w = tensor(dt, rows, cols);
+            let x: Vec<f32> = (0..cols)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
+                .collect();
+            let mut y = vec![0f32; rows];
+            let reps = ((1u64 << 31) / (rows * rb) as u64).clamp(3, 20000) as usize;
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = Instant::now();
+                for _ in 0..reps {
+                    gemv::matvec(&w, &[0..rows], &[0..cols], &x, &mut y);
+                }
+                best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+            }
+            let gbs = (rows * rb) as f64 / best / 1e9;
+            println!(
+                "{{\"dtype\":\"{}\",\"rows\":{rows},\"cols\":{cols},\"mib\":{mib},\"gb_per_s\":{gbs:.2},\"y0\":{}}}",
+                dt.name(),
+                y[0]
+            );
+        }
+    }
+}
