@@ -62,6 +62,7 @@ fn main() {
             for _ in 0..5 {
                 let t = Instant::now();
                 for _ in 0..reps {
+                    #[allow(clippy::single_range_in_vec_init)]
                     gemv::matvec(&w, &[0..rows], &[0..cols], &x, &mut y);
                 }
                 best = best.min(t.elapsed().as_secs_f64() / reps as f64);
