@@ -2,7 +2,9 @@
 //! matrix small enough for L2 (the kernel's compute ceiling) and one far larger than the caches
 //! (what decode sees). A kernel at its memory roofline is much faster in L2 than from DRAM.
 //!
-//!     cargo run --release --example gemv_bw -- [THREADS]        (default 1)
+//!     cargo run --release --example gemv_bw -- [THREADS] [ACTIVE_COLS]     (default 1, all)
+//!
+//! With ACTIVE_COLS (a multiple of 32), only that prefix of each row is active: a budget view.
 //!
 //! Prints one JSON line per (format, size): {"dtype", "rows", "cols", "mib", "gb_per_s"}.
 
@@ -39,6 +41,7 @@ fn tensor(dt: DType, rows: usize, cols: usize) -> Tensor {
 
 fn main() {
     let threads: usize = std::env::args().nth(1).map_or(1, |s| s.parse().unwrap());
+    let active: Option<usize> = std::env::args().nth(2).map(|s| s.parse().unwrap());
     pool::init(threads);
     let cols = 576;
     for dt in [
@@ -53,7 +56,8 @@ fn main() {
             let rb = dt.row_bytes(cols).unwrap();
             let rows = ((mib * 1048576.0) as usize / rb).max(4) / 4 * 4;
             let w = tensor(dt, rows, cols);
-            let x: Vec<f32> = (0..cols)
+            let ac = active.unwrap_or(cols).min(cols);
+            let x: Vec<f32> = (0..ac)
                 .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
                 .collect();
             let mut y = vec![0f32; rows];
@@ -63,13 +67,13 @@ fn main() {
                 let t = Instant::now();
                 for _ in 0..reps {
                     #[allow(clippy::single_range_in_vec_init)]
-                    gemv::matvec(&w, &[0..rows], &[0..cols], &x, &mut y);
+                    gemv::matvec(&w, &[0..rows], &[0..ac], &x, &mut y);
                 }
                 best = best.min(t.elapsed().as_secs_f64() / reps as f64);
             }
-            let gbs = (rows * rb) as f64 / best / 1e9;
+            let gbs = (rows * rb) as f64 * ac as f64 / cols as f64 / best / 1e9;
             println!(
-                "{{\"dtype\":\"{}\",\"rows\":{rows},\"cols\":{cols},\"mib\":{mib},\"gb_per_s\":{gbs:.2},\"y0\":{}}}",
+                "{{\"dtype\":\"{}\",\"rows\":{rows},\"cols\":{cols},\"active\":{ac},\"mib\":{mib},\"gb_per_s\":{gbs:.2},\"y0\":{}}}",
                 dt.name(),
                 y[0]
             );
