@@ -57,9 +57,7 @@ fn main() {
             let rows = ((mib * 1048576.0) as usize / rb).max(4) / 4 * 4;
             let w = tensor(dt, rows, cols);
             let ac = active.unwrap_or(cols).min(cols);
-            let x: Vec<f32> = (0..ac)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1)
-                .collect();
+            let x: Vec<f32> = (0..ac).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
             let mut y = vec![0f32; rows];
             let reps = ((1u64 << 31) / (rows * rb) as u64).clamp(3, 20000) as usize;
             let mut best = f64::MAX;

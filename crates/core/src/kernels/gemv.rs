@@ -19,6 +19,10 @@ struct ActScratch {
     q8: Q8Act,
     /// Per block of 32: d_x·Σq (Q4 offsets) and 128·d_x·Σq (Q8_0 sign trick).
     xsum: Vec<f32>,
+    /// For the AVX-512 block kernels, 8 lanes per block: d_x in all (`dx8`); the block's offset
+    /// term in the first, 0 in the rest (`cx8`). Two blocks are one 512-bit load.
+    dx8: Vec<f32>,
+    cx8: Vec<f32>,
 }
 
 thread_local! {
@@ -33,6 +37,9 @@ enum Act<'a> {
         q: &'a [i8],
         d: &'a [f32],
         xsum: &'a [f32],
+        /// `ActScratch::dx8`, `cx8` (AVX-512 block formats only; else empty).
+        dx8: &'a [f32],
+        cx8: &'a [f32],
     },
 }
 
@@ -58,7 +65,7 @@ fn act_kind(dt: DType, isa: Isa) -> ActKind {
 }
 
 impl ActScratch {
-    fn prepare(&mut self, kind: ActKind, dt: DType, x: &[f32]) {
+    fn prepare(&mut self, kind: ActKind, dt: DType, isa: Isa, x: &[f32]) {
         match kind {
             ActKind::F32 => {}
             ActKind::Bf16 => {
@@ -75,6 +82,23 @@ impl ActScratch {
                 for b in 0..self.q8.d.len() {
                     self.xsum[b] = c * self.q8.d[b] * self.q8.sum[b] as f32;
                 }
+                // The symmetric formats' offset in units of d_w (Q8_0's 128 is in xsum).
+                let c = match dt {
+                    DType::Q8_0 | DType::Q4_1 | DType::Q5_1 => 1.0,
+                    DType::Q4_0 => 8.0,
+                    DType::Q5_0 => 16.0,
+                    _ => return,
+                };
+                if isa != Isa::Avx512 {
+                    return;
+                }
+                let n = self.q8.d.len();
+                self.dx8.resize(8 * n, 0.0);
+                self.cx8.resize(8 * n, 0.0);
+                for b in 0..n {
+                    self.dx8[8 * b..8 * b + 8].fill(self.q8.d[b]);
+                    self.cx8[8 * b] = c * self.xsum[b];
+                }
             }
         }
     }
@@ -86,6 +110,8 @@ impl ActScratch {
                 q: &self.q8.q,
                 d: &self.q8.d,
                 xsum: &self.xsum,
+                dx8: &self.dx8,
+                cx8: &self.cx8,
             },
         }
     }
@@ -149,7 +175,7 @@ fn pass(
             s.resize_with(m, ActScratch::default);
         }
         for (sc, xi) in s.iter_mut().zip(x.chunks(k)) {
-            sc.prepare(kind, w.dtype, xi);
+            sc.prepare(kind, w.dtype, isa, xi);
         }
         let s = &*s;
         let acts: [Act; MAX_ROWS] = std::array::from_fn(|i| match i < m {
@@ -251,7 +277,7 @@ fn row_dots(w: &Tensor, first: usize, cols: &[Range<usize>], act: &Act, out: &mu
     let stride = w.row_bytes();
     let bytes = w.bytes();
     let row = |i: usize| &bytes[(first + i) * stride..(first + i + 1) * stride];
-    if let (Act::Q8 { q, d, xsum }, true) = (act, super::qdot::covers(w.dtype)) {
+    if let (Act::Q8 { q, d, xsum, .. }, true) = (act, super::qdot::covers(w.dtype)) {
         for (i, o) in out.iter_mut().enumerate() {
             *o = super::qdot::dot(isa, w.dtype, row(i), cols, q, d, xsum);
         }
@@ -270,10 +296,10 @@ fn row_dots(w: &Tensor, first: usize, cols: &[Range<usize>], act: &Act, out: &mu
                 (Act::Q8 { q, d, .. }, DType::Nvfp4) => {
                     avx2::rows_nvfp4(base, stride, n, cols, q, d, out)
                 }
-                (Act::Q8 { q, d, xsum }, DType::Q4_1) => {
+                (Act::Q8 { q, d, xsum, .. }, DType::Q4_1) => {
                     avx2::rows_q4::<true>(base, stride, n, cols, q, d, xsum, out)
                 }
-                (Act::Q8 { q, d, xsum }, _) => {
+                (Act::Q8 { q, d, xsum, .. }, _) => {
                     avx2::rows_q4::<false>(base, stride, n, cols, q, d, xsum, out)
                 }
                 (Act::F32(x), DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3) => out
@@ -293,7 +319,7 @@ fn row_dots(w: &Tensor, first: usize, cols: &[Range<usize>], act: &Act, out: &mu
     for (i, o) in out.iter_mut().enumerate() {
         *o = match act {
             Act::Q8 { q, d, .. } if w.dtype == DType::Nvfp4 => scalar_dot_nvfp4(row(i), cols, q, d),
-            Act::Q8 { q, d, xsum } => scalar_dot_q(w.dtype, row(i), cols, q, d, xsum),
+            Act::Q8 { q, d, xsum, .. } => scalar_dot_q(w.dtype, row(i), cols, q, d, xsum),
             Act::Bf16(_) => unreachable!("bf16 activations are only made for AVX-512"),
             Act::F32(x) => dot_generic(w.dtype, row(i), cols, x),
         };
@@ -458,7 +484,6 @@ mod avx512 {
     //! each activation block once per R weight rows. Every (row, activation) pair sees the same
     //! operations in the same order for any R and A: m = 1 decode and a batch agree bit for bit.
     use super::Act;
-    use crate::kernels::x86::{f16s, hsum256};
     use crate::tensor::DType;
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -563,7 +588,7 @@ mod avx512 {
     ) -> bool {
         unsafe {
             match (&acts[0], dt) {
-                (Act::Q8 { .. }, DType::Q8_0) => rows_q8_0(base, stride, n, cols, acts, y, ys),
+                (Act::Q8 { .. }, DType::Q8_0) => rows_q::<Q8_0>(base, stride, n, cols, acts, y, ys),
                 (Act::Q8 { .. }, DType::Q4_0) => rows_q::<Q4_0>(base, stride, n, cols, acts, y, ys),
                 (Act::Q8 { .. }, DType::Q4_1) => rows_q::<Q4_1>(base, stride, n, cols, acts, y, ys),
                 (Act::Q8 { .. }, DType::Q5_0) => rows_q::<Q5_0>(base, stride, n, cols, acts, y, ys),
@@ -583,144 +608,13 @@ mod avx512 {
         true
     }
 
-    /// Q8_0 rows · q8 x, two blocks per 512-bit vector (one block for a segment's odd last one):
-    /// the weights made unsigned by flipping the sign bit (w+128, VNNI dpbusd takes unsigned ×
-    /// signed bytes), the lanes of block j scaled by d_x,j and less 128·d_x,j·Σq_j in its first
-    /// lane, then by d_w,j. Each (weight row, activation row) pair keeps its own accumulator.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
-    unsafe fn rows_q8_0(
-        base: *const u8,
-        stride: usize,
-        n: usize,
-        cols: &[Range<usize>],
-        acts: &[Act],
-        y: *mut f32,
-        ys: usize,
-    ) {
-        unsafe {
-            tiles!(n, acts, y, ys, |r, R, xa, A| q8_0_tile::<R, A>(
-                base.add(r * stride),
-                stride,
-                cols,
-                xa
-            ))
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn q8_0_tile<const R: usize, const A: usize>(
-        base: *const u8,
-        stride: usize,
-        cols: &[Range<usize>],
-        xa: &[Act; A],
-    ) -> [[f32; A]; R] {
-        unsafe {
-            let (mut xq, mut xd, mut xs) = (
-                [std::ptr::null(); A],
-                [std::ptr::null(); A],
-                [std::ptr::null(); A],
-            );
-            for a in 0..A {
-                let Act::Q8 { q, d, xsum } = &xa[a] else {
-                    unreachable!("one activation kind per product")
-                };
-                (xq[a], xd[a], xs[a]) = (q.as_ptr(), d.as_ptr(), xsum.as_ptr());
-            }
-            let flip = _mm512_set1_epi8(-128);
-            // Lanes 0..8 from element 0, lanes 8..16 from element 1.
-            let pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-            let mut acc = [[[_mm512_setzero_ps(); L]; A]; R];
-            let mut k = 0usize;
-            for c in cols {
-                let b0 = c.start / 32;
-                let nb = c.len() / 32;
-                let mut b = 0;
-                // Step l of each run of L feeds accumulator l (unrolled: registers).
-                while b < nb {
-                    for l in 0..L {
-                        if b >= nb {
-                            break;
-                        }
-                        let two = b + 1 < nb;
-                        let mut xv = [_mm512_setzero_si512(); A];
-                        let mut dx = [_mm512_setzero_ps(); A];
-                        let mut cx = [_mm512_setzero_ps(); A];
-                        for a in 0..A {
-                            if two {
-                                xv[a] = _mm512_loadu_si512(xq[a].add(32 * k) as *const _);
-                                let d2 =
-                                    _mm_castsi128_ps(_mm_loadl_epi64(xd[a].add(k) as *const _));
-                                dx[a] = _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(d2));
-                                let s2 =
-                                    _mm_castsi128_ps(_mm_loadl_epi64(xs[a].add(k) as *const _));
-                                cx[a] = _mm512_maskz_permutexvar_ps(
-                                    0x0101,
-                                    pair,
-                                    _mm512_castps128_ps512(s2),
-                                );
-                            } else {
-                                xv[a] = _mm512_zextsi256_si512(_mm256_loadu_si256(
-                                    xq[a].add(32 * k) as *const _,
-                                ));
-                                dx[a] = _mm512_set1_ps(*xd[a].add(k));
-                                cx[a] = _mm512_maskz_mov_ps(1, _mm512_set1_ps(*xs[a].add(k)));
-                            }
-                        }
-                        for r in 0..R {
-                            let p = base.add(r * stride + (b0 + b) * 34);
-                            _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride + 64) as *const i8);
-                            let (w, dw) = if two {
-                                let lo = _mm512_castsi256_si512(_mm256_loadu_si256(
-                                    p.add(2) as *const _
-                                ));
-                                let w = _mm512_inserti64x4::<1>(
-                                    lo,
-                                    _mm256_loadu_si256(p.add(36) as *const _),
-                                );
-                                let d = _mm_insert_epi16::<1>(
-                                    _mm_cvtsi32_si128(
-                                        std::ptr::read_unaligned(p as *const u16) as i32
-                                    ),
-                                    std::ptr::read_unaligned(p.add(34) as *const u16) as i32,
-                                );
-                                let dw = _mm512_permutexvar_ps(
-                                    pair,
-                                    _mm512_castps128_ps512(_mm_cvtph_ps(d)),
-                                );
-                                (_mm512_xor_si512(w, flip), dw)
-                            } else {
-                                let w = _mm256_xor_si256(
-                                    _mm256_loadu_si256(p.add(2) as *const _),
-                                    _mm512_castsi512_si256(flip),
-                                );
-                                (_mm512_zextsi256_si512(w), _mm512_set1_ps(f16s(p)))
-                            };
-                            for a in 0..A {
-                                let i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv[a]);
-                                let t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(i), dx[a], cx[a]);
-                                acc[r][a][l] = _mm512_fmadd_ps(t, dw, acc[r][a][l]);
-                            }
-                        }
-                        let step = if two { 2 } else { 1 };
-                        k += step;
-                        b += step;
-                    }
-                }
-            }
-            let mut out = [[0f32; A]; R];
-            for r in 0..R {
-                for a in 0..A {
-                    out[r][a] = _mm512_reduce_add_ps(sum_acc(&acc[r][a]));
-                }
-            }
-            out
-        }
-    }
-
-    /// Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 rows · q8 x (VNNI dpbusd takes unsigned × signed bytes).
-    /// Q8_0 weights are made unsigned by flipping the sign bit (w+128); Q4 nibbles already are,
-    /// and Q5 adds bit i of qh to value i as 16. The offset term (−128·d_w for Q8_0, −8·d_w for
-    /// Q4_0, −16·d_w for Q5_0, m for Q4_1/Q5_1) times d_x·Σq comes from `xsum`.
+    /// Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 rows · q8 x, two blocks per 512-bit vector (one block
+    /// for a segment's odd last one), VNNI dpbusd (unsigned × signed bytes). Q8_0 weights are
+    /// made unsigned by flipping the sign bit (w+128); Q4 nibbles already are, and Q5 adds bit i
+    /// of qh to value i as 16. The lanes of block j are scaled by d_x,j; the offset term
+    /// (−128·d_w for Q8_0, −8·d_w for Q4_0, −16·d_w for Q5_0, m for Q4_1/Q5_1) times d_x·Σq
+    /// (`xsum`) enters in the block's first lane. Each (weight row, activation row) pair keeps
+    /// `L` accumulators of its own.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     unsafe fn rows_q<const KIND: u8>(
         base: *const u8,
@@ -749,6 +643,65 @@ mod avx512 {
         xa: &[Act; A],
     ) -> [[f32; A]; R] {
         unsafe {
+            let mut x = [(std::ptr::null(), std::ptr::null(), std::ptr::null()); A];
+            for a in 0..A {
+                let Act::Q8 { q, dx8, cx8, .. } = &xa[a] else {
+                    unreachable!("one activation kind per product")
+                };
+                x[a] = (q.as_ptr(), dx8.as_ptr(), cx8.as_ptr());
+            }
+            let mut acc = [[[_mm512_setzero_ps(); LQ]; A]; R];
+            let mut k = 0usize;
+            for c in cols {
+                let (b0, nb) = (c.start / 32, c.len() / 32);
+                let mut b = 0;
+                // Pairs of blocks feed accumulators 0 and 1 in turn; a last lone block, 1.
+                while b + 4 <= nb {
+                    q_step::<R, A, KIND, true, 0>(base, stride, b0 + b, k, &x, &mut acc);
+                    q_step::<R, A, KIND, true, 1>(base, stride, b0 + b + 2, k + 2, &x, &mut acc);
+                    (b, k) = (b + 4, k + 4);
+                }
+                if b + 2 <= nb {
+                    q_step::<R, A, KIND, true, 0>(base, stride, b0 + b, k, &x, &mut acc);
+                    (b, k) = (b + 2, k + 2);
+                }
+                if b < nb {
+                    q_step::<R, A, KIND, false, 1>(base, stride, b0 + b, k, &x, &mut acc);
+                    k += 1;
+                }
+            }
+            let mut out = [[0f32; A]; R];
+            for r in 0..R {
+                for a in 0..A {
+                    out[r][a] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][a][0], acc[r][a][1]));
+                }
+            }
+            out
+        }
+    }
+
+    /// Accumulators per (weight row, activation row) of the block kernels (rows are short).
+    const LQ: usize = 2;
+
+    /// Blocks `blk`, `blk + 1` of R weight rows (`TWO`; else block `blk` alone) against
+    /// activation blocks k, k + 1 of A activation rows, into accumulator `LI`.
+    #[inline(always)]
+    #[allow(clippy::type_complexity)]
+    unsafe fn q_step<
+        const R: usize,
+        const A: usize,
+        const KIND: u8,
+        const TWO: bool,
+        const LI: usize,
+    >(
+        base: *const u8,
+        stride: usize,
+        blk: usize,
+        k: usize,
+        x: &[(*const i8, *const f32, *const f32); A],
+        acc: &mut [[[__m512; LQ]; A]; R],
+    ) {
+        unsafe {
             let bb = match KIND {
                 Q8_0 => 34,
                 Q4_0 => 18,
@@ -756,104 +709,96 @@ mod avx512 {
                 Q5_0 => 22,
                 _ => 24,
             };
-            let (mut xq, mut xd, mut xs) = (
-                [std::ptr::null(); A],
-                [std::ptr::null(); A],
-                [std::ptr::null(); A],
-            );
+            // Where the quants start in a block (after d, m and Q5's 32 high bits).
+            let off = match KIND {
+                Q8_0 | Q4_0 => 2,
+                Q4_1 => 4,
+                Q5_0 => 6,
+                _ => 8,
+            };
+            let asym = KIND == Q4_1 || KIND == Q5_1;
+            // Lanes 0..8 from element 0, lanes 8..16 from element 1 (`pair_dm`: 0 and 2 of
+            // [d0, m0, d1, m1]; `pair_m`: 1 and 3 into the blocks' first lanes).
+            let pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            let pair_dm = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+            let pair_m = _mm512_setr_epi32(1, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0);
+            let m: __mmask16 = if TWO { 0xffff } else { 0x00ff };
+            let mut xv = [_mm512_setzero_si512(); A];
+            let mut dx = [_mm512_setzero_ps(); A];
+            let mut cx = [_mm512_setzero_ps(); A];
             for a in 0..A {
-                let Act::Q8 { q, d, xsum } = &xa[a] else {
-                    unreachable!("one activation kind per product")
+                let (q, d, c) = x[a];
+                xv[a] = if TWO {
+                    _mm512_loadu_si512(q.add(32 * k) as *const _)
+                } else {
+                    _mm512_zextsi256_si512(_mm256_loadu_si256(q.add(32 * k) as *const _))
                 };
-                (xq[a], xd[a], xs[a]) = (q.as_ptr(), d.as_ptr(), xsum.as_ptr());
+                dx[a] = _mm512_maskz_loadu_ps(m, d.add(8 * k));
+                cx[a] = _mm512_maskz_loadu_ps(m, c.add(8 * k));
             }
-            let flip = _mm256_set1_epi8(-128);
-            let lo = _mm256_set1_epi8(0x0F);
-            let sixteen = _mm256_set1_epi8(16);
-            // Low nibbles (values 0..16) in the lower 128 bits, high nibbles (16..32) in the upper.
-            let nib_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-            let mut acc = [[_mm256_setzero_ps(); A]; R];
-            // The offset terms of the A activation rows in the lanes of one vector per weight row.
-            let mut corr = [_mm_setzero_ps(); R];
-            let mut k = 0usize;
-            for c in cols {
-                let b0 = c.start / 32;
-                for b in 0..c.len() / 32 {
-                    let mut w = [_mm256_setzero_si256(); R];
-                    let mut dw = [_mm256_setzero_ps(); R];
-                    let mut mw = [_mm_setzero_ps(); R];
-                    for r in 0..R {
-                        let p = base.add(r * stride + (b0 + b) * bb);
-                        _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride) as *const i8);
-                        if KIND == Q4_1 || KIND == Q5_1 {
-                            // d and m converted together.
-                            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
-                                p as *const i32,
-                            )));
-                            dw[r] = _mm256_broadcastss_ps(dm);
-                            mw[r] = _mm_permute_ps::<0b01_01_01_01>(dm);
-                        } else {
-                            let d = f16s(p);
-                            dw[r] = _mm256_set1_ps(d);
-                            mw[r] = _mm_set1_ps(match KIND {
-                                Q8_0 => -d,
-                                Q4_0 => -8.0 * d,
-                                _ => -16.0 * d,
-                            });
-                        }
-                        w[r] = if KIND == Q8_0 {
-                            _mm256_xor_si256(_mm256_loadu_si256(p.add(2) as *const _), flip)
-                        } else {
-                            // The nibbles follow d (and m), and Q5's 32 high bits.
-                            let off = match KIND {
-                                Q4_0 => 2,
-                                Q4_1 => 4,
-                                Q5_0 => 6,
-                                _ => 8,
-                            };
-                            let bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                                p.add(off) as *const _
-                            ));
-                            let nib = _mm256_and_si256(_mm256_srlv_epi32(bytes, nib_shift), lo);
-                            if KIND == Q5_0 || KIND == Q5_1 {
-                                let qh = std::ptr::read_unaligned(p.add(off - 4) as *const u32);
-                                _mm256_or_si256(nib, _mm256_maskz_mov_epi8(qh, sixteen))
-                            } else {
-                                nib
-                            }
-                        };
-                    }
-                    // The A offsets in lanes, built in registers (a vector load of four scalar
-                    // stores would stall on store forwarding).
-                    let s = |a: usize| if a < A { *xs[a].add(k) } else { 0.0 };
-                    let sv = _mm_setr_ps(s(0), s(1), s(2), s(3));
-                    for a in 0..A {
-                        let xv = _mm256_loadu_si256(xq[a].add(32 * k) as *const _);
-                        let dk = _mm256_set1_ps(*xd[a].add(k));
-                        for r in 0..R {
-                            let i = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w[r], xv);
-                            acc[r][a] = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(i),
-                                _mm256_mul_ps(dw[r], dk),
-                                acc[r][a],
-                            );
-                        }
-                    }
-                    for r in 0..R {
-                        corr[r] = _mm_add_ps(corr[r], _mm_mul_ps(mw[r], sv));
-                    }
-                    k += 1;
-                }
-            }
-            let mut out = [[0f32; A]; R];
             for r in 0..R {
-                let mut cv = [0f32; 4];
-                _mm_storeu_ps(cv.as_mut_ptr(), corr[r]);
+                let p = base.add(r * stride + blk * bb);
+                _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride + 64) as *const i8);
+                let p1 = if TWO { p.add(bb) } else { p };
+                // d (and m) of both blocks: [d0, m0, d1, m1] or [d0, d1].
+                let h = if asym {
+                    _mm_insert_epi32::<1>(
+                        _mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)),
+                        std::ptr::read_unaligned(p1 as *const i32),
+                    )
+                } else {
+                    _mm_insert_epi16::<1>(
+                        _mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const u16) as i32),
+                        std::ptr::read_unaligned(p1 as *const u16) as i32,
+                    )
+                };
+                let h = _mm512_castps128_ps512(_mm_cvtph_ps(h));
+                let dw = _mm512_permutexvar_ps(if asym { pair_dm } else { pair }, h);
+                let w = if KIND == Q8_0 {
+                    let w0 = _mm512_castsi256_si512(_mm256_loadu_si256(p.add(off) as *const _));
+                    _mm512_xor_si512(
+                        _mm512_inserti64x4::<1>(w0, _mm256_loadu_si256(p1.add(off) as *const _)),
+                        _mm512_set1_epi8(-128),
+                    )
+                } else {
+                    // Low nibbles (values 0..16) in 128-bit lanes 0 and 2, high ones (16..32)
+                    // in 1 and 3.
+                    let by = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128(
+                            p.add(off) as *const _,
+                        ))),
+                        _mm256_broadcastsi128_si256(_mm_loadu_si128(p1.add(off) as *const _)),
+                    );
+                    let sh = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4);
+                    let nib = _mm512_and_si512(_mm512_srlv_epi32(by, sh), _mm512_set1_epi8(0x0F));
+                    if KIND == Q5_0 || KIND == Q5_1 {
+                        let qh0 = std::ptr::read_unaligned(p.add(off - 4) as *const u32);
+                        let qh1 = std::ptr::read_unaligned(p1.add(off - 4) as *const u32);
+                        let mask = qh0 as u64 | (qh1 as u64) << 32;
+                        _mm512_or_si512(nib, _mm512_maskz_mov_epi8(mask, _mm512_set1_epi8(16)))
+                    } else {
+                        nib
+                    }
+                };
+                // A lone block: the upper half is zero.
+                let w = if TWO {
+                    w
+                } else {
+                    _mm512_zextsi256_si512(_mm512_castsi512_si256(w))
+                };
                 for a in 0..A {
-                    out[r][a] = hsum256(acc[r][a]) + cv[a];
+                    let i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv[a]);
+                    let f = _mm512_cvtepi32_ps(i);
+                    let t = &mut acc[r][a][LI];
+                    if asym {
+                        let mw = _mm512_maskz_permutexvar_ps(0x0101, pair_m, h);
+                        *t = _mm512_fmadd_ps(_mm512_mul_ps(f, dx[a]), dw, *t);
+                        *t = _mm512_fmadd_ps(cx[a], mw, *t);
+                    } else {
+                        *t = _mm512_fmadd_ps(_mm512_fmsub_ps(f, dx[a], cx[a]), dw, *t);
+                    }
                 }
             }
-            out
         }
     }
 
