@@ -34,6 +34,11 @@ pub fn relu2(x: f32) -> f32 {
 
 /// In-place softmax of a row.
 pub fn softmax(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa() == super::Isa::Avx512 {
+        // Safety: the ISA was detected.
+        return unsafe { avx512::softmax(x) };
+    }
     let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut s = 0f32;
     for v in x.iter_mut() {
@@ -43,6 +48,18 @@ pub fn softmax(x: &mut [f32]) {
     let inv = 1.0 / s;
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// u ⊙= silu(g), element-wise (the SwiGLU MLP and Mamba's gate).
+pub fn silu_mul(u: &mut [f32], g: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa() == super::Isa::Avx512 {
+        // Safety: the ISA was detected.
+        return unsafe { avx512::silu_mul(u, g) };
+    }
+    for (uv, gv) in u.iter_mut().zip(g) {
+        *uv *= silu(*gv);
     }
 }
 
@@ -93,6 +110,96 @@ pub fn attend_head(q: &[f32], k: &[f32], v: &[f32], scale: f32, sc: &mut [f32], 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+
+    /// e^x in 16 lanes (Cephes' expf: n = round(x·log2 e), r = x − n·ln 2 in two parts, a
+    /// degree-5 polynomial, then ·2^n by vscalefps); within 2 ulp of libm's, 0 below −104.
+    #[inline(always)]
+    unsafe fn exp(x: __m512) -> __m512 {
+        unsafe {
+            let xc = _mm512_min_ps(x, _mm512_set1_ps(88.72));
+            let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(
+                xc,
+                _mm512_set1_ps(std::f32::consts::LOG2_E),
+            ));
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), xc);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+            let mut p = _mm512_set1_ps(1.987_569_1e-4);
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                0.166_666_65,
+                0.5,
+            ] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+            }
+            let p = _mm512_fmadd_ps(
+                _mm512_mul_ps(p, r),
+                r,
+                _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+            );
+            let e = _mm512_scalef_ps(p, n);
+            // Below −104 (and −inf) e^x is 0 in f32; NaN stays NaN.
+            let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(-104.0));
+            _mm512_maskz_mov_ps(keep, e)
+        }
+    }
+
+    /// See [`super::softmax`].
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    pub unsafe fn softmax(x: &mut [f32]) {
+        unsafe {
+            let n = x.len();
+            let p = x.as_mut_ptr();
+            let tail = |i: usize| -> __mmask16 { ((1u32 << (n - i).min(16)) - 1) as u16 };
+            let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i < n {
+                let k = tail(i);
+                mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, p.add(i)));
+                i += 16;
+            }
+            let m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+            let mut sv = _mm512_setzero_ps();
+            i = 0;
+            while i < n {
+                let k = tail(i);
+                let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), m));
+                let e = _mm512_maskz_mov_ps(k, e);
+                _mm512_mask_storeu_ps(p.add(i), k, e);
+                sv = _mm512_add_ps(sv, e);
+                i += 16;
+            }
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sv));
+            i = 0;
+            while i < n {
+                let k = tail(i);
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), inv);
+                _mm512_mask_storeu_ps(p.add(i), k, v);
+                i += 16;
+            }
+        }
+    }
+
+    /// See [`super::silu_mul`].
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    pub unsafe fn silu_mul(u: &mut [f32], g: &[f32]) {
+        unsafe {
+            let n = u.len().min(g.len());
+            let (up, gp) = (u.as_mut_ptr(), g.as_ptr());
+            let one = _mm512_set1_ps(1.0);
+            let mut i = 0;
+            while i < n {
+                let k = ((1u32 << (n - i).min(16)) - 1) as u16;
+                let gv = _mm512_maskz_loadu_ps(k, gp.add(i));
+                let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+                let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
+                let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, up.add(i)), s);
+                _mm512_mask_storeu_ps(up.add(i), k, v);
+                i += 16;
+            }
+        }
+    }
 
     /// Sum of the two halves of a zmm, as a ymm.
     #[inline(always)]
@@ -211,6 +318,49 @@ fn attend_head_impl(q: &[f32], k: &[f32], v: &[f32], scale: f32, sc: &mut [f32],
 mod tests {
     use super::*;
     use crate::kernels::test_rnd as rnd;
+
+    /// The native softmax and SiLU (AVX-512 exp on such machines) against f64, over lengths
+    /// that cross the 16-lane vectors and inputs from −∞ to far past exp's range.
+    #[test]
+    fn softmax_and_silu_match_f64() {
+        for n in [1, 5, 16, 17, 100, 513] {
+            let mut x: Vec<f32> = rnd(n, 7).iter().map(|v| v * 40.0).collect();
+            if n > 1 {
+                x[0] = f32::NEG_INFINITY;
+            }
+            if n > 3 {
+                x[3] = -150.0;
+            }
+            let mut g = x.clone();
+            g[0] = -200.0;
+            let mut got = x.clone();
+            softmax(&mut got);
+            // exp in f64 of the f32 differences (their rounding is the input's, not exp's).
+            let m = x.iter().fold(f32::MIN, |a, &b| a.max(b));
+            let z: f64 = x.iter().map(|&v| ((v - m) as f64).exp()).sum();
+            for (i, &v) in x.iter().enumerate() {
+                let want = ((v - m) as f64).exp() / z;
+                let err = (got[i] as f64 - want).abs();
+                assert!(
+                    err <= 2e-6 * want + 1e-30,
+                    "n={n} i={i}: {} vs {want}",
+                    got[i]
+                );
+            }
+            let mut u = vec![1.5f32; n];
+            silu_mul(&mut u, &g);
+            for i in 0..n {
+                let gv = g[i] as f64;
+                let want = 1.5 * gv / (1.0 + (-gv).exp());
+                let err = (u[i] as f64 - want).abs();
+                assert!(
+                    err <= 1e-6 * want.abs() + 1e-30,
+                    "silu n={n} i={i}: {} vs {want}",
+                    u[i]
+                );
+            }
+        }
+    }
 
     /// The native decode attention (AVX-512 on such machines) against the portable code and
     /// against f64, over head sizes and lengths that cross the 8-position blocks.

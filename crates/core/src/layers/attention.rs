@@ -8,6 +8,9 @@ use crate::kernels::gemm::gemm_nt;
 use crate::kernels::ops::{attend_head, softmax};
 use crate::kernels::pool::pool;
 
+/// Query rows per block of the causal prefill product (a multiple of the GEMM's 8-row tile).
+const CAUSAL_BLOCK: usize = 64;
+
 pub struct Rope {
     /// Inverse frequencies, head_dim/2 of them.
     pub inv_freq: Vec<f32>,
@@ -288,19 +291,26 @@ impl Attention {
             for h in heads {
                 let g = h / per_group;
                 let kbase = g * kvr.cap * d;
-                gemm_nt(t, len, d, &q[h * d..], nq * d, &kvr.k[kbase..], d, sc, len);
-                for ti in 0..t {
-                    let row = &mut sc[ti * len..(ti + 1) * len];
-                    let valid = pos0 + ti + 1;
-                    for v in row[..valid].iter_mut() {
-                        *v *= scale;
+                // Causal: each block of query rows reads only the positions its last row sees.
+                for t0 in (0..t).step_by(CAUSAL_BLOCK) {
+                    let tb = CAUSAL_BLOCK.min(t - t0);
+                    let lb = pos0 + t0 + tb;
+                    let sc = &mut sc[t0 * len..];
+                    let qb = &q[t0 * nq * d + h * d..];
+                    gemm_nt(tb, lb, d, qb, nq * d, &kvr.k[kbase..], d, sc, len);
+                    for i in 0..tb {
+                        let row = &mut sc[i * len..i * len + lb];
+                        let valid = pos0 + t0 + i + 1;
+                        for v in row[..valid].iter_mut() {
+                            *v *= scale;
+                        }
+                        softmax(&mut row[..valid]);
+                        row[valid..].fill(0.0);
                     }
-                    softmax(&mut row[..valid]);
-                    row[valid..].fill(0.0);
+                    // O_h[T, d] = P[T, len] · V[len, d]
+                    let o = unsafe { attp.slice(t0 * nq * d + h * d, (tb - 1) * nq * d + d) };
+                    gemm_nt(tb, d, lb, sc, len, &vt[g * d * len..], len, o, nq * d);
                 }
-                // O_h[T, d] = P[T, len] · V[len, d]
-                let o = unsafe { attp.slice(h * d, (t - 1) * nq * d + d) };
-                gemm_nt(t, d, len, sc, len, &vt[g * d * len..], len, o, nq * d);
             }
         });
     }

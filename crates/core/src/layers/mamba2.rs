@@ -7,7 +7,7 @@
 use super::{Observer, Part, PartState, Scratch, SyncPtr, Vector, buf, linear_rows};
 use crate::budget::{Axis, LayerBudget};
 use crate::kernels::gemm::gemm_nt;
-use crate::kernels::ops::{silu, softplus};
+use crate::kernels::ops::{silu, silu_mul, softplus};
 use crate::kernels::pool::pool;
 use crate::tensor::Tensor;
 
@@ -168,9 +168,7 @@ impl Mamba2 {
         for ti in 0..t {
             let yr = &mut y[ti * ni..(ti + 1) * ni];
             let zr = &zx[ti * width..ti * width + ni];
-            for (yv, zv) in yr.iter_mut().zip(zr) {
-                *yv *= silu(*zv);
-            }
+            silu_mul(yr, zr);
             for gi in 0..g {
                 let grp = &mut yr[gi * gs..(gi + 1) * gs];
                 let ms = grp.iter().map(|v| v * v).sum::<f32>() / gs as f32;

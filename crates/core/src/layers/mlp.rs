@@ -2,7 +2,7 @@
 //! (down(silu(gate) ⊙ up)). Budget: the first `ffn` intermediate channels.
 
 use super::{Ffn, Observer, Scratch, add_bias, buf, linear_rows};
-use crate::kernels::ops::{relu2, silu};
+use crate::kernels::ops::{relu2, silu_mul};
 use crate::tensor::Tensor;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,9 +56,7 @@ impl Mlp {
                 }
                 linear_rows(g, &rows, &hid, x, gv, decode);
                 add_bias(&self.gate_bias, &rows, gv);
-                for (uv, gv) in u.iter_mut().zip(gv.iter()) {
-                    *uv *= silu(*gv);
-                }
+                silu_mul(u, gv);
             }
             (None, Act::Relu2) => u.iter_mut().for_each(|v| *v = relu2(*v)),
             (None, Act::SwiGlu) => unreachable!("SwiGLU needs a gate"),
