@@ -861,10 +861,18 @@ mod avx512 {
                             let esz = if FP8 { 1 } else { 2 };
                             let wp = base.add(r * stride + esz * (c.start + i));
                             _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
-                            wv[r] = if FP8 {
-                                e4m3_to_bf16(_mm256_maskz_loadu_epi8(m, wp as *const _))
-                            } else {
-                                _mm512_maskz_loadu_epi16(m, wp as *const _)
+                            // Plain loads where the chunk is whole: masked loads do not
+                            // train the hardware prefetchers.
+                            let full = m == !0;
+                            wv[r] = match (FP8, full) {
+                                (true, true) => {
+                                    e4m3_to_bf16(_mm256_loadu_si256(wp as *const _))
+                                }
+                                (true, false) => {
+                                    e4m3_to_bf16(_mm256_maskz_loadu_epi8(m, wp as *const _))
+                                }
+                                (false, true) => _mm512_loadu_si512(wp as *const _),
+                                (false, false) => _mm512_maskz_loadu_epi16(m, wp as *const _),
                             };
                         }
                         for a in 0..A {
