@@ -8,8 +8,9 @@
 # (scripts/setup-ref-env.sh), else skipped with a note. Each round runs, per file, llama-bench
 # (-r 1) then `elastica bench` (-r 1) on pp512 and tg128; medians over the rounds. Then a
 # STREAM-like read test (`cargo run --example read_bw`) with the same threads gives the roofline:
-# decode's achieved bandwidth is weight bytes per token × tok/s. Also: tg of a half-width budget
-# from the parent's copy against the full model.
+# decode's achieved bandwidth is weight bytes per token × tok/s. Also: a half-width budget run
+# from the parent's copy against the full model and against the same budget sliced into its own
+# file. The output names the CPU model and its SIMD flags.
 # Writes bench-out/results.md and bench-out/results.json.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -38,8 +39,16 @@ for q in $formats; do
   fi
   add "SmolLM2 $q" "$m.$q.gguf"
 done
-add "SmolLM2 BF16 half-width" "$m.BF16.gguf" "hidden=288,ffn=768,heads=6"
-add "SmolLM2 Q8_0 half-width" "$m.Q8_0.gguf" "hidden=288,ffn=768,heads=6"
+half="hidden=288,ffn=768,heads=6"
+for q in BF16 Q8_0; do
+  add "SmolLM2 $q half-width" "$m.$q.gguf" "$half"
+  # The same budget sliced into its own file: what the view from the parent's copy must match.
+  if [ ! -f "$m.$q.half.gguf" ]; then
+    ./target/release/elastica slice "$m.$q.gguf" -b "$half" -o "$m.$q.half.gguf.tmp" --force >/dev/null
+    mv "$m.$q.half.gguf.tmp" "$m.$q.half.gguf"
+  fi
+  add "SmolLM2 $q half-width sliced" "$m.$q.half.gguf"
+done
 moe=models/bench/nemotron-h-moe
 if [ "$quick" = 0 ] && [ ! -f "$moe.q8_0.gguf" ]; then
   if [ -x .venv-ref/bin/python ]; then
@@ -74,11 +83,15 @@ for t in ("pp","tg"):
   done
 done
 ./target/release/examples/read_bw "$threads" 1024 >bench-out/read_bw.json
-python3 - "$out" bench-out/read_bw.json "$threads" <<'PY'
+cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
+fam=$(grep -m1 '^cpu family' /proc/cpuinfo | sed 's/.*: //')
+flags=$(grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|f16c|avx512f|avx512bw|avx512vl|avx512_bf16|avx512_vnni|avx512vbmi|amx_bf16|amx_int8)$' | tr '\n' ' ')
+python3 - "$out" bench-out/read_bw.json "$threads" "$cpu (family $fam)" "$flags" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 bw = json.load(open(sys.argv[2]))
 threads = sys.argv[3]
+cpu, flags = sys.argv[4], sys.argv[5].strip()
 res = {}
 for r in rows:
     e = res.setdefault(r["label"], {}).setdefault(r["engine"], {}).setdefault(r["test"], {"samples": []})
@@ -90,7 +103,8 @@ for e in res.values():
         for x in t.values():
             x["median"] = statistics.median(x["samples"])
 peak = bw["gb_per_s"]
-lines = [f"{threads} threads; read bandwidth (read_bw, best of 7): {peak:.1f} GB/s", "",
+lines = [f"CPU: {cpu}; flags: {flags}", "",
+         f"{threads} threads; read bandwidth (read_bw, best of 7): {peak:.1f} GB/s", "",
          "| model | test | llama.cpp tok/s | elastica tok/s | ratio | elastica GB/s read | of the read bandwidth |",
          "|---|---|---:|---:|---:|---:|---:|"]
 for label, e in res.items():
@@ -118,8 +132,13 @@ for q in ("BF16", "Q8_0"):
         lines.append(f"\nhalf-width budget ({q}): tg {half['median']:.1f} vs {full['median']:.1f} tok/s = {speed:.2f}x; "
                      f"weight bytes per token {half['bytes_per_token']/2**20:.1f} vs {full['bytes_per_token']/2**20:.1f} MiB = "
                      f"{bytes_ratio:.2f}x fewer; speedup / bytes ratio = {speed / bytes_ratio:.2f}")
+        sl = res.get(f"SmolLM2 {q} half-width sliced", {}).get("elastica", {})
+        for t in ("pp", "tg"):
+            hv = res[f"SmolLM2 {q} half-width"]["elastica"][t]["median"]
+            if t in sl:
+                lines.append(f"half-width budget ({q}) {t}: view {hv:.1f} vs sliced file {sl[t]['median']:.1f} tok/s = {hv / sl[t]['median']:.2f}x")
 text = "\n".join(lines)
 print(text)
 open("bench-out/results.md", "w").write(text + "\n")
-json.dump({"threads": int(threads), "read_bw": bw, "results": res}, open("bench-out/results.json", "w"), indent=1)
+json.dump({"cpu": cpu, "flags": flags, "threads": int(threads), "read_bw": bw, "results": res}, open("bench-out/results.json", "w"), indent=1)
 PY
