@@ -865,9 +865,7 @@ mod avx512 {
                             // train the hardware prefetchers.
                             let full = m == !0;
                             wv[r] = match (FP8, full) {
-                                (true, true) => {
-                                    e4m3_to_bf16(_mm256_loadu_si256(wp as *const _))
-                                }
+                                (true, true) => e4m3_to_bf16(_mm256_loadu_si256(wp as *const _)),
                                 (true, false) => {
                                     e4m3_to_bf16(_mm256_maskz_loadu_epi8(m, wp as *const _))
                                 }

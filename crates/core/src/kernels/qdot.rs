@@ -152,6 +152,8 @@ mod avx512 {
             let m4 = _mm512_set1_epi8(0x0F);
             let zero = _mm512_setzero_si512();
             let mut acc = _mm512_setzero_ps();
+            let mut acc6 = [_mm512_setzero_ps(); 2];
+            let pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
             let mut corr = 0f32;
             let mut k = 0usize;
             for c in cols {
@@ -159,7 +161,7 @@ mod avx512 {
                     let b = row.add(sb * bb);
                     let x = |k: usize| _mm512_loadu_si512(q.as_ptr().add(32 * k) as *const _);
                     if dt == DType::Q6K {
-                        let dd = f16s(b.add(208));
+                        let ddv = _mm512_set1_ps(f16s(b.add(208)));
                         let c32 = _mm512_set1_epi8(32);
                         // Lanes of scale index s0..s0 + 4, each 4 times.
                         let rep = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
@@ -192,11 +194,19 @@ mod avx512 {
                                 let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                     _mm_shuffle_epi8(_mm_cvtsi32_si128(s4), rep),
                                 ));
-                                let dv = halves(dd * d[k], dd * d[k + 1]);
-                                acc = _mm512_fmadd_ps(
+                                // d_x of blocks k, k + 1 in lanes 0..8, 8..16.
+                                let d2 = _mm_castsi128_ps(_mm_loadl_epi64(
+                                    d.as_ptr().add(k) as *const _
+                                ));
+                                let dv = _mm512_mul_ps(
+                                    ddv,
+                                    _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(d2)),
+                                );
+                                // Two accumulators: the halves t2 = 0, 1 in turn.
+                                acc6[t2] = _mm512_fmadd_ps(
                                     _mm512_cvtepi32_ps(i),
                                     _mm512_mul_ps(sc, dv),
-                                    acc,
+                                    acc6[t2],
                                 );
                                 k += 2;
                             }
@@ -244,7 +254,7 @@ mod avx512 {
                     }
                 }
             }
-            _mm512_reduce_add_ps(acc) - corr
+            _mm512_reduce_add_ps(_mm512_add_ps(acc, _mm512_add_ps(acc6[0], acc6[1]))) - corr
         }
     }
 }
