@@ -51,6 +51,16 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// x ← eˣ, element-wise.
+pub fn exp_inplace(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa() == super::Isa::Avx512 {
+        // Safety: the ISA was detected.
+        return unsafe { avx512::exp_inplace(x) };
+    }
+    x.iter_mut().for_each(|v| *v = v.exp());
+}
+
 /// u ⊙= silu(g), element-wise (the SwiGLU MLP and Mamba's gate).
 pub fn silu_mul(u: &mut [f32], g: &[f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -176,6 +186,21 @@ mod avx512 {
                 let k = tail(i);
                 let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), inv);
                 _mm512_mask_storeu_ps(p.add(i), k, v);
+                i += 16;
+            }
+        }
+    }
+
+    /// See [`super::exp_inplace`].
+    #[target_feature(enable = "avx512f,avx512dq,fma")]
+    pub unsafe fn exp_inplace(x: &mut [f32]) {
+        unsafe {
+            let (n, p) = (x.len(), x.as_mut_ptr());
+            let mut i = 0;
+            while i < n {
+                let k = ((1u32 << (n - i).min(16)) - 1) as u16;
+                let e = exp(_mm512_maskz_loadu_ps(k, p.add(i)));
+                _mm512_mask_storeu_ps(p.add(i), k, e);
                 i += 16;
             }
         }
@@ -345,6 +370,17 @@ mod tests {
                     err <= 2e-6 * want + 1e-30,
                     "n={n} i={i}: {} vs {want}",
                     got[i]
+                );
+            }
+            let mut e = x.clone();
+            exp_inplace(&mut e);
+            for i in 0..n {
+                let want = (x[i] as f64).exp();
+                let err = (e[i] as f64 - want).abs();
+                assert!(
+                    err <= 4e-7 * want + 1e-37,
+                    "exp n={n} i={i}: {} vs {want}",
+                    e[i]
                 );
             }
             let mut u = vec![1.5f32; n];

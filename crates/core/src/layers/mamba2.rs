@@ -7,7 +7,7 @@
 use super::{Observer, Part, PartState, Scratch, SyncPtr, Vector, buf, linear_rows};
 use crate::budget::{Axis, LayerBudget};
 use crate::kernels::gemm::gemm_nt;
-use crate::kernels::ops::{silu, silu_mul, softplus};
+use crate::kernels::ops::{exp_inplace, silu, silu_mul, softplus};
 use crate::kernels::pool::pool;
 use crate::tensor::Tensor;
 
@@ -345,6 +345,7 @@ impl Mamba2 {
         let mut yo = vec![0f32; q * pa];
         let mut snew = vec![0f32; pa * n];
         let mut cs = vec![0f32; q];
+        let mut dec = vec![0f32; q]; // exp(cs_t − cs_u), u ≤ t
         let mut c0 = 0;
         while c0 < t {
             let l = q.min(t - c0);
@@ -373,13 +374,16 @@ impl Mamba2 {
             // CB[t][u] = C_t·B_u, then the causal decay-weighted mask M.
             gemm_nt(l, l, n, &cm, n, &bm, n, &mut cb, q);
             for ti in 0..l {
-                for u in 0..l {
-                    cb[ti * q + u] = if u <= ti {
-                        cb[ti * q + u] * (cs[ti] - cs[u]).exp() * io.dt[(c0 + u) * io.na + io.hh]
-                    } else {
-                        0.0
-                    };
+                let dec = &mut dec[..=ti];
+                for (u, v) in dec.iter_mut().enumerate() {
+                    *v = cs[ti] - cs[u];
                 }
+                exp_inplace(dec);
+                let row = &mut cb[ti * q..ti * q + l];
+                for (u, v) in row[..=ti].iter_mut().enumerate() {
+                    *v = *v * dec[u] * io.dt[(c0 + u) * io.na + io.hh];
+                }
+                row[ti + 1..].fill(0.0);
             }
             // Y_diag = M·X ; Y_off = (C·Sᵀ) scaled by exp(cs_t).
             gemm_nt(l, pa, l, &cb, q, &xt, q, &mut yd, pa);
