@@ -40,8 +40,19 @@ fn tensor(dt: DType, rows: usize, cols: usize) -> Tensor {
 }
 
 fn main() {
-    let threads: usize = std::env::args().nth(1).map_or(1, |s| s.parse().unwrap());
-    let active: Option<usize> = std::env::args().nth(2).map(|s| s.parse().unwrap());
+    let arg = |i: usize| {
+        std::env::args().nth(i).map(|s| {
+            s.parse::<usize>().unwrap_or_else(|_| {
+                eprintln!("gemv_bw: {s:?} is not a count (usage: gemv_bw [THREADS] [ACTIVE_COLS])");
+                std::process::exit(2)
+            })
+        })
+    };
+    let (threads, active) = (arg(1).unwrap_or(1), arg(2));
+    if let Some(a) = active.filter(|a| a % 32 != 0 || *a == 0) {
+        eprintln!("gemv_bw: ACTIVE_COLS {a} is not a positive multiple of 32 (a block)");
+        std::process::exit(2)
+    }
     pool::init(threads);
     let cols = 576;
     for dt in [

@@ -155,17 +155,22 @@ mod avx512 {
         }
     }
 
+    /// The lanes of elements i..min(i + 16, n).
+    #[inline(always)]
+    fn tail(n: usize, i: usize) -> __mmask16 {
+        ((1u32 << (n - i).min(16)) - 1) as u16
+    }
+
     /// See [`super::softmax`].
     #[target_feature(enable = "avx512f,avx512dq,fma")]
     pub unsafe fn softmax(x: &mut [f32]) {
         unsafe {
             let n = x.len();
             let p = x.as_mut_ptr();
-            let tail = |i: usize| -> __mmask16 { ((1u32 << (n - i).min(16)) - 1) as u16 };
             let mut mv = _mm512_set1_ps(f32::NEG_INFINITY);
             let mut i = 0;
             while i < n {
-                let k = tail(i);
+                let k = tail(n, i);
                 mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, p.add(i)));
                 i += 16;
             }
@@ -173,7 +178,7 @@ mod avx512 {
             let mut sv = _mm512_setzero_ps();
             i = 0;
             while i < n {
-                let k = tail(i);
+                let k = tail(n, i);
                 let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), m));
                 let e = _mm512_maskz_mov_ps(k, e);
                 _mm512_mask_storeu_ps(p.add(i), k, e);
@@ -183,7 +188,7 @@ mod avx512 {
             let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sv));
             i = 0;
             while i < n {
-                let k = tail(i);
+                let k = tail(n, i);
                 let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), inv);
                 _mm512_mask_storeu_ps(p.add(i), k, v);
                 i += 16;
@@ -198,7 +203,7 @@ mod avx512 {
             let (n, p) = (x.len(), x.as_mut_ptr());
             let mut i = 0;
             while i < n {
-                let k = ((1u32 << (n - i).min(16)) - 1) as u16;
+                let k = tail(n, i);
                 let e = exp(_mm512_maskz_loadu_ps(k, p.add(i)));
                 _mm512_mask_storeu_ps(p.add(i), k, e);
                 i += 16;
@@ -215,7 +220,7 @@ mod avx512 {
             let one = _mm512_set1_ps(1.0);
             let mut i = 0;
             while i < n {
-                let k = ((1u32 << (n - i).min(16)) - 1) as u16;
+                let k = tail(n, i);
                 let gv = _mm512_maskz_loadu_ps(k, gp.add(i));
                 let e = exp(_mm512_sub_ps(_mm512_setzero_ps(), gv));
                 let s = _mm512_div_ps(gv, _mm512_add_ps(one, e));
