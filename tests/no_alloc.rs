@@ -1,7 +1,8 @@
 //! The decode hot path (one forward step + sampling) allocates nothing per token, on every
 //! architecture and weight format the fixtures cover, across a budget switch too; nor do a
 //! batched decode step over several sequences, a stepwise (speculative verify) pass, or a
-//! rollback (`truncate`, Mamba states from their checkpoints).
+//! rollback (`truncate`, Mamba states from their checkpoints); with the matrices in the row layout
+//! and in column panels.
 //!
 //! Counted are the allocations of the decoding thread and of the kernel pool's threads (marked
 //! by a broadcast), not those of other threads: libtest's own thread allocates to print its
@@ -88,6 +89,20 @@ fn decode_allocates_nothing() {
     if smol.exists() {
         models.push(("smollm2 q4_1".into(), load(&smol)));
     }
+    // The same models re-laid in column panels for the two budgets (what run/serve/bench do).
+    let paneled: Vec<(String, elastica::Model)> = models
+        .iter()
+        .map(|(name, m)| {
+            let mut p = load(&m.meta.path);
+            let small = p.budget(&format!("hidden={}", p.shape.hidden / 2)).unwrap();
+            assert!(
+                p.panel(&[p.full_budget(), small]).unwrap().0 > 0,
+                "{name}: no panels"
+            );
+            (format!("{name} paneled"), p)
+        })
+        .collect();
+    models.extend(paneled);
     for (name, m) in &models {
         let full = m.full_budget();
         let small = m.budget(&format!("hidden={}", m.shape.hidden / 2)).unwrap();

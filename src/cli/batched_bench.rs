@@ -9,6 +9,8 @@ use crate::runtime::scheduler::batched_bench;
 pub struct Args {
     #[command(flatten)]
     m: ModelArgs,
+    #[command(flatten)]
+    layout: super::LayoutArgs,
     /// Prompt tokens per sequence (random ids).
     #[arg(long, default_value_t = 128, value_parser = super::at_least_one::<usize>)]
     npp: usize,
@@ -30,7 +32,8 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let (m, b) = super::load(&a.m)?;
+    let (mut m, b) = super::load(&a.m)?;
+    a.layout.apply(&mut m, &[a.m.budget.as_str()], false)?;
     let what = format!("--npp {} + --ntg {}", a.npp, a.ntg);
     super::check_ctx(&m, &what, a.npp + a.ntg + 1, a.force_ctx)?;
     let tok = crate::generate::tokenizer::Tokenizer::for_model(&m)?;

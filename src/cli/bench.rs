@@ -6,6 +6,8 @@ use crate::runtime::speculative::{self, Speculator};
 pub struct Args {
     #[command(flatten)]
     m: ModelArgs,
+    #[command(flatten)]
+    layout: super::LayoutArgs,
     /// Prompt tokens for the prefill test (pp) [default: 512, or the model's trained context if
     /// smaller].
     #[arg(short = 'p', long = "n-prompt")]
@@ -33,7 +35,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let (m, b) = super::load(&a.m)?;
+    let (mut m, b) = super::load(&a.m)?;
+    let also: Vec<&str> = [Some(a.m.budget.as_str()), a.spec.speculate.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let panels = a.layout.apply(&mut m, &also, false)?;
     let n_prompt = a.n_prompt.unwrap_or(m.meta.context.min(512));
     let n_gen = a.n_gen.unwrap_or(m.meta.context.min(128));
     // pp and tg each start from an empty cache: the longer of the two must fit.
@@ -72,6 +79,7 @@ pub fn run(a: Args) -> Result<()> {
         v["bytes_per_token"] = bytes.into();
         v["params_total"] = pt.into();
         v["params_active"] = pa.into();
+        v["panels"] = panels.into();
         if let Some(s) = &spec {
             v["speculative"] = s.report(&m.shape);
         }
@@ -79,7 +87,7 @@ pub fn run(a: Args) -> Result<()> {
     } else {
         println!("model   {}  [{}]", a.m.model.display(), b.spec(&m.shape));
         println!(
-            "threads {threads}  isa {:?}  weights read per token {:.1} MiB",
+            "threads {threads}  isa {:?}  weights read per token {:.1} MiB  matrices in column panels {panels}",
             crate::kernels::isa(),
             bytes as f64 / (1 << 20) as f64
         );

@@ -47,6 +47,46 @@ pub struct ModelArgs {
     pub budget: String,
 }
 
+/// The weight layout of commands that run budgets (`run`, `serve`, `bench`, `batched-bench`).
+#[derive(clap::Args, Clone)]
+pub struct LayoutArgs {
+    /// Keep the checkpoint's row layout: budget views then read strided prefixes of the
+    /// parent's rows (slower decode; products bit-exact with `logits`). By default the matrices
+    /// that the budgets this command runs (`serve`: also the manifest's) cut by columns are
+    /// re-laid at load in column panels, one per nested budget: each budget then reads
+    /// contiguous bytes, and one spanning several panels sums their products (f32 rounding).
+    #[arg(long)]
+    pub no_panels: bool,
+    /// Also lay out the panels for this budget (repeatable): for budgets that requests will ask
+    /// for.
+    #[arg(long, value_name = "BUDGET", conflicts_with = "no_panels")]
+    pub panel_budget: Vec<String>,
+}
+
+impl LayoutArgs {
+    /// Re-lays `m` in column panels for `budgets` (names, specs or targets), --panel-budget
+    /// and, with `manifest`, the manifest's budgets (see [`Model::panel`]); nothing with
+    /// --no-panels. Returns the matrices re-laid.
+    pub fn apply(&self, m: &mut Model, budgets: &[&str], manifest: bool) -> Result<usize> {
+        if self.no_panels {
+            return Ok(0);
+        }
+        let mut names: Vec<&str> = budgets.to_vec();
+        names.extend(self.panel_budget.iter().map(String::as_str));
+        let manifest = m.meta.manifest.as_ref().filter(|_| manifest);
+        names.extend(
+            manifest
+                .iter()
+                .flat_map(|mf| mf.budgets.iter().map(|b| b.name.as_str())),
+        );
+        let budgets = names
+            .iter()
+            .map(|s| m.budget(s))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(m.panel(&budgets)?.0)
+    }
+}
+
 /// Nested self-speculative decoding (`run`, `bench`).
 #[derive(clap::Args, Clone)]
 pub struct SpeculateArgs {

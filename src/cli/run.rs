@@ -15,6 +15,8 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     m: ModelArgs,
+    #[command(flatten)]
+    layout: super::LayoutArgs,
     /// The prompt (or the user message with --chat).
     #[arg(short, long)]
     prompt: Option<String>,
@@ -172,6 +174,14 @@ pub fn run(a: Args) -> Result<()> {
         None => None,
     };
     let (mut m, b) = super::load(&a.m)?;
+    let also = [
+        Some(&a.m.budget),
+        a.spec.speculate.as_ref(),
+        a.think_budget.as_ref(),
+        a.answer_budget.as_ref(),
+    ];
+    let also: Vec<&str> = also.into_iter().flatten().map(|s| s.as_str()).collect();
+    a.layout.apply(&mut m, &also, false)?;
     if let Some(t) = template {
         m.meta.chat_template = Some(t);
     }

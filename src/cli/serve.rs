@@ -11,6 +11,8 @@ use std::time::Duration;
 pub struct Args {
     #[command(flatten)]
     m: ModelArgs,
+    #[command(flatten)]
+    layout: super::LayoutArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -115,8 +117,18 @@ pub fn run(a: Args) -> Result<()> {
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
         log: !a.quiet,
     };
+    let layout = a.layout.clone();
+    let also: Vec<String> = [Some(a.m.budget.clone()), a.speculate.clone()]
+        .into_iter()
+        .flatten()
+        .collect();
     serve(cfg, move |mut cfg: ServerConfig| {
         let mut model = crate::models::load(&m.model)?;
+        layout.apply(
+            &mut model,
+            &also.iter().map(String::as_str).collect::<Vec<_>>(),
+            true,
+        )?;
         if let Some(t) = template {
             model.meta.chat_template = Some(t);
         }

@@ -2,13 +2,16 @@
 //! matrix small enough for L2 (the kernel's compute ceiling) and one far larger than the caches
 //! (what decode sees). A kernel at its memory roofline is much faster in L2 than from DRAM.
 //!
-//!     cargo run --release --example gemv_bw -- [THREADS] [ACTIVE_COLS]     (default 1, all)
+//!     cargo run --release --example gemv_bw -- [THREADS] [ACTIVE_COLS] [PANEL_CUT]  (default 1, all, none)
 //!
 //! With ACTIVE_COLS (a multiple of 32), only that prefix of each row is active: a budget view.
+//! With PANEL_CUT, the matrix is re-laid in two column panels cut there (`Tensor::relay`, as
+//! `Model::panel` does for a budget of that width) and the product goes through `linear`.
 //!
 //! Prints one JSON line per (format, size): {"dtype", "rows", "cols", "mib", "gb_per_s"}.
 
 use elastica_core::kernels::{gemv, pool};
+use elastica_core::layers::linear;
 use elastica_core::tensor::{Buf, DType, Tensor};
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,15 +46,17 @@ fn main() {
     let arg = |i: usize| {
         std::env::args().nth(i).map(|s| {
             s.parse::<usize>().unwrap_or_else(|_| {
-                eprintln!("gemv_bw: {s:?} is not a count (usage: gemv_bw [THREADS] [ACTIVE_COLS])");
+                eprintln!("gemv_bw: {s:?} is not a count (usage: gemv_bw [THREADS] [ACTIVE_COLS] [PANEL_CUT])");
                 std::process::exit(2)
             })
         })
     };
-    let (threads, active) = (arg(1).unwrap_or(1), arg(2));
-    if let Some(a) = active.filter(|a| a % 32 != 0 || *a == 0) {
-        eprintln!("gemv_bw: ACTIVE_COLS {a} is not a positive multiple of 32 (a block)");
-        std::process::exit(2)
+    let (threads, active, cut) = (arg(1).unwrap_or(1), arg(2), arg(3));
+    for (what, v) in [("ACTIVE_COLS", active), ("PANEL_CUT", cut)] {
+        if let Some(a) = v.filter(|a| a % 32 != 0 || *a == 0) {
+            eprintln!("gemv_bw: {what} {a} is not a positive multiple of 32 (a block)");
+            std::process::exit(2)
+        }
     }
     pool::init(threads);
     let cols = 576;
@@ -66,7 +71,12 @@ fn main() {
         for mib in [0.25f64, 256.0] {
             let rb = dt.row_bytes(cols).unwrap();
             let rows = ((mib * 1048576.0) as usize / rb).max(4) / 4 * 4;
-            let w = tensor(dt, rows, cols);
+            let mut w = tensor(dt, rows, cols);
+            if let Some(c) = cut {
+                #[allow(clippy::single_range_in_vec_init)]
+                let sets = [vec![0..c]];
+                w.panels = w.relay(&sets).map(Into::into);
+            }
             let ac = active.unwrap_or(cols).min(cols);
             let x: Vec<f32> = (0..ac).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
             let mut y = vec![0f32; rows];
@@ -76,14 +86,18 @@ fn main() {
                 let t = Instant::now();
                 for _ in 0..reps {
                     #[allow(clippy::single_range_in_vec_init)]
-                    gemv::matvec(&w, &[0..rows], &[0..ac], &x, &mut y);
+                    match cut {
+                        Some(_) => linear(&w, &[0..rows], &[0..ac], &x, &mut y),
+                        None => gemv::matvec(&w, &[0..rows], &[0..ac], &x, &mut y),
+                    }
                 }
                 best = best.min(t.elapsed().as_secs_f64() / reps as f64);
             }
             let gbs = (rows * rb) as f64 * ac as f64 / cols as f64 / best / 1e9;
             println!(
-                "{{\"dtype\":\"{}\",\"rows\":{rows},\"cols\":{cols},\"active\":{ac},\"mib\":{mib},\"gb_per_s\":{gbs:.2},\"y0\":{}}}",
+                "{{\"dtype\":\"{}\",\"rows\":{rows},\"cols\":{cols},\"active\":{ac},\"panels\":{},\"mib\":{mib},\"gb_per_s\":{gbs:.2},\"y0\":{}}}",
                 dt.name(),
+                w.panels.as_ref().map_or(1, |p| p.len()),
                 y[0]
             );
         }

@@ -1072,6 +1072,98 @@ impl Model {
         }
     }
 
+    /// Re-lays every matrix that `budgets` cut by columns into column panels
+    /// ([`Tensor::relay`]), so that each budget's products read whole contiguous rows: a view
+    /// then decodes like its sliced copy instead of striding through the parent's rows. The
+    /// columns each product reads come from one observed token per budget. Budgets that span
+    /// several panels sum per-panel products, which changes f32 rounding (not values) against
+    /// the unpaneled model; a budget inside panel 0 stays bit-exact with its sliced copy. The
+    /// checkpoint's pages of re-laid matrices are given back to the OS. Returns the number of
+    /// matrices re-laid and their bytes.
+    pub fn panel(&mut self, budgets: &[Budget]) -> Result<(usize, u64)> {
+        #[derive(Default)]
+        struct Cols(std::collections::HashMap<String, Vec<Vec<Range<usize>>>>);
+        impl Cols {
+            fn add(&mut self, name: &str, cols: &[Range<usize>]) {
+                let sets = self.0.entry(name.to_string()).or_default();
+                if !sets.iter().any(|s| s == cols) {
+                    sets.push(cols.to_vec());
+                }
+            }
+        }
+        impl Observer for Cols {
+            fn weight_input(&mut self, w: &Tensor, cols: &[Range<usize>], _x: &[f32]) {
+                self.add(&w.name, cols);
+            }
+        }
+        let mut rec = Cols::default();
+        let mut cache = Cache::try_new(self, 1)?;
+        let tok = self.meta.bos.unwrap_or(0);
+        for b in budgets {
+            cache.reset();
+            self.forward_observed(&[tok], b, &mut cache, Logits::None, &mut rec)?;
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            rec.add(&head.name, &[0..b.hidden]);
+        }
+        // One token reaches only its top-k experts; every expert of a layer reads the same
+        // columns as its siblings.
+        for blk in &self.blocks {
+            if let Mixer::Moe(m) = &blk.mixer {
+                for experts in [&m.up, &m.down] {
+                    let mut all = Cols::default();
+                    for e in experts.iter().filter_map(|e| rec.0.get(&e.name)) {
+                        e.iter().for_each(|c| all.add("", c));
+                    }
+                    let sets = all.0.remove("").unwrap_or_default();
+                    for e in experts.iter() {
+                        rec.0.insert(e.name.clone(), sets.clone());
+                    }
+                }
+            }
+        }
+        let (mut count, mut bytes) = (0, 0u64);
+        for w in self.matrices_mut() {
+            let Some(sets) = rec.0.get(&w.name) else {
+                continue;
+            };
+            if w.panels.is_some() || w.shape.len() != 2 {
+                continue;
+            }
+            if let Some(p) = w.relay(sets) {
+                w.panels = Some(p.into());
+                w.release();
+                count += 1;
+                bytes += w.bytes().len() as u64;
+            }
+        }
+        Ok((count, bytes))
+    }
+
+    /// The large tensors, mutable (see [`Model::matrices`]).
+    fn matrices_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut v = vec![&mut self.embed];
+        if let Some(h) = &mut self.lm_head {
+            v.push(h);
+        }
+        for b in &mut self.blocks {
+            match &mut b.mixer {
+                Mixer::Attention(a) => v.extend([&mut a.q, &mut a.k, &mut a.v, &mut a.o]),
+                Mixer::Mamba(m) => v.extend([&mut m.in_proj, &mut m.out_proj]),
+                Mixer::Mlp(m) => {
+                    v.extend([&mut m.up, &mut m.down]);
+                    v.extend(m.gate.iter_mut());
+                }
+                Mixer::Moe(m) => {
+                    v.extend(m.up.iter_mut().chain(m.down.iter_mut()));
+                    if let Some(s) = &mut m.shared {
+                        v.extend([&mut s.up, &mut s.down]);
+                    }
+                }
+            }
+        }
+        v
+    }
+
     /// The large tensors (embedding, head, every projection and expert), for summaries.
     pub fn matrices(&self) -> Vec<&Tensor> {
         let mut v = vec![&self.embed];

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use memmap2::Mmap;
+use std::ops::Range;
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -126,6 +127,18 @@ pub struct Tensor {
     /// ModelOpt's static activation scale of this weight's input (`input_scale`), carried
     /// through slicing for engines that quantize activations; elastica's kernels do not use it.
     pub input_scale: Option<f32>,
+    /// The matrix re-laid in column panels, one per nested budget level ([`Tensor::relay`]):
+    /// products read these instead of `buf`, which stays the checkpoint's bytes (embedding
+    /// lookups, export).
+    pub panels: Option<Arc<[Panel]>>,
+}
+
+/// One column panel of a re-laid matrix: the parent columns `cols`, in this order, stored as a
+/// [rows, width] tensor of their own, so that any prefix of rows is one contiguous read.
+#[derive(Clone, Debug)]
+pub struct Panel {
+    pub cols: Vec<Range<usize>>,
+    pub t: Tensor,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -172,6 +185,7 @@ impl Tensor {
             buf,
             scale: 1.0,
             input_scale: None,
+            panels: None,
         })
     }
 
@@ -243,7 +257,64 @@ impl Tensor {
             buf,
             scale: self.scale,
             input_scale: self.input_scale,
+            panels: None,
         }
+    }
+
+    /// This matrix split into column panels by nested column sets (the columns each budget's
+    /// products read): panel j holds the columns whose smallest set is the j-th smallest (in
+    /// ascending order), the last one the columns no set reads. A budget whose columns are the
+    /// j smallest panels then reads, for any prefix of rows, j contiguous runs of bytes: a view
+    /// decodes like its sliced copy, whose rows are panel 0's. None where there is only one
+    /// panel, or a cut splits a quantization block (then products read `buf` as before).
+    pub fn relay(&self, sets: &[Vec<Range<usize>>]) -> Option<Vec<Panel>> {
+        let (rows, cols) = (self.rows(), self.cols());
+        let (bl, bb) = (self.dtype.block_len(), self.dtype.block_bytes());
+        let mut sets: Vec<&Vec<Range<usize>>> = sets.iter().collect();
+        sets.sort_by_key(|s| s.iter().map(|r| r.len()).sum::<usize>());
+        let mut level = vec![sets.len(); cols];
+        for (j, s) in sets.iter().enumerate().rev() {
+            for r in s.iter() {
+                level[r.start.min(cols)..r.end.min(cols)].fill(j);
+            }
+        }
+        let mut runs: Vec<Vec<Range<usize>>> = vec![Vec::new(); sets.len() + 1];
+        let mut a = 0;
+        for c in 1..=cols {
+            if c == cols || level[c] != level[a] {
+                if !a.is_multiple_of(bl) || !c.is_multiple_of(bl) {
+                    return None;
+                }
+                runs[level[a]].push(a..c);
+                a = c;
+            }
+        }
+        runs.retain(|r| !r.is_empty());
+        if runs.len() < 2 {
+            return None;
+        }
+        let (src, stride) = (self.bytes(), self.row_bytes());
+        let panels = runs.into_iter().map(|cols| {
+            let width: usize = cols.iter().map(|r| r.len()).sum();
+            let mut data = Vec::with_capacity(rows * width / bl * bb);
+            for r in 0..rows {
+                for c in &cols {
+                    let at = r * stride + c.start / bl * bb;
+                    data.extend_from_slice(&src[at..at + c.len() / bl * bb]);
+                }
+            }
+            let mut t = Tensor::new(
+                &self.name,
+                self.dtype,
+                vec![rows, width],
+                Buf::Owned(Arc::new(data)),
+            )
+            .expect("a panel's bytes match its shape");
+            t.scale = self.scale;
+            t.input_scale = self.input_scale;
+            Panel { cols, t }
+        });
+        Some(panels.collect())
     }
 
     /// Lets the kernel drop this tensor's pages from the process once a streaming pass (slice,

@@ -160,7 +160,7 @@ pub fn candidates(model: &Model) -> Vec<Candidate> {
 struct InputAmax(HashMap<String, f32>);
 
 impl Observer for InputAmax {
-    fn weight_input(&mut self, w: &Tensor, x: &[f32]) {
+    fn weight_input(&mut self, w: &Tensor, _cols: &[std::ops::Range<usize>], x: &[f32]) {
         let a = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let e = self.0.entry(source_name(w)).or_insert(0.0);
         *e = e.max(a);

@@ -142,64 +142,133 @@ pub fn matvec_rows(
     x: &[f32],
     y: &mut [f32],
 ) {
-    let (k, n) = (seg_len(cols), seg_len(rows));
+    matvec_sum(&[Operand { w, cols, x }], rows, y);
+}
+
+/// One term of [`matvec_sum`]: a weight (a column panel, [`Tensor::relay`]), the columns it
+/// reads and their inputs, [m][seg_len(cols)].
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub w: &'a Tensor,
+    pub cols: &'a [Range<usize>],
+    pub x: &'a [f32],
+}
+
+/// Operands [`matvec_sum`] takes at once.
+pub const MAX_OPERANDS: usize = 8;
+
+/// y[i] = Σ_p W_p[rows, cols_p] x_p[i] for m activation rows, the terms added in order after
+/// each is computed as [`matvec_rows`] computes it alone: one pass of the thread pool for all
+/// of them. The weights share rows, dtype and per-tensor scale (the panels of one matrix).
+pub fn matvec_sum(ops: &[Operand], rows: &[Range<usize>], y: &mut [f32]) {
+    assert!(!ops.is_empty() && ops.len() <= MAX_OPERANDS);
+    let n = seg_len(rows);
+    let k0 = seg_len(ops[0].cols);
     if n == 0 {
         return;
     }
-    if k == 0 {
+    if k0 == 0 {
         y.fill(0.0);
         return;
     }
-    debug_assert_eq!(x.len() / k, y.len() / n);
-    for (xs, ys) in x.chunks(MAX_ROWS * k).zip(y.chunks_mut(MAX_ROWS * n)) {
-        pass(w, rows, cols, k, n, xs, ys);
+    let m = ops[0].x.len() / k0;
+    debug_assert_eq!(m, y.len() / n);
+    // The activations of every operand's rows of a pass fit one array of MAX_ROWS.
+    let per = MAX_ROWS / ops.len();
+    let mut a = 0;
+    while a < m {
+        let b = (a + per).min(m);
+        let chunk: [Operand; MAX_OPERANDS] = std::array::from_fn(|p| {
+            let o = ops[p.min(ops.len() - 1)];
+            let k = seg_len(o.cols);
+            Operand {
+                x: &o.x[a * k..b * k],
+                ..o
+            }
+        });
+        pass(&chunk[..ops.len()], rows, n, b - a, &mut y[a * n..b * n]);
+        a = b;
     }
 }
 
-/// One pass of [`matvec_rows`] over at most [`MAX_ROWS`] activation rows.
-fn pass(
-    w: &Tensor,
-    rows: &[Range<usize>],
-    cols: &[Range<usize>],
-    k: usize,
-    n: usize,
-    x: &[f32],
-    y: &mut [f32],
-) {
-    let m = x.len() / k;
+thread_local! {
+    /// A worker's partial product of a later operand of [`matvec_sum`].
+    static PARTIAL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One pass of [`matvec_sum`] over at most [`MAX_ROWS`] activation rows.
+fn pass(ops: &[Operand], rows: &[Range<usize>], n: usize, m: usize, y: &mut [f32]) {
     let isa = isa();
-    let kind = act_kind(w.dtype, isa);
+    let w0 = ops[0].w;
+    let kind = act_kind(w0.dtype, isa);
+    let row_bytes: usize = ops.iter().map(|o| o.w.row_bytes()).sum();
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
-        if s.len() < m {
-            s.resize_with(m, ActScratch::default);
+        if s.len() < m * ops.len() {
+            s.resize_with(m * ops.len(), ActScratch::default);
         }
-        for (sc, xi) in s.iter_mut().zip(x.chunks(k)) {
-            sc.prepare(kind, w.dtype, isa, xi);
+        for (p, o) in ops.iter().enumerate() {
+            let k = seg_len(o.cols);
+            for (sc, xi) in s[p * m..].iter_mut().zip(o.x.chunks(k)) {
+                sc.prepare(kind, w0.dtype, isa, xi);
+            }
         }
         let s = &*s;
-        let acts: [Act; MAX_ROWS] = std::array::from_fn(|i| match i < m {
-            true => s[i].act(kind, &x[i * k..(i + 1) * k]),
-            false => Act::F32(&[]),
-        });
-        let acts = &acts[..m];
+        // Only the first ops·m entries are written (the array is 5 KiB: filling it all per
+        // product cost more than a small matrix's kernel).
+        let mut store = [const { std::mem::MaybeUninit::<Act>::uninit() }; MAX_ROWS];
+        for (p, o) in ops.iter().enumerate() {
+            let k = seg_len(o.cols);
+            for i in 0..m {
+                store[p * m + i].write(s[p * m + i].act(kind, &o.x[i * k..(i + 1) * k]));
+            }
+        }
+        // Safety: entries 0..ops·m were written just above; Act has no drop glue.
+        let acts: &[Act] =
+            unsafe { std::slice::from_raw_parts(store.as_ptr() as *const Act, ops.len() * m) };
         let yp = SendPtr(y.as_mut_ptr());
         let run = |r: Range<usize>| {
-            // Safety: threads write disjoint row ranges of every y[i].
             // Whole 4-row kernel tiles (a remainder row runs at 1 × A).
             let tile = if m == 1 {
                 r.len()
             } else {
-                (TILE_BYTES / w.row_bytes()).div_ceil(4).max(1) * 4
+                (TILE_BYTES / row_bytes).div_ceil(4).max(1) * 4
             };
             let mut a = r.start;
             while a < r.end {
                 let b = (a + tile).min(r.end);
-                unsafe { rows_dot(w, rows, a..b, cols, acts, yp.get().add(a), n, isa) };
+                for (p, o) in ops.iter().enumerate() {
+                    let acts = &acts[p * m..(p + 1) * m];
+                    if p == 0 {
+                        // Safety: threads write disjoint row ranges of every y[i].
+                        unsafe { rows_dot(o.w, rows, a..b, o.cols, acts, yp.get().add(a), n, isa) };
+                        continue;
+                    }
+                    PARTIAL.with(|t| {
+                        let mut t = t.borrow_mut();
+                        let len = b - a;
+                        if t.len() < m * len {
+                            t.resize(m * len, 0.0);
+                        }
+                        // Safety: `t` holds m rows of len values.
+                        unsafe {
+                            rows_dot(o.w, rows, a..b, o.cols, acts, t.as_mut_ptr(), len, isa)
+                        };
+                        for i in 0..m {
+                            // Safety: as above, this thread's rows a..b of y[i].
+                            let yi = unsafe {
+                                std::slice::from_raw_parts_mut(yp.get().add(i * n + a), len)
+                            };
+                            yi.iter_mut()
+                                .zip(&t[i * len..(i + 1) * len])
+                                .for_each(|(y, v)| *y += v);
+                        }
+                    });
+                }
                 a = b;
             }
         };
-        if n * w.row_bytes() < 64 * 1024 {
+        if n * row_bytes < 64 * 1024 {
             run(0..n);
         } else {
             pool().for_range(n, 16, run);
@@ -207,7 +276,7 @@ fn pass(
     });
     // The per-tensor factor (FP8 weight_scale, NVFP4 weight_scale_2; 2 undoes NVFP4's doubled
     // integer values).
-    let f = w.scale * if w.dtype == DType::Nvfp4 { 0.5 } else { 1.0 };
+    let f = w0.scale * if w0.dtype == DType::Nvfp4 { 0.5 } else { 1.0 };
     if f != 1.0 {
         y.iter_mut().for_each(|v| *v *= f);
     }
@@ -1613,14 +1682,14 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::test_rnd as rnd;
     use crate::tensor::{Buf, Tensor};
     use half::{bf16, f16};
     use std::sync::Arc;
 
-    fn tensor(dt: DType, n: usize, k: usize, v: &[f32]) -> Tensor {
+    pub(crate) fn tensor(dt: DType, n: usize, k: usize, v: &[f32]) -> Tensor {
         let mut b = vec![];
         for row in v.chunks(k) {
             match dt {

@@ -414,13 +414,13 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kernels::quant::{self, Q8Act};
     use crate::kernels::test_rnd as rnd;
 
     /// Random blocks for `n` × 256 values: any bytes are valid K-quant data once the f16 scales are finite.
-    fn blocks(dt: DType, n: usize, seed: u64) -> Vec<u8> {
+    pub(crate) fn blocks(dt: DType, n: usize, seed: u64) -> Vec<u8> {
         let bb = dt.block_bytes();
         let n = n * 256 / dt.block_len();
         let mut b: Vec<u8> = rnd(n * bb, seed)

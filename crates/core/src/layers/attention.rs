@@ -117,19 +117,19 @@ impl Attention {
         let kvr = [0..kvd];
         let q = buf(&mut s.a, t * nq * d);
         if obs.enabled() {
-            obs.weight_input(&self.q, x);
+            obs.weight_input(&self.q, &hid, x);
         }
         linear_rows(&self.q, &lb.q_rows, &hid, x, q, decode);
         add_bias(&self.q_bias, &lb.q_rows, q);
         let kb = buf(&mut s.b, t * kvd);
         if obs.enabled() {
-            obs.weight_input(&self.k, x);
+            obs.weight_input(&self.k, &hid, x);
         }
         linear_rows(&self.k, &kvr, &hid, x, kb, decode);
         add_bias(&self.k_bias, &kvr, kb);
         let vb = buf(&mut s.c, t * kvd);
         if obs.enabled() {
-            obs.weight_input(&self.v, x);
+            obs.weight_input(&self.v, &hid, x);
         }
         linear_rows(&self.v, &kvr, &hid, x, vb, decode);
         add_bias(&self.v_bias, &kvr, vb);
@@ -209,7 +209,7 @@ impl Attention {
             obs.attention(layer, att, nq, d);
         }
         if obs.enabled() {
-            obs.weight_input(&self.o, att);
+            obs.weight_input(&self.o, &lb.q_rows, att);
         }
         linear_rows(&self.o, &hid, &lb.q_rows, att, out, decode);
         add_bias(&self.o_bias, &hid, out);

@@ -131,7 +131,7 @@ impl Mamba2 {
         let cw = ni + gn * 2;
         let zx = buf(&mut s.a, t * width);
         if obs.enabled() {
-            obs.weight_input(&self.in_proj, x);
+            obs.weight_input(&self.in_proj, &[0..hidden], x);
         }
         linear_rows(&self.in_proj, &lb.in_rows, &[0..hidden], x, zx, decode);
         if obs.enabled() {
@@ -184,7 +184,7 @@ impl Mamba2 {
             }
         }
         if obs.enabled() {
-            obs.weight_input(&self.out_proj, y);
+            obs.weight_input(&self.out_proj, &lb.inner, y);
         }
         linear_rows(&self.out_proj, &[0..hidden], &lb.inner, y, out, decode);
     }

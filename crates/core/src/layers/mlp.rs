@@ -44,7 +44,7 @@ impl Mlp {
         let hid = [0..hidden];
         let u = buf(&mut s.d, t * ffn);
         if obs.enabled() {
-            obs.weight_input(&self.up, x);
+            obs.weight_input(&self.up, &hid, x);
         }
         linear_rows(&self.up, &rows, &hid, x, u, decode);
         add_bias(&self.up_bias, &rows, u);
@@ -52,7 +52,7 @@ impl Mlp {
             (Some(g), _) => {
                 let gv = buf(&mut s.e, t * ffn);
                 if obs.enabled() {
-                    obs.weight_input(g, x);
+                    obs.weight_input(g, &hid, x);
                 }
                 linear_rows(g, &rows, &hid, x, gv, decode);
                 add_bias(&self.gate_bias, &rows, gv);
@@ -65,7 +65,7 @@ impl Mlp {
             obs.down_input(at.0, at.1, u, ffn);
         }
         if obs.enabled() {
-            obs.weight_input(&self.down, u);
+            obs.weight_input(&self.down, &rows, u);
         }
         linear_rows(&self.down, &hid, &rows, u, out, decode);
         add_bias(&self.down_bias, &hid, out);

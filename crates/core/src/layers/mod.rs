@@ -36,8 +36,9 @@ pub trait Observer {
     /// One token's output of routed expert `expert`, with its gate weight.
     fn expert_output(&mut self, _layer: usize, _expert: usize, _weight: f32, _y: &[f32]) {}
     /// The input of a matrix product with weight `w` (its checkpoint name; a stacked expert's
-    /// view is named `NAME[e]`): [T, active inputs]. Calibrates FP8/NVFP4 `input_scale`.
-    fn weight_input(&mut self, _w: &Tensor, _x: &[f32]) {}
+    /// view is named `NAME[e]`) over its parent columns `cols`: [T, active inputs]. Calibrates
+    /// FP8/NVFP4 `input_scale`; gives the column cuts of [`Model::panel`](crate::model::Model::panel).
+    fn weight_input(&mut self, _w: &Tensor, _cols: &[Range<usize>], _x: &[f32]) {}
 }
 
 /// The observer of a plain forward: no hooks.
@@ -64,6 +65,9 @@ pub fn linear_rows(
     y: &mut [f32],
     decode: usize,
 ) {
+    if let Some(p) = &w.panels {
+        return paneled(p, rows, cols, x, y, decode);
+    }
     let k: usize = cols.iter().map(|r| r.len()).sum();
     let n: usize = rows.iter().map(|r| r.len()).sum();
     let (xd, xr) = x.split_at(decode * k);
@@ -76,6 +80,139 @@ pub fn linear_rows(
     } else if !xr.is_empty() {
         gemm::matmul(w, rows, cols, xr, yr);
     }
+}
+
+/// Grow-only buffers of [`paneled`]: the pieces of `cols` in each panel, the panels' columns
+/// and inputs, and a partial product.
+#[derive(Default)]
+struct PanelScratch {
+    /// (panel, panel-local columns, offset in the packed input).
+    pieces: Vec<(usize, Range<usize>, usize)>,
+    /// Per touched panel: (panel, its range in `cols`, its range in `x`).
+    touched: Vec<(usize, Range<usize>, Range<usize>)>,
+    cols: Vec<Range<usize>>,
+    x: Vec<f32>,
+    y: Vec<f32>,
+}
+
+thread_local! {
+    static PANELS: std::cell::RefCell<PanelScratch> = std::cell::RefCell::default();
+}
+
+/// [`linear_rows`] over a matrix re-laid in column panels ([`Tensor::relay`]): the sum, panel
+/// by panel in order, of each panel's product over its part of `cols` (decode rows in one pass
+/// of the thread pool, [`gemv::matvec_sum`]). A budget inside panel 0 runs exactly the product
+/// of its sliced copy.
+fn paneled(
+    panels: &[crate::tensor::Panel],
+    rows: &[Range<usize>],
+    cols: &[Range<usize>],
+    x: &[f32],
+    y: &mut [f32],
+    decode: usize,
+) {
+    let k: usize = cols.iter().map(|r| r.len()).sum();
+    let n: usize = rows.iter().map(|r| r.len()).sum();
+    if k == 0 || n == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let t = x.len() / k;
+    PANELS.with(|s| {
+        let s = &mut *s.borrow_mut();
+        s.pieces.clear();
+        let mut xo = 0;
+        for seg in cols {
+            for (pi, p) in panels.iter().enumerate() {
+                let mut lo = 0;
+                for r in &p.cols {
+                    let (a, b) = (seg.start.max(r.start), seg.end.min(r.end));
+                    if a < b {
+                        s.pieces
+                            .push((pi, lo + a - r.start..lo + b - r.start, xo + a - seg.start));
+                    }
+                    lo += r.len();
+                }
+            }
+            xo += seg.len();
+        }
+        // Each touched panel's columns (merged where adjacent) and inputs, [t][k_p].
+        s.touched.clear();
+        s.cols.clear();
+        let mut xlen = 0;
+        for pi in 0..panels.len() {
+            let (c0, mut kp) = (s.cols.len(), 0);
+            for (_, c, _) in s.pieces.iter().filter(|q| q.0 == pi) {
+                kp += c.len();
+                let own = s.cols.len() > c0;
+                match s.cols.last_mut() {
+                    Some(l) if own && l.end == c.start => l.end = c.end,
+                    _ => s.cols.push(c.clone()),
+                }
+            }
+            if kp > 0 {
+                s.touched.push((pi, c0..s.cols.len(), xlen..xlen + t * kp));
+                xlen += t * kp;
+            }
+        }
+        let xs = buf(&mut s.x, xlen);
+        for (pi, _, xr) in &s.touched {
+            let kp = xr.len() / t;
+            for (xi, xp) in x.chunks(k).zip(xs[xr.clone()].chunks_mut(kp)) {
+                let mut at = 0;
+                for (_, c, xo) in s.pieces.iter().filter(|q| q.0 == *pi) {
+                    xp[at..at + c.len()].copy_from_slice(&xi[*xo..*xo + c.len()]);
+                    at += c.len();
+                }
+            }
+        }
+        let (xs, cs) = (&s.x[..xlen], &s.cols[..]);
+        let op = |(pi, cr, xr): &(usize, Range<usize>, Range<usize>), r: Range<usize>| {
+            let kp = xr.len() / t;
+            gemv::Operand {
+                w: &panels[*pi].t,
+                cols: &cs[cr.clone()],
+                x: &xs[xr.start + r.start * kp..xr.start + r.end * kp],
+            }
+        };
+        let tmp = &mut s.y;
+        // Decode rows (and a lone token): the panels summed in one pass per MAX_OPERANDS.
+        let mut sum = |r: Range<usize>, y: &mut [f32]| {
+            for (g, grp) in s.touched.chunks(gemv::MAX_OPERANDS).enumerate() {
+                let mut ops = [op(&grp[0], r.clone()); gemv::MAX_OPERANDS];
+                for (o, q) in ops.iter_mut().zip(grp) {
+                    *o = op(q, r.clone());
+                }
+                if g == 0 {
+                    gemv::matvec_sum(&ops[..grp.len()], rows, y);
+                } else {
+                    let part = buf(tmp, y.len());
+                    gemv::matvec_sum(&ops[..grp.len()], rows, part);
+                    y.iter_mut().zip(part.iter()).for_each(|(a, b)| *a += b);
+                }
+            }
+        };
+        let (yd, yr) = y.split_at_mut(decode * n);
+        if decode > 0 {
+            sum(0..decode, yd);
+        }
+        match t - decode {
+            0 => {}
+            1 => sum(decode..t, yr),
+            _ => {
+                for (i, q) in s.touched.iter().enumerate() {
+                    let o = op(q, decode..t);
+                    if i == 0 {
+                        gemm::matmul(o.w, rows, o.cols, o.x, yr);
+                    } else {
+                        let part = buf(tmp, yr.len());
+                        gemm::matmul(o.w, rows, o.cols, o.x, part);
+                        yr.iter_mut().zip(part.iter()).for_each(|(a, b)| *a += b);
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// One sequence's rows in a batched forward: rows `row..row + len` of the batch are its tokens at
@@ -193,5 +330,87 @@ impl<T> SyncPtr<T> {
     /// Callers write disjoint parts from different threads.
     pub unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [T] {
         unsafe { std::slice::from_raw_parts_mut(self.0.add(off), len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gemv::tests::tensor;
+    use crate::kernels::test_rnd as rnd;
+    use crate::tensor::DType;
+
+    /// A matrix re-laid in column panels gives the products of its row layout (up to the order
+    /// of the panel sums), for every format, over column sets that follow the panels, cut
+    /// through them or skip some, and for decode rows, a lone token and the GEMM; decode rows
+    /// of a batch stay bit-identical to each row alone.
+    #[test]
+    fn panels_match_the_row_layout() {
+        use DType::*;
+        for dt in [
+            F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q5K, Q6K, F8E4M3, Nvfp4,
+        ] {
+            let u = dt.block_len().max(32);
+            let (n, k, big) = (40, 8 * u, 640);
+            let w = match crate::kernels::quant::can_quantize(dt) || !dt.is_quantized() {
+                true => tensor(dt, big, k, &rnd(big * k, 7)),
+                false => {
+                    let b = crate::kernels::qdot::tests::blocks(dt, big * k / 256, 7);
+                    let b = crate::tensor::Buf::Owned(std::sync::Arc::new(b));
+                    Tensor::new("w", dt, vec![big, k], b).unwrap()
+                }
+            };
+            let sets = vec![vec![0..u, 2 * u..3 * u], vec![0..4 * u], vec![0..6 * u]];
+            let mut p = w.clone();
+            p.panels = Some(w.relay(&sets).expect("aligned cuts").into());
+            assert_eq!(p.panels.as_ref().unwrap().len(), 4, "{dt}");
+            let colsets = [
+                sets[0].clone(),
+                sets[1].clone(),
+                vec![0..k],
+                vec![u..3 * u, 5 * u..7 * u],
+                vec![3 * u..4 * u],
+            ];
+            for cols in &colsets {
+                let kk: usize = cols.iter().map(|r| r.len()).sum();
+                for rows in [vec![0..n], vec![3..10, 20..33], vec![0..n, n..big]] {
+                    let nn: usize = rows.iter().map(|r| r.len()).sum();
+                    for (t, decode) in [(1, 0), (1, 1), (3, 3), (5, 2), (4, 0)] {
+                        let x = rnd(t * kk, 11 + t as u64);
+                        let (mut a, mut b) = (vec![0.0; t * nn], vec![0.0; t * nn]);
+                        linear_rows(&w, &rows, cols, &x, &mut a, decode);
+                        linear_rows(&p, &rows, cols, &x, &mut b, decode);
+                        let mx = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        for (i, (va, vb)) in a.iter().zip(&b).enumerate() {
+                            assert!(
+                                (va - vb).abs() <= 1e-5 * mx,
+                                "{dt} cols {cols:?} rows {rows:?} t {t} decode {decode} [{i}]: {va} vs {vb}"
+                            );
+                        }
+                        for i in 0..decode {
+                            let mut one = vec![0.0; nn];
+                            linear_rows(&p, &rows, cols, &x[i * kk..(i + 1) * kk], &mut one, 1);
+                            assert_eq!(one, b[i * nn..(i + 1) * nn], "{dt} decode row {i}");
+                        }
+                    }
+                }
+            }
+            // Panel 0 is the sliced matrix: products inside it equal the plain ones exactly.
+            let x = rnd(2 * u, 5);
+            let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+            let slice = &p.panels.as_ref().unwrap()[0].t;
+            linear(slice, &[0..n], &[0..2 * u], &x, &mut a);
+            linear(&p, &[0..n], &sets[0], &x, &mut b);
+            assert_eq!(a, b, "{dt}: panel 0");
+        }
+    }
+
+    /// Cuts inside a quantization block, or a single panel, leave the row layout alone.
+    #[test]
+    fn relay_refuses_split_blocks() {
+        let w = tensor(DType::Q8_0, 4, 128, &rnd(4 * 128, 3));
+        assert!(w.relay(&[vec![0..48]]).is_none());
+        assert!(w.relay(&[vec![0..128]]).is_none());
+        assert!(w.relay(&[vec![0..64]]).is_some());
     }
 }

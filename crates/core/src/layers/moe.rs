@@ -123,7 +123,7 @@ impl Moe {
         layer: usize,
     ) {
         if obs.enabled() {
-            obs.weight_input(&self.up[id], x);
+            obs.weight_input(&self.up[id], &[0..hidden], x);
         }
         linear_rows(&self.up[id], &[0..ffn], &[0..hidden], x, h, decode);
         h.iter_mut().for_each(|v| *v = relu2(*v));
@@ -131,7 +131,7 @@ impl Moe {
             obs.down_input(layer, Ffn::Expert(id), h, ffn);
         }
         if obs.enabled() {
-            obs.weight_input(&self.down[id], h);
+            obs.weight_input(&self.down[id], &[0..ffn], h);
         }
         linear_rows(&self.down[id], &[0..hidden], &[0..ffn], h, y, decode);
     }
