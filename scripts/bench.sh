@@ -9,8 +9,10 @@
 # (-r 1) then `elastica bench` (-r 1) on pp512 and tg128; medians over the rounds. Then a
 # STREAM-like read test (`cargo run --example read_bw`) with the same threads gives the roofline:
 # decode's achieved bandwidth is weight bytes per token × tok/s. Also: a half-width budget run
-# from the parent's copy against the full model and against the same budget sliced into its own
-# file. The output names the CPU model and its SIMD flags.
+# from the parent's copy (its matrices re-laid in column panels at load, as `elastica bench -b`
+# does by default) against the full model and against the same budget sliced into its own file,
+# and what those panels cost the full budget (`--panel-budget`, as when serving both). The
+# output names the CPU model and its SIMD flags.
 # Writes bench-out/results.md and bench-out/results.json.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,7 +33,8 @@ formats="BF16 F16 Q8_0 Q4_0 Q4_1 Q4_K_M Q5_K_M Q6_K"
 files=()
 labels=()
 budgets=()
-add() { labels+=("$1"); files+=("$2"); budgets+=("${3:-full}"); }
+extras=()
+add() { labels+=("$1"); files+=("$2"); budgets+=("${3:-full}"); extras+=("${4:-}"); }
 for q in $formats; do
   if [ ! -f "$m.$q.gguf" ]; then
     "$bin/llama-quantize" --allow-requantize "$m.Q4_1.gguf" "$m.$q.gguf.tmp" "$q" 2 >/dev/null
@@ -48,6 +51,7 @@ for q in BF16 Q8_0; do
     mv "$m.$q.half.gguf.tmp" "$m.$q.half.gguf"
   fi
   add "SmolLM2 $q half-width sliced" "$m.$q.half.gguf"
+  add "SmolLM2 $q full, half-width panels" "$m.$q.gguf" full "--panel-budget=$half"
 done
 moe=models/bench/nemotron-h-moe
 if [ "$quick" = 0 ] && [ ! -f "$moe.q8_0.gguf" ]; then
@@ -67,15 +71,16 @@ out=bench-out/raw.jsonl
 : >"$out"
 for ((round = 1; round <= rounds; round++)); do
   for i in "${!files[@]}"; do
-    label=${labels[$i]} file=${files[$i]} budget=${budgets[$i]}
+    label=${labels[$i]} file=${files[$i]} budget=${budgets[$i]} extra=${extras[$i]}
     echo "== round $round/$rounds: $label [$budget]" >&2
-    if [ "$budget" = full ]; then
+    if [ "$budget" = full ] && [ -z "$extra" ]; then
       "$bin/llama-bench" -m "$file" -t "$threads" -p 512 -n 128 -r 1 -o json 2>/dev/null \
         | python3 -c 'import sys,json
 for r in json.load(sys.stdin):
     print(json.dumps({"engine":"llama.cpp","label":sys.argv[1],"test":"pp" if r["n_gen"]==0 else "tg","tok_s":r["avg_ts"]}))' "$label" >>"$out"
     fi
-    ./target/release/elastica bench "$file" -t "$threads" -b "$budget" -p 512 -n 128 -r 1 --json \
+    # shellcheck disable=SC2086  # $extra: one flag or none
+    ./target/release/elastica bench "$file" -t "$threads" -b "$budget" $extra -p 512 -n 128 -r 1 --json \
       | python3 -c 'import sys,json
 r=json.load(sys.stdin)
 for t in ("pp","tg"):
@@ -137,6 +142,11 @@ for q in ("BF16", "Q8_0"):
             hv = res[f"SmolLM2 {q} half-width"]["elastica"][t]["median"]
             if t in sl:
                 lines.append(f"half-width budget ({q}) {t}: view {hv:.1f} vs sliced file {sl[t]['median']:.1f} tok/s = {hv / sl[t]['median']:.2f}x")
+        fp = res.get(f"SmolLM2 {q} full, half-width panels", {}).get("elastica", {})
+        for t in ("pp", "tg"):
+            fr = res[f"SmolLM2 {q}"]["elastica"][t]["median"]
+            if t in fp:
+                lines.append(f"full budget ({q}) {t} in the half-width panels: {fp[t]['median']:.1f} vs {fr:.1f} tok/s in the row layout = {fp[t]['median'] / fr:.2f}x")
 text = "\n".join(lines)
 print(text)
 open("bench-out/results.md", "w").write(text + "\n")

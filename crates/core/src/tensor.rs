@@ -133,6 +133,17 @@ pub struct Tensor {
     pub panels: Option<Arc<[Panel]>>,
 }
 
+/// `len` bytes of anonymous memory, in transparent huge pages where the OS gives them: decode
+/// streams the weights, and the checkpoint's own pages are often huge ones (the page cache's
+/// large folios), so 4 KiB pages here cost TLB misses a sliced file does not pay. None when the
+/// OS refuses the mapping.
+fn anon(len: usize) -> Option<memmap2::MmapMut> {
+    let map = memmap2::MmapMut::map_anon(len.max(1)).ok()?;
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::HugePage);
+    Some(map)
+}
+
 /// One column panel of a re-laid matrix: the parent columns `cols`, in this order, stored as a
 /// [rows, width] tensor of their own, so that any prefix of rows is one contiguous read.
 #[derive(Clone, Debug)]
@@ -296,25 +307,25 @@ impl Tensor {
         let (src, stride) = (self.bytes(), self.row_bytes());
         let panels = runs.into_iter().map(|cols| {
             let width: usize = cols.iter().map(|r| r.len()).sum();
-            let mut data = Vec::with_capacity(rows * width / bl * bb);
+            let len = rows * width / bl * bb;
+            let mut map = anon(len)?;
+            let mut at = 0;
             for r in 0..rows {
                 for c in &cols {
-                    let at = r * stride + c.start / bl * bb;
-                    data.extend_from_slice(&src[at..at + c.len() / bl * bb]);
+                    let (from, n) = (r * stride + c.start / bl * bb, c.len() / bl * bb);
+                    map[at..at + n].copy_from_slice(&src[from..from + n]);
+                    at += n;
                 }
             }
-            let mut t = Tensor::new(
-                &self.name,
-                self.dtype,
-                vec![rows, width],
-                Buf::Owned(Arc::new(data)),
-            )
-            .expect("a panel's bytes match its shape");
+            let map = Arc::new(map.make_read_only().ok()?);
+            let buf = Buf::Mapped { map, off: 0, len };
+            let mut t = Tensor::new(&self.name, self.dtype, vec![rows, width], buf)
+                .expect("a panel's bytes match its shape");
             t.scale = self.scale;
             t.input_scale = self.input_scale;
-            Panel { cols, t }
+            Some(Panel { cols, t })
         });
-        Some(panels.collect())
+        panels.collect()
     }
 
     /// Lets the kernel drop this tensor's pages from the process once a streaming pass (slice,
