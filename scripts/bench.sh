@@ -9,10 +9,10 @@
 # (-r 1) then `elastica bench` (-r 1) on pp512 and tg128; medians over the rounds. Then a
 # STREAM-like read test (`cargo run --example read_bw`) with the same threads gives the roofline:
 # decode's achieved bandwidth is weight bytes per token × tok/s. Also: a half-width budget run
-# from the parent's copy (its matrices re-laid in column panels at load, as `elastica bench -b`
-# does by default) against the full model and against the same budget sliced into its own file,
-# and what those panels cost the full budget (`--panel-budget`, as when serving both). The
-# output names the CPU model and its SIMD flags.
+# from the parent's copy (its matrices re-laid in column panels at load, `--panel-budget`, as
+# the manifest's budgets are for an elastic model) against the full model and against the same
+# budget sliced into its own file, and what those panels cost the full budget. The output names
+# the CPU model and its SIMD flags.
 # Writes bench-out/results.md and bench-out/results.json.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -44,7 +44,7 @@ for q in $formats; do
 done
 half="hidden=288,ffn=768,heads=6"
 for q in BF16 Q8_0; do
-  add "SmolLM2 $q half-width" "$m.$q.gguf" "$half"
+  add "SmolLM2 $q half-width" "$m.$q.gguf" "$half" "--panel-budget=$half"
   # The same budget sliced into its own file: what the view from the parent's copy must match.
   if [ ! -f "$m.$q.half.gguf" ]; then
     ./target/release/elastica slice "$m.$q.gguf" -b "$half" -o "$m.$q.half.gguf.tmp" --force >/dev/null

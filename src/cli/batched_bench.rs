@@ -33,7 +33,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let (mut m, b) = super::load(&a.m)?;
-    a.layout.apply(&mut m, &[a.m.budget.as_str()], false)?;
+    a.layout.apply(&mut m)?;
     let what = format!("--npp {} + --ntg {}", a.npp, a.ntg);
     super::check_ctx(&m, &what, a.npp + a.ntg + 1, a.force_ctx)?;
     let tok = crate::generate::tokenizer::Tokenizer::for_model(&m)?;

@@ -36,11 +36,7 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let (mut m, b) = super::load(&a.m)?;
-    let also: Vec<&str> = [Some(a.m.budget.as_str()), a.spec.speculate.as_deref()]
-        .into_iter()
-        .flatten()
-        .collect();
-    let panels = a.layout.apply(&mut m, &also, false)?;
+    let panels = a.layout.apply(&mut m)?;
     let n_prompt = a.n_prompt.unwrap_or(m.meta.context.min(512));
     let n_gen = a.n_gen.unwrap_or(m.meta.context.min(128));
     // pp and tg each start from an empty cache: the longer of the two must fit.

@@ -50,39 +50,43 @@ pub struct ModelArgs {
 /// The weight layout of commands that run budgets (`run`, `serve`, `bench`, `batched-bench`).
 #[derive(clap::Args, Clone)]
 pub struct LayoutArgs {
-    /// Keep the checkpoint's row layout: budget views then read strided prefixes of the
-    /// parent's rows (slower decode; products bit-exact with `logits`). By default the matrices
-    /// that the budgets this command runs (`serve`: also the manifest's) cut by columns are
-    /// re-laid at load in column panels, one per nested budget: each budget then reads
-    /// contiguous bytes, and one spanning several panels sums their products (f32 rounding).
+    /// Keep the checkpoint's row layout. By default the matrices that the manifest's budgets
+    /// (and --panel-budget) cut by columns are re-laid at load in column panels, one per nested
+    /// budget, so that each of those budgets reads contiguous bytes; a budget spanning several
+    /// panels sums their products (f32 rounding differs from the row layout, which `logits` and
+    /// `perplexity` always use).
     #[arg(long)]
     pub no_panels: bool,
-    /// Also lay out the panels for this budget (repeatable): for budgets that requests will ask
-    /// for.
+    /// Also cut the panels at this budget (repeatable): a budget outside the manifest that will
+    /// be run, such as an explicit `hidden=...` on a model without a manifest.
     #[arg(long, value_name = "BUDGET", conflicts_with = "no_panels")]
     pub panel_budget: Vec<String>,
 }
 
 impl LayoutArgs {
-    /// Re-lays `m` in column panels for `budgets` (names, specs or targets), --panel-budget
-    /// and, with `manifest`, the manifest's budgets (see [`Model::panel`]); nothing with
-    /// --no-panels. Returns the matrices re-laid.
-    pub fn apply(&self, m: &mut Model, budgets: &[&str], manifest: bool) -> Result<usize> {
+    /// Re-lays `m` in column panels for the manifest's budgets and --panel-budget (see
+    /// [`Model::panel`]); nothing with --no-panels. The layout depends on the model and these
+    /// flags only, so `run`, `serve` and `bench` compute a budget the same way. Returns the
+    /// matrices re-laid.
+    pub fn apply(&self, m: &mut Model) -> Result<usize> {
         if self.no_panels {
             return Ok(0);
         }
-        let mut names: Vec<&str> = budgets.to_vec();
-        names.extend(self.panel_budget.iter().map(String::as_str));
-        let manifest = m.meta.manifest.as_ref().filter(|_| manifest);
-        names.extend(
-            manifest
-                .iter()
-                .flat_map(|mf| mf.budgets.iter().map(|b| b.name.as_str())),
-        );
-        let budgets = names
-            .iter()
-            .map(|s| m.budget(s))
-            .collect::<Result<Vec<_>>>()?;
+        let mut budgets = vec![];
+        for b in &self.panel_budget {
+            let e = |e: Error| Error::Input(format!("--panel-budget {b}: {e}"));
+            budgets.push(m.budget(b).map_err(e)?);
+        }
+        if let Some(mf) = &m.meta.manifest {
+            for nb in &mf.budgets {
+                let e = |e: Error| Error::Input(format!("manifest budget {:?}: {e}", nb.name));
+                budgets.push(m.budget(&nb.name).map_err(e)?);
+            }
+        }
+        if budgets.is_empty() {
+            return Ok(0);
+        }
+        budgets.push(m.full_budget());
         Ok(m.panel(&budgets)?.0)
     }
 }

@@ -174,14 +174,7 @@ pub fn run(a: Args) -> Result<()> {
         None => None,
     };
     let (mut m, b) = super::load(&a.m)?;
-    let also = [
-        Some(&a.m.budget),
-        a.spec.speculate.as_ref(),
-        a.think_budget.as_ref(),
-        a.answer_budget.as_ref(),
-    ];
-    let also: Vec<&str> = also.into_iter().flatten().map(|s| s.as_str()).collect();
-    a.layout.apply(&mut m, &also, false)?;
+    a.layout.apply(&mut m)?;
     if let Some(t) = template {
         m.meta.chat_template = Some(t);
     }

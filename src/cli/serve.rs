@@ -118,17 +118,9 @@ pub fn run(a: Args) -> Result<()> {
         log: !a.quiet,
     };
     let layout = a.layout.clone();
-    let also: Vec<String> = [Some(a.m.budget.clone()), a.speculate.clone()]
-        .into_iter()
-        .flatten()
-        .collect();
     serve(cfg, move |mut cfg: ServerConfig| {
         let mut model = crate::models::load(&m.model)?;
-        layout.apply(
-            &mut model,
-            &also.iter().map(String::as_str).collect::<Vec<_>>(),
-            true,
-        )?;
+        layout.apply(&mut model)?;
         if let Some(t) = template {
             model.meta.chat_template = Some(t);
         }

@@ -277,7 +277,8 @@ impl Tensor {
     /// ascending order), the last one the columns no set reads. A budget whose columns are the
     /// j smallest panels then reads, for any prefix of rows, j contiguous runs of bytes: a view
     /// decodes like its sliced copy, whose rows are panel 0's. None where there is only one
-    /// panel, or a cut splits a quantization block (then products read `buf` as before).
+    /// panel or more than `gemv::MAX_OPERANDS`, or a cut splits a quantization block (then
+    /// products read `buf` as before).
     pub fn relay(&self, sets: &[Vec<Range<usize>>]) -> Option<Vec<Panel>> {
         let (rows, cols) = (self.rows(), self.cols());
         let (bl, bb) = (self.dtype.block_len(), self.dtype.block_bytes());
@@ -301,7 +302,7 @@ impl Tensor {
             }
         }
         runs.retain(|r| !r.is_empty());
-        if runs.len() < 2 {
+        if runs.len() < 2 || runs.len() > crate::kernels::gemv::MAX_OPERANDS {
             return None;
         }
         let (src, stride) = (self.bytes(), self.row_bytes());

@@ -142,53 +142,72 @@ pub fn matvec_rows(
     x: &[f32],
     y: &mut [f32],
 ) {
-    matvec_sum(&[Operand { w, cols, x }], rows, y);
+    matvec_sum(&[Operand { w, cols }], rows, x, y);
 }
 
-/// One term of [`matvec_sum`]: a weight (a column panel, [`Tensor::relay`]), the columns it
-/// reads and their inputs, [m][seg_len(cols)].
+/// One term of [`matvec_sum`]: a weight (a column panel, [`Tensor::relay`]) and the columns
+/// of it that the product reads.
 #[derive(Clone, Copy)]
 pub struct Operand<'a> {
     pub w: &'a Tensor,
     pub cols: &'a [Range<usize>],
-    pub x: &'a [f32],
 }
 
-/// Operands [`matvec_sum`] takes at once.
-pub const MAX_OPERANDS: usize = 8;
+/// Operands [`matvec_sum`] takes at once (and panels a matrix may have).
+pub const MAX_OPERANDS: usize = 16;
 
-/// y[i] = Σ_p W_p[rows, cols_p] x_p[i] for m activation rows, the terms added in order after
-/// each is computed as [`matvec_rows`] computes it alone: one pass of the thread pool for all
-/// of them. The weights share rows, dtype and per-tensor scale (the panels of one matrix).
-pub fn matvec_sum(ops: &[Operand], rows: &[Range<usize>], y: &mut [f32]) {
+/// y[i] = Σ_p W_p[rows, cols_p] x[i]_p for m activation rows, where x[i] holds the operands'
+/// inputs one after another ([m][Σ_p seg_len(cols_p)]): one pass of the thread pool. The weights
+/// share rows, dtype and per-tensor scale (the panels of one matrix). Where the AVX-512 kernel
+/// of the format runs a row through several strips ([`avx512::joins`]) a row takes one set of
+/// accumulators across the operands; otherwise each operand's product is added in order. Either
+/// way each y[i] is computed alone, as for [`matvec_rows`].
+pub fn matvec_sum(ops: &[Operand], rows: &[Range<usize>], x: &[f32], y: &mut [f32]) {
     assert!(!ops.is_empty() && ops.len() <= MAX_OPERANDS);
     let n = seg_len(rows);
-    let k0 = seg_len(ops[0].cols);
+    let k: usize = ops.iter().map(|o| seg_len(o.cols)).sum();
     if n == 0 {
         return;
     }
-    if k0 == 0 {
+    if k == 0 {
         y.fill(0.0);
         return;
     }
-    let m = ops[0].x.len() / k0;
+    let m = x.len() / k;
     debug_assert_eq!(m, y.len() / n);
+    let isa = isa();
+    let kind = act_kind(ops[0].w.dtype, isa);
+    let joint = ops.len() == 1 || joins(ops[0].w.dtype, kind, isa);
     // The activations of every operand's rows of a pass fit one array of MAX_ROWS.
-    let per = MAX_ROWS / ops.len();
+    let per = if joint {
+        MAX_ROWS
+    } else {
+        MAX_ROWS / ops.len()
+    };
     let mut a = 0;
     while a < m {
         let b = (a + per).min(m);
-        let chunk: [Operand; MAX_OPERANDS] = std::array::from_fn(|p| {
-            let o = ops[p.min(ops.len() - 1)];
-            let k = seg_len(o.cols);
-            Operand {
-                x: &o.x[a * k..b * k],
-                ..o
-            }
-        });
-        pass(&chunk[..ops.len()], rows, n, b - a, &mut y[a * n..b * n]);
+        pass(
+            ops,
+            joint,
+            rows,
+            n,
+            k,
+            &x[a * k..b * k],
+            &mut y[a * n..b * n],
+        );
         a = b;
     }
+}
+
+/// Whether the AVX-512 kernels run one row through several strips for this format.
+fn joins(dt: DType, kind: ActKind, isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        return avx512::joins(dt, kind);
+    }
+    let _ = (dt, kind, isa);
+    false
 }
 
 thread_local! {
@@ -196,36 +215,59 @@ thread_local! {
     static PARTIAL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// One pass of [`matvec_sum`] over at most [`MAX_ROWS`] activation rows.
-fn pass(ops: &[Operand], rows: &[Range<usize>], n: usize, m: usize, y: &mut [f32]) {
+/// One pass of [`matvec_sum`] over its activation rows (at most [`MAX_ROWS`] in all).
+fn pass(
+    ops: &[Operand],
+    joint: bool,
+    rows: &[Range<usize>],
+    n: usize,
+    k: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let m = x.len() / k;
     let isa = isa();
     let w0 = ops[0].w;
     let kind = act_kind(w0.dtype, isa);
     let row_bytes: usize = ops.iter().map(|o| o.w.row_bytes()).sum();
+    // Per activation row: one input over all operands (`joint`), or one per operand.
+    let parts = if joint { 1 } else { ops.len() };
+    // Each part's column range within a row of x.
+    let mut span: [Range<usize>; MAX_OPERANDS] = std::array::from_fn(|_| 0..0);
+    match joint {
+        true => span[0] = 0..k,
+        false => {
+            let mut at = 0;
+            for (sp, o) in span.iter_mut().zip(ops) {
+                *sp = at..at + seg_len(o.cols);
+                at = sp.end;
+            }
+        }
+    }
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
-        if s.len() < m * ops.len() {
-            s.resize_with(m * ops.len(), ActScratch::default);
+        if s.len() < m * parts {
+            s.resize_with(m * parts, ActScratch::default);
         }
-        for (p, o) in ops.iter().enumerate() {
-            let k = seg_len(o.cols);
-            for (sc, xi) in s[p * m..].iter_mut().zip(o.x.chunks(k)) {
-                sc.prepare(kind, w0.dtype, isa, xi);
+        for p in 0..parts {
+            for i in 0..m {
+                let xi = &x[i * k..(i + 1) * k][span[p].clone()];
+                s[p * m + i].prepare(kind, w0.dtype, isa, xi);
             }
         }
         let s = &*s;
-        // Only the first ops·m entries are written (the array is 5 KiB: filling it all per
+        // Only the first parts·m entries are written (the array is 5 KiB: filling it all per
         // product cost more than a small matrix's kernel).
         let mut store = [const { std::mem::MaybeUninit::<Act>::uninit() }; MAX_ROWS];
-        for (p, o) in ops.iter().enumerate() {
-            let k = seg_len(o.cols);
+        for p in 0..parts {
             for i in 0..m {
-                store[p * m + i].write(s[p * m + i].act(kind, &o.x[i * k..(i + 1) * k]));
+                let xi = &x[i * k..(i + 1) * k][span[p].clone()];
+                store[p * m + i].write(s[p * m + i].act(kind, xi));
             }
         }
-        // Safety: entries 0..ops·m were written just above; Act has no drop glue.
+        // Safety: entries 0..parts·m were written just above; Act has no drop glue.
         let acts: &[Act] =
-            unsafe { std::slice::from_raw_parts(store.as_ptr() as *const Act, ops.len() * m) };
+            unsafe { std::slice::from_raw_parts(store.as_ptr() as *const Act, parts * m) };
         let yp = SendPtr(y.as_mut_ptr());
         let run = |r: Range<usize>| {
             // Whole 4-row kernel tiles (a remainder row runs at 1 × A).
@@ -237,11 +279,18 @@ fn pass(ops: &[Operand], rows: &[Range<usize>], n: usize, m: usize, y: &mut [f32
             let mut a = r.start;
             while a < r.end {
                 let b = (a + tile).min(r.end);
+                if joint {
+                    // Safety: threads write disjoint row ranges of every y[i].
+                    unsafe { rows_dot(ops, rows, a..b, acts, yp.get().add(a), n, isa) };
+                    a = b;
+                    continue;
+                }
                 for (p, o) in ops.iter().enumerate() {
                     let acts = &acts[p * m..(p + 1) * m];
+                    let op = std::slice::from_ref(o);
                     if p == 0 {
-                        // Safety: threads write disjoint row ranges of every y[i].
-                        unsafe { rows_dot(o.w, rows, a..b, o.cols, acts, yp.get().add(a), n, isa) };
+                        // Safety: as above.
+                        unsafe { rows_dot(op, rows, a..b, acts, yp.get().add(a), n, isa) };
                         continue;
                     }
                     PARTIAL.with(|t| {
@@ -251,9 +300,7 @@ fn pass(ops: &[Operand], rows: &[Range<usize>], n: usize, m: usize, y: &mut [f32
                             t.resize(m * len, 0.0);
                         }
                         // Safety: `t` holds m rows of len values.
-                        unsafe {
-                            rows_dot(o.w, rows, a..b, o.cols, acts, t.as_mut_ptr(), len, isa)
-                        };
+                        unsafe { rows_dot(op, rows, a..b, acts, t.as_mut_ptr(), len, isa) };
                         for i in 0..m {
                             // Safety: as above, this thread's rows a..b of y[i].
                             let yi = unsafe {
@@ -294,22 +341,21 @@ impl SendPtr {
 
 /// Computes the packed active rows `r` (indices into the flattened row segments) for every
 /// activation row: y[a·ystride + j] receives row r.start + j of activation a. Each run of
-/// consecutive parent rows goes to one kernel call.
+/// consecutive parent rows goes to one kernel call, with one strip per operand (several only
+/// where the kernel [`joins`] them).
 ///
 /// Safety: `y` must be valid for writes at a·ystride + j for a < acts.len(), j < r.len().
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_dot(
-    w: &Tensor,
+    ops: &[Operand],
     rows: &[Range<usize>],
     r: Range<usize>,
-    cols: &[Range<usize>],
     acts: &[Act],
     y: *mut f32,
     ystride: usize,
     isa: Isa,
 ) {
-    let stride = w.row_bytes();
-    let bytes = w.bytes();
+    let w = ops[0].w;
     let mut k = 0usize; // packed index of the current segment start
     for seg in rows {
         let (s0, s1) = (k, k + seg.len());
@@ -325,17 +371,34 @@ unsafe fn rows_dot(
         let yseg = unsafe { y.add(a - r.start) };
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512 {
-            let base = bytes[first * stride..].as_ptr();
-            // Safety: rows first..first+n lie inside the tensor and `cols` inside its width.
-            let done = unsafe { avx512::rows(w.dtype, base, stride, n, cols, acts, yseg, ystride) };
+            let none = avx512::Strip {
+                base: std::ptr::null(),
+                stride: 0,
+                cols: &[],
+            };
+            let mut strips = [none; MAX_OPERANDS];
+            for (st, o) in strips.iter_mut().zip(ops) {
+                let stride = o.w.row_bytes();
+                st.base = o.w.bytes()[first * stride..].as_ptr();
+                st.stride = stride;
+                st.cols = o.cols;
+            }
+            let strips = &strips[..ops.len()];
+            // Safety: rows first..first+n lie inside every panel and each `cols` inside its width.
+            let done = unsafe { avx512::rows(w.dtype, strips, n, acts, yseg, ystride) };
             if done {
                 continue;
             }
         }
+        debug_assert_eq!(
+            ops.len(),
+            1,
+            "operands are joined only where a kernel takes strips"
+        );
         for (i, act) in acts.iter().enumerate() {
             // Safety: the caller's contract for activation row i.
             let out = unsafe { std::slice::from_raw_parts_mut(yseg.add(i * ystride), n) };
-            row_dots(w, first, cols, act, out, isa);
+            row_dots(w, first, ops[0].cols, act, out, isa);
         }
     }
 }
@@ -552,7 +615,10 @@ mod avx512 {
     //! accumulators, so each weight block is loaded and decoded once per A activation rows and
     //! each activation block once per R weight rows. Every (row, activation) pair sees the same
     //! operations in the same order for any R and A: m = 1 decode and a batch agree bit for bit.
-    use super::Act;
+    //! A row may run through several strips (the column panels of a re-laid matrix) with one set
+    //! of accumulators: the integer kernels then pair blocks across the cuts, so their sums do
+    //! not depend on where a row is cut.
+    use super::{Act, ActKind};
     use crate::tensor::DType;
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -639,38 +705,68 @@ mod avx512 {
         }
     }
 
-    /// Rows 0..n from `base` against every activation row; false when this ISA path has no
-    /// multi-row kernel for the pair (the caller then goes row by row).
+    /// One column strip of the rows of a product: a weight (one column panel) with its own
+    /// row stride and columns, from the first row of the call. A row runs through the strips in
+    /// order with one set of accumulators, its activation the strips' inputs concatenated.
+    #[derive(Clone, Copy)]
+    pub struct Strip<'a> {
+        pub base: *const u8,
+        pub stride: usize,
+        pub cols: &'a [Range<usize>],
+    }
+
+    /// Whether [`rows`] takes several strips for this pair (else one at a time).
+    pub(super) fn joins(dt: DType, kind: ActKind) -> bool {
+        matches!(
+            (kind, dt),
+            (
+                ActKind::Q8,
+                DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1
+            ) | (ActKind::Bf16, DType::BF16 | DType::F8E4M3)
+                | (ActKind::F32, DType::F32 | DType::F16 | DType::BF16)
+        )
+    }
+
+    /// Rows 0..n of the strips against every activation row; false when this ISA path has no
+    /// multi-row kernel for the pair (the caller then goes row by row), or it takes one strip
+    /// only ([`joins`]) and got several.
     ///
-    /// Safety: rows 0..n from `base` lie inside the tensor, `cols` inside its width, and `y`
-    /// is valid for writes at a·ys + j, a < acts.len(), j < n.
-    #[allow(clippy::too_many_arguments)]
+    /// Safety: rows 0..n of every strip lie inside its tensor, its `cols` inside its width, and
+    /// `y` is valid for writes at a·ys + j, a < acts.len(), j < n.
     pub unsafe fn rows(
         dt: DType,
-        base: *const u8,
-        stride: usize,
+        strips: &[Strip],
         n: usize,
-        cols: &[Range<usize>],
         acts: &[Act],
         y: *mut f32,
         ys: usize,
     ) -> bool {
+        let st = strips;
+        let kind = match acts[0] {
+            Act::F32(_) => ActKind::F32,
+            Act::Bf16(_) => ActKind::Bf16,
+            Act::Q8 { .. } => ActKind::Q8,
+        };
+        if st.len() > 1 && !joins(dt, kind) {
+            return false;
+        }
+        let Strip { base, stride, cols } = st[0];
         unsafe {
             match (&acts[0], dt) {
-                (Act::Q8 { .. }, DType::Q8_0) => rows_q::<Q8_0>(base, stride, n, cols, acts, y, ys),
-                (Act::Q8 { .. }, DType::Q4_0) => rows_q::<Q4_0>(base, stride, n, cols, acts, y, ys),
-                (Act::Q8 { .. }, DType::Q4_1) => rows_q::<Q4_1>(base, stride, n, cols, acts, y, ys),
-                (Act::Q8 { .. }, DType::Q5_0) => rows_q::<Q5_0>(base, stride, n, cols, acts, y, ys),
-                (Act::Q8 { .. }, DType::Q5_1) => rows_q::<Q5_1>(base, stride, n, cols, acts, y, ys),
+                (Act::Q8 { .. }, DType::Q8_0) => rows_q::<Q8_0>(st, n, acts, y, ys),
+                (Act::Q8 { .. }, DType::Q4_0) => rows_q::<Q4_0>(st, n, acts, y, ys),
+                (Act::Q8 { .. }, DType::Q4_1) => rows_q::<Q4_1>(st, n, acts, y, ys),
+                (Act::Q8 { .. }, DType::Q5_0) => rows_q::<Q5_0>(st, n, acts, y, ys),
+                (Act::Q8 { .. }, DType::Q5_1) => rows_q::<Q5_1>(st, n, acts, y, ys),
                 (Act::Q8 { .. }, DType::Nvfp4) if vbmi() => {
                     rows_nvfp4_vbmi(base, stride, n, cols, acts, y, ys)
                 }
                 (Act::Q8 { .. }, DType::Nvfp4) => rows_nvfp4(base, stride, n, cols, acts, y, ys),
-                (Act::Bf16(_), DType::F8E4M3) => rows_fp8(base, stride, n, cols, acts, y, ys),
-                (Act::Bf16(_), DType::BF16) => rows_bf16(base, stride, n, cols, acts, y, ys),
-                (Act::F32(_), DType::F32) => rows_f::<F32>(base, stride, n, cols, acts, y, ys),
-                (Act::F32(_), DType::F16) => rows_f::<F16>(base, stride, n, cols, acts, y, ys),
-                (Act::F32(_), DType::BF16) => rows_f::<BF16>(base, stride, n, cols, acts, y, ys),
+                (Act::Bf16(_), DType::F8E4M3) => rows_fp8(st, n, acts, y, ys),
+                (Act::Bf16(_), DType::BF16) => rows_bf16(st, n, acts, y, ys),
+                (Act::F32(_), DType::F32) => rows_f::<F32>(st, n, acts, y, ys),
+                (Act::F32(_), DType::F16) => rows_f::<F16>(st, n, acts, y, ys),
+                (Act::F32(_), DType::BF16) => rows_f::<BF16>(st, n, acts, y, ys),
                 _ => return false,
             }
         }
@@ -686,29 +782,23 @@ mod avx512 {
     /// `L` accumulators of its own.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")]
     unsafe fn rows_q<const KIND: u8>(
-        base: *const u8,
-        stride: usize,
+        strips: &[Strip],
         n: usize,
-        cols: &[Range<usize>],
         acts: &[Act],
         y: *mut f32,
         ys: usize,
     ) {
         unsafe {
             tiles!(n, acts, y, ys, |r, R, xa, A| q_tile::<R, A, KIND>(
-                base.add(r * stride),
-                stride,
-                cols,
-                xa
+                strips, r, xa
             ))
         }
     }
 
     #[inline(always)]
     unsafe fn q_tile<const R: usize, const A: usize, const KIND: u8>(
-        base: *const u8,
-        stride: usize,
-        cols: &[Range<usize>],
+        strips: &[Strip],
+        r0: usize,
         xa: &[Act; A],
     ) -> [[f32; A]; R] {
         unsafe {
@@ -719,25 +809,48 @@ mod avx512 {
                 };
                 x[a] = (q.as_ptr(), dx8.as_ptr(), cx8.as_ptr());
             }
+            let bb = q_block_bytes(KIND);
             let mut acc = [[[_mm512_setzero_ps(); LQ]; A]; R];
-            let mut k = 0usize;
-            for c in cols {
-                let (b0, nb) = (c.start / 32, c.len() / 32);
-                let mut b = 0;
-                // Pairs of blocks feed accumulators 0 and 1 in turn; a last lone block, 1.
-                while b + 4 <= nb {
-                    q_step::<R, A, KIND, true, 0>(base, stride, b0 + b, k, &x, &mut acc);
-                    q_step::<R, A, KIND, true, 1>(base, stride, b0 + b + 2, k + 2, &x, &mut acc);
-                    (b, k) = (b + 4, k + 4);
+            // Consecutive blocks of the activation pair up, across segments and strips too (a
+            // pair's two weight blocks load apart); pairs feed accumulators 0 and 1 in turn, a
+            // last lone block 1. So a row's arithmetic does not depend on where it is cut.
+            let mut k = 0usize; // activation block of the next block
+            let mut li = 0usize;
+            let mut pend: Option<(*const u8, usize)> = None;
+            macro_rules! pair {
+                ($p:expr, $ps:expr, $p1:expr, $p1s:expr, $k:expr) => {{
+                    if li == 0 {
+                        q_step::<R, A, KIND, true, 0>($p, $ps, $p1, $p1s, $k, &x, &mut acc);
+                    } else {
+                        q_step::<R, A, KIND, true, 1>($p, $ps, $p1, $p1s, $k, &x, &mut acc);
+                    }
+                    li ^= 1;
+                }};
+            }
+            for st in strips {
+                let base = st.base.add(r0 * st.stride);
+                let ps = st.stride;
+                for c in st.cols {
+                    let mut p = base.add(c.start / 32 * bb);
+                    let mut left = c.len() / 32;
+                    if left > 0
+                        && let Some((pp, pps)) = pend.take()
+                    {
+                        pair!(pp, pps, p, ps, k - 1);
+                        (p, left, k) = (p.add(bb), left - 1, k + 1);
+                    }
+                    while left >= 2 {
+                        pair!(p, ps, p.add(bb), ps, k);
+                        (p, left, k) = (p.add(2 * bb), left - 2, k + 2);
+                    }
+                    if left == 1 {
+                        pend = Some((p, ps));
+                        k += 1;
+                    }
                 }
-                if b + 2 <= nb {
-                    q_step::<R, A, KIND, true, 0>(base, stride, b0 + b, k, &x, &mut acc);
-                    (b, k) = (b + 2, k + 2);
-                }
-                if b < nb {
-                    q_step::<R, A, KIND, false, 1>(base, stride, b0 + b, k, &x, &mut acc);
-                    k += 1;
-                }
+            }
+            if let Some((p, ps)) = pend {
+                q_step::<R, A, KIND, false, 1>(p, ps, p, ps, k - 1, &x, &mut acc);
             }
             let mut out = [[0f32; A]; R];
             for r in 0..R {
@@ -749,11 +862,24 @@ mod avx512 {
         }
     }
 
+    /// Bytes of a block of the integer kernels' formats.
+    #[inline(always)]
+    const fn q_block_bytes(kind: u8) -> usize {
+        match kind {
+            Q8_0 => 34,
+            Q4_0 => 18,
+            Q4_1 => 20,
+            Q5_0 => 22,
+            _ => 24,
+        }
+    }
+
     /// Accumulators per (weight row, activation row) of the block kernels (rows are short).
     const LQ: usize = 2;
 
-    /// Blocks `blk`, `blk + 1` of R weight rows (`TWO`; else block `blk` alone) against
-    /// activation blocks k, k + 1 of A activation rows, into accumulator `LI`.
+    /// Weight blocks at `p0` and `p1` (rows r at `p0 + r·ps`, `p1 + r·p1s`; `TWO`, else the
+    /// one at `p0` alone) of R weight rows against activation blocks k, k + 1 of A activation
+    /// rows, into accumulator `LI`.
     #[inline(always)]
     #[allow(clippy::type_complexity)]
     unsafe fn q_step<
@@ -763,21 +889,15 @@ mod avx512 {
         const TWO: bool,
         const LI: usize,
     >(
-        base: *const u8,
-        stride: usize,
-        blk: usize,
+        p0: *const u8,
+        ps: usize,
+        p1: *const u8,
+        p1s: usize,
         k: usize,
         x: &[(*const i8, *const f32, *const f32); A],
         acc: &mut [[[__m512; LQ]; A]; R],
     ) {
         unsafe {
-            let bb = match KIND {
-                Q8_0 => 34,
-                Q4_0 => 18,
-                Q4_1 => 20,
-                Q5_0 => 22,
-                _ => 24,
-            };
             // Where the quants start in a block (after d, m and Q5's 32 high bits).
             let off = match KIND {
                 Q8_0 | Q4_0 => 2,
@@ -806,9 +926,9 @@ mod avx512 {
                 cx[a] = _mm512_maskz_loadu_ps(m, c.add(8 * k));
             }
             for r in 0..R {
-                let p = base.add(r * stride + blk * bb);
-                _mm_prefetch::<_MM_HINT_T0>(p.add(PF * stride + 64) as *const i8);
-                let p1 = if TWO { p.add(bb) } else { p };
+                let p = p0.add(r * ps);
+                _mm_prefetch::<_MM_HINT_T0>(p.add(PF * ps + 64) as *const i8);
+                let p1 = if TWO { p1.add(r * p1s) } else { p };
                 // d (and m) of both blocks: [d0, m0, d1, m1] or [d0, d1].
                 let h = if asym {
                     _mm_insert_epi32::<1>(
@@ -873,21 +993,10 @@ mod avx512 {
 
     /// BF16 rows · bf16 x (vdpbf16ps).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-    unsafe fn rows_bf16(
-        base: *const u8,
-        stride: usize,
-        n: usize,
-        cols: &[Range<usize>],
-        acts: &[Act],
-        y: *mut f32,
-        ys: usize,
-    ) {
+    unsafe fn rows_bf16(strips: &[Strip], n: usize, acts: &[Act], y: *mut f32, ys: usize) {
         unsafe {
             tiles!(n, acts, y, ys, |r, R, xa, A| bf16_tile::<R, A, false>(
-                base.add(r * stride),
-                stride,
-                cols,
-                xa
+                strips, r, xa
             ))
         }
     }
@@ -895,9 +1004,8 @@ mod avx512 {
     /// BF16 weights, or FP8 ones widened to bf16 (`FP8`), against bf16 activations.
     #[inline(always)]
     unsafe fn bf16_tile<const R: usize, const A: usize, const FP8: bool>(
-        base: *const u8,
-        stride: usize,
-        cols: &[Range<usize>],
+        strips: &[Strip],
+        r0: usize,
         xa: &[Act; A],
     ) -> [[f32; A]; R] {
         unsafe {
@@ -910,55 +1018,60 @@ mod avx512 {
             }
             let mut acc = [[[_mm512_setzero_ps(); L]; A]; R];
             let mut k = 0usize;
-            for c in cols {
-                let n = c.len();
-                let mut i = 0;
-                // Chunk l of each run of L feeds accumulator l (unrolled: the accumulators stay
-                // in registers).
-                while i < n {
-                    for l in 0..L {
-                        if i >= n {
-                            break;
-                        }
-                        let m: __mmask32 = if n - i >= 32 {
-                            !0
-                        } else {
-                            (1u32 << (n - i)) - 1
-                        };
-                        let mut wv = [_mm512_setzero_si512(); R];
-                        for r in 0..R {
-                            let esz = if FP8 { 1 } else { 2 };
-                            let wp = base.add(r * stride + esz * (c.start + i));
-                            _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
-                            // Plain loads where the chunk is whole: masked loads do not
-                            // train the hardware prefetchers.
-                            let full = m == !0;
-                            wv[r] = match (FP8, full) {
-                                (true, true) => e4m3_to_bf16(_mm256_loadu_si256(wp as *const _)),
-                                (true, false) => {
-                                    e4m3_to_bf16(_mm256_maskz_loadu_epi8(m, wp as *const _))
-                                }
-                                (false, true) => _mm512_loadu_si512(wp as *const _),
-                                (false, false) => _mm512_maskz_loadu_epi16(m, wp as *const _),
-                            };
-                        }
-                        for a in 0..A {
-                            let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(
-                                m,
-                                xp[a].add(k + i) as *const _,
-                            ));
-                            for r in 0..R {
-                                acc[r][a][l] = _mm512_dpbf16_ps(
-                                    acc[r][a][l],
-                                    std::mem::transmute::<__m512i, __m512bh>(wv[r]),
-                                    xv,
-                                );
+            for st in strips {
+                let (base, stride) = (st.base.add(r0 * st.stride), st.stride);
+                for c in st.cols {
+                    let n = c.len();
+                    let mut i = 0;
+                    // Chunk l of each run of L feeds accumulator l (unrolled: the accumulators stay
+                    // in registers).
+                    while i < n {
+                        for l in 0..L {
+                            if i >= n {
+                                break;
                             }
+                            let m: __mmask32 = if n - i >= 32 {
+                                !0
+                            } else {
+                                (1u32 << (n - i)) - 1
+                            };
+                            let mut wv = [_mm512_setzero_si512(); R];
+                            for r in 0..R {
+                                let esz = if FP8 { 1 } else { 2 };
+                                let wp = base.add(r * stride + esz * (c.start + i));
+                                _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
+                                // Plain loads where the chunk is whole: masked loads do not
+                                // train the hardware prefetchers.
+                                let full = m == !0;
+                                wv[r] = match (FP8, full) {
+                                    (true, true) => {
+                                        e4m3_to_bf16(_mm256_loadu_si256(wp as *const _))
+                                    }
+                                    (true, false) => {
+                                        e4m3_to_bf16(_mm256_maskz_loadu_epi8(m, wp as *const _))
+                                    }
+                                    (false, true) => _mm512_loadu_si512(wp as *const _),
+                                    (false, false) => _mm512_maskz_loadu_epi16(m, wp as *const _),
+                                };
+                            }
+                            for a in 0..A {
+                                let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(
+                                    m,
+                                    xp[a].add(k + i) as *const _,
+                                ));
+                                for r in 0..R {
+                                    acc[r][a][l] = _mm512_dpbf16_ps(
+                                        acc[r][a][l],
+                                        std::mem::transmute::<__m512i, __m512bh>(wv[r]),
+                                        xv,
+                                    );
+                                }
+                            }
+                            i += 32;
                         }
-                        i += 32;
                     }
+                    k += n;
                 }
-                k += n;
             }
             let mut out = [[0f32; A]; R];
             for r in 0..R {
@@ -974,29 +1087,23 @@ mod avx512 {
     /// shift), 16 lanes at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c,fma")]
     unsafe fn rows_f<const KIND: u8>(
-        base: *const u8,
-        stride: usize,
+        strips: &[Strip],
         n: usize,
-        cols: &[Range<usize>],
         acts: &[Act],
         y: *mut f32,
         ys: usize,
     ) {
         unsafe {
             tiles!(n, acts, y, ys, |r, R, xa, A| f_tile::<R, A, KIND>(
-                base.add(r * stride),
-                stride,
-                cols,
-                xa
+                strips, r, xa
             ))
         }
     }
 
     #[inline(always)]
     unsafe fn f_tile<const R: usize, const A: usize, const KIND: u8>(
-        base: *const u8,
-        stride: usize,
-        cols: &[Range<usize>],
+        strips: &[Strip],
+        r0: usize,
         xa: &[Act; A],
     ) -> [[f32; A]; R] {
         unsafe {
@@ -1010,37 +1117,43 @@ mod avx512 {
             let esz = if KIND == F32 { 4 } else { 2 };
             let mut acc = [[_mm512_setzero_ps(); A]; R];
             let mut k = 0usize;
-            for c in cols {
-                let n = c.len();
-                let mut i = 0;
-                while i < n {
-                    let m: __mmask16 = if n - i >= 16 {
-                        !0
-                    } else {
-                        (1u16 << (n - i)) - 1
-                    };
-                    let mut wv = [_mm512_setzero_ps(); R];
-                    for r in 0..R {
-                        let wp = base.add(r * stride + esz * (c.start + i));
-                        _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
-                        wv[r] = match KIND {
-                            F32 => _mm512_maskz_loadu_ps(m, wp as *const f32),
-                            F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, wp as *const _)),
-                            _ => _mm512_castsi512_ps(_mm512_slli_epi32(
-                                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, wp as *const _)),
-                                16,
-                            )),
+            for st in strips {
+                let (base, stride) = (st.base.add(r0 * st.stride), st.stride);
+                for c in st.cols {
+                    let n = c.len();
+                    let mut i = 0;
+                    while i < n {
+                        let m: __mmask16 = if n - i >= 16 {
+                            !0
+                        } else {
+                            (1u16 << (n - i)) - 1
                         };
-                    }
-                    for a in 0..A {
-                        let xv = _mm512_maskz_loadu_ps(m, xp[a].add(k + i));
+                        let mut wv = [_mm512_setzero_ps(); R];
                         for r in 0..R {
-                            acc[r][a] = _mm512_fmadd_ps(wv[r], xv, acc[r][a]);
+                            let wp = base.add(r * stride + esz * (c.start + i));
+                            _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
+                            wv[r] = match KIND {
+                                F32 => _mm512_maskz_loadu_ps(m, wp as *const f32),
+                                F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, wp as *const _)),
+                                _ => _mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                                        m,
+                                        wp as *const _,
+                                    )),
+                                    16,
+                                )),
+                            };
                         }
+                        for a in 0..A {
+                            let xv = _mm512_maskz_loadu_ps(m, xp[a].add(k + i));
+                            for r in 0..R {
+                                acc[r][a] = _mm512_fmadd_ps(wv[r], xv, acc[r][a]);
+                            }
+                        }
+                        i += 16;
                     }
-                    i += 16;
+                    k += n;
                 }
-                k += n;
             }
             let mut out = [[0f32; A]; R];
             for r in 0..R {
@@ -1299,21 +1412,10 @@ mod avx512 {
     /// FP8 E4M3 rows · bf16 x (vdpbf16ps): each byte widened to the bf16 of its value, exactly
     /// (normal codes by moving the exponent, subnormals by a table of eight).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,f16c,fma")]
-    unsafe fn rows_fp8(
-        base: *const u8,
-        stride: usize,
-        n: usize,
-        cols: &[Range<usize>],
-        acts: &[Act],
-        y: *mut f32,
-        ys: usize,
-    ) {
+    unsafe fn rows_fp8(strips: &[Strip], n: usize, acts: &[Act], y: *mut f32, ys: usize) {
         unsafe {
             tiles!(n, acts, y, ys, |r, R, xa, A| bf16_tile::<R, A, true>(
-                base.add(r * stride),
-                stride,
-                cols,
-                xa
+                strips, r, xa
             ))
         }
     }

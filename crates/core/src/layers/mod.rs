@@ -87,11 +87,14 @@ pub fn linear_rows(
 #[derive(Default)]
 struct PanelScratch {
     /// (panel, panel-local columns, offset in the packed input).
-    pieces: Vec<(usize, Range<usize>, usize)>,
-    /// Per touched panel: (panel, its range in `cols`, its range in `x`).
+    pieces: Vec<(usize, Range<usize>)>,
+    /// Per touched panel: (panel, its range in `cols`, its columns in a row of `x`).
     touched: Vec<(usize, Range<usize>, Range<usize>)>,
     cols: Vec<Range<usize>>,
+    /// [t][k]: each row the touched panels' inputs one after another.
     x: Vec<f32>,
+    /// One panel's inputs for the GEMM, [t][k_p].
+    xp: Vec<f32>,
     y: Vec<f32>,
 }
 
@@ -99,10 +102,10 @@ thread_local! {
     static PANELS: std::cell::RefCell<PanelScratch> = std::cell::RefCell::default();
 }
 
-/// [`linear_rows`] over a matrix re-laid in column panels ([`Tensor::relay`]): the sum, panel
-/// by panel in order, of each panel's product over its part of `cols` (decode rows in one pass
-/// of the thread pool, [`gemv::matvec_sum`]). A budget inside panel 0 runs exactly the product
-/// of its sliced copy.
+/// [`linear_rows`] over a matrix re-laid in column panels ([`Tensor::relay`]): the products of
+/// the panels over their parts of `cols`, summed (decode rows in one pass of the thread pool,
+/// [`gemv::matvec_sum`]). A budget that reads panel 0 runs exactly the product of its sliced
+/// copy.
 fn paneled(
     panels: &[crate::tensor::Panel],
     rows: &[Range<usize>],
@@ -125,93 +128,74 @@ fn paneled(
     let t = x.len() / k;
     PANELS.with(|s| {
         let s = &mut *s.borrow_mut();
+        // Each segment of `cols` cut at the panels' columns: (panel, local columns, input offset),
+        // then per panel in order its columns (merged where adjacent) and inputs.
         s.pieces.clear();
-        let mut xo = 0;
-        for seg in cols {
-            for (pi, p) in panels.iter().enumerate() {
+        s.touched.clear();
+        s.cols.clear();
+        let mut at = 0;
+        for (pi, p) in panels.iter().enumerate() {
+            let (c0, k0) = (s.cols.len(), at);
+            let mut xo = 0;
+            for seg in cols {
                 let mut lo = 0;
                 for r in &p.cols {
                     let (a, b) = (seg.start.max(r.start), seg.end.min(r.end));
                     if a < b {
-                        s.pieces
-                            .push((pi, lo + a - r.start..lo + b - r.start, xo + a - seg.start));
+                        let local = lo + a - r.start..lo + b - r.start;
+                        s.pieces.push((xo + a - seg.start, at..at + local.len()));
+                        at += local.len();
+                        let own = s.cols.len() > c0;
+                        match s.cols.last_mut() {
+                            Some(l) if own && l.end == local.start => l.end = local.end,
+                            _ => s.cols.push(local),
+                        }
                     }
                     lo += r.len();
                 }
+                xo += seg.len();
             }
-            xo += seg.len();
-        }
-        // Each touched panel's columns (merged where adjacent) and inputs, [t][k_p].
-        s.touched.clear();
-        s.cols.clear();
-        let mut xlen = 0;
-        for pi in 0..panels.len() {
-            let (c0, mut kp) = (s.cols.len(), 0);
-            for (_, c, _) in s.pieces.iter().filter(|q| q.0 == pi) {
-                kp += c.len();
-                let own = s.cols.len() > c0;
-                match s.cols.last_mut() {
-                    Some(l) if own && l.end == c.start => l.end = c.end,
-                    _ => s.cols.push(c.clone()),
-                }
-            }
-            if kp > 0 {
-                s.touched.push((pi, c0..s.cols.len(), xlen..xlen + t * kp));
-                xlen += t * kp;
+            if at > k0 {
+                s.touched.push((pi, c0..s.cols.len(), k0..at));
             }
         }
-        let xs = buf(&mut s.x, xlen);
-        for (pi, _, xr) in &s.touched {
-            let kp = xr.len() / t;
-            for (xi, xp) in x.chunks(k).zip(xs[xr.clone()].chunks_mut(kp)) {
-                let mut at = 0;
-                for (_, c, xo) in s.pieces.iter().filter(|q| q.0 == *pi) {
-                    xp[at..at + c.len()].copy_from_slice(&xi[*xo..*xo + c.len()]);
-                    at += c.len();
-                }
+        debug_assert_eq!(at, k);
+        let xs = buf(&mut s.x, t * k);
+        for (xi, xo) in x.chunks(k).zip(xs.chunks_mut(k)) {
+            for (from, to) in &s.pieces {
+                xo[to.clone()].copy_from_slice(&xi[*from..*from + to.len()]);
             }
         }
-        let (xs, cs) = (&s.x[..xlen], &s.cols[..]);
-        let op = |(pi, cr, xr): &(usize, Range<usize>, Range<usize>), r: Range<usize>| {
-            let kp = xr.len() / t;
-            gemv::Operand {
+        let (xs, cs, touched) = (&s.x[..t * k], &s.cols[..], &s.touched[..]);
+        let mut ops = [gemv::Operand {
+            w: &p0.t,
+            cols: &[],
+        }; gemv::MAX_OPERANDS];
+        for (o, (pi, cr, _)) in ops.iter_mut().zip(touched) {
+            *o = gemv::Operand {
                 w: &panels[*pi].t,
                 cols: &cs[cr.clone()],
-                x: &xs[xr.start + r.start * kp..xr.start + r.end * kp],
-            }
-        };
-        let tmp = &mut s.y;
-        // Decode rows (and a lone token): the panels summed in one pass per MAX_OPERANDS.
-        let mut sum = |r: Range<usize>, y: &mut [f32]| {
-            for (g, grp) in s.touched.chunks(gemv::MAX_OPERANDS).enumerate() {
-                let mut ops = [op(&grp[0], r.clone()); gemv::MAX_OPERANDS];
-                for (o, q) in ops.iter_mut().zip(grp) {
-                    *o = op(q, r.clone());
-                }
-                if g == 0 {
-                    gemv::matvec_sum(&ops[..grp.len()], rows, y);
-                } else {
-                    let part = buf(tmp, y.len());
-                    gemv::matvec_sum(&ops[..grp.len()], rows, part);
-                    y.iter_mut().zip(part.iter()).for_each(|(a, b)| *a += b);
-                }
-            }
-        };
+            };
+        }
+        let ops = &ops[..touched.len()];
         let (yd, yr) = y.split_at_mut(decode * n);
         if decode > 0 {
-            sum(0..decode, yd);
+            gemv::matvec_sum(ops, rows, &xs[..decode * k], yd);
         }
         match t - decode {
             0 => {}
-            1 => sum(decode..t, yr),
-            _ => {
-                for (i, q) in s.touched.iter().enumerate() {
-                    let o = op(q, decode..t);
+            1 => gemv::matvec_sum(ops, rows, &xs[decode * k..], yr),
+            tr => {
+                for (i, (o, (_, _, kr))) in ops.iter().zip(touched).enumerate() {
+                    let xp = buf(&mut s.xp, tr * kr.len());
+                    for (xi, xo) in xs[decode * k..].chunks(k).zip(xp.chunks_mut(kr.len())) {
+                        xo.copy_from_slice(&xi[kr.clone()]);
+                    }
                     if i == 0 {
-                        gemm::matmul(o.w, rows, o.cols, o.x, yr);
+                        gemm::matmul(o.w, rows, o.cols, xp, yr);
                     } else {
-                        let part = buf(tmp, yr.len());
-                        gemm::matmul(o.w, rows, o.cols, o.x, part);
+                        let part = buf(&mut s.y, yr.len());
+                        gemm::matmul(o.w, rows, o.cols, xp, part);
                         yr.iter_mut().zip(part.iter()).for_each(|(a, b)| *a += b);
                     }
                 }
