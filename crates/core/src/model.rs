@@ -1075,9 +1075,10 @@ impl Model {
     /// Re-lays every matrix that `budgets` cut by columns into column panels
     /// ([`Tensor::relay`]), so that each budget's products read whole contiguous rows: a view
     /// then decodes like its sliced copy instead of striding through the parent's rows. The
-    /// columns each product reads come from one observed token per budget. Budgets that span
-    /// several panels sum per-panel products, which changes f32 rounding (not values) against
-    /// the unpaneled model; a budget inside panel 0 stays bit-exact with its sliced copy. The
+    /// columns each product reads come from one observed token per budget. A budget that spans
+    /// several panels runs each row through them (`kernels::gemv::matvec_sum`), which changes f32
+    /// rounding (not values) against the unpaneled model; a budget of panel 0 runs exactly its
+    /// sliced copy's products. The
     /// checkpoint's pages of re-laid matrices are given back to the OS. Returns the number of
     /// matrices re-laid and their bytes.
     pub fn panel(&mut self, budgets: &[Budget]) -> Result<(usize, u64)> {
