@@ -120,7 +120,12 @@ pub fn run(a: Args) -> Result<()> {
     let layout = a.layout.clone();
     serve(cfg, move |mut cfg: ServerConfig| {
         let mut model = crate::models::load(&m.model)?;
-        layout.apply(&mut model)?;
+        let panels = layout.apply(&mut model)?;
+        if cfg.log && panels > 0 {
+            eprintln!(
+                "column panels: {panels} matrices re-laid for the manifest's budgets and --panel-budget"
+            );
+        }
         if let Some(t) = template {
             model.meta.chat_template = Some(t);
         }
