@@ -690,6 +690,17 @@ mod avx512 {
         }};
     }
 
+    /// Runs the body for every column segment `c` of every strip, `base` and `stride` the
+    /// strip's rows from row r0 (the float tiles' walk along a row).
+    macro_rules! each_segment {
+        ($strips:expr, $r0:expr, |$base:ident, $stride:ident, $c:ident| $body:block) => {
+            for st in $strips {
+                let ($base, $stride) = (st.base.add($r0 * st.stride), st.stride);
+                for $c in st.cols $body
+            }
+        };
+    }
+
     #[inline(always)]
     unsafe fn store<const R: usize, const A: usize>(
         o: &[[f32; A]; R],
@@ -1018,61 +1029,56 @@ mod avx512 {
             }
             let mut acc = [[[_mm512_setzero_ps(); L]; A]; R];
             let mut k = 0usize;
-            for st in strips {
-                let (base, stride) = (st.base.add(r0 * st.stride), st.stride);
-                for c in st.cols {
-                    let n = c.len();
-                    let mut i = 0;
-                    // Chunk l of each run of L feeds accumulator l (unrolled: the accumulators stay
-                    // in registers).
-                    while i < n {
-                        for l in 0..L {
-                            if i >= n {
-                                break;
-                            }
-                            let m: __mmask32 = if n - i >= 32 {
-                                !0
-                            } else {
-                                (1u32 << (n - i)) - 1
-                            };
-                            let mut wv = [_mm512_setzero_si512(); R];
-                            for r in 0..R {
-                                let esz = if FP8 { 1 } else { 2 };
-                                let wp = base.add(r * stride + esz * (c.start + i));
-                                _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
-                                // Plain loads where the chunk is whole: masked loads do not
-                                // train the hardware prefetchers.
-                                let full = m == !0;
-                                wv[r] = match (FP8, full) {
-                                    (true, true) => {
-                                        e4m3_to_bf16(_mm256_loadu_si256(wp as *const _))
-                                    }
-                                    (true, false) => {
-                                        e4m3_to_bf16(_mm256_maskz_loadu_epi8(m, wp as *const _))
-                                    }
-                                    (false, true) => _mm512_loadu_si512(wp as *const _),
-                                    (false, false) => _mm512_maskz_loadu_epi16(m, wp as *const _),
-                                };
-                            }
-                            for a in 0..A {
-                                let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(
-                                    m,
-                                    xp[a].add(k + i) as *const _,
-                                ));
-                                for r in 0..R {
-                                    acc[r][a][l] = _mm512_dpbf16_ps(
-                                        acc[r][a][l],
-                                        std::mem::transmute::<__m512i, __m512bh>(wv[r]),
-                                        xv,
-                                    );
-                                }
-                            }
-                            i += 32;
+            each_segment!(strips, r0, |base, stride, c| {
+                let n = c.len();
+                let mut i = 0;
+                // Chunk l of each run of L feeds accumulator l (unrolled: the accumulators stay
+                // in registers).
+                while i < n {
+                    for l in 0..L {
+                        if i >= n {
+                            break;
                         }
+                        let m: __mmask32 = if n - i >= 32 {
+                            !0
+                        } else {
+                            (1u32 << (n - i)) - 1
+                        };
+                        let mut wv = [_mm512_setzero_si512(); R];
+                        for r in 0..R {
+                            let esz = if FP8 { 1 } else { 2 };
+                            let wp = base.add(r * stride + esz * (c.start + i));
+                            _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
+                            // Plain loads where the chunk is whole: masked loads do not
+                            // train the hardware prefetchers.
+                            let full = m == !0;
+                            wv[r] = match (FP8, full) {
+                                (true, true) => e4m3_to_bf16(_mm256_loadu_si256(wp as *const _)),
+                                (true, false) => {
+                                    e4m3_to_bf16(_mm256_maskz_loadu_epi8(m, wp as *const _))
+                                }
+                                (false, true) => _mm512_loadu_si512(wp as *const _),
+                                (false, false) => _mm512_maskz_loadu_epi16(m, wp as *const _),
+                            };
+                        }
+                        for a in 0..A {
+                            let xv: __m512bh = std::mem::transmute(_mm512_maskz_loadu_epi16(
+                                m,
+                                xp[a].add(k + i) as *const _,
+                            ));
+                            for r in 0..R {
+                                acc[r][a][l] = _mm512_dpbf16_ps(
+                                    acc[r][a][l],
+                                    std::mem::transmute::<__m512i, __m512bh>(wv[r]),
+                                    xv,
+                                );
+                            }
+                        }
+                        i += 32;
                     }
-                    k += n;
                 }
-            }
+                k += n;
+            });
             let mut out = [[0f32; A]; R];
             for r in 0..R {
                 for a in 0..A {
@@ -1117,44 +1123,38 @@ mod avx512 {
             let esz = if KIND == F32 { 4 } else { 2 };
             let mut acc = [[_mm512_setzero_ps(); A]; R];
             let mut k = 0usize;
-            for st in strips {
-                let (base, stride) = (st.base.add(r0 * st.stride), st.stride);
-                for c in st.cols {
-                    let n = c.len();
-                    let mut i = 0;
-                    while i < n {
-                        let m: __mmask16 = if n - i >= 16 {
-                            !0
-                        } else {
-                            (1u16 << (n - i)) - 1
+            each_segment!(strips, r0, |base, stride, c| {
+                let n = c.len();
+                let mut i = 0;
+                while i < n {
+                    let m: __mmask16 = if n - i >= 16 {
+                        !0
+                    } else {
+                        (1u16 << (n - i)) - 1
+                    };
+                    let mut wv = [_mm512_setzero_ps(); R];
+                    for r in 0..R {
+                        let wp = base.add(r * stride + esz * (c.start + i));
+                        _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
+                        wv[r] = match KIND {
+                            F32 => _mm512_maskz_loadu_ps(m, wp as *const f32),
+                            F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, wp as *const _)),
+                            _ => _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, wp as *const _)),
+                                16,
+                            )),
                         };
-                        let mut wv = [_mm512_setzero_ps(); R];
-                        for r in 0..R {
-                            let wp = base.add(r * stride + esz * (c.start + i));
-                            _mm_prefetch::<_MM_HINT_T0>(wp.add(PF * stride) as *const i8);
-                            wv[r] = match KIND {
-                                F32 => _mm512_maskz_loadu_ps(m, wp as *const f32),
-                                F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, wp as *const _)),
-                                _ => _mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                                        m,
-                                        wp as *const _,
-                                    )),
-                                    16,
-                                )),
-                            };
-                        }
-                        for a in 0..A {
-                            let xv = _mm512_maskz_loadu_ps(m, xp[a].add(k + i));
-                            for r in 0..R {
-                                acc[r][a] = _mm512_fmadd_ps(wv[r], xv, acc[r][a]);
-                            }
-                        }
-                        i += 16;
                     }
-                    k += n;
+                    for a in 0..A {
+                        let xv = _mm512_maskz_loadu_ps(m, xp[a].add(k + i));
+                        for r in 0..R {
+                            acc[r][a] = _mm512_fmadd_ps(wv[r], xv, acc[r][a]);
+                        }
+                    }
+                    i += 16;
                 }
-            }
+                k += n;
+            });
             let mut out = [[0f32; A]; R];
             for r in 0..R {
                 for a in 0..A {
