@@ -336,6 +336,37 @@ fn bad_budgets() {
     );
 }
 
+/// `--panel-budget` is resolved like `--budget` and named in the error; it conflicts with
+/// `--no-panels`.
+#[test]
+fn bad_panel_budgets() {
+    let d = fixture("llama_tiny");
+    let m = s(&d);
+    for cmd in [
+        &["bench", m, "-p", "4", "-n", "2", "-r", "1"][..],
+        &["run", m, "-p", "hi", "-n", "1"],
+    ] {
+        let with = |extra: &[&'static str]| -> Vec<&str> { [cmd, extra].concat() };
+        fails(
+            &with(&["--panel-budget", "hidden=65"]),
+            &["--panel-budget hidden=65", "exceeds the parent's 64"],
+        );
+        fails(
+            &with(&["--panel-budget", "colour=3"]),
+            &["--panel-budget colour=3", "unknown axis"],
+        );
+        fails(&with(&["--panel-budget", ""]), &["--panel-budget", "empty"]);
+        fails(
+            &with(&["--panel-budget", "small"]),
+            &["--panel-budget small", "no elastic manifest"],
+        );
+        fails(
+            &with(&["--no-panels", "--panel-budget", "hidden=32"]),
+            &["--no-panels", "--panel-budget"],
+        );
+    }
+}
+
 #[test]
 fn bad_runtime_input() {
     let d = fixture("llama_tiny");
