@@ -53,8 +53,8 @@ pub struct LayoutArgs {
     /// Keep the checkpoint's row layout. By default the matrices that the manifest's budgets
     /// (and --panel-budget) cut by columns are re-laid at load in column panels, one per nested
     /// budget, so that each of those budgets reads contiguous bytes; a budget spanning several
-    /// panels sums their products (f32 rounding differs from the row layout, which `logits` and
-    /// `perplexity` always use).
+    /// panels runs each row through them (f32 rounding differs from the row layout, which
+    /// `logits` and `perplexity` always use).
     #[arg(long)]
     pub no_panels: bool,
     /// Also cut the panels at this budget (repeatable): a budget outside the manifest that will

@@ -1,16 +1,16 @@
-//! Decode-product throughput per weight format: GB/s of weight bytes read by `gemv::matvec`, for a
-//! matrix small enough for L2 (the kernel's compute ceiling) and one far larger than the caches
-//! (what decode sees). A kernel at its memory roofline is much faster in L2 than from DRAM.
+//! Decode-product throughput per weight format: GB/s of weight bytes read by `layers::linear` on
+//! one token (the decode product), for a matrix small enough for L2 (the kernel's compute
+//! ceiling) and one far larger than the caches (what decode sees). A kernel at its memory roofline is much faster in L2 than from DRAM.
 //!
 //!     cargo run --release --example gemv_bw -- [THREADS] [ACTIVE_COLS] [PANEL_CUT]  (default 1, all, none)
 //!
 //! With ACTIVE_COLS (a multiple of 32), only that prefix of each row is active: a budget view.
 //! With PANEL_CUT, the matrix is re-laid in two column panels cut there (`Tensor::relay`, as
-//! `Model::panel` does for a budget of that width) and the product goes through `linear`.
+//! `Model::panel` does for a budget of that width).
 //!
 //! Prints one JSON line per (format, size): {"dtype", "rows", "cols", "mib", "gb_per_s"}.
 
-use elastica_core::kernels::{gemv, pool};
+use elastica_core::kernels::pool;
 use elastica_core::layers::linear;
 use elastica_core::tensor::{Buf, DType, Tensor};
 use std::sync::Arc;
@@ -86,10 +86,7 @@ fn main() {
                 let t = Instant::now();
                 for _ in 0..reps {
                     #[allow(clippy::single_range_in_vec_init)]
-                    match cut {
-                        Some(_) => linear(&w, &[0..rows], &[0..ac], &x, &mut y),
-                        None => gemv::matvec(&w, &[0..rows], &[0..ac], &x, &mut y),
-                    }
+                    linear(&w, &[0..rows], &[0..ac], &x, &mut y);
                 }
                 best = best.min(t.elapsed().as_secs_f64() / reps as f64);
             }

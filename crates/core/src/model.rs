@@ -616,6 +616,35 @@ impl PartState<MambaCache> for MambaOf<'_, '_> {
     }
 }
 
+/// Every large tensor of a model, as `&` or (with `mut`) `&mut` references: one list for
+/// [`Model::matrices`] and [`Model::matrices_mut`].
+macro_rules! matrices {
+    ($m:expr, $iter:ident $(, $mu:tt)?) => {{
+        let m = $m;
+        let mut v = vec![&$($mu)? m.embed];
+        if let Some(h) = &$($mu)? m.lm_head {
+            v.push(h);
+        }
+        for b in &$($mu)? m.blocks {
+            match &$($mu)? b.mixer {
+                Mixer::Attention(a) => v.extend([&$($mu)? a.q, &$($mu)? a.k, &$($mu)? a.v, &$($mu)? a.o]),
+                Mixer::Mamba(x) => v.extend([&$($mu)? x.in_proj, &$($mu)? x.out_proj]),
+                Mixer::Mlp(x) => {
+                    v.extend([&$($mu)? x.up, &$($mu)? x.down]);
+                    v.extend(x.gate.$iter());
+                }
+                Mixer::Moe(x) => {
+                    v.extend(x.up.$iter().chain(x.down.$iter()));
+                    if let Some(s) = &$($mu)? x.shared {
+                        v.extend([&$($mu)? s.up, &$($mu)? s.down]);
+                    }
+                }
+            }
+        }
+        v
+    }};
+}
+
 impl Model {
     pub fn arch(&self) -> &str {
         &self.meta.arch
@@ -1076,25 +1105,22 @@ impl Model {
     /// ([`Tensor::relay`]), so that each budget's products read whole contiguous rows: a view
     /// then decodes like its sliced copy instead of striding through the parent's rows. The
     /// columns each product reads come from one observed token per budget. A budget that spans
-    /// several panels runs each row through them (`kernels::gemv::matvec_sum`), which changes f32
-    /// rounding (not values) against the unpaneled model; a budget of panel 0 runs exactly its
-    /// sliced copy's products. The
-    /// checkpoint's pages of re-laid matrices are given back to the OS. Returns the number of
-    /// matrices re-laid and their bytes.
+    /// several panels runs each row through them (`kernels::gemv::matvec_sum`), which changes
+    /// f32 rounding (not values) against the unpaneled model; a budget of panel 0 runs exactly
+    /// its sliced copy's products. The checkpoint's pages of re-laid matrices are given back to
+    /// the OS. Returns the number of matrices re-laid and their bytes.
     pub fn panel(&mut self, budgets: &[Budget]) -> Result<(usize, u64)> {
-        #[derive(Default)]
-        struct Cols(std::collections::HashMap<String, Vec<Vec<Range<usize>>>>);
-        impl Cols {
-            fn add(&mut self, name: &str, cols: &[Range<usize>]) {
-                let sets = self.0.entry(name.to_string()).or_default();
-                if !sets.iter().any(|s| s == cols) {
-                    sets.push(cols.to_vec());
-                }
+        type Sets = Vec<Vec<Range<usize>>>;
+        fn add(sets: &mut Sets, cols: &[Range<usize>]) {
+            if !sets.iter().any(|s| s == cols) {
+                sets.push(cols.to_vec());
             }
         }
+        #[derive(Default)]
+        struct Cols(std::collections::HashMap<String, Sets>);
         impl Observer for Cols {
             fn weight_input(&mut self, w: &Tensor, cols: &[Range<usize>], _x: &[f32]) {
-                self.add(&w.name, cols);
+                add(self.0.entry(w.name.clone()).or_default(), cols);
             }
         }
         let mut rec = Cols::default();
@@ -1104,18 +1130,17 @@ impl Model {
             cache.reset();
             self.forward_observed(&[tok], b, &mut cache, Logits::None, &mut rec)?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-            rec.add(&head.name, &[0..b.hidden]);
+            add(rec.0.entry(head.name.clone()).or_default(), &[0..b.hidden]);
         }
         // One token reaches only its top-k experts; every expert of a layer reads the same
         // columns as its siblings.
         for blk in &self.blocks {
             if let Mixer::Moe(m) = &blk.mixer {
                 for experts in [&m.up, &m.down] {
-                    let mut all = Cols::default();
+                    let mut sets = Sets::new();
                     for e in experts.iter().filter_map(|e| rec.0.get(&e.name)) {
-                        e.iter().for_each(|c| all.add("", c));
+                        e.iter().for_each(|c| add(&mut sets, c));
                     }
-                    let sets = all.0.remove("").unwrap_or_default();
                     for e in experts.iter() {
                         rec.0.insert(e.name.clone(), sets.clone());
                     }
@@ -1140,54 +1165,14 @@ impl Model {
         Ok((count, bytes))
     }
 
-    /// The large tensors, mutable (see [`Model::matrices`]).
-    fn matrices_mut(&mut self) -> Vec<&mut Tensor> {
-        let mut v = vec![&mut self.embed];
-        if let Some(h) = &mut self.lm_head {
-            v.push(h);
-        }
-        for b in &mut self.blocks {
-            match &mut b.mixer {
-                Mixer::Attention(a) => v.extend([&mut a.q, &mut a.k, &mut a.v, &mut a.o]),
-                Mixer::Mamba(m) => v.extend([&mut m.in_proj, &mut m.out_proj]),
-                Mixer::Mlp(m) => {
-                    v.extend([&mut m.up, &mut m.down]);
-                    v.extend(m.gate.iter_mut());
-                }
-                Mixer::Moe(m) => {
-                    v.extend(m.up.iter_mut().chain(m.down.iter_mut()));
-                    if let Some(s) = &mut m.shared {
-                        v.extend([&mut s.up, &mut s.down]);
-                    }
-                }
-            }
-        }
-        v
-    }
-
     /// The large tensors (embedding, head, every projection and expert), for summaries.
     pub fn matrices(&self) -> Vec<&Tensor> {
-        let mut v = vec![&self.embed];
-        if let Some(h) = &self.lm_head {
-            v.push(h);
-        }
-        for b in &self.blocks {
-            match &b.mixer {
-                Mixer::Attention(a) => v.extend([&a.q, &a.k, &a.v, &a.o]),
-                Mixer::Mamba(m) => v.extend([&m.in_proj, &m.out_proj]),
-                Mixer::Mlp(m) => {
-                    v.extend([&m.up, &m.down]);
-                    v.extend(m.gate.iter());
-                }
-                Mixer::Moe(m) => {
-                    v.extend(m.up.iter().chain(m.down.iter()));
-                    if let Some(s) = &m.shared {
-                        v.extend([&s.up, &s.down]);
-                    }
-                }
-            }
-        }
-        v
+        matrices!(self, iter)
+    }
+
+    /// [`Model::matrices`], mutable.
+    fn matrices_mut(&mut self) -> Vec<&mut Tensor> {
+        matrices!(self, iter_mut, mut)
     }
 
     /// Weight bytes one decode step reads under a budget (the memory roofline): every active

@@ -820,7 +820,7 @@ mod avx512 {
                 };
                 x[a] = (q.as_ptr(), dx8.as_ptr(), cx8.as_ptr());
             }
-            let bb = q_block_bytes(KIND);
+            let bb = q_dtype(KIND).block_bytes();
             let mut acc = [[[_mm512_setzero_ps(); LQ]; A]; R];
             // Consecutive blocks of the activation pair up, across segments and strips too (a
             // pair's two weight blocks load apart); pairs feed accumulators 0 and 1 in turn, a
@@ -873,15 +873,15 @@ mod avx512 {
         }
     }
 
-    /// Bytes of a block of the integer kernels' formats.
+    /// The format of an integer kernel's `KIND`.
     #[inline(always)]
-    const fn q_block_bytes(kind: u8) -> usize {
+    fn q_dtype(kind: u8) -> DType {
         match kind {
-            Q8_0 => 34,
-            Q4_0 => 18,
-            Q4_1 => 20,
-            Q5_0 => 22,
-            _ => 24,
+            Q8_0 => DType::Q8_0,
+            Q4_0 => DType::Q4_0,
+            Q4_1 => DType::Q4_1,
+            Q5_0 => DType::Q5_0,
+            _ => DType::Q5_1,
         }
     }
 

@@ -86,7 +86,7 @@ pub fn linear_rows(
 /// and inputs, and a partial product.
 #[derive(Default)]
 struct PanelScratch {
-    /// (panel, panel-local columns, offset in the packed input).
+    /// (offset in the packed input, place in a row of `x`) of each piece of `cols` in a panel.
     pieces: Vec<(usize, Range<usize>)>,
     /// Per touched panel: (panel, its range in `cols`, its columns in a row of `x`).
     touched: Vec<(usize, Range<usize>, Range<usize>)>,
@@ -128,8 +128,8 @@ fn paneled(
     let t = x.len() / k;
     PANELS.with(|s| {
         let s = &mut *s.borrow_mut();
-        // Each segment of `cols` cut at the panels' columns: (panel, local columns, input offset),
-        // then per panel in order its columns (merged where adjacent) and inputs.
+        // Each segment of `cols` cut at the panels' columns, panel by panel: the panel's local
+        // columns (merged where adjacent) and where its inputs come from and go.
         s.pieces.clear();
         s.touched.clear();
         s.cols.clear();
