@@ -142,8 +142,7 @@ fn gradients_match_finite_differences() {
             ((logits * &rw).unwrap().sum_all().unwrap() + loss::budget_loss(&e, target).unwrap())
                 .unwrap()
         };
-        let l0 = lossf();
-        let grads = l0.backward().unwrap();
+        let whole = lossf().backward().unwrap();
         let mut vars: Vec<(String, Var)> = net
             .params
             .iter()
@@ -152,6 +151,46 @@ fn gradients_match_finite_differences() {
             .collect();
         for (i, v) in router.vars().into_iter().enumerate() {
             vars.push((format!("router.{i}"), v.clone()));
+        }
+        // Training's backward (block by block over the tape) against the whole graph's.
+        let grads = {
+            let dec = router
+                .decide(1, 0.7, Some(&mut Rng::new(11)), false)
+                .unwrap();
+            let masks = router
+                .masks(&dec, &budgets[1], &m.shape, DType::F64)
+                .unwrap();
+            let (_, tape) = net.tape(&toks, nb, t, &masks).unwrap();
+            let e = net
+                .param_count(
+                    &|axis, l| {
+                        Ok(router.expected(&dec, axis, l)?.unwrap_or(CT::new(
+                            budgets[1].size(axis, l) as f64,
+                            &candle_core::Device::Cpu,
+                        )?))
+                    },
+                    &|_| true,
+                )
+                .unwrap();
+            let bl = loss::budget_loss(&e, target).unwrap();
+            let vs: Vec<Var> = vars.iter().map(|v| v.1.clone()).collect();
+            tape.backward(&rw, Some(&bl), &vs).unwrap()
+        };
+        for (pname, v) in &vars {
+            let (a, b) = (grads.get(v.as_tensor()), whole.get(v.as_tensor()));
+            assert_eq!(
+                a.is_some(),
+                b.is_some(),
+                "{name} {pname}: gradient on one path only"
+            );
+            if let (Some(a), Some(b)) = (a, b) {
+                for (i, (x, y)) in flat(a).iter().zip(flat(b)).enumerate() {
+                    assert!(
+                        (x - y).abs() <= 1e-9 * (1.0 + y.abs()),
+                        "{name} {pname}[{i}]: tape {x} vs whole graph {y}"
+                    );
+                }
+            }
         }
         let mut checked = 0;
         let mut worst = 0f64;

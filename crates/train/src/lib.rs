@@ -359,15 +359,17 @@ impl<'a> Trainer<'a> {
         }
         let full = &self.budgets[0];
         let masks = masks::Masks::hard(&self.net.model.shape, full, CD::F32)?;
-        let logits = self.net.forward(&inputs, batch, seq, &masks)?;
-        let z: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        let (ce, g) = loss::ce(&z, &targets, self.net.model.vocab);
+        let (logits, tape) = self.net.tape(&inputs, batch, seq, &masks)?;
+        let mut z: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        drop(logits);
+        let ce = loss::ce_in_place(&mut z, &targets, self.net.model.vocab);
         if !ce.is_finite() {
             return Err(Error::Train(format!(
                 "loss is not finite at step {step}: cross-entropy {ce}; the last good checkpoint is kept"
             )));
         }
-        let grads = loss::surrogate(&logits, g)?.backward()?;
+        let g = loss::grad_tensor(z, inputs.len(), self.net.dtype)?;
+        let grads = tape.backward(&g, None, &self.model_vars)?;
         let (gn, lr) = self.update_model(&grads, step, "")?;
         self.state.step += 1;
         self.state.tokens_seen += inputs.len() as u64;
@@ -420,10 +422,14 @@ impl<'a> Trainer<'a> {
             .router
             .masks(&dec, &self.budgets[bi], &shape, CD::F32)?;
         let tokens = self.batch_tokens(step, seq, batch);
-        let logits = self.net.forward(&tokens, batch, seq, &masks)?;
+        let (logits, tape) = self.net.tape(&tokens, batch, seq, &masks)?;
+        // One [B·T, vocab] buffer: the student's logits, then their gradient.
+        let mut z: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        drop(logits);
         let teacher = self.teacher_logits(&tokens, seq)?;
-        let student: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        let (kd, g) = loss::kd(&student, &teacher, self.net.model.vocab, self.cfg.kd_temp);
+        let kd = loss::kd_in_place(&mut z, &teacher, self.net.model.vocab, self.cfg.kd_temp);
+        drop(teacher);
+        let g = loss::grad_tensor(z, tokens.len(), self.net.dtype)?;
         let base = &self.budgets[bi];
         let expected = self.net.param_count(
             &|axis, l| match self.router.expected(&dec, axis, l)? {
@@ -441,8 +447,12 @@ impl<'a> Trainer<'a> {
                 "loss is not finite at step {step} (budget {name}): kd {kd}, budget loss {blv}; the last good checkpoint is kept"
             )));
         }
-        let total = (loss::surrogate(&logits, g)? + (bl * self.cfg.budget_weight)?)?;
-        let grads = total.backward()?;
+        let bl = (bl * self.cfg.budget_weight)?;
+        let vars: Vec<Var> = (self.model_vars.iter())
+            .chain(&self.router_vars)
+            .cloned()
+            .collect();
+        let grads = tape.backward(&g, Some(&bl), &vars)?;
         let (gn, lr) = self.update_model(&grads, step, &format!(" (budget {name})"))?;
         let rlr = self.lr(step, self.cfg.router_lr);
         self.opt_router.step(&self.router_vars, &grads, rlr, None)?;

@@ -10,11 +10,17 @@ use elastica_core::kernels::pool::pool;
 /// rows of `v` logits, with its gradient with respect to the student logits:
 /// ∂/∂z_s = temp · (q_s − p_t) / rows. Computed row-parallel outside the autodiff graph.
 pub fn kd(student: &[f32], teacher: &[f32], v: usize, temp: f64) -> (f64, Vec<f32>) {
-    let rows = student.len() / v;
-    let mut grad = vec![0f32; student.len()];
+    let mut grad = student.to_vec();
+    (kd_in_place(&mut grad, teacher, v, temp), grad)
+}
+
+/// [`kd`] with the gradient written over the student logits `z` (training holds one
+/// [B·T, vocab] buffer instead of two).
+pub fn kd_in_place(z: &mut [f32], teacher: &[f32], v: usize, temp: f64) -> f64 {
+    let rows = z.len() / v;
     // One partial per row, summed in order: the loss does not depend on the thread count.
     let mut part = vec![0f64; rows];
-    let gp = elastica_core::layers::SyncPtr(grad.as_mut_ptr());
+    let gp = elastica_core::layers::SyncPtr(z.as_mut_ptr());
     let pp = elastica_core::layers::SyncPtr(part.as_mut_ptr());
     let it = 1.0 / temp;
     pool().for_range(rows, 1, |range| {
@@ -22,7 +28,8 @@ pub fn kd(student: &[f32], teacher: &[f32], v: usize, temp: f64) -> (f64, Vec<f3
         let mut p = vec![0f64; v];
         for r in range {
             let mut acc = 0f64;
-            let zs = &student[r * v..(r + 1) * v];
+            // Safety: row r belongs to this range alone.
+            let zs = unsafe { gp.slice(r * v, v) };
             let zt = &teacher[r * v..(r + 1) * v];
             let lse = |z: &[f32], out: &mut [f64]| -> f64 {
                 let m = z
@@ -38,53 +45,55 @@ pub fn kd(student: &[f32], teacher: &[f32], v: usize, temp: f64) -> (f64, Vec<f3
             };
             let ls = lse(zs, &mut q);
             let lt = lse(zt, &mut p);
-            let g = unsafe { gp.slice(r * v, v) };
             for j in 0..v {
                 if p[j] > 0.0 {
                     // log p − log q = (zt − lt) − (zs − ls) at the temperature
                     acc += p[j] * ((zt[j] as f64 * it - lt) - (zs[j] as f64 * it - ls));
                 }
-                g[j] = (temp * (q[j] - p[j]) / rows as f64) as f32;
+                zs[j] = (temp * (q[j] - p[j]) / rows as f64) as f32;
             }
             unsafe { pp.slice(r, 1)[0] = acc };
         }
     });
-    let loss = part.iter().sum::<f64>() * temp * temp / rows as f64;
-    (loss, grad)
+    part.iter().sum::<f64>() * temp * temp / rows as f64
 }
 
 /// Next-token cross-entropy of rows of `v` logits against `targets` (one per row), averaged,
 /// with its gradient with respect to the logits: (softmax − onehot) / rows. Row-parallel, summed
 /// in order like [`kd`].
 pub fn ce(logits: &[f32], targets: &[u32], v: usize) -> (f64, Vec<f32>) {
+    let mut grad = logits.to_vec();
+    (ce_in_place(&mut grad, targets, v), grad)
+}
+
+/// [`ce`] with the gradient written over the logits `z`.
+pub fn ce_in_place(z: &mut [f32], targets: &[u32], v: usize) -> f64 {
     let rows = targets.len();
-    debug_assert_eq!(logits.len(), rows * v);
-    let mut grad = vec![0f32; logits.len()];
+    debug_assert_eq!(z.len(), rows * v);
     let mut part = vec![0f64; rows];
-    let gp = elastica_core::layers::SyncPtr(grad.as_mut_ptr());
+    let gp = elastica_core::layers::SyncPtr(z.as_mut_ptr());
     let pp = elastica_core::layers::SyncPtr(part.as_mut_ptr());
     pool().for_range(rows, 1, |range| {
         for r in range {
-            let z = &logits[r * v..(r + 1) * v];
+            // Safety: row r belongs to this range alone.
+            let z = unsafe { gp.slice(r * v, v) };
             let m = z.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
             let s: f64 = z.iter().map(|&x| (x as f64 - m).exp()).sum();
             let lse = m + s.ln();
             let t = targets[r] as usize;
-            let g = unsafe { gp.slice(r * v, v) };
-            for j in 0..v {
-                g[j] = (((z[j] as f64 - lse).exp() - (j == t) as u8 as f64) / rows as f64) as f32;
-            }
             unsafe { pp.slice(r, 1)[0] = lse - z[t] as f64 };
+            for (j, x) in z.iter_mut().enumerate() {
+                *x = (((*x as f64 - lse).exp() - (j == t) as u8 as f64) / rows as f64) as f32;
+            }
         }
     });
-    (part.iter().sum::<f64>() / rows as f64, grad)
+    part.iter().sum::<f64>() / rows as f64
 }
 
-/// A scalar whose gradient with respect to `logits` is `grad` (lets the hand-computed KD gradient
-/// flow into candle's backward pass).
-pub fn surrogate(logits: &CT, grad: Vec<f32>) -> Result<CT> {
-    let g = CT::from_vec(grad, logits.shape(), logits.device())?.to_dtype(logits.dtype())?;
-    Ok((logits * g)?.sum_all()?)
+/// The hand-computed gradient of `rows` logit rows as a tensor for [`crate::net::Tape::backward`].
+pub fn grad_tensor(grad: Vec<f32>, rows: usize, dt: candle_core::DType) -> Result<CT> {
+    let v = grad.len() / rows.max(1);
+    Ok(CT::from_vec(grad, (rows, v), &crate::net::dev())?.to_dtype(dt)?)
 }
 
 /// |E[params] − target| / target.

@@ -6,6 +6,7 @@
 
 use super::masks::{LayerMasks, Masks};
 use crate::error::{Error, Result, candle};
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType as CD, Device, Tensor as CT, Var};
 use elastica_core::kernels::quant::ToF32;
 use elastica_core::layers::Vector;
@@ -364,8 +365,29 @@ impl<'m> Net<'m> {
         Ok(())
     }
 
-    /// Logits [B·T, vocab] of `b` sequences of `t` tokens (row-major in `tokens`) under `masks`.
+    /// Logits [B·T, vocab] of `b` sequences of `t` tokens (row-major in `tokens`) under `masks`,
+    /// as one differentiable graph.
     pub fn forward(&self, tokens: &[u32], b: usize, t: usize, masks: &Masks) -> Result<CT> {
+        Ok(self.pass(tokens, b, t, masks, false)?.0)
+    }
+
+    /// The forward of training: the logits (outside the graph) and a [`Tape`] cut at every block,
+    /// whose backward frees each block's activations once its gradient has passed through.
+    pub fn tape(&self, tokens: &[u32], b: usize, t: usize, masks: &Masks) -> Result<(CT, Tape)> {
+        let (logits, tape) = self.pass(tokens, b, t, masks, true)?;
+        Ok((logits, tape.expect("a cut pass records its tape")))
+    }
+
+    /// The one forward: with `cut`, each block's input is a fresh leaf and the head runs outside
+    /// the graph (the tape's backward applies it by hand).
+    fn pass(
+        &self,
+        tokens: &[u32],
+        b: usize,
+        t: usize,
+        masks: &Masks,
+        cut: bool,
+    ) -> Result<(CT, Option<Tape>)> {
         if tokens.len() != b * t {
             return Err(Error::Train(format!(
                 "{} tokens for {b} sequences of {t}",
@@ -375,17 +397,31 @@ impl<'m> Net<'m> {
         let ids = CT::from_vec(tokens.to_vec(), tokens.len(), &dev())?;
         let mh = &masks.hidden;
         let count = mh.sum_all()?;
-        let mut x = self
+        let embed = self
             .p(self.embed)
             .index_select(&ids, 0)?
             .broadcast_mul(mh)?;
+        let leaf = |x: &CT| -> Result<(Var, CT)> {
+            let v = Var::from_tensor(&x.detach())?;
+            let t = v.as_tensor().clone();
+            Ok((v, t))
+        };
+        let mut blocks = vec![];
+        let mut x = embed.clone();
         let eps = self.model.eps;
         for (blk, nb) in self.model.blocks.iter().zip(&self.blocks) {
             let lm = &masks.layers[blk.layer];
             if !lm.keep {
                 continue;
             }
-            let xn = rmsnorm(&x, self.p(nb.norm), mh, &count, eps)?;
+            let input = if cut {
+                let (v, t) = leaf(&x)?;
+                blocks.push((v, t.clone()));
+                t
+            } else {
+                x
+            };
+            let xn = rmsnorm(&input, self.p(nb.norm), mh, &count, eps)?;
             let y = match (&blk.mixer, &nb.mixer) {
                 (Mixer::Attention(a), NMixer::Attn(n)) => self.attention(a, n, &xn, b, t, lm)?,
                 (Mixer::Mamba(m), NMixer::Mamba(n)) => self.mamba(m, n, &xn, b, t, lm)?,
@@ -393,14 +429,30 @@ impl<'m> Net<'m> {
                 (Mixer::Moe(m), NMixer::Moe(n)) => self.moe(m, n, &xn, lm)?,
                 _ => unreachable!("one NBlock per block, of its kind"),
             };
-            x = (x + y.broadcast_mul(mh)?)?;
+            x = (input + y.broadcast_mul(mh)?)?;
+            if let Some(last) = blocks.last_mut() {
+                last.1 = x.clone();
+            }
         }
-        let xn = rmsnorm(&x, self.p(self.norm_f), mh, &count, eps)?;
+        let head_at = self.lm_head.unwrap_or(self.embed);
         let head = match self.lm_head {
             Some(h) => self.w(h)?,
             None => self.p(self.embed).clone(),
         };
-        Ok(xn.matmul(&head.t()?)?)
+        if !cut {
+            let xn = rmsnorm(&x, self.p(self.norm_f), mh, &count, eps)?;
+            return Ok((xn.matmul(&head.t()?)?, None));
+        }
+        let top = leaf(&x)?;
+        let xn = rmsnorm(&top.1, self.p(self.norm_f), mh, &count, eps)?;
+        let logits = xn.detach().matmul(&head.detach().t()?)?;
+        let tape = Tape {
+            embed,
+            blocks,
+            top: (top.0, xn),
+            head: (head.detach(), self.params[head_at].var.clone()),
+        };
+        Ok((logits, Some(tape)))
     }
 
     fn linear(&self, x: &CT, w: usize, bias: Option<usize>) -> Result<CT> {
@@ -444,22 +496,21 @@ impl<'m> Net<'m> {
         let vh = split(self.linear(x, v, bias[2])?, kv)?;
         if let Some(r) = &a.rope {
             let (cos, sin) = rope_tables(&r.inv_freq, t, self.dtype)?;
-            qh = apply_rope(&qh, &cos, &sin, r.interleaved)?;
-            kh = apply_rope(&kh, &cos, &sin, r.interleaved)?;
+            let op = || Rope {
+                cos: cos.clone(),
+                sin: sin.clone(),
+                interleaved: r.interleaved,
+            };
+            qh = qh.contiguous()?.apply_op1(op())?;
+            kh = kh.contiguous()?.apply_op1(op())?;
         }
-        let per = nh / kv;
-        let expand = |z: CT| -> Result<CT> {
-            Ok(z.unsqueeze(2)?
-                .broadcast_as((b, kv, per, t, d))?
-                .reshape((b, nh, t, d))?)
+        let op = CausalAttention {
+            scale: 1.0 / (d as f64).sqrt(),
         };
-        let kh = expand(kh)?.contiguous()?;
-        let vh = expand(vh)?.contiguous()?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let s = (bmm(&qh, &kh.transpose(2, 3)?)? * scale)?;
-        let s = s.broadcast_add(&causal_bias(t, self.dtype)?)?;
-        let p = softmax_last(&s)?;
-        let mut out = bmm(&p, &vh)?.transpose(1, 2)?; // [b, t, nh, d]
+        let mut out = qh
+            .contiguous()?
+            .apply_op3(&kh.contiguous()?, &vh.contiguous()?, op)?
+            .transpose(1, 2)?; // [b, t, nh, d]
         if let Some(hm) = &lm.axes[Axis::Heads] {
             out = out.broadcast_mul(&hm.reshape((nh, 1))?)?;
         }
@@ -610,6 +661,218 @@ impl<'m> Net<'m> {
             out = (out + self.mlp(s, x, lm.axes[Axis::SharedFfn].as_ref())?)?;
         }
         Ok(out)
+    }
+}
+
+/// A training forward cut at every block: each block's graph starts from a leaf copy of its
+/// input, so [`Tape::backward`] runs one block at a time and drops each block's activations (and
+/// the gradients candle forms for its constant masks) as soon as the gradient has passed through.
+/// Peak memory is the forward's activations plus one block's backward, not a whole-graph backward.
+pub struct Tape {
+    /// The masked embedding lookup, with its graph: the first block's input.
+    embed: CT,
+    /// Per kept block: its input leaf and its output (input + masked mixer output).
+    blocks: Vec<(Var, CT)>,
+    /// The final norm's input leaf and output.
+    top: (Var, CT),
+    /// The LM head as the forward applied it, and the parameter its gradient goes to (straight
+    /// through fake quantization).
+    head: (CT, Var),
+}
+
+impl Tape {
+    /// Gradients of Σ logits ⊙ `g` (+ the scalar `extra`, e.g. the budget loss, through its own
+    /// graph) with respect to `vars`: the same numbers as one backward of the whole graph, summed
+    /// block by block.
+    pub fn backward(self, g: &CT, extra: Option<&CT>, vars: &[Var]) -> Result<GradStore> {
+        let mut acc = GradStore::default();
+        let mut keep = |store: &GradStore| -> Result<()> {
+            for v in vars {
+                let Some(gv) = store.get(v.as_tensor()) else {
+                    continue;
+                };
+                // A stored gradient keeps the graph it was computed through (candle detaches only
+                // what it pops); detached, it holds no block's activations.
+                let gv = gv.detach();
+                let sum = match acc.get(v.as_tensor()) {
+                    Some(a) => (a + gv)?,
+                    None => gv,
+                };
+                acc.insert(v.as_tensor(), sum);
+            }
+            Ok(())
+        };
+        let Tape {
+            embed,
+            blocks,
+            top: (leaf, xn),
+            head: (w, wv),
+        } = self;
+        // logits = xn · Wᵀ: ∂xn = g · W, ∂W = gᵀ · xn.
+        let gxn = g.matmul(&w)?;
+        let mut head = GradStore::default();
+        head.insert(wv.as_tensor(), g.t()?.matmul(&xn.detach())?);
+        keep(&head)?;
+        drop(head);
+        let step = |out: &CT, grad: &CT, leaf: Option<&Var>| -> Result<(GradStore, Option<CT>)> {
+            let store = (out * grad)?.sum_all()?.backward()?;
+            let gin = leaf.and_then(|l| store.get(l.as_tensor()).map(CT::detach));
+            Ok((store, gin))
+        };
+        let (store, gin) = step(&xn, &gxn, Some(&leaf))?;
+        keep(&store)?;
+        drop((store, xn, gxn));
+        let mut gx =
+            gin.ok_or_else(|| Error::Train("no gradient reached the final norm".into()))?;
+        for (leaf, out) in blocks.into_iter().rev() {
+            let (store, gin) = step(&out, &gx, Some(&leaf))?;
+            keep(&store)?;
+            // The residual path always carries the gradient to the block's input.
+            gx = gin.ok_or_else(|| Error::Train("no gradient reached a block's input".into()))?;
+        }
+        let (store, _) = step(&embed, &gx, None)?;
+        keep(&store)?;
+        if let Some(e) = extra {
+            keep(&e.backward()?)?;
+        }
+        Ok(acc)
+    }
+}
+
+/// Causal softmax attention as one differentiable op: q [b, heads, t, d] over k, v
+/// [b, kv_heads, t, d] (head h reads KV head h / (heads / kv_heads), spec §2.2). The graph keeps
+/// q, k, v and the output only; the backward recomputes the probabilities (as flash attention
+/// does) instead of holding the [b, heads, t, t] scores and their softmax chain per layer.
+struct CausalAttention {
+    scale: f64,
+}
+
+impl CausalAttention {
+    /// Softmax probabilities [b, heads, t, t] and the KV heads expanded to the query heads.
+    fn probs(&self, q: &CT, k: &CT, v: &CT) -> candle_core::Result<(CT, CT, CT)> {
+        let (b, nh, t, d) = q.dims4()?;
+        let kv = k.dim(1)?;
+        let expand = |z: &CT| {
+            z.unsqueeze(2)?
+                .broadcast_as((b, kv, nh / kv, t, d))?
+                .reshape((b, nh, t, d))
+        };
+        let (kx, vx) = (expand(k)?, expand(v)?);
+        let s = (bmm(q, &kx.transpose(2, 3)?).map_err(to_candle)? * self.scale)?;
+        let s = s.broadcast_add(&causal_bias(t, q.dtype()).map_err(to_candle)?)?;
+        Ok((softmax_last(&s).map_err(to_candle)?, kx, vx))
+    }
+
+    /// Sums a gradient over the query heads of each KV head: [b, heads, t, d] → [b, kv, t, d].
+    fn group_sum(g: &CT, kv: usize) -> candle_core::Result<CT> {
+        let (b, nh, t, d) = g.dims4()?;
+        g.reshape((b, kv, nh / kv, t, d))?.sum(2)
+    }
+}
+
+fn to_candle(e: Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// A tensor (outside any graph) copied from a contiguous CPU operand of a custom op.
+fn operand(s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<CT> {
+    let Some((a, z)) = l.contiguous_offsets() else {
+        candle_core::bail!("custom ops want contiguous operands")
+    };
+    match s {
+        candle_core::CpuStorage::F32(v) => CT::from_slice(&v[a..z], l.shape(), &dev()),
+        candle_core::CpuStorage::F64(v) => CT::from_slice(&v[a..z], l.shape(), &dev()),
+        _ => candle_core::bail!("custom ops run in f32 or f64"),
+    }
+}
+
+impl candle_core::CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (q, k, v) = (operand(s1, l1)?, operand(s2, l2)?, operand(s3, l3)?);
+        let (p, _, vx) = self.probs(&q, &k, &v)?;
+        storage(bmm(&p, &vx).map_err(to_candle)?)
+    }
+
+    /// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(P ⊙ dP)), dQ = scale·dS·K, dK = scale·dSᵀ·Q;
+    /// the KV gradients summed over each group's query heads.
+    fn bwd(
+        &self,
+        q: &CT,
+        k: &CT,
+        v: &CT,
+        _out: &CT,
+        g: &CT,
+    ) -> candle_core::Result<(Option<CT>, Option<CT>, Option<CT>)> {
+        let (q, k, v, g) = (q.detach(), k.detach(), v.detach(), g.detach());
+        let kv = k.dim(1)?;
+        let (p, kx, vx) = self.probs(&q, &k, &v)?;
+        let dv = Self::group_sum(&bmm(&p.transpose(2, 3)?, &g).map_err(to_candle)?, kv)?;
+        let dp = bmm(&g, &vx.transpose(2, 3)?).map_err(to_candle)?;
+        let ds = ((&dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)? * &p)? * self.scale)?;
+        let dq = bmm(&ds, &kx).map_err(to_candle)?;
+        let dk = Self::group_sum(&bmm(&ds.transpose(2, 3)?, &q).map_err(to_candle)?, kv)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Rotary embedding as one differentiable op (the graph keeps its output only, not the four
+/// products and the concatenation of [`apply_rope`]); its backward rotates the gradient back.
+struct Rope {
+    cos: CT,
+    sin: CT,
+    interleaved: bool,
+}
+
+impl candle_core::CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = operand(s, l)?;
+        let y = apply_rope(&x, &self.cos, &self.sin, self.interleaved).map_err(to_candle)?;
+        storage(y)
+    }
+
+    /// The rotation's transpose: by −θ.
+    fn bwd(&self, _x: &CT, _y: &CT, g: &CT) -> candle_core::Result<Option<CT>> {
+        let back = apply_rope(&g.detach(), &self.cos, &self.sin.neg()?, self.interleaved);
+        Ok(Some(back.map_err(to_candle)?))
+    }
+}
+
+/// The CPU storage of a result, for a custom op's forward.
+fn storage(y: CT) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let y = y.contiguous()?;
+    let shape = y.shape().clone();
+    let (st, l) = y.storage_and_layout();
+    let Some((a, z)) = l.contiguous_offsets() else {
+        candle_core::bail!("a custom op's result is not contiguous")
+    };
+    match &*st {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            Ok((candle_core::CpuStorage::F32(v[a..z].to_vec()), shape))
+        }
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F64(v)) => {
+            Ok((candle_core::CpuStorage::F64(v[a..z].to_vec()), shape))
+        }
+        _ => candle_core::bail!("custom ops run in f32 or f64 on the CPU"),
     }
 }
 
