@@ -120,14 +120,14 @@ fn gradients_match_finite_differences() {
         let rw: Vec<f64> = (0..nb * t * m.vocab).map(|_| r.uniform() - 0.5).collect();
         let rw = CT::from_vec(rw, (nb * t, m.vocab), &candle_core::Device::Cpu).unwrap();
         let target = m.params(&budgets[1]).0 as f64;
-        let lossf = || -> CT {
+        // The router's decision (the same noise every call), its masks and the budget loss.
+        let decided = || {
             let dec = router
                 .decide(1, 0.7, Some(&mut Rng::new(11)), false)
                 .unwrap();
             let masks = router
                 .masks(&dec, &budgets[1], &m.shape, DType::F64)
                 .unwrap();
-            let logits = net.forward(&toks, nb, t, &masks).unwrap();
             let e = net
                 .param_count(
                     &|axis, l| {
@@ -139,8 +139,12 @@ fn gradients_match_finite_differences() {
                     &|_| true,
                 )
                 .unwrap();
-            ((logits * &rw).unwrap().sum_all().unwrap() + loss::budget_loss(&e, target).unwrap())
-                .unwrap()
+            (masks, loss::budget_loss(&e, target).unwrap())
+        };
+        let lossf = || -> CT {
+            let (masks, bl) = decided();
+            let logits = net.forward(&toks, nb, t, &masks).unwrap();
+            ((logits * &rw).unwrap().sum_all().unwrap() + bl).unwrap()
         };
         let whole = lossf().backward().unwrap();
         let mut vars: Vec<(String, Var)> = net
@@ -154,25 +158,8 @@ fn gradients_match_finite_differences() {
         }
         // Training's backward (block by block over the tape) against the whole graph's.
         let grads = {
-            let dec = router
-                .decide(1, 0.7, Some(&mut Rng::new(11)), false)
-                .unwrap();
-            let masks = router
-                .masks(&dec, &budgets[1], &m.shape, DType::F64)
-                .unwrap();
+            let (masks, bl) = decided();
             let (_, tape) = net.tape(&toks, nb, t, &masks).unwrap();
-            let e = net
-                .param_count(
-                    &|axis, l| {
-                        Ok(router.expected(&dec, axis, l)?.unwrap_or(CT::new(
-                            budgets[1].size(axis, l) as f64,
-                            &candle_core::Device::Cpu,
-                        )?))
-                    },
-                    &|_| true,
-                )
-                .unwrap();
-            let bl = loss::budget_loss(&e, target).unwrap();
             let vs: Vec<Var> = vars.iter().map(|v| v.1.clone()).collect();
             tape.backward(&rw, Some(&bl), &vs).unwrap()
         };
