@@ -375,7 +375,8 @@ impl<'m> Net<'m> {
     /// whose backward frees each block's activations once its gradient has passed through.
     pub fn tape(&self, tokens: &[u32], b: usize, t: usize, masks: &Masks) -> Result<(CT, Tape)> {
         let (logits, tape) = self.pass(tokens, b, t, masks, true)?;
-        Ok((logits, tape.expect("a cut pass records its tape")))
+        let tape = tape.ok_or_else(|| Error::Train("a cut forward recorded no tape".into()))?;
+        Ok((logits, tape))
     }
 
     /// The one forward: with `cut`, each block's input is a fresh leaf and the head runs outside
@@ -401,11 +402,7 @@ impl<'m> Net<'m> {
             .p(self.embed)
             .index_select(&ids, 0)?
             .broadcast_mul(mh)?;
-        let leaf = |x: &CT| -> Result<(Var, CT)> {
-            let v = Var::from_tensor(&x.detach())?;
-            let t = v.as_tensor().clone();
-            Ok((v, t))
-        };
+        let leaf = |x: &CT| -> Result<Var> { Ok(Var::from_tensor(&x.detach())?) };
         let mut blocks = vec![];
         let mut x = embed.clone();
         let eps = self.model.eps;
@@ -414,12 +411,12 @@ impl<'m> Net<'m> {
             if !lm.keep {
                 continue;
             }
-            let input = if cut {
-                let (v, t) = leaf(&x)?;
-                blocks.push((v, t.clone()));
-                t
+            let (cut_at, input) = if cut {
+                let v = leaf(&x)?;
+                let t = v.as_tensor().clone();
+                (Some(v), t)
             } else {
-                x
+                (None, x)
             };
             let xn = rmsnorm(&input, self.p(nb.norm), mh, &count, eps)?;
             let y = match (&blk.mixer, &nb.mixer) {
@@ -430,8 +427,8 @@ impl<'m> Net<'m> {
                 _ => unreachable!("one NBlock per block, of its kind"),
             };
             x = (input + y.broadcast_mul(mh)?)?;
-            if let Some(last) = blocks.last_mut() {
-                last.1 = x.clone();
+            if let Some(v) = cut_at {
+                blocks.push((v, x.clone()));
             }
         }
         let head_at = self.lm_head.unwrap_or(self.embed);
@@ -444,12 +441,12 @@ impl<'m> Net<'m> {
             return Ok((xn.matmul(&head.t()?)?, None));
         }
         let top = leaf(&x)?;
-        let xn = rmsnorm(&top.1, self.p(self.norm_f), mh, &count, eps)?;
+        let xn = rmsnorm(top.as_tensor(), self.p(self.norm_f), mh, &count, eps)?;
         let logits = xn.detach().matmul(&head.detach().t()?)?;
         let tape = Tape {
             embed,
             blocks,
-            top: (top.0, xn),
+            top: (top, xn),
             head: (head.detach(), self.params[head_at].var.clone()),
         };
         Ok((logits, Some(tape)))
