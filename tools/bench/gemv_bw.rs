@@ -34,6 +34,11 @@ fn tensor(dt: DType, rows: usize, cols: usize) -> Tensor {
             blk[0] = 0x1f;
             blk[1] = 0x21;
         }
+    } else if dt == DType::F8E4M3 {
+        // No NaN codes (S.1111.111).
+        for v in b.iter_mut().filter(|v| **v & 0x7F == 0x7F) {
+            *v ^= 1;
+        }
     } else if dt == DType::BF16 {
         for v in b.chunks_mut(2) {
             v[1] = 0x3c | (v[1] & 0x80);
@@ -66,6 +71,8 @@ fn main() {
         DType::Q4_0,
         DType::Q4K,
         DType::Q6K,
+        DType::F8E4M3,
+        DType::Nvfp4,
     ] {
         let cols = if dt.block_len() == 256 { 1536 } else { cols };
         for mib in [0.25f64, 256.0] {

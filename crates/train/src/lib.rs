@@ -24,7 +24,7 @@ use adamw::AdamW;
 use candle_core::{DType as CD, Tensor as CT, Var};
 use elastica_core::budget::{Axis, Budget};
 use elastica_core::formats::temp::{self, Temp};
-use elastica_core::model::{Cache, Logits, Model};
+use elastica_core::model::{BatchItem, Logits, Model, SeqState, Work};
 use elastica_core::models::Checkpoint;
 use net::Net;
 use rng::Rng;
@@ -129,7 +129,9 @@ pub struct Trainer<'a> {
     router_vars: Vec<Var>,
     opt_model: AdamW,
     opt_router: AdamW,
-    caches: Vec<Cache>,
+    /// The teacher's sequences (one per batch row) and scratch: one batched pass per step.
+    teacher_seqs: Vec<SeqState>,
+    teacher_work: Work,
 }
 
 /// Per-step record (one JSONL line).
@@ -241,7 +243,8 @@ impl<'a> Trainer<'a> {
             router_vars,
             opt_model,
             opt_router,
-            caches: vec![],
+            teacher_seqs: vec![],
+            teacher_work: Work::new(),
         })
     }
 
@@ -304,16 +307,35 @@ impl<'a> Trainer<'a> {
     fn teacher_logits(&mut self, tokens: &[u32], seq: usize) -> Result<Vec<f32>> {
         let teacher = self.teacher.expect("distillation has a teacher");
         let v = teacher.vocab;
-        let mut out = Vec::with_capacity(tokens.len() * v);
         let full = teacher.full_budget();
-        if self.caches.first().is_none_or(|c| c.capacity() < seq) {
-            self.caches = vec![Cache::new(teacher, seq)];
+        let rows = tokens.len() / seq.max(1);
+        if self.teacher_seqs.len() != rows || self.teacher_seqs.iter().any(|s| s.capacity() < seq) {
+            self.teacher_seqs = (0..rows)
+                .map(|_| SeqState::try_new(teacher, seq, 0))
+                .collect::<elastica_core::Result<_>>()?;
+            self.teacher_work = Work::try_new(teacher, seq)?;
         }
-        let cache = &mut self.caches[0];
-        for s in tokens.chunks(seq) {
-            cache.reset();
-            out.extend_from_slice(teacher.forward(s, &full, cache, Logits::All)?);
-        }
+        // All rows in one pass: each weight is read (and packed for the GEMM) once per step,
+        // not once per row; each row's logits are those it gets alone (Model::forward_batch).
+        let mut items: Vec<BatchItem> = self
+            .teacher_seqs
+            .iter_mut()
+            .zip(tokens.chunks(seq))
+            .map(|(s, t)| {
+                s.reset();
+                BatchItem {
+                    seq: s,
+                    tokens: t,
+                    logits: Logits::All,
+                    stepwise: false,
+                }
+            })
+            .collect();
+        let out = teacher
+            .forward_batch(&mut items, &full, &mut self.teacher_work)?
+            .all()
+            .to_vec();
+        debug_assert_eq!(out.len(), tokens.len() * v);
         Ok(out)
     }
 

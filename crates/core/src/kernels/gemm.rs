@@ -83,6 +83,27 @@ pub fn matmul(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
     let dt = w.dtype;
     let pack_f32 =
         |n0: usize, nn: usize, k0: usize, kc: usize, dst: &mut [f32], tmp: &mut Vec<f32>| {
+            if dt == DType::F32 {
+                // F32 rows straight into the panel, no row copy.
+                for j in 0..nn {
+                    let row = w.row(row_of(n0 + j));
+                    let mut off = 0;
+                    for s in cols {
+                        let (lo, hi) = (off.max(k0), (off + s.len()).min(k0 + kc));
+                        let c0 = s.start + lo.saturating_sub(off);
+                        off += s.len();
+                        if lo >= hi {
+                            continue;
+                        }
+                        let src = &row[4 * c0..4 * (c0 + hi - lo)];
+                        for (kk, b) in src.chunks_exact(4).enumerate() {
+                            dst[(lo - k0 + kk) * NR + j] =
+                                f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
+                    }
+                }
+                return;
+            }
             for j in 0..nn {
                 gather_row(w, row_of(n0 + j), cols, k0, kc, tmp);
                 for (kk, &v) in tmp[..kc].iter().enumerate() {

@@ -21,8 +21,12 @@ struct ActScratch {
     xsum: Vec<f32>,
     /// For the AVX-512 block kernels, 8 lanes per block: d_x in all (`dx8`); the block's offset
     /// term in the first, 0 in the rest (`cx8`). Two blocks are one 512-bit load.
+    /// For the AVX-512 NVFP4 kernel, 16 lanes per group of 128 (lane l: 4 values of each
+    /// nibble half): 256·d_x of its activation block in `dx8`, −12·Σq in `nc` (the offset of the
+    /// unsigned E2M1 lookup).
     dx8: Vec<f32>,
     cx8: Vec<f32>,
+    nc: Vec<i32>,
 }
 
 thread_local! {
@@ -37,9 +41,10 @@ enum Act<'a> {
         q: &'a [i8],
         d: &'a [f32],
         xsum: &'a [f32],
-        /// `ActScratch::dx8`, `cx8` (AVX-512 block formats only; else empty).
+        /// `ActScratch::dx8`, `cx8`, `nc` (AVX-512 block formats and NVFP4 only; else empty).
         dx8: &'a [f32],
         cx8: &'a [f32],
+        nc: &'a [i32],
     },
 }
 
@@ -76,6 +81,9 @@ impl ActScratch {
                 self.q8.quantize(x);
                 if dt == DType::Nvfp4 {
                     self.q8.interleave128();
+                    if isa == Isa::Avx512 {
+                        self.nvfp4_lanes();
+                    }
                 }
                 self.xsum.resize(self.q8.d.len(), 0.0);
                 let c = if dt == DType::Q8_0 { 128.0 } else { 1.0 };
@@ -102,6 +110,23 @@ impl ActScratch {
             }
         }
     }
+    /// The activation side of the AVX-512 NVFP4 kernel, once per product instead of once per
+    /// weight row: per group and i32 lane, 256·d_x and −12·Σq over the lane's 4 + 4 bytes.
+    fn nvfp4_lanes(&mut self) {
+        let groups = self.q8.q.len() / 128;
+        self.dx8.resize(16 * groups, 0.0);
+        self.nc.resize(16 * groups, 0);
+        for g in 0..groups {
+            let q = &self.q8.q[128 * g..128 * g + 128];
+            for l in 0..16 {
+                let s: i32 = (0..4)
+                    .map(|i| q[4 * l + i] as i32 + q[64 + 4 * l + i] as i32)
+                    .sum();
+                self.nc[16 * g + l] = -12 * s;
+                self.dx8[16 * g + l] = 256.0 * self.q8.d[4 * g + l / 4];
+            }
+        }
+    }
     fn act<'a>(&'a self, kind: ActKind, x: &'a [f32]) -> Act<'a> {
         match kind {
             ActKind::F32 => Act::F32(x),
@@ -112,6 +137,7 @@ impl ActScratch {
                 xsum: &self.xsum,
                 dx8: &self.dx8,
                 cx8: &self.cx8,
+                nc: &self.nc,
             },
         }
     }
@@ -641,6 +667,37 @@ mod avx512 {
         unsafe { _mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3])) }
     }
 
+    /// Horizontal sums of up to four vectors at once (`v[i]` for i < R; the rest are not
+    /// read), each in the same order whatever R and its slot: 256-bit halves, then 128-bit
+    /// quarters, then pairs inside a quarter. So a row's sum does not depend on the tile it
+    /// falls in.
+    #[inline(always)]
+    unsafe fn hsum_rows<const R: usize>(v: [__m512; R]) -> [f32; R] {
+        unsafe {
+            let at = |i: usize| v[if i < R { i } else { 0 }];
+            let (a, b, c, d) = (at(0), at(1), at(2), at(3));
+            // [a0+a2, a1+a3, b0+b2, b1+b3] in 128-bit chunks.
+            let ab = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+            );
+            let cd = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(c, d),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(c, d),
+            );
+            // [(a0+a2)+(a1+a3), b.., c.., d..].
+            let q = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(ab, cd),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(ab, cd),
+            );
+            let t = _mm512_add_ps(q, _mm512_permute_ps::<0b10_11_00_01>(q));
+            let t = _mm512_add_ps(t, _mm512_permute_ps::<0b01_00_11_10>(t));
+            let mut all = [0f32; 16];
+            _mm512_storeu_ps(all.as_mut_ptr(), t);
+            std::array::from_fn(|i| all[4 * i])
+        }
+    }
+
     /// Block formats of the integer kernels.
     const Q8_0: u8 = 0;
     const Q4_0: u8 = 1;
@@ -655,7 +712,10 @@ mod avx512 {
     /// Runs the kernel for every (≤R4 weight rows) × (≤A4 activation rows) tile of rows 0..n,
     /// activation tiles outer so that each stays in L1 while the weight rows stream past.
     macro_rules! tiles {
-        ($n:expr, $acts:expr, $y:expr, $ys:expr, |$r:ident, $R:ident, $xa:ident, $A:ident| $body:expr) => {{
+        ($n:expr, $acts:expr, $y:expr, $ys:expr, |$r:ident, $R:ident, $xa:ident, $A:ident| $body:expr) => {
+            tiles!(R4; $n, $acts, $y, $ys, |$r, $R, $xa, $A| $body)
+        };
+        ($RT:expr; $n:expr, $acts:expr, $y:expr, $ys:expr, |$r:ident, $R:ident, $xa:ident, $A:ident| $body:expr) => {{
             let (n, acts, y, ys) = ($n, $acts, $y, $ys);
             let mut a0 = 0;
             while a0 < acts.len() {
@@ -665,11 +725,11 @@ mod avx512 {
                         const $A: usize = $AA;
                         let $xa: &[Act; $A] = acts[a0..a0 + $A].try_into().unwrap();
                         let mut $r = 0;
-                        while $r + R4 <= n {
-                            const $R: usize = R4;
+                        while $r + $RT <= n {
+                            const $R: usize = $RT;
                             let o: [[f32; $A]; $R] = $body;
                             store(&o, y, ys, $r, a0);
-                            $r += R4;
+                            $r += $RT;
                         }
                         while $r < n {
                             const $R: usize = 1;
@@ -1202,7 +1262,7 @@ mod avx512 {
         ys: usize,
     ) {
         unsafe {
-            tiles!(n, acts, y, ys, |r, R, xa, A| nvfp4_tile::<R, A, true>(
+            tiles!(NVFP4_ROWS; n, acts, y, ys, |r, R, xa, A| nvfp4_tile::<R, A, true>(
                 base.add(r * stride),
                 stride,
                 cols,
@@ -1210,6 +1270,10 @@ mod avx512 {
             ))
         }
     }
+
+    /// Weight rows per NVFP4 tile: rows are short (9 bytes per 16 values), so one row's few
+    /// groups leave its chain of dependent integer and float steps exposed.
+    const NVFP4_ROWS: usize = 4;
 
     /// Byte permutes of a 72-byte group of eight NVFP4 blocks [s0 d0(8) s1 d1(8) .. s7 d7(8)]
     /// held in two registers (bytes 64.. in the second): the 64 data bytes in block order, and
@@ -1247,31 +1311,38 @@ mod avx512 {
         xa: &[Act; A],
     ) -> [[f32; A]; R] {
         unsafe {
-            let (mut xq, mut xd) = ([std::ptr::null(); A], [std::ptr::null(); A]);
+            // Per activation: q (interleaved), and per group and i32 lane 256·d_x and −12·Σq
+            // (`ActScratch::nvfp4_lanes`).
+            let (mut xq, mut xd, mut xc) = (
+                [std::ptr::null(); A],
+                [std::ptr::null(); A],
+                [std::ptr::null(); A],
+            );
             for a in 0..A {
-                let Act::Q8 { q, d, .. } = &xa[a] else {
+                let Act::Q8 { q, dx8, nc, .. } = &xa[a] else {
                     unreachable!("one activation kind per product")
                 };
-                (xq[a], xd[a]) = (q.as_ptr(), d.as_ptr());
+                (xq[a], xd[a], xc[a]) = (q.as_ptr(), dx8.as_ptr(), nc.as_ptr());
             }
             // Doubled E2M1 values + 12 (unsigned for dpbusd); the 12·Σx this adds per lane is
-            // taken off by starting each lane at −12·Σx.
+            // taken off by starting each lane at −12·Σx. With VBMI the table is repeated over 64
+            // bytes, so a byte permute looks a nibble up without masking the bits above it.
             let lut =
                 _mm512_broadcast_i32x4(_mm_loadu_si128(super::E2M1X2_12.as_ptr() as *const _));
-            let twelve = _mm512_set1_epi8(12);
             let lo = _mm512_set1_epi8(0x0F);
-            // i32 lane → block (lanes 2t, 2t + 1 → block t) and → activation block (t / 2).
+            // i32 lane → block (lanes 2t, 2t + 1 → block t).
             let sc_idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-            let d_idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
             let data_idx = _mm512_loadu_si512(NVFP4_DATA_IDX.as_ptr() as *const _);
             let scale_idx = _mm512_loadu_si512(NVFP4_SCALE_IDX.as_ptr() as *const _);
+            // The table's E4M3 scales · 2⁻⁸, as the fast path's f16 conversion gives them
+            // (256·d_x makes it up).
             let scales = crate::kernels::fp::E4M3.as_ptr();
             let zero = _mm512_setzero_si512();
             let mut acc = [[_mm512_setzero_ps(); A]; R];
             // One group of eight blocks (128 values): the low nibbles of all eight against the
             // first 64 activations, the high ones against the next 64, both into the same lanes.
             macro_rules! step {
-                ($g:expr, |$r:ident| $bytes:expr, |$r2:ident| $sc:expr, $dmul:expr) => {{
+                ($g:expr, |$r:ident| $bytes:expr, |$r2:ident| $sc:expr) => {{
                     let g = $g;
                     let mut xl = [zero; A];
                     let mut xh = [zero; A];
@@ -1280,29 +1351,27 @@ mod avx512 {
                     for a in 0..A {
                         xl[a] = _mm512_loadu_si512(xq[a].add(128 * g) as *const _);
                         xh[a] = _mm512_loadu_si512(xq[a].add(128 * g + 64) as *const _);
-                        let c = _mm512_dpbusd_epi32(
-                            _mm512_dpbusd_epi32(zero, twelve, xl[a]),
-                            twelve,
-                            xh[a],
-                        );
-                        negc[a] = _mm512_sub_epi32(zero, c);
-                        dv[a] = _mm512_mul_ps(
-                            _mm512_permutexvar_ps(
-                                d_idx,
-                                _mm512_castps128_ps512(_mm_loadu_ps(xd[a].add(4 * g))),
-                            ),
-                            _mm512_set1_ps($dmul),
-                        );
+                        negc[a] = _mm512_loadu_si512(xc[a].add(16 * g) as *const _);
+                        dv[a] = _mm512_loadu_ps(xd[a].add(16 * g));
                     }
                     for $r in 0..R {
                         let $r2 = $r;
                         let bytes: __m512i = $bytes;
                         let sc: __m512 = $sc;
-                        let wl = _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, lo));
-                        let wh = _mm512_shuffle_epi8(
-                            lut,
-                            _mm512_and_si512(_mm512_srli_epi16(bytes, 4), lo),
-                        );
+                        let (wl, wh) = if V {
+                            (
+                                _mm512_permutexvar_epi8(bytes, lut),
+                                _mm512_permutexvar_epi8(_mm512_srli_epi16(bytes, 4), lut),
+                            )
+                        } else {
+                            (
+                                _mm512_shuffle_epi8(lut, _mm512_and_si512(bytes, lo)),
+                                _mm512_shuffle_epi8(
+                                    lut,
+                                    _mm512_and_si512(_mm512_srli_epi16(bytes, 4), lo),
+                                ),
+                            )
+                        };
                         for a in 0..A {
                             let i = _mm512_dpbusd_epi32(
                                 _mm512_dpbusd_epi32(negc[a], wl, xl[a]),
@@ -1352,8 +1421,7 @@ mod avx512 {
                                     ),
                                     7,
                                 ))
-                            },
-                            256.0f32
+                            }
                         );
                     }};
                 }
@@ -1380,7 +1448,7 @@ mod avx512 {
                     for t in 0..8 {
                         if let Some(j) = js[t] {
                             let p = row.add(9 * j);
-                            s[r][t] = *scales.add((*p & 0x7F) as usize);
+                            s[r][t] = *scales.add((*p & 0x7F) as usize) * (1.0 / 256.0);
                             b[r][t] = std::ptr::read_unaligned(p.add(1) as *const i64);
                         }
                     }
@@ -1395,14 +1463,14 @@ mod avx512 {
                         _mm512_castps256_ps512(_mm256_setr_ps(
                             s[r][0], s[r][1], s[r][2], s[r][3], s[r][4], s[r][5], s[r][6], s[r][7]
                         )),
-                    ),
-                    1.0f32
+                    )
                 );
             }
             let mut out = [[0f32; A]; R];
-            for r in 0..R {
-                for a in 0..A {
-                    out[r][a] = _mm512_reduce_add_ps(acc[r][a]);
+            for a in 0..A {
+                let sums = hsum_rows::<R>(std::array::from_fn(|r| acc[r][a]));
+                for r in 0..R {
+                    out[r][a] = sums[r];
                 }
             }
             out
@@ -1858,6 +1926,17 @@ pub(crate) mod tests {
                         assert!(
                             (got - want).abs() <= 1e-2 * mag + 1e-7,
                             "cols {cols:?} m={m} row {i} out {j}: {got} vs {want}"
+                        );
+                        // The same q8 activations through the scalar reference: this ISA's
+                        // kernel differs from it by f32 summation order only.
+                        let mut sc = ActScratch::default();
+                        sc.prepare(ActKind::Q8, DType::Nvfp4, isa(), &x[i * kk..(i + 1) * kk]);
+                        let r = 0.5
+                            * w.scale as f64
+                            * scalar_dot_nvfp4(w.row(r), &cols, &sc.q8.q, &sc.q8.d) as f64;
+                        assert!(
+                            (got - r).abs() <= 1e-5 * mag + 1e-9,
+                            "cols {cols:?} m={m} row {i} out {j}: {got} vs scalar {r}"
                         );
                     }
                 }
