@@ -87,20 +87,12 @@ pub fn matmul(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
                 // F32 rows straight into the panel, no row copy.
                 for j in 0..nn {
                     let row = w.row(row_of(n0 + j));
-                    let mut off = 0;
-                    for s in cols {
-                        let (lo, hi) = (off.max(k0), (off + s.len()).min(k0 + kc));
-                        let c0 = s.start + lo.saturating_sub(off);
-                        off += s.len();
-                        if lo >= hi {
-                            continue;
-                        }
-                        let src = &row[4 * c0..4 * (c0 + hi - lo)];
+                    row_runs(cols, k0, kc, |at, c0, len| {
+                        let src = &row[4 * c0..4 * (c0 + len)];
                         for (kk, b) in src.chunks_exact(4).enumerate() {
-                            dst[(lo - k0 + kk) * NR + j] =
-                                f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                            dst[(at + kk) * NR + j] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                         }
-                    }
+                    });
                 }
                 return;
             }
@@ -125,21 +117,14 @@ pub fn matmul(w: &Tensor, rows: &[Range<usize>], cols: &[Range<usize>], x: &[f32
                     // BF16 with every segment on whole pairs: pairs straight from the rows.
                     for j in 0..nn {
                         let row = w.row(row_of(n0 + j));
-                        let mut off = 0;
-                        for s in cols {
-                            let (lo, hi) = (off.max(k0), (off + s.len()).min(k0 + kc));
-                            let c0 = s.start + lo.saturating_sub(off);
-                            off += s.len();
-                            if lo >= hi {
-                                continue;
-                            }
-                            let src = &row[2 * c0..2 * (c0 + hi - lo)];
-                            let d = &mut dst[(lo - k0) * NR + 2 * j..];
+                        row_runs(cols, k0, kc, |at, c0, len| {
+                            let src = &row[2 * c0..2 * (c0 + len)];
+                            let d = &mut dst[at * NR + 2 * j..];
                             for (p, b) in src.chunks_exact(4).enumerate() {
                                 d[p * 2 * NR] = u16::from_le_bytes([b[0], b[1]]);
                                 d[p * 2 * NR + 1] = u16::from_le_bytes([b[2], b[3]]);
                             }
-                        }
+                        });
                     }
                     return;
                 }
@@ -213,6 +198,20 @@ fn gather_row_bf16(
     }
     gather_row(w, r, cols, k0, kc, tmp);
     to_bf16(&tmp[..kc], &mut out[..kc]);
+}
+
+/// The runs of packed columns [k0, k0+kc) over the column segments: `f(at, c0, len)` for each,
+/// `at` its offset from k0 and `c0` its first parent column.
+fn row_runs(cols: &[Range<usize>], k0: usize, kc: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let mut off = 0;
+    for s in cols {
+        let (lo, hi) = (off.max(k0), (off + s.len()).min(k0 + kc));
+        let c0 = s.start + lo.saturating_sub(off);
+        off += s.len();
+        if lo < hi {
+            f(lo - k0, c0, hi - lo);
+        }
+    }
 }
 
 /// Gathers packed input columns [k0, k0+kc) of parent row `r` (over the column segments) as f32.
@@ -700,8 +699,10 @@ mod tests {
     fn matmul_matches_reference_on_segments() {
         // BF16 packs whole pairs straight from the rows when every segment is on pairs (the
         // first two), else through a gathered row; k crosses the 512-value chunks.
-        let cases: [(DType, usize, Vec<std::ops::Range<usize>>); 4] = [
+        let cases: [(DType, usize, Vec<std::ops::Range<usize>>); 5] = [
             (DType::F32, 70, vec![0..10, 30..70]),
+            // Segments across the k blocks of the F32 kernel (KC_F32).
+            (DType::F32, 700, vec![0..100, 200..530, 540..700]),
             (DType::BF16, 1100, vec![0..10, 30..1100]),
             (DType::BF16, 1100, vec![0..600, 700..1100]),
             (DType::BF16, 1100, vec![1..10, 31..1100]),
