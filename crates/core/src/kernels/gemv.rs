@@ -711,6 +711,7 @@ mod avx512 {
 
     /// Runs the kernel for every (≤R4 weight rows) × (≤A4 activation rows) tile of rows 0..n,
     /// activation tiles outer so that each stays in L1 while the weight rows stream past.
+    /// `tiles!(ROWS; ...)` takes ROWS weight rows per tile instead of R4 (the rest one by one).
     macro_rules! tiles {
         ($n:expr, $acts:expr, $y:expr, $ys:expr, |$r:ident, $R:ident, $xa:ident, $A:ident| $body:expr) => {
             tiles!(R4; $n, $acts, $y, $ys, |$r, $R, $xa, $A| $body)
